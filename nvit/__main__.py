@@ -1,0 +1,3 @@
+from nvit.cli import main
+
+main()

@@ -1,0 +1,292 @@
+"""Architecture specs: a ViT whose blocks each have their own widths, plus presets, params and FLOPs.
+
+An :class:`ArchSpec` is the one language every part of nvit speaks: the model is built from it, the LUT
+predicts its latency, pruning produces a new one, and ``arch.json`` stores it with a schema version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from nvit.errors import SpecError
+from nvit.fileio import atomic_write_text
+
+ARCH_SCHEMA_VERSION = 1
+ARCH_FILE_KIND = "nvit.arch"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Widths of one transformer block: ``heads`` heads of ``qk_dim``/``v_dim`` channels and an MLP."""
+
+    heads: int
+    qk_dim: int
+    v_dim: int
+    mlp_dim: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SpecError(f"block {f.name} must be a positive integer, got {value!r}")
+
+    @property
+    def qk_width(self) -> int:
+        """Total Q (and K) width over all heads."""
+        return self.heads * self.qk_dim
+
+    @property
+    def v_width(self) -> int:
+        """Total V width over all heads (the input width of the attention projection)."""
+        return self.heads * self.v_dim
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A Vision Transformer with one global ``embed_dim`` and per-block widths.
+
+    ``qk_scale`` fixes the attention scale; ``None`` means ``qk_dim ** -0.5`` per block. Pruned models keep
+    the scale of the model they came from so that removing QK channels does not rescale the logits.
+    """
+
+    embed_dim: int
+    blocks: tuple[BlockSpec, ...]
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    distilled: bool = False
+    qk_scale: float | None = None
+    name: str = ""
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for key in ("embed_dim", "img_size", "patch_size", "in_chans", "num_classes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SpecError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.blocks, tuple):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        if len(self.blocks) == 0:
+            raise SpecError("an architecture needs at least one block")
+        if not all(isinstance(b, BlockSpec) for b in self.blocks):
+            raise SpecError("blocks must be BlockSpec instances")
+        if self.img_size % self.patch_size:
+            raise SpecError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.qk_scale is not None and not (isinstance(self.qk_scale, int | float) and self.qk_scale > 0):
+            raise SpecError(f"qk_scale must be a positive number or null, got {self.qk_scale!r}")
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length seen by every block (patches + class token + distillation token)."""
+        return self.num_patches + self.num_prefix_tokens
+
+    def block_scale(self, index: int) -> float:
+        return self.qk_scale if self.qk_scale is not None else self.blocks[index].qk_dim ** -0.5
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.blocks)) == 1
+
+    def with_blocks(self, blocks: tuple[BlockSpec, ...], embed_dim: int | None = None, **changes: Any) -> ArchSpec:
+        return replace(self, blocks=tuple(blocks), embed_dim=embed_dim or self.embed_dim, **changes)
+
+    # ---- cost ----------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Exact number of parameters of the model built from this spec (equals ``sum(p.numel())``)."""
+        e, c = self.embed_dim, self.num_classes
+        total = e * self.in_chans * self.patch_size**2 + e  # patch projection
+        total += self.num_prefix_tokens * e + self.num_tokens * e  # cls/dist tokens, position embedding
+        total += sum(block_params(e, b) for b in self.blocks)
+        total += 2 * e  # final norm
+        total += (e * c + c) * (2 if self.distilled else 1)
+        return total
+
+    def block_flops(self, index: int) -> int:
+        return block_flops(self.embed_dim, self.blocks[index], self.num_tokens)
+
+    def flops(self) -> int:
+        """Matmul/conv FLOPs for one image (2 per multiply-add); norms, softmax, GELU, biases excluded."""
+        e = self.embed_dim
+        total = 2 * self.num_patches * e * self.in_chans * self.patch_size**2
+        total += sum(self.block_flops(i) for i in range(self.depth))
+        total += 2 * e * self.num_classes * (2 if self.distilled else 1)
+        return total
+
+    def macs(self) -> int:
+        """Multiply-adds for one image (what timm and the NViT paper call "FLOPs")."""
+        return self.flops() // 2
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "blocks"}
+        data["blocks"] = [{f.name: getattr(b, f.name) for f in fields(BlockSpec)} for b in self.blocks]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArchSpec:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"an architecture must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown architecture key(s): {', '.join(unknown)}")
+        missing = sorted({"embed_dim", "blocks"} - set(data))
+        if missing:
+            raise SpecError(f"architecture is missing key(s): {', '.join(missing)}")
+        blocks_data = data["blocks"]
+        if not isinstance(blocks_data, list):
+            raise SpecError("'blocks' must be a list of block objects")
+        block_keys = {f.name for f in fields(BlockSpec)}
+        blocks = []
+        for i, b in enumerate(blocks_data):
+            if not isinstance(b, Mapping):
+                raise SpecError(f"block {i} must be an object")
+            if set(b) != block_keys:
+                extra, lacking = sorted(set(b) - block_keys), sorted(block_keys - set(b))
+                raise SpecError(f"block {i}: unknown keys {extra}, missing keys {lacking}")
+            try:
+                blocks.append(BlockSpec(**b))
+            except SpecError as exc:
+                raise SpecError(f"block {i}: {exc}") from None
+        kwargs = {k: v for k, v in data.items() if k != "blocks"}
+        return cls(blocks=tuple(blocks), **kwargs)
+
+
+def block_params(embed_dim: int, block: BlockSpec) -> int:
+    """Parameters of one block: two LayerNorms, fused QKV, projection, two MLP layers (with biases)."""
+    e, h, q, v, m = embed_dim, block.heads, block.qk_dim, block.v_dim, block.mlp_dim
+    qkv_out = h * (2 * q + v)
+    return 4 * e + (e * qkv_out + qkv_out) + (h * v * e + e) + (e * m + m) + (m * e + e)
+
+
+def block_flops(embed_dim: int, block: BlockSpec, num_tokens: int) -> int:
+    """FLOPs of one block for one image of ``num_tokens`` tokens (DESIGN.md §2)."""
+    n, e, h, q, v, m = num_tokens, embed_dim, block.heads, block.qk_dim, block.v_dim, block.mlp_dim
+    return 2 * n * e * h * (2 * q + v) + 2 * n * n * h * (q + v) + 2 * n * h * v * e + 4 * n * e * m
+
+
+# ---- presets --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Preset:
+    embed_dim: int
+    depth: int
+    heads: int
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+_PRESETS: dict[str, _Preset] = {
+    "deit_tiny": _Preset(192, 12, 3),
+    "deit_small": _Preset(384, 12, 6),
+    "deit_base": _Preset(768, 12, 12),
+    # A small model for tests and the CPU demo: 8x8 images (scikit-learn digits), 2x2 patches.
+    "vit_test": _Preset(
+        64, 4, 4, head_dim=16, extra={"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10}
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    names = []
+    for name in _PRESETS:
+        names.append(name)
+        if name.startswith("deit_"):
+            names.append(f"{name}_distilled")
+    return names
+
+
+def preset(name: str, **overrides: Any) -> ArchSpec:
+    """A uniform architecture by name, e.g. ``deit_base`` or ``deit_small_distilled``."""
+    base_name = name.removesuffix("_distilled")
+    distilled = name.endswith("_distilled")
+    if base_name not in _PRESETS or (distilled and not base_name.startswith("deit_")):
+        raise SpecError(f"unknown architecture preset {name!r}; known: {', '.join(preset_names())}")
+    p = _PRESETS[base_name]
+    block = BlockSpec(heads=p.heads, qk_dim=p.head_dim, v_dim=p.head_dim, mlp_dim=p.embed_dim * p.mlp_ratio)
+    kwargs: dict[str, Any] = {"name": name, "distilled": distilled, **p.extra, **overrides}
+    return ArchSpec(embed_dim=p.embed_dim, blocks=(block,) * p.depth, **kwargs)
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def save_arch(spec: ArchSpec, path: str | os.PathLike[str], provenance: Mapping[str, Any] | None = None) -> Path:
+    """Write ``arch.json`` atomically: schema version, the spec, derived costs and provenance."""
+    path = Path(path)
+    doc = {
+        "schema_version": ARCH_SCHEMA_VERSION,
+        "kind": ARCH_FILE_KIND,
+        "arch": spec.to_dict(),
+        "summary": {"params": spec.num_params(), "flops": spec.flops(), "num_tokens": spec.num_tokens},
+        "provenance": dict(provenance or {}),
+    }
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def load_arch_file(path: str | os.PathLike[str]) -> tuple[ArchSpec, dict[str, Any]]:
+    """Read an ``arch.json`` (or a bare spec object); returns the spec and its provenance."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"architecture file not found: {path}") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read architecture file {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path} must hold a JSON object")
+    if "arch" not in doc:  # a bare spec, as a user may write by hand
+        return _from_dict_in(doc, path), {}
+    version = doc.get("schema_version")
+    if version != ARCH_SCHEMA_VERSION:
+        raise SpecError(f"{path}: unsupported arch schema_version {version!r} (this nvit reads {ARCH_SCHEMA_VERSION})")
+    unknown = sorted(set(doc) - {"schema_version", "kind", "arch", "summary", "provenance"})
+    if unknown:
+        raise SpecError(f"{path}: unknown top-level key(s): {', '.join(unknown)}")
+    return _from_dict_in(doc["arch"], path), dict(doc.get("provenance") or {})
+
+
+def _from_dict_in(data: Any, path: Path) -> ArchSpec:
+    try:
+        return ArchSpec.from_dict(data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    except TypeError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+def resolve_arch(name_or_path: str) -> ArchSpec:
+    """A preset name or a path to an arch JSON file."""
+    if name_or_path in preset_names():
+        return preset(name_or_path)
+    if name_or_path.endswith(".json") or os.path.sep in name_or_path or Path(name_or_path).exists():
+        return load_arch_file(name_or_path)[0]
+    raise SpecError(f"{name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor a JSON file")
+
+
+def describe(spec: ArchSpec) -> str:
+    """A one-line human summary: name, params, GMACs."""
+    return f"{spec.name or 'custom'}: {spec.num_params() / 1e6:.2f} M params, {spec.macs() / 1e9:.2f} GMACs"
+

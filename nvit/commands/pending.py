@@ -1,0 +1,31 @@
+"""Commands whose interface exists but whose implementation has not landed yet."""
+
+from __future__ import annotations
+
+import typer
+
+from nvit.errors import NotBuiltError
+
+_PENDING = {
+    "profile": "Benchmark ViT blocks of many widths on a device and write a latency lookup table.",
+    "prune": "Prune a ViT globally with Hessian-aware saliency and a LUT latency regularizer.",
+    "export": "Export a variant to ONNX (verified against PyTorch) and optionally a TensorRT engine.",
+    "compare": "Measured vs predicted latency of one or many variants.",
+    "demo": "The whole pipeline on CPU with the bundled data set, in one command.",
+}
+
+
+def _make(name: str, doc: str):
+    def command(ctx: typer.Context) -> None:
+        raise NotBuiltError(f"'nvit {name}' is not implemented in this version yet")
+
+    command.__doc__ = doc + " (not implemented yet)"
+    command.__name__ = name
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    for name, doc in _PENDING.items():
+        app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+            _make(name, doc)
+        )

@@ -1,0 +1,180 @@
+"""Loading timm/DeiT checkpoint files and nvit weights by explicit key mapping.
+
+A checkpoint maps onto the model key by key; names that differ between sources are renamed by one
+explicit table, and every tensor must find a place of the right shape. Anything left over on either side
+is an error that names it: a silently half-loaded model is worse than none.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from nvit.arch import ArchSpec, BlockSpec
+from nvit.errors import CheckpointError
+from nvit.models.vit import VisionTransformer
+
+# Wrapper keys used by training scripts (DeiT stores {"model": ...}; others use these).
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+# Prefixes added by DataParallel/DDP or torch.compile.
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+# Renames from other naming schemes to nvit's (timm naming is nvit's naming).
+_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^head\.fc\."), "head."),  # some timm heads are a module with .fc
+)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read tensors from ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors``; unwrap training wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: object = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or pickled arbitrary objects
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    if isinstance(raw, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in raw and isinstance(raw[key], Mapping):
+                raw = raw[key]
+                break
+    if not isinstance(raw, Mapping) or not raw:
+        raise CheckpointError(f"{path} holds no state dict")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is not a tensor ({type(value).__name__})")
+        state[_canonical_key(key)] = value
+    return state
+
+
+def _canonical_key(key: str) -> str:
+    for prefix in _STRIP_PREFIXES:
+        key = key.removeprefix(prefix)
+    for pattern, repl in _RENAMES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def load_into(model: VisionTransformer, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Copy ``state`` into ``model``; every key must match exactly once with the right shape."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if unexpected:
+        raise CheckpointError(f"{source}: tensor(s) with no place in the model: {_few(unexpected)}")
+    if missing:
+        raise CheckpointError(f"{source}: model tensor(s) missing from the checkpoint: {_few(missing)}")
+    for key, target in expected.items():
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model expects "
+                f"{tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key].to(dtype=target.dtype))
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def infer_arch(state: Mapping[str, torch.Tensor], *, head_dim: int = 64, name: str = "") -> ArchSpec:
+    """Infer a uniform-head-dim ArchSpec from a timm/DeiT state dict (heads = qkv width / 3 / head_dim).
+
+    Fused ``qkv`` weights do not record the number of heads, so ``head_dim`` is assumed (64 for DeiT).
+    """
+    try:
+        proj = state["patch_embed.proj.weight"]
+        embed_dim, in_chans, patch, _ = proj.shape
+        num_tokens = state["pos_embed"].shape[1]
+        num_classes = state["head.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"cannot infer the architecture: no tensor {exc.args[0]!r}") from None
+    distilled = "dist_token" in state
+    num_patches = num_tokens - (2 if distilled else 1)
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise CheckpointError(f"pos_embed has {num_tokens} tokens, which is not a square patch grid")
+    blocks = []
+    i = 0
+    while f"blocks.{i}.attn.qkv.weight" in state:
+        qkv_out = state[f"blocks.{i}.attn.qkv.weight"].shape[0]
+        mlp_dim = state[f"blocks.{i}.mlp.fc1.weight"].shape[0]
+        if qkv_out % (3 * head_dim):
+            raise CheckpointError(f"block {i}: qkv width {qkv_out} is not 3 x heads x {head_dim}")
+        blocks.append(BlockSpec(heads=qkv_out // (3 * head_dim), qk_dim=head_dim, v_dim=head_dim, mlp_dim=mlp_dim))
+        i += 1
+    if not blocks:
+        raise CheckpointError("cannot infer the architecture: no 'blocks.N.attn.qkv.weight' tensors")
+    return ArchSpec(
+        embed_dim=int(embed_dim), blocks=tuple(blocks), img_size=side * int(patch), patch_size=int(patch),
+        in_chans=int(in_chans), num_classes=int(num_classes), distilled=distilled, name=name,
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], spec: ArchSpec | None = None, *, head_dim: int = 64
+) -> VisionTransformer:
+    """Build a model for ``spec`` (inferred from the file when ``None``) and load the file into it."""
+    state = read_state_dict(path)
+    if spec is None:
+        spec = infer_arch(state, head_dim=head_dim, name=Path(path).stem)
+    model = VisionTransformer(spec)
+    load_into(model, state, source=str(path))
+    return model.eval()
+
+
+WEIGHTS_FILE = "model.safetensors"
+ARCH_FILE = "arch.json"
+
+
+def save_variant(
+    model: VisionTransformer, folder: str | os.PathLike[str], provenance: Mapping[str, object] | None = None
+) -> Path:
+    """Save ``arch.json`` + ``model.safetensors`` (plain tensors, never a pickled module), atomically."""
+    from safetensors.torch import save_file
+
+    from nvit.arch import save_arch
+    from nvit.fileio import atomic_path
+
+    folder = Path(folder)
+    gate_ids = {id(g) for g in model.gate_parameters()}
+    named = dict(model.named_parameters())
+    tensors = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if not (k in named and id(named[k]) in gate_ids)
+    }
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    save_arch(model.spec, folder / ARCH_FILE, provenance)  # written last: its presence marks completion
+    return folder
+
+
+def load_variant(folder: str | os.PathLike[str]) -> VisionTransformer:
+    """Load a variant folder written by :func:`save_variant` (or any folder with arch.json + weights)."""
+    from nvit.arch import load_arch_file
+
+    folder = Path(folder)
+    if not (folder / ARCH_FILE).is_file():
+        raise CheckpointError(f"{folder} is not an nvit variant (no {ARCH_FILE})")
+    spec, _ = load_arch_file(folder / ARCH_FILE)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: weights file {WEIGHTS_FILE} is missing")
+    model = VisionTransformer(spec)
+    load_into(model, read_state_dict(weights), source=str(weights))
+    return model.eval()

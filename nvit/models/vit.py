@@ -1,0 +1,202 @@
+"""A Vision Transformer built from an :class:`~nvit.arch.ArchSpec`, with optional pruning gates.
+
+Sub-module names follow timm's ViT/DeiT (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``mlp.fc1``...), so
+checkpoints map onto it key by key. The fused ``qkv`` layer has explicit split sizes
+``[heads*qk_dim, heads*qk_dim, heads*v_dim]`` (head-major inside each part), so Q/K and V widths may differ.
+
+Gates (created by :meth:`VisionTransformer.enable_gates`) multiply one unit of each prunable group:
+heads, QK channels, V channels and MLP neurons per block, and embedding channels globally. A gate of zero
+is exactly equivalent to removing the unit (LayerNorm statistics are taken over live embedding channels
+only), which is what lets :func:`nvit.models.slicing.slice_model` be checked against a masked model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvit.arch import ArchSpec, BlockSpec
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def masked_layer_norm(
+    x: torch.Tensor, norm: nn.LayerNorm, emb_gate: torch.Tensor | None
+) -> torch.Tensor:
+    """LayerNorm whose statistics count only live embedding channels (weighted by ``emb_gate``)."""
+    if emb_gate is None:
+        return norm(x)
+    live = emb_gate.sum()
+    mean = (x * emb_gate).sum(-1, keepdim=True) / live
+    centred = (x - mean) * emb_gate
+    var = (centred * centred).sum(-1, keepdim=True) / live
+    return centred * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias * emb_gate
+
+
+class Attention(nn.Module):
+    def __init__(self, *, embed_dim: int, heads: int, qk_dim: int, v_dim: int, scale: float) -> None:
+        super().__init__()
+        self.heads, self.qk_dim, self.v_dim, self.scale = heads, qk_dim, v_dim, scale
+        self.split_sizes = (heads * qk_dim, heads * qk_dim, heads * v_dim)
+        self.qkv = nn.Linear(embed_dim, sum(self.split_sizes))
+        self.proj = nn.Linear(heads * v_dim, embed_dim)
+        self.head_gate: nn.Parameter | None = None
+        self.qk_gate: nn.Parameter | None = None
+        self.v_gate: nn.Parameter | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        q = q.reshape(b, n, self.heads, self.qk_dim).transpose(1, 2)
+        k = k.reshape(b, n, self.heads, self.qk_dim).transpose(1, 2)
+        v = v.reshape(b, n, self.heads, self.v_dim).transpose(1, 2)
+        if self.qk_gate is not None:
+            q = q * self.qk_gate
+        if self.v_gate is not None:
+            v = v * self.v_gate
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (b, heads, n, v_dim)
+        if self.head_gate is not None:
+            out = out * self.head_gate.view(1, -1, 1, 1)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, *, embed_dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, mlp_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp_dim, embed_dim)
+        self.gate: nn.Parameter | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.fc1(x))
+        if self.gate is not None:
+            hidden = hidden * self.gate
+        return self.fc2(hidden)
+
+
+class Block(nn.Module):
+    def __init__(self, *, embed_dim: int, spec: BlockSpec, scale: float, eps: float) -> None:
+        super().__init__()
+        self.spec = spec
+        self.norm1 = nn.LayerNorm(embed_dim, eps=eps)
+        self.attn = Attention(
+            embed_dim=embed_dim, heads=spec.heads, qk_dim=spec.qk_dim, v_dim=spec.v_dim, scale=scale
+        )
+        self.norm2 = nn.LayerNorm(embed_dim, eps=eps)
+        self.mlp = Mlp(embed_dim=embed_dim, mlp_dim=spec.mlp_dim)
+
+    def forward(self, x: torch.Tensor, emb_gate: torch.Tensor | None = None) -> torch.Tensor:
+        attn_out = self.attn(masked_layer_norm(x, self.norm1, emb_gate))
+        mlp_in = x + (attn_out if emb_gate is None else attn_out * emb_gate)
+        mlp_out = self.mlp(masked_layer_norm(mlp_in, self.norm2, emb_gate))
+        return mlp_in + (mlp_out if emb_gate is None else mlp_out * emb_gate)
+
+
+class VisionTransformer(nn.Module):
+    """ViT/DeiT with per-block widths. ``forward`` returns logits (averaged heads when distilled, in eval)."""
+
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        e = spec.embed_dim
+        self.patch_embed = PatchEmbed(
+            img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans, embed_dim=e
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, e)) if spec.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, spec.num_tokens, e))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim=e, spec=b, scale=spec.block_scale(i), eps=spec.layer_norm_eps)
+            for i, b in enumerate(spec.blocks)
+        )
+        self.norm = nn.LayerNorm(e, eps=spec.layer_norm_eps)
+        self.head = nn.Linear(e, spec.num_classes)
+        self.head_dist = nn.Linear(e, spec.num_classes) if spec.distilled else None
+        self.emb_gate: nn.Parameter | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm-like init: truncated normal (std 0.02) for weights and tokens, zero biases, unit norms."""
+        for t in (self.cls_token, self.dist_token, self.pos_embed):
+            if t is not None:
+                nn.init.trunc_normal_(t, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- gates ---------------------------------------------------------------------------------
+    def enable_gates(self) -> None:
+        """Create all-ones gates for every prunable group (parameters, so they receive gradients)."""
+        p = next(self.parameters())
+        ones = lambda n: nn.Parameter(torch.ones(n, device=p.device, dtype=p.dtype))  # noqa: E731
+        self.emb_gate = ones(self.spec.embed_dim)
+        for block in self.blocks:
+            a = block.attn
+            a.head_gate, a.qk_gate, a.v_gate = ones(a.heads), ones(a.qk_dim), ones(a.v_dim)
+            block.mlp.gate = ones(block.mlp.fc1.out_features)
+
+    def disable_gates(self) -> None:
+        self.emb_gate = None
+        for block in self.blocks:
+            block.attn.head_gate = block.attn.qk_gate = block.attn.v_gate = None
+            block.mlp.gate = None
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        gates = [self.emb_gate]
+        for block in self.blocks:
+            gates += [block.attn.head_gate, block.attn.qk_gate, block.attn.v_gate, block.mlp.gate]
+        return [g for g in gates if g is not None]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        gate_ids = {id(g) for g in self.gate_parameters()}
+        return [p for p in self.parameters() if id(p) not in gate_ids]
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        b = x.shape[0]
+        prefix = [self.cls_token.expand(b, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(b, -1, -1))
+        x = torch.cat([*prefix, x], dim=1) + self.pos_embed
+        gate = self.emb_gate
+        if gate is not None:
+            x = x * gate
+        for block in self.blocks:
+            x = block(x, gate)
+        return masked_layer_norm(x, self.norm, gate)
+
+    def forward_heads(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(x[:, 0])
+        if self.head_dist is None:
+            return logits
+        logits_dist = self.head_dist(x[:, 1])
+        if self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_heads(self.forward_features(x))
+
+
+def build_model(spec: ArchSpec, *, seed: int | None = None) -> VisionTransformer:
+    """Build a randomly initialised model; ``seed`` makes the initialisation reproducible."""
+    if seed is None:
+        return VisionTransformer(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VisionTransformer(spec)

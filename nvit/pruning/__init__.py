@@ -1,0 +1,1 @@
+"""nvit.pruning"""
