@@ -105,7 +105,7 @@ def infer_arch(state: Mapping[str, torch.Tensor], *, head_dim: int = 64, name: s
         raise CheckpointError(f"cannot infer the architecture: no tensor {exc.args[0]!r}") from None
     distilled = "dist_token" in state
     num_patches = num_tokens - (2 if distilled else 1)
-    side = int(round(num_patches**0.5))
+    side = round(num_patches**0.5)
     if side * side != num_patches:
         raise CheckpointError(f"pos_embed has {num_tokens} tokens, which is not a square patch grid")
     blocks = []
