@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import torch
 
 from nvit.errors import ExportError
@@ -78,5 +79,9 @@ def export_onnx(
         raise ExportError(f"ONNX export of {type(module).__name__} failed: {first}") from exc
     with atomic_path(path) as tmp:
         program.save(str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"exported ONNX graph fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     logger.info("exported %s to %s (opset %d)", type(module).__name__, path, opset)
     return path

@@ -178,3 +178,30 @@ def load_variant(folder: str | os.PathLike[str]) -> VisionTransformer:
     model = VisionTransformer(spec)
     load_into(model, read_state_dict(weights), source=str(weights))
     return model.eval()
+
+
+def load_model(source: str | os.PathLike[str], arch: ArchSpec | None = None, *, seed: int = 0) -> VisionTransformer:
+    """A model from a variant folder, a checkpoint file (``arch`` or inferred), or a preset name.
+
+    A preset name gives randomly initialised weights (seeded): enough for latency, not for accuracy.
+    """
+    from nvit.arch import preset, preset_names
+    from nvit.models.vit import build_model
+
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        return load_variant(path)
+    if path.is_file():
+        return load_checkpoint(path, arch)
+    if text in preset_names():
+        return build_model(arch or preset(text), seed=seed).eval()
+    raise CheckpointError(f"{text!r} is not a variant folder, a checkpoint file or a preset name")
+
+
+def variant_provenance(source: str | os.PathLike[str]) -> dict[str, object]:
+    """The provenance stored in a variant folder's arch.json (empty for anything else)."""
+    from nvit.arch import load_arch_file
+
+    arch_file = Path(source) / ARCH_FILE
+    return load_arch_file(arch_file)[1] if arch_file.is_file() else {}
