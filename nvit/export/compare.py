@@ -1,0 +1,143 @@
+"""Measured vs predicted latency of model variants: the check that decides whether a LUT can be trusted."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvit import __version__
+from nvit.arch import ArchSpec
+from nvit.fileio import atomic_write_text
+from nvit.lut.base import Predictor
+
+logger = logging.getLogger(__name__)
+
+COMPARE_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model to compare: its name, spec, the module to time, and what its provenance says."""
+
+    name: str
+    spec: ArchSpec
+    module: Any  # torch.nn.Module
+    path: str | None = None
+    target_ms: float | None = None
+    top1: float | None = None
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    name: str
+    path: str | None
+    params: int
+    macs: int
+    embed_dim: int
+    heads: tuple[int, ...]
+    mlp_dims: tuple[int, ...]
+    predicted_ms: float
+    measured_ms: float
+    measured_ms_p10: float
+    measured_ms_p90: float
+    error_pct: float
+    speedup_measured: float
+    speedup_predicted: float
+    target_ms: float | None
+    target_met_predicted: bool | None
+    target_met_measured: bool | None
+    top1: float | None
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    base: str
+    results: tuple[VariantResult, ...]
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_abs_error_pct(self) -> float:
+        return sum(abs(r.error_pct) for r in self.results) / len(self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": COMPARE_SCHEMA_VERSION,
+            "kind": "nvit.compare",
+            "nvit_version": __version__,
+            "created_unix_s": time.time(),
+            "base": self.base,
+            "mean_abs_error_pct": self.mean_abs_error_pct,
+            "context": self.context,
+            "results": [asdict(r) for r in self.results],
+        }
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        rows = [asdict(r) for r in self.results]
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: " ".join(map(str, v)) if isinstance(v, tuple) else v for k, v in row.items()})
+        return buf.getvalue()
+
+    def save(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write compare.json, compare.csv and compare.png into ``folder``; returns the paths."""
+        from nvit.plots import plot_compare
+
+        folder = Path(folder)
+        paths = {"json": folder / "compare.json", "csv": folder / "compare.csv", "png": folder / "compare.png"}
+        atomic_write_text(paths["json"], json.dumps(self.as_dict(), indent=2) + "\n")
+        atomic_write_text(paths["csv"], self.to_csv())
+        plot_compare(self, paths["png"])
+        return paths
+
+
+MeasureFn = Callable[[Variant], Any]  # returns a TimingStats
+
+
+def compare_variants(
+    base: Variant,
+    variants: Sequence[Variant],
+    predictor: Predictor,
+    measure: MeasureFn,
+    *,
+    context: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompareReport:
+    """Measure and predict ``base`` and every variant; speedups are relative to ``base``."""
+    timed = {}
+    for v in (base, *variants):
+        if progress:
+            progress(v.name)
+        timed[v.name] = (measure(v), predictor.predict_ms(v.spec))
+    base_stats, base_pred = timed[base.name]
+    results = []
+    for v in (base, *variants):
+        stats, pred = timed[v.name]
+        measured = stats.latency_ms_median
+        results.append(VariantResult(
+            name=v.name, path=v.path, params=v.spec.num_params(), macs=v.spec.macs(),
+            embed_dim=v.spec.embed_dim, heads=tuple(b.heads for b in v.spec.blocks),
+            mlp_dims=tuple(b.mlp_dim for b in v.spec.blocks), predicted_ms=pred, measured_ms=measured,
+            measured_ms_p10=stats.latency_ms_p10, measured_ms_p90=stats.latency_ms_p90,
+            error_pct=100.0 * (pred - measured) / measured,
+            speedup_measured=base_stats.latency_ms_median / measured, speedup_predicted=base_pred / pred,
+            target_ms=v.target_ms, target_met_predicted=_met(pred, v.target_ms),
+            target_met_measured=_met(measured, v.target_ms),
+            top1=v.top1,
+        ))
+        logger.info("%s: predicted %.3f ms, measured %.3f ms (%+.1f%%)", v.name, pred, measured,
+                    results[-1].error_pct)
+    return CompareReport(base=base.name, results=tuple(results), context=dict(context or {}))
+
+
+def _met(latency_ms: float, target_ms: float | None) -> bool | None:
+    return None if target_ms is None else latency_ms <= target_ms

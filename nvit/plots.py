@@ -1,0 +1,111 @@
+"""PNG figures: predicted vs measured latency, latency vs accuracy, widths per block against the base."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nvit.arch import ArchSpec
+from nvit.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from nvit.export.compare import CompareReport
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_compare(report: CompareReport, path: str | os.PathLike[str]) -> Path:
+    """Left: predicted vs measured latency with the y = x line. Right (if accuracies are known):
+    measured latency vs top-1."""
+    plt = _pyplot()
+    with_acc = [r for r in report.results if r.top1 is not None]
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(11 if with_acc else 5.5, 4.8), squeeze=False)
+    ax = axes[0][0]
+    measured = [r.measured_ms for r in report.results]
+    predicted = [r.predicted_ms for r in report.results]
+    lo, hi = min(measured + predicted) * 0.9, max(measured + predicted) * 1.1
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, ls="--", label="y = x")
+    for frac, style in ((0.05, ":"), (0.10, "-.")):
+        ax.plot([lo, hi], [lo * (1 + frac), hi * (1 + frac)], color="0.8", lw=0.8, ls=style)
+        ax.plot([lo, hi], [lo * (1 - frac), hi * (1 - frac)], color="0.8", lw=0.8, ls=style,
+                label=f"±{frac:.0%}")
+    ax.errorbar(measured, predicted,
+                xerr=[[r.measured_ms - r.measured_ms_p10 for r in report.results],
+                      [r.measured_ms_p90 - r.measured_ms for r in report.results]],
+                fmt="o", color="tab:blue", ecolor="tab:blue", alpha=0.8, capsize=2)
+    for r in report.results:
+        ax.annotate(r.name, (r.measured_ms, r.predicted_ms), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (ms, median; p10-p90)",
+           ylabel="predicted latency (ms)",
+           title=f"predicted vs measured (mean |error| {report.mean_abs_error_pct:.1f}%)")
+    ax.legend(fontsize=7, loc="upper left")
+    if with_acc:
+        ax2 = axes[0][1]
+        pts = sorted(with_acc, key=lambda r: r.measured_ms)
+        ax2.plot([r.measured_ms for r in pts], [r.top1 * 100 for r in pts], "o-", color="tab:green")
+        for r in pts:
+            ax2.annotate(r.name, (r.measured_ms, r.top1 * 100), textcoords="offset points", xytext=(4, -10),
+                         fontsize=7)
+        ax2.set(xlabel="measured latency (ms)", ylabel="top-1 (%)", title="latency vs accuracy")
+        ax2.grid(alpha=0.3)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_widths(base: ArchSpec, variants: Sequence[tuple[str, ArchSpec]], path: str | os.PathLike[str]) -> Path:
+    """Per-block widths (heads, QK width, V width, MLP width) of each variant against the dense base."""
+    plt = _pyplot()
+    fields = (("heads", "heads"), ("qk_width", "QK width (heads × qk_dim)"),
+              ("v_width", "V width (heads × v_dim)"), ("mlp_dim", "MLP width"))
+    fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.6))
+    blocks = range(base.depth)
+    n = len(variants) + 1
+    width = 0.8 / n
+    for ax, (attr, label) in zip(axes, fields, strict=True):
+        ax.bar([i - 0.4 + width / 2 for i in blocks], [getattr(b, attr) for b in base.blocks], width,
+               color="0.75", label=f"{base.name or 'base'} (e={base.embed_dim})")
+        for j, (name, spec) in enumerate(variants, start=1):
+            ax.bar([i - 0.4 + width * (j + 0.5) for i in blocks], [getattr(b, attr) for b in spec.blocks], width,
+                   label=f"{name} (e={spec.embed_dim})")
+        ax.set(title=label, xlabel="block", xticks=list(blocks))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("widths per block: pruned variants against the dense base")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return _save(fig, path)
+
+
+def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | os.PathLike[str],
+                baselines: dict[str, Sequence[tuple[float, float]]] | None = None) -> Path:
+    """Latency (ms) vs top-1 for named variants ``(name, latency_ms, top1)``, plus optional baseline curves."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    pts = sorted(points, key=lambda p: p[1])
+    ax.plot([p[1] for p in pts], [p[2] * 100 for p in pts], "o-", label="nvit", color="tab:green")
+    for name, lat, acc in pts:
+        ax.annotate(name, (lat, acc * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for label, curve in (baselines or {}).items():
+        c = sorted(curve)
+        ax.plot([p[0] for p in c], [p[1] * 100 for p in c], "s--", label=label, alpha=0.7)
+    ax.set(xlabel="measured latency (ms)", ylabel="top-1 (%)", title="latency vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
