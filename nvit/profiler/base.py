@@ -8,11 +8,15 @@ backend, never at import of this module.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nvit.errors import BackendError
+
+if TYPE_CHECKING:
+    from nvit.profiler.harness import HarnessConfig
 
 
 class Precision(str, enum.Enum):
@@ -39,6 +43,9 @@ class TimingStats:
     cov: float  # coefficient of variation, std / mean
     ci95_halfwidth_ms: float  # 95% confidence half-width of the median
     n_samples: int
+    n_repeats: int = 1  # interleaved repeats timed; the fields above describe the one the statistic chose
+    repeat_rel_spread: float = 0.0  # max / min of the repeat medians, minus 1
+    stop_reason: str = ""  # converged | time_cap | max_samples ("" when not produced by the harness)
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -53,19 +60,42 @@ class Workload:
     input_shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class PreparedWorkload:
+    """A workload made ready to run: ``run()`` executes it once. With ``returns_ms`` the call returns its
+    own per-iteration time in ms (device timer); otherwise the harness times the call with a host clock.
+    ``release`` frees what preparing it allocated (sessions, engines, device buffers)."""
+
+    run: Callable[[], object]
+    returns_ms: bool = False
+    release: Callable[[], None] | None = None
+
+
 class Backend:
-    """Base class. Subclasses implement ``_measure_impl``; callers use ``measure`` and the context manager.
+    """Base class. Subclasses implement ``_prepare_impl`` (or ``_measure_impl``); callers use ``measure`` /
+    ``measure_many`` inside the context manager.
 
     ``__enter__`` acquires the device/session state (and raises :class:`BackendError` when the backend's
-    package or device is missing), ``__exit__`` releases it.
+    package or device is missing), ``__exit__`` releases it. The option ``harness`` (a
+    :class:`~nvit.profiler.harness.HarnessConfig` or a dict of its fields) sets the timing protocol; the
+    default depends on the device. Subclasses that set ``option_names`` reject any other option.
     """
 
     name: str = ""
+    option_names: ClassVar[frozenset[str] | None] = None  # None: accept any option (no validation)
 
     def __init__(self, *, device: DeviceKind, precision: Precision, batch_size: int, **options: Any) -> None:
-        self.device = device
-        self.precision = precision
+        self.device = DeviceKind(device)
+        self.precision = Precision(precision)
+        if batch_size < 1:
+            raise BackendError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.harness = _harness_config(options.pop("harness", None), self.device)
+        if self.option_names is not None:
+            unknown = sorted(set(options) - self.option_names)
+            if unknown:
+                known = ", ".join(sorted(self.option_names | {"harness"}))
+                raise BackendError(f"backend {self.name!r} has no option(s) {', '.join(unknown)}; options: {known}")
         self.options = options
 
     def __enter__(self) -> Backend:
@@ -81,15 +111,46 @@ class Backend:
     def _deactivate(self) -> None:
         """Release engines, sessions, streams."""
 
-    def measure(self, workload: Workload) -> TimingStats:
-        """Time ``workload`` with the shared harness; the batch dimension is ``self.batch_size``."""
+    def _check_batch(self, workload: Workload) -> None:
         if workload.input_shape[0] != self.batch_size:
             raise BackendError(
                 f"workload {workload.name!r} has batch {workload.input_shape[0]}, backend expects {self.batch_size}"
             )
+
+    def measure(self, workload: Workload) -> TimingStats:
+        """Time ``workload`` with the shared harness; the batch dimension is ``self.batch_size``."""
+        self._check_batch(workload)
         return self._measure_impl(workload)
 
+    def measure_many(self, workloads: Sequence[Workload]) -> list[TimingStats]:
+        """Time several workloads together: their repeats interleave round-robin, so they share the
+        machine's state (see :func:`nvit.profiler.harness.measure_interleaved`). All are prepared (built,
+        exported) first, so memory grows with their number: pass a handful at a time."""
+        for w in workloads:
+            self._check_batch(w)
+        if type(self)._prepare_impl is Backend._prepare_impl:
+            return [self._measure_impl(w) for w in workloads]
+        from nvit.profiler.harness import measure_interleaved
+
+        prepared: list[PreparedWorkload] = []
+        try:
+            for w in workloads:
+                prepared.append(self._prepare_impl(w))
+            kinds = {p.returns_ms for p in prepared}
+            if len(kinds) > 1:
+                raise BackendError(f"backend {self.name!r} mixed host- and device-timed workloads")
+            return measure_interleaved([p.run for p in prepared], self.harness, returns_ms=kinds.pop())
+        finally:
+            for p in prepared:
+                if p.release is not None:
+                    p.release()
+
     def _measure_impl(self, workload: Workload) -> TimingStats:
+        if type(self)._prepare_impl is Backend._prepare_impl:
+            raise NotImplementedError
+        return self.measure_many([workload])[0]
+
+    def _prepare_impl(self, workload: Workload) -> PreparedWorkload:
         raise NotImplementedError
 
     def versions(self) -> dict[str, str]:
@@ -97,8 +158,25 @@ class Backend:
         return {}
 
     def settings(self) -> dict[str, Any]:
-        """Backend settings that affect latency (recorded in LUT metadata)."""
-        return {"device": self.device.value, "precision": self.precision.value, "batch_size": self.batch_size}
+        """Backend settings that affect latency (recorded in LUT metadata), the timing protocol included."""
+        return {
+            "device": self.device.value,
+            "precision": self.precision.value,
+            "batch_size": self.batch_size,
+            "harness": self.harness.to_dict(),
+        }
+
+
+def _harness_config(value: Any, device: DeviceKind) -> HarnessConfig:
+    from nvit.profiler.harness import HarnessConfig
+
+    if value is None:
+        return HarnessConfig.for_device(device)
+    if isinstance(value, HarnessConfig):
+        return value
+    if isinstance(value, Mapping):
+        return HarnessConfig.from_dict(value)
+    raise BackendError(f"option 'harness' must be a HarnessConfig or a dict, got {type(value).__name__}")
 
 
 _REGISTRY: dict[str, Callable[[], type[Backend]]] = {}
@@ -109,11 +187,20 @@ def register_backend(name: str, loader: Callable[[], type[Backend]]) -> None:
     _REGISTRY[name] = loader
 
 
+_BUILTIN_BACKENDS = "nvit.profiler.backends"  # registers tensorrt, onnxruntime, torch (cheap: loaders only)
+
+
+def _load_builtin() -> None:
+    importlib.import_module(_BUILTIN_BACKENDS)
+
+
 def backend_names() -> list[str]:
+    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def get_backend(name: str) -> type[Backend]:
+    _load_builtin()
     try:
         loader = _REGISTRY[name]
     except KeyError:
