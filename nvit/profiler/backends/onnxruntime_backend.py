@@ -1,0 +1,161 @@
+"""onnxruntime backend: the workload is exported to ONNX (the same exporter as ``nvit export``) and run in
+an ``InferenceSession`` with I/O binding.
+
+CPU (the default that runs everywhere): ``CPUExecutionProvider`` with ``intra_op_threads`` threads
+(default: every core this process may use), fp32 only. CUDA (onnxruntime-gpu): ``CUDAExecutionProvider``,
+or ``TensorrtExecutionProvider`` with ``provider="tensorrt"``; input and output live on the device, so no
+host↔device copy happens inside the timed call, and each call waits for its outputs. onnxruntime silently
+falls back to other providers when one fails to load, so every session is checked for the provider asked
+for. Times are host-clock times of one synchronous ``run_with_iobinding``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any
+
+from nvit.errors import BackendError
+from nvit.profiler.backends.common import OnnxCache, example_input, option, require
+from nvit.profiler.base import Backend, DeviceKind, Precision, PreparedWorkload, Workload
+from nvit.profiler.device import available_cores
+
+logger = logging.getLogger(__name__)
+
+_INTER_OP_THREADS = 1  # one block is one chain of ops: parallel branches would only add noise
+_LOG_ERRORS_ONLY = 3
+
+
+class OrtProvider(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+_PROVIDER_NAMES = {
+    OrtProvider.CPU: "CPUExecutionProvider",
+    OrtProvider.CUDA: "CUDAExecutionProvider",
+    OrtProvider.TENSORRT: "TensorrtExecutionProvider",
+}
+_INSTALL = {
+    OrtProvider.CPU: "pip install onnxruntime",
+    OrtProvider.CUDA: "pip install onnxruntime-gpu (and a CUDA driver)",
+    OrtProvider.TENSORRT: "pip install onnxruntime-gpu and TensorRT: pip install 'nvit[trt]'",
+}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    option_names = frozenset({"intra_op_threads", "provider", "cuda_index"})
+
+    def __init__(self, *, device: DeviceKind, precision: Precision, batch_size: int, **options: Any) -> None:
+        super().__init__(device=device, precision=precision, batch_size=batch_size, **options)
+        default_provider = OrtProvider.CUDA if self.device is DeviceKind.CUDA else OrtProvider.CPU
+        try:
+            self.provider = OrtProvider(option(self.options, "provider", default_provider.value, str))
+        except ValueError:
+            choices = ", ".join(p.value for p in OrtProvider)
+            raise BackendError(f"unknown onnxruntime provider {self.options['provider']!r}; choose {choices}") from None
+        if (self.provider is OrtProvider.CPU) != (self.device is DeviceKind.CPU):
+            raise BackendError(f"onnxruntime provider {self.provider.value!r} does not run on {self.device.value}")
+        if self.device is DeviceKind.CPU and self.precision is not Precision.FP32:
+            raise BackendError(f"CPU tables are fp32; the onnxruntime CPU backend does not time {self.precision.value}")
+        if self.precision is Precision.BF16:
+            raise BackendError("the onnxruntime backend times fp32 or fp16; use the torch or tensorrt backend for bf16")
+        self.intra_op_threads = option(self.options, "intra_op_threads", available_cores(), int)
+        if self.intra_op_threads < 1:
+            raise BackendError("intra_op_threads must be >= 1")
+        self.cuda_index = option(self.options, "cuda_index", 0, int)
+        self._ort: Any = None
+        self._cache: OnnxCache | None = None
+
+    @property
+    def provider_name(self) -> str:
+        return _PROVIDER_NAMES[self.provider]
+
+    def _activate(self) -> None:
+        ort = require("onnxruntime", f"onnxruntime is not installed: {_INSTALL[self.provider]}")
+        available = ort.get_available_providers()
+        if self.provider_name not in available:
+            raise BackendError(
+                f"onnxruntime {ort.__version__} has no {self.provider_name} (it has {', '.join(available)}): "
+                f"{_INSTALL[self.provider]}"
+            )
+        self._ort = ort
+        self._cache = OnnxCache("onnxruntime")
+
+    def _deactivate(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+        self._cache = None
+
+    def _session(self, path: str) -> Any:
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = _INTER_OP_THREADS
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = _LOG_ERRORS_ONLY
+        provider_options: dict[str, Any] = {}
+        if self.provider is not OrtProvider.CPU:
+            provider_options["device_id"] = self.cuda_index
+        try:
+            session = ort.InferenceSession(path, sess_options=so, providers=[(self.provider_name, provider_options)])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BackendError(f"onnxruntime could not load the model: {first}") from exc
+        got = session.get_providers()
+        if self.provider_name not in got:
+            raise BackendError(f"onnxruntime fell back to {', '.join(got)} instead of {self.provider_name}; "
+                               f"check the CUDA/TensorRT libraries ({_INSTALL[self.provider]})")
+        return session
+
+    def _prepare_impl(self, workload: Workload) -> PreparedWorkload:
+        if self._cache is None:
+            raise BackendError("use the backend as a context manager: `with backend: backend.measure(...)`")
+        path = self._cache.path(workload, self.precision)
+        session = self._session(str(path))
+        x = example_input(workload, self.precision).numpy()
+        (inp,), (out,) = session.get_inputs(), session.get_outputs()
+        binding = session.io_binding()
+        if self.provider is OrtProvider.CPU:
+            binding.bind_cpu_input(inp.name, x)
+            binding.bind_output(out.name, "cpu")
+        else:
+            x_dev = self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.cuda_index)
+            binding.bind_ortvalue_input(inp.name, x_dev)
+            binding.bind_output(out.name, "cuda", self.cuda_index)
+        session.run_with_iobinding(binding)  # first run: allocations, and the output to reuse from now on
+        binding.bind_ortvalue_output(out.name, binding.get_outputs()[0])
+        on_device = self.provider is not OrtProvider.CPU
+
+        def run() -> None:
+            session.run_with_iobinding(binding)
+            if on_device:
+                binding.synchronize_outputs()
+
+        return PreparedWorkload(run=run)
+
+    def versions(self) -> dict[str, str]:
+        import onnx
+        import torch
+
+        out = {"torch": torch.__version__, "onnx": onnx.__version__}
+        if self._ort is not None:
+            out["onnxruntime"] = self._ort.__version__
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        from nvit.export.onnx import DEFAULT_OPSET
+
+        return {
+            **super().settings(),
+            "provider": self.provider_name,
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": _INTER_OP_THREADS,
+            "graph_optimization": "ORT_ENABLE_ALL",
+            "onnx_opset": DEFAULT_OPSET,
+            "onnx_batch": "static",
+            "io_binding": True,
+        }
