@@ -9,7 +9,6 @@ from nvit.errors import NotBuiltError
 _PENDING = {
     "profile": "Benchmark ViT blocks of many widths on a device and write a latency lookup table.",
     "prune": "Prune a ViT globally with Hessian-aware saliency and a LUT latency regularizer.",
-    "export": "Export a variant to ONNX (verified against PyTorch) and optionally a TensorRT engine.",
     "compare": "Measured vs predicted latency of one or many variants.",
     "demo": "The whole pipeline on CPU with the bundled data set, in one command.",
 }

@@ -1,0 +1,119 @@
+"""``nvit export`` as a library call: ONNX, verification, optional TensorRT engine, optional timing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvit import __version__
+from nvit.errors import ExportError
+from nvit.export.onnx import DEFAULT_OPSET, export_onnx
+from nvit.export.verify import Tolerance, VerifyReport, verify_onnx
+from nvit.fileio import atomic_write_text
+from nvit.models.vit import VisionTransformer
+from nvit.profiler.base import DeviceKind, Precision, TimingStats, Workload, get_backend
+
+logger = logging.getLogger(__name__)
+
+EXPORT_SCHEMA_VERSION = 1
+ONNX_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+EXPORT_META_FILE = "export.json"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    out_dir: Path
+    opset: int = DEFAULT_OPSET
+    verify: bool = True
+    verify_batch_sizes: tuple[int, ...] = (1, 3)
+    trt: bool = False
+    precision: Precision = Precision.FP32
+    batch_size: int = 1
+    measure_backend: str | None = None  # time the exported model with this backend (None: no timing)
+    device: DeviceKind = DeviceKind.CPU
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    verify: VerifyReport | None
+    engine_path: Path | None
+    timing: TimingStats | None
+    meta_path: Path
+
+
+def input_shape(model: VisionTransformer, batch_size: int) -> tuple[int, int, int, int]:
+    s = model.spec
+    return (batch_size, s.in_chans, s.img_size, s.img_size)
+
+
+def export_model(model: VisionTransformer, options: ExportOptions, provenance: dict[str, Any] | None = None
+                 ) -> ExportResult:
+    """Export ``model`` into ``options.out_dir``; a failed verification raises ExportError with the figures."""
+    out = Path(options.out_dir)
+    model = model.eval()
+    shape = input_shape(model, options.batch_size)
+    onnx_path = export_onnx(model, torch.randn(shape), out / ONNX_FILE, opset=options.opset)
+    report = None
+    if options.verify:
+        report = verify_onnx(model, onnx_path, input_shape=shape, batch_sizes=options.verify_batch_sizes,
+                             tolerance=Tolerance.FP32)
+        if not report:
+            _write_meta(out, model, options, report, None, None, provenance)
+            raise ExportError(report.summary())
+    engine_path = None
+    engine_meta: dict[str, Any] | None = None
+    if options.trt:
+        from nvit.export.engine import build_engine_file
+
+        engine_path, engine_meta = build_engine_file(onnx_path, out / ENGINE_FILE, shape, options.precision)
+    timing = None
+    if options.measure_backend:
+        backend_cls = get_backend(options.measure_backend)
+        with backend_cls(device=options.device, precision=options.precision, batch_size=options.batch_size) as be:
+            timing = be.measure(Workload(model.spec.name or "model", model, shape))
+            engine_meta = {**(engine_meta or {}), "timing_backend": be.settings(), "timing_versions": be.versions()}
+    meta = _write_meta(out, model, options, report, timing, engine_meta, provenance)
+    return ExportResult(onnx_path, report, engine_path, timing, meta)
+
+
+def _write_meta(out: Path, model: VisionTransformer, options: ExportOptions, report: VerifyReport | None,
+                timing: TimingStats | None, engine_meta: dict[str, Any] | None,
+                provenance: dict[str, Any] | None) -> Path:
+    import onnx
+    import onnxruntime
+
+    doc = {
+        "schema_version": EXPORT_SCHEMA_VERSION,
+        "kind": "nvit.export",
+        "created_unix_s": time.time(),
+        "nvit_version": __version__,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "python": platform.python_version()},
+        "arch": model.spec.to_dict(),
+        "onnx": {"file": ONNX_FILE, "opset": options.opset, "input": "input", "output": "output",
+                 "input_shape": ["batch", *input_shape(model, 1)[1:]]},
+        "verify": report.as_dict() if report is not None else None,
+        "engine": engine_meta,
+        "timing": timing.as_dict() if timing is not None else None,
+        "provenance": provenance or {},
+    }
+    path = out / EXPORT_META_FILE
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+    return path
+
+
+def read_export_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / EXPORT_META_FILE
+    if not path.is_file():
+        raise ExportError(f"{folder} holds no {EXPORT_META_FILE}")
+    return json.loads(path.read_text())
