@@ -310,3 +310,25 @@ def test_fingerprint_errors():
     if not HAS_CUDA:
         with pytest.raises(BackendError, match="needs a CUDA device"):
             fingerprint(DeviceKind.CUDA)
+
+
+def test_onnxruntime_spinning_option_is_recorded():
+    backend = get_backend("onnxruntime")(**CPU32, allow_spinning=False)
+    assert backend.settings()["allow_spinning"] is False
+    with pytest.raises(BackendError, match="must be bool"):
+        get_backend("onnxruntime")(**CPU32, allow_spinning="no")
+
+
+def test_half_precision_exports_carry_their_type():
+    onnx = pytest.importorskip("onnx")
+    from nvit.profiler.backends.common import OnnxCache
+
+    cache = OnnxCache("test")
+    try:
+        model = onnx.load(str(cache.path(linear_workload(), Precision.FP16)))
+    finally:
+        cache.close()
+    float16 = onnx.TensorProto.FLOAT16
+    assert model.graph.input[0].type.tensor_type.elem_type == float16
+    assert model.graph.output[0].type.tensor_type.elem_type == float16
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 8, 32]  # static batch

@@ -2,9 +2,14 @@
 an ``InferenceSession`` with I/O binding.
 
 CPU (the default that runs everywhere): ``CPUExecutionProvider`` with ``intra_op_threads`` threads
-(default: every core this process may use), fp32 only. CUDA (onnxruntime-gpu): ``CUDAExecutionProvider``,
-or ``TensorrtExecutionProvider`` with ``provider="tensorrt"``; input and output live on the device, so no
-host↔device copy happens inside the timed call, and each call waits for its outputs. onnxruntime silently
+(default: every core this process may use), fp32 only. ``allow_spinning=False`` stops idle pool threads
+from busy-waiting: on a CPU shared with other jobs spinning threads fight them for cores (a DeiT-Small
+block measured 2x slower with 2 spinning threads next to one busy process), at some cost for tiny blocks
+on a quiet machine. onnxruntime's default (spinning) is kept unless asked, and recorded either way.
+
+CUDA (onnxruntime-gpu): ``CUDAExecutionProvider``, or ``TensorrtExecutionProvider`` with
+``provider="tensorrt"``; input and output live on the device, so no host↔device copy happens inside the
+timed call, and each call waits for its outputs. onnxruntime silently
 falls back to other providers when one fails to load, so every session is checked for the provider asked
 for. Times are host-clock times of one synchronous ``run_with_iobinding``.
 """
@@ -46,7 +51,7 @@ _INSTALL = {
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    option_names = frozenset({"intra_op_threads", "provider", "cuda_index"})
+    option_names = frozenset({"intra_op_threads", "provider", "cuda_index", "allow_spinning"})
 
     def __init__(self, *, device: DeviceKind, precision: Precision, batch_size: int, **options: Any) -> None:
         super().__init__(device=device, precision=precision, batch_size=batch_size, **options)
@@ -66,6 +71,7 @@ class OnnxRuntimeBackend(Backend):
         if self.intra_op_threads < 1:
             raise BackendError("intra_op_threads must be >= 1")
         self.cuda_index = option(self.options, "cuda_index", 0, int)
+        self.allow_spinning = option(self.options, "allow_spinning", True, bool)
         self._ort: Any = None
         self._cache: OnnxCache | None = None
 
@@ -97,6 +103,7 @@ class OnnxRuntimeBackend(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = _LOG_ERRORS_ONLY
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         provider_options: dict[str, Any] = {}
         if self.provider is not OrtProvider.CPU:
             provider_options["device_id"] = self.cuda_index
@@ -154,6 +161,7 @@ class OnnxRuntimeBackend(Backend):
             "provider": self.provider_name,
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": _INTER_OP_THREADS,
+            "allow_spinning": self.allow_spinning,
             "graph_optimization": "ORT_ENABLE_ALL",
             "onnx_opset": DEFAULT_OPSET,
             "onnx_batch": "static",
