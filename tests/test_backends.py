@@ -332,3 +332,65 @@ def test_half_precision_exports_carry_their_type():
     assert model.graph.input[0].type.tensor_type.elem_type == float16
     assert model.graph.output[0].type.tensor_type.elem_type == float16
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 8, 32]  # static batch
+
+
+# ---- CUDA timer logic on a fake device (the real one runs in the gpu tests) --------------------------
+class _FakeCuda:
+    """Stands in for a CUDA API: a device clock advanced by enqueued work; events read it."""
+
+    name = "fake"
+    stream_handle = 7
+
+    def __init__(self, capture_error: str | None = None) -> None:
+        self.device_ms = 0.0
+        self.capture_error = capture_error
+
+    def on_stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def new_event(self):
+        return {"t": None}
+
+    def record(self, event):
+        event["t"] = self.device_ms
+
+    def elapsed_ms(self, start, end):
+        return end["t"] - start["t"]
+
+    def synchronize(self):
+        pass
+
+    def capture(self, launch):
+        if self.capture_error:
+            raise RuntimeError(self.capture_error)
+        return lambda: setattr(self, "device_ms", self.device_ms + 2.0**-6)  # the graph skips launch gaps
+
+
+def test_cuda_timer_uses_a_graph_and_calibrates_iterations():
+    from nvit.profiler.backends.cuda_timer import CudaTimer, TimerMode
+    from nvit.profiler.harness import measure_callable
+
+    api = _FakeCuda()
+    timer = CudaTimer(api, lambda: setattr(api, "device_ms", api.device_ms + 2.0**-4), min_sample_ms=1.0).prepare()
+    assert timer.mode is TimerMode.CUDA_GRAPH and timer.fallback_reason == ""
+    assert timer.iters_per_sample == 64  # 1 ms / (1/64 ms per replay); times are exact binary fractions
+    assert timer() == 2.0**-6
+    stats = measure_callable(timer, HarnessConfig.gpu().replace(warmup_s=0.0, time_cap_s=0.2), returns_ms=True)
+    assert stats.latency_ms_median == 2.0**-6 and stats.stop_reason == "converged"
+
+
+@pytest.mark.parametrize(("use_graph", "error", "reason"), [
+    (True, "operation not permitted when stream is capturing", "operation not permitted when stream is capturing"),
+    (False, None, "CUDA graphs disabled"),
+])
+def test_cuda_timer_falls_back_to_launches_and_says_why(use_graph, error, reason):
+    from nvit.profiler.backends.cuda_timer import CudaTimer, TimerMode
+
+    api = _FakeCuda(capture_error=error)
+    timer = CudaTimer(api, lambda: setattr(api, "device_ms", api.device_ms + 0.25), min_sample_ms=1.0,
+                      use_graph=use_graph).prepare()
+    assert timer.mode is TimerMode.LAUNCH and timer.fallback_reason == reason
+    assert timer.iters_per_sample == 4 and timer() == pytest.approx(0.25)
+    assert timer.describe() == {"mode": "launch", "iters_per_sample": 4, "fallback_reason": reason}

@@ -128,12 +128,16 @@ class TensorRTBackend(Backend):
     def _activate(self) -> None:
         trt = require("tensorrt", INSTALL_HINT)
         self._api = open_cuda(self.builder["buffers"], self.builder["cuda_index"])
-        self._trt = trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._timing_cache = TimingCacheFile(timing_cache_path(
-            self.builder["cache_dir"], self._api.device_name(), self._api.compute_capability(), trt.__version__))
-        self._cache = OnnxCache("tensorrt")
+        try:
+            self._trt = trt
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            self._timing_cache = TimingCacheFile(timing_cache_path(
+                self.builder["cache_dir"], self._api.device_name(), self._api.compute_capability(), trt.__version__))
+            self._cache = OnnxCache("tensorrt")
+        except BaseException:
+            self._deactivate()
+            raise
 
     def _deactivate(self) -> None:
         if self._cache is not None:
