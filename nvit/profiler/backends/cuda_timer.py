@@ -18,7 +18,7 @@ import contextlib
 import enum
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from nvit.errors import BackendError
@@ -251,11 +251,3 @@ class CudaTimer:
         return {"mode": self.mode.value, "iters_per_sample": self.iters_per_sample,
                 "fallback_reason": self.fallback_reason}
 
-
-@contextlib.contextmanager
-def opened(preferred: str, index: int = 0) -> Iterator[CudaApi]:
-    api = open_cuda(preferred, index)
-    try:
-        yield api
-    finally:
-        api.close()
