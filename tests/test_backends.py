@@ -220,7 +220,7 @@ def test_timing_cache_updates_are_serialised_across_threads_and_processes(tmp_pa
     threads = [threading.Thread(target=_append_many, args=(str(path), bytes([65 + i]), 25)) for i in range(3)]
     procs = [multiprocessing.get_context("fork").Process(target=_append_many, args=(str(path), b"z", 25))
              for _ in range(2)]
-    for t in [*threads, *procs]:
+    for t in [*procs, *threads]:  # fork before starting threads
         t.start()
     for t in threads:
         t.join()
