@@ -1,0 +1,400 @@
+"""Search spaces: which block configurations a latency table measures.
+
+A space is a base architecture (token count, image, classes) plus hardware-aligned grids for the embedding
+width ``e``, heads ``h``, per-head Q/K width ``q``, per-head V width ``v`` and MLP width ``m``, a batch size
+and a precision. It expands into separable sub-tables (DESIGN.md §4):
+
+- ``attn``: the attention half of a block on the full ``e × h × q × v`` grid;
+- ``mlp``: the MLP half on the ``e × m`` grid;
+- ``block``: a few full blocks per ``e`` (the largest widths plus a seeded random sample of grid points),
+  which measure how far a block is from the sum of its halves;
+- ``fixed``: patch embedding + tokens + final norm + head(s), once per ``e``.
+
+Presets are derived from the architecture presets; custom spaces are JSON files with strict keys.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvit.arch import ArchSpec, BlockSpec, preset, preset_names
+from nvit.errors import SpecError
+from nvit.fileio import atomic_write_text
+from nvit.profiler.base import Precision
+
+SPACE_SCHEMA_VERSION = 1
+SPACE_FILE_KIND = "nvit.space"
+GRID_AXES = ("embed_dims", "heads", "qk_dims", "v_dims", "mlp_dims")
+
+
+class PartKind(str, enum.Enum):
+    """What one LUT row measures."""
+
+    ATTN = "attn"  # x + attn(norm1(x))
+    MLP = "mlp"  # x + mlp(norm2(x))
+    BLOCK = "block"  # a whole block
+    FIXED = "fixed"  # patch embedding, tokens, final norm, head(s)
+
+
+#: The width fields each kind uses; the others are 0.
+KIND_FIELDS: dict[PartKind, tuple[str, ...]] = {
+    PartKind.ATTN: ("heads", "qk_dim", "v_dim"),
+    PartKind.MLP: ("mlp_dim",),
+    PartKind.BLOCK: ("heads", "qk_dim", "v_dim", "mlp_dim"),
+    PartKind.FIXED: (),
+}
+WIDTH_FIELDS = ("heads", "qk_dim", "v_dim", "mlp_dim")
+
+
+@dataclass(frozen=True, order=True)
+class PartConfig:
+    """One configuration to time. Widths a kind does not use are 0."""
+
+    kind: PartKind
+    embed_dim: int
+    heads: int = 0
+    qk_dim: int = 0
+    v_dim: int = 0
+    mlp_dim: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", PartKind(self.kind))
+        used = KIND_FIELDS[self.kind]
+        if not _positive_int(self.embed_dim):
+            raise SpecError(f"{self.kind.value} config: embed_dim must be a positive integer, got {self.embed_dim!r}")
+        for name in WIDTH_FIELDS:
+            value = getattr(self, name)
+            if name in used and not _positive_int(value):
+                raise SpecError(f"{self.kind.value} config: {name} must be a positive integer, got {value!r}")
+            if name not in used and value != 0:
+                raise SpecError(f"{self.kind.value} config: {name} must be 0 (unused by this kind), got {value!r}")
+
+    @property
+    def key(self) -> str:
+        """A stable unique name, e.g. ``attn/e384/h6/q64/v64``."""
+        parts = [self.kind.value, f"e{self.embed_dim}"]
+        tags = {"heads": "h", "qk_dim": "q", "v_dim": "v", "mlp_dim": "m"}
+        parts += [f"{tags[n]}{getattr(self, n)}" for n in KIND_FIELDS[self.kind]]
+        return "/".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "embed_dim": self.embed_dim,
+                **{n: getattr(self, n) for n in WIDTH_FIELDS}}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Grids over block widths for one base architecture, batch size and precision."""
+
+    base: ArchSpec
+    embed_dims: tuple[int, ...]
+    heads: tuple[int, ...]
+    qk_dims: tuple[int, ...]
+    v_dims: tuple[int, ...]
+    mlp_dims: tuple[int, ...]
+    blocks_per_embed: int = 3
+    sample_seed: int = 0
+    batch_size: int = 1
+    precision: Precision = Precision.FP32
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for axis in GRID_AXES:
+            values = getattr(self, axis)
+            if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
+                raise SpecError(f"space {axis} must be a non-empty list of positive integers")
+            if not all(_positive_int(v) for v in values):
+                raise SpecError(f"space {axis} must hold positive integers, got {list(values)}")
+            if list(values) != sorted(set(values)):
+                raise SpecError(f"space {axis} must be strictly increasing, got {list(values)}")
+            object.__setattr__(self, axis, tuple(int(v) for v in values))
+        for key in ("blocks_per_embed", "sample_seed"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SpecError(f"space {key} must be a non-negative integer, got {value!r}")
+        if not _positive_int(self.batch_size):
+            raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        try:
+            object.__setattr__(self, "precision", Precision(self.precision))
+        except ValueError:
+            known = ", ".join(p.value for p in Precision)
+            raise SpecError(f"unknown precision {self.precision!r}; known: {known}") from None
+
+    # ---- expansion -----------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.base.num_tokens
+
+    def attn_configs(self) -> list[PartConfig]:
+        return [PartConfig(PartKind.ATTN, e, heads=h, qk_dim=q, v_dim=v)
+                for e in self.embed_dims for h in self.heads for q in self.qk_dims for v in self.v_dims]
+
+    def mlp_configs(self) -> list[PartConfig]:
+        return [PartConfig(PartKind.MLP, e, mlp_dim=m) for e in self.embed_dims for m in self.mlp_dims]
+
+    def fixed_configs(self) -> list[PartConfig]:
+        return [PartConfig(PartKind.FIXED, e) for e in self.embed_dims]
+
+    def largest_block(self, embed_dim: int) -> PartConfig:
+        return PartConfig(PartKind.BLOCK, embed_dim, heads=self.heads[-1], qk_dim=self.qk_dims[-1],
+                          v_dim=self.v_dims[-1], mlp_dim=self.mlp_dims[-1])
+
+    def block_configs(self) -> list[PartConfig]:
+        """Per ``e``: the largest block, then distinct random grid blocks (seeded), ``blocks_per_embed`` in all."""
+        rng = np.random.default_rng(self.sample_seed)
+        grid_size = len(self.heads) * len(self.qk_dims) * len(self.v_dims) * len(self.mlp_dims)
+        out: list[PartConfig] = []
+        for e in self.embed_dims:
+            chosen = [self.largest_block(e)] if self.blocks_per_embed else []
+            while len(chosen) < min(self.blocks_per_embed, grid_size):
+                c = PartConfig(PartKind.BLOCK, e, heads=int(rng.choice(self.heads)),
+                               qk_dim=int(rng.choice(self.qk_dims)), v_dim=int(rng.choice(self.v_dims)),
+                               mlp_dim=int(rng.choice(self.mlp_dims)))
+                if c not in chosen:
+                    chosen.append(c)
+            out += chosen
+        return out
+
+    def configs(self) -> list[PartConfig]:
+        """Every configuration of the space, in a canonical order (the sweep shuffles it)."""
+        return self.attn_configs() + self.mlp_configs() + self.block_configs() + self.fixed_configs()
+
+    def counts(self) -> dict[str, int]:
+        return {
+            PartKind.ATTN.value: len(self.attn_configs()), PartKind.MLP.value: len(self.mlp_configs()),
+            PartKind.BLOCK.value: len(self.block_configs()), PartKind.FIXED.value: len(self.fixed_configs()),
+        }
+
+    def sentinel(self) -> PartConfig:
+        """The configuration re-timed during a sweep to record drift: the largest block at the largest ``e``."""
+        return self.largest_block(self.embed_dims[-1])
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"schema_version": SPACE_SCHEMA_VERSION, "kind": SPACE_FILE_KIND}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "base":
+                value = value.to_dict()
+            elif f.name == "precision":
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            data[f.name] = value
+        return data
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides which configurations are measured and how."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a search space must be a JSON object, got {type(data).__name__}")
+        allowed = {f.name for f in fields(cls)} | {"schema_version", "kind"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise SpecError(f"unknown search space key(s): {', '.join(unknown)}")
+        missing = sorted({"base", *GRID_AXES} - set(data))
+        if missing:
+            raise SpecError(f"search space is missing key(s): {', '.join(missing)}")
+        version = data.get("schema_version", SPACE_SCHEMA_VERSION)
+        if version != SPACE_SCHEMA_VERSION:
+            raise SpecError(f"unsupported search space schema_version {version!r} "
+                            f"(this nvit reads {SPACE_SCHEMA_VERSION})")
+        if data.get("kind", SPACE_FILE_KIND) != SPACE_FILE_KIND:
+            raise SpecError(f"not a search space file (kind {data.get('kind')!r})")
+        kwargs = {k: v for k, v in data.items() if k not in ("schema_version", "kind")}
+        base = kwargs["base"]
+        if isinstance(base, str):
+            if base not in preset_names():
+                raise SpecError(f"unknown base architecture preset {base!r}; known: {', '.join(preset_names())}")
+            kwargs["base"] = preset(base)
+        else:
+            kwargs["base"] = ArchSpec.from_dict(base)
+        for axis in GRID_AXES:
+            if not isinstance(kwargs[axis], list):
+                raise SpecError(f"space {axis} must be a list of positive integers")
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"invalid search space: {exc}") from None
+
+
+def save_space(space: SearchSpace, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    atomic_write_text(path, json.dumps(space.to_dict(), indent=2) + "\n")
+    return path
+
+
+def load_space(path: str | os.PathLike[str]) -> SearchSpace:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"search space file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read search space file {path}: {exc.strerror}") from None
+    try:
+        return SearchSpace.from_dict(data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+# ---- presets --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GridRecipe:
+    """How a preset space is derived from an architecture preset."""
+
+    embed_points: int  # evenly spaced embedding widths from ``min_embed`` to the dense width
+    min_embed: int
+    embed_align: int
+    max_head_points: int  # every head count when the model has at most this many, else evenly spaced
+    head_dim_unit: int  # per-head widths double from this unit up to the dense head width
+    mlp_points: int
+    min_mlp_ratio: float  # smallest MLP width, as a fraction of the dense one
+    mlp_align: int
+    blocks_per_embed: int
+
+
+_RECIPES: dict[str, GridRecipe] = {
+    # 4 x 4 x 2 x 2 = 64 attention configs, 20 MLP, 8 blocks, 4 fixed: a couple of minutes on 2 CPU cores.
+    "vit_test": GridRecipe(4, 16, 16, 4, 8, 5, 0.125, 32, 2),
+    "deit_tiny": GridRecipe(5, 64, 32, 3, 8, 6, 0.125, 64, 3),
+    "deit_small": GridRecipe(6, 64, 64, 4, 8, 7, 0.0625, 64, 3),
+    "deit_base": GridRecipe(7, 128, 128, 5, 8, 7, 0.0625, 128, 3),
+}
+
+
+def space_preset_names() -> list[str]:
+    return [n for n in preset_names() if n.removesuffix("_distilled") in _RECIPES]
+
+
+def aligned_span(lo: int, hi: int, points: int, align: int) -> tuple[int, ...]:
+    """``points`` values evenly spaced from ``lo`` to ``hi``, rounded to multiples of ``align`` (``hi`` kept)."""
+    if points <= 1 or lo >= hi:
+        return (hi,)
+    values = {hi, max(align, round(lo / align) * align)}
+    for x in np.linspace(lo, hi, points)[1:-1]:
+        values.add(max(align, round(x / align) * align))
+    return tuple(sorted(v for v in values if v <= hi))
+
+
+def doubling_span(unit: int, hi: int) -> tuple[int, ...]:
+    """``unit, 2·unit, 4·unit, ...`` below ``hi``, then ``hi``."""
+    values = [unit * 2**k for k in range(int(math.log2(max(hi // unit, 1))) + 1) if unit * 2**k < hi]
+    return (*values, hi)
+
+
+def preset_space(name: str, *, batch_size: int = 1, precision: Precision | str = Precision.FP32) -> SearchSpace:
+    """The preset space of an architecture preset (``vit_test``, ``deit_small``, ``deit_base_distilled``...)."""
+    recipe = _RECIPES.get(name.removesuffix("_distilled"))
+    if recipe is None or name not in preset_names():
+        raise SpecError(f"unknown search space preset {name!r}; known: {', '.join(space_preset_names())}")
+    base = preset(name)
+    dense = base.blocks[0]
+    e = base.embed_dim
+    heads = (tuple(range(1, dense.heads + 1)) if dense.heads <= recipe.max_head_points
+             else aligned_span(1, dense.heads, recipe.max_head_points, 1))
+    mlp_lo = int(dense.mlp_dim * recipe.min_mlp_ratio)
+    return SearchSpace(
+        base=base,
+        embed_dims=aligned_span(recipe.min_embed, e, recipe.embed_points, recipe.embed_align),
+        heads=heads,
+        qk_dims=doubling_span(recipe.head_dim_unit, dense.qk_dim),
+        v_dims=doubling_span(recipe.head_dim_unit, dense.v_dim),
+        mlp_dims=aligned_span(mlp_lo, dense.mlp_dim, recipe.mlp_points, recipe.mlp_align),
+        blocks_per_embed=recipe.blocks_per_embed,
+        batch_size=batch_size,
+        precision=Precision(precision),
+        name=name,
+    )
+
+
+def resolve_space(name_or_path: str, *, batch_size: int | None = None,
+                  precision: Precision | str | None = None) -> SearchSpace:
+    """A preset name or a JSON file; ``batch_size``/``precision`` override the space's own when given."""
+    if name_or_path in space_preset_names():
+        space = preset_space(name_or_path)
+    elif name_or_path.endswith(".json") or os.path.sep in name_or_path or Path(name_or_path).exists():
+        space = load_space(name_or_path)
+    else:
+        raise SpecError(
+            f"{name_or_path!r} is neither a space preset ({', '.join(space_preset_names())}) nor a JSON file"
+        )
+    changes: dict[str, Any] = {}
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    if precision is not None:
+        changes["precision"] = precision
+    return replace(space, **changes) if changes else space
+
+
+# ---- architectures drawn from a space's range -----------------------------------------------------
+def _aligned_width(rng: np.random.Generator, full: int, low: float, high: float, align: int) -> int:
+    lo = max(align, math.ceil(low * full / align) * align)
+    hi = max(lo, math.floor(high * full / align) * align)
+    return int(rng.integers(lo // align, hi // align + 1)) * align
+
+
+def random_arch(base: ArchSpec, rng: np.random.Generator, *, low: float = 0.3, high: float = 1.0,
+                align: int = 8, name: str = "") -> ArchSpec:
+    """A non-uniform variant of ``base``: every width drawn between ``low`` and ``high`` of the dense one
+    (multiples of ``align``; heads between ``ceil(low·H)`` and ``floor(high·H)``), independently per block."""
+    if not 0 < low <= high:
+        raise SpecError(f"width fractions must satisfy 0 < low <= high, got {low} and {high}")
+    dense = base.blocks[0]
+    head_lo = max(1, math.ceil(low * dense.heads))
+    head_hi = max(head_lo, math.floor(high * dense.heads))
+    e = _aligned_width(rng, base.embed_dim, low, high, align)
+    blocks = tuple(
+        BlockSpec(heads=int(rng.integers(head_lo, head_hi + 1)),
+                  qk_dim=_aligned_width(rng, dense.qk_dim, low, high, align),
+                  v_dim=_aligned_width(rng, dense.v_dim, low, high, align),
+                  mlp_dim=_aligned_width(rng, dense.mlp_dim, low, high, align))
+        for _ in range(base.depth)
+    )
+    return replace(base, embed_dim=e, blocks=blocks, name=name or base.name)
+
+
+def uniform_arch(base: ArchSpec, fraction: float, *, align: int = 8, name: str = "") -> ArchSpec:
+    """``base`` with every width scaled by ``fraction`` (rounded to ``align``, heads to at least 1)."""
+    def scaled(full: int) -> int:
+        return max(align, round(fraction * full / align) * align)
+
+    dense = base.blocks[0]
+    block = BlockSpec(heads=max(1, round(fraction * dense.heads)), qk_dim=scaled(dense.qk_dim),
+                      v_dim=scaled(dense.v_dim), mlp_dim=scaled(dense.mlp_dim))
+    return replace(base, embed_dim=scaled(base.embed_dim), blocks=(block,) * base.depth, name=name or base.name)
+
+
+#: Width fraction of the small uniform calibration model: the low end of the range pruning explores.
+CALIBRATION_LOW_FRACTION = 0.35
+
+
+def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1) -> list[ArchSpec]:
+    """Whole models for calibration: the dense base, a small uniform one, then random non-uniform ones
+    (seeded), so that the fitted line spans the range of models a pruned table is asked about."""
+    archs = [replace(base, name="cal-dense")]
+    if count >= 2:
+        archs.append(uniform_arch(base, CALIBRATION_LOW_FRACTION, name="cal-uniform"))
+    rng = np.random.default_rng(seed)
+    archs += [random_arch(base, rng, name=f"cal-random{i}") for i in range(max(0, count - 2))]
+    return archs[:count]
