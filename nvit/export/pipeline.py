@@ -61,6 +61,12 @@ def export_model(model: VisionTransformer, options: ExportOptions, provenance: d
     """Export ``model`` into ``options.out_dir``; a failed verification raises ExportError with the figures."""
     out = Path(options.out_dir)
     model = model.eval()
+    if options.trt:  # fail before any work when the engine cannot be built here
+        from nvit.profiler.backends.common import require, require_cuda_torch
+        from nvit.profiler.backends.tensorrt_backend import INSTALL_HINT
+
+        require("tensorrt", INSTALL_HINT)
+        require_cuda_torch()
     shape = input_shape(model, options.batch_size)
     onnx_path = export_onnx(model, torch.randn(shape), out / ONNX_FILE, opset=options.opset)
     report = None
@@ -75,7 +81,7 @@ def export_model(model: VisionTransformer, options: ExportOptions, provenance: d
     if options.trt:
         from nvit.export.engine import build_engine_file
 
-        engine_path, engine_meta = build_engine_file(onnx_path, out / ENGINE_FILE, shape, options.precision)
+        engine_path, engine_meta = build_engine_file(model, out / ENGINE_FILE, shape, options.precision)
     timing = None
     if options.measure_backend:
         backend_cls = get_backend(options.measure_backend)

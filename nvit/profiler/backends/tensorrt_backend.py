@@ -165,7 +165,18 @@ class TensorRTBackend(Backend):
             applied["precision_flag"] = self.precision.value
         self._applied = applied
 
-    def _build(self, onnx_path: Path, name: str) -> Any:
+    def serialize_workload(self, workload: Workload) -> bytes:
+        """A serialized engine for ``workload`` (static batch, this backend's precision and settings):
+        exactly what the profiler times, for ``nvit export --trt``."""
+        if self._cache is None:
+            raise BackendError("use the backend as a context manager: `with backend: backend.serialize_workload(...)`")
+        self._check_batch(workload)
+        return self.build_serialized(self._cache.path(workload, self.precision), workload.name)
+
+    def build_serialized(self, onnx_path: Path, name: str) -> bytes:
+        """Parse ``onnx_path`` and build a serialized engine with this backend's settings."""
+        if self._trt is None or self._timing_cache is None:
+            raise BackendError("use the backend as a context manager: `with backend: backend.build_serialized(...)`")
         trt = self._trt
         builder = trt.Builder(self._logger)
         flags = 0
@@ -190,7 +201,10 @@ class TensorRTBackend(Backend):
             return bytes(memoryview(shared.serialize()))
 
         self._timing_cache.update(merge)
-        engine = self._runtime.deserialize_cuda_engine(serialized)
+        return bytes(memoryview(serialized))
+
+    def _build(self, onnx_path: Path, name: str) -> Any:
+        engine = self._runtime.deserialize_cuda_engine(self.build_serialized(onnx_path, name))
         if engine is None:
             raise BackendError(f"TensorRT could not deserialize the engine it built for {name!r}")
         return engine

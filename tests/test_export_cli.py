@@ -1,0 +1,103 @@
+"""`nvit export` end to end on CPU, its error paths, and the TensorRT engine path (GPU hosts only)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nvit.arch import preset, save_arch
+from nvit.cli import main
+from nvit.errors import ExportError
+from nvit.export.engine import read_engine_meta
+from nvit.models import build_model, save_variant
+
+
+def run(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+@pytest.fixture()
+def variant(tmp_path):
+    model = build_model(preset("vit_test"), seed=0)
+    return save_variant(model, tmp_path / "variant", provenance={"top1": 0.5})
+
+
+def test_export_variant_writes_verified_onnx_and_metadata(variant, capsys) -> None:
+    code, out = run(["export", str(variant), "--measure"], capsys)
+    assert code == 0, out.err
+    meta = json.loads((variant / "export" / "export.json").read_text())
+    assert meta["verify"]["passed"] and meta["verify"]["max_abs_error"] < 1e-4
+    assert meta["onnx"]["opset"] >= 18 and meta["provenance"]["top1"] == 0.5
+    assert meta["timing"]["latency_ms_median"] > 0
+    assert "max abs error" in out.out
+    assert (variant / "export" / "model.onnx").stat().st_size > 100_000
+
+
+def test_export_without_tensorrt_is_one_clear_error(variant, capsys, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorrt(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'", name="tensorrt")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    code, out = run(["export", str(variant), "--trt"], capsys)
+    assert code == 1
+    assert "pip install 'nvit[trt]'" in out.err and "Traceback" not in out.err
+    assert not (variant / "export").exists(), "no work is done when the engine cannot be built"
+
+
+def test_missing_weights_and_mismatched_arch_are_errors(variant, tmp_path, capsys) -> None:
+    (variant / "model.safetensors").unlink()
+    code, out = run(["export", str(variant)], capsys)
+    assert code == 1 and "weights file" in out.err
+    ckpt = tmp_path / "small.pth"
+    torch.save(build_model(preset("vit_test"), seed=0).state_dict(), ckpt)
+    code, out = run(["export", str(ckpt), "--arch", "deit_tiny"], capsys)
+    assert code == 1 and "missing from the checkpoint" in out.err
+    narrow = preset("vit_test")
+    narrow = narrow.with_blocks(tuple(replace(b, mlp_dim=128) for b in narrow.blocks))
+    code, out = run(["export", str(ckpt), "--arch", str(save_arch(narrow, tmp_path / "narrow.json"))], capsys)
+    assert code == 1 and "'blocks.0.mlp.fc1.weight' has shape (256, 64), the model expects (128, 64)" in out.err
+    assert len([line for line in out.err.splitlines() if line.strip()]) == 1
+
+
+def test_engine_for_another_device_is_refused(tmp_path) -> None:
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"serialized")
+    (tmp_path / "model.engine.json").write_text(json.dumps({"device": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}}))
+    assert read_engine_meta(engine, device_name="NVIDIA H100 80GB HBM3")
+    with pytest.raises(ExportError, match="built for NVIDIA H100 80GB HBM3, this device is NVIDIA A100"):
+        read_engine_meta(engine, device_name="NVIDIA A100")
+    (tmp_path / "model.engine.json").unlink()
+    with pytest.raises(ExportError, match="no metadata"):
+        read_engine_meta(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_tensorrt_engine_builds_checks_and_times(variant) -> None:
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from nvit.export.pipeline import ExportOptions, export_model
+    from nvit.models import load_variant
+    from nvit.profiler.base import DeviceKind, Precision
+
+    for precision in (Precision.FP32, Precision.FP16):
+        options = ExportOptions(out_dir=variant / f"trt-{precision.value}", trt=True, precision=precision,
+                                measure_backend="tensorrt", device=DeviceKind.CUDA)
+        result = export_model(load_variant(variant), options)
+        meta = read_engine_meta(result.engine_path, device_name=torch.cuda.get_device_name())
+        assert meta["check"]["passed"] and result.timing.latency_ms_median > 0
