@@ -7,7 +7,6 @@ import typer
 from nvit.errors import NotBuiltError
 
 _PENDING = {
-    "profile": "Benchmark ViT blocks of many widths on a device and write a latency lookup table.",
     "prune": "Prune a ViT globally with Hessian-aware saliency and a LUT latency regularizer.",
     "compare": "Measured vs predicted latency of one or many variants.",
     "demo": "The whole pipeline on CPU with the bundled data set, in one command.",

@@ -1,0 +1,147 @@
+"""``nvit lut show|validate|merge`` and ``nvit predict``: inspect latency tables and use them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nvit.errors import LutError
+
+lut_app = typer.Typer(help="Inspect, validate and merge latency lookup tables.", no_args_is_help=True)
+
+_LUT_ARG = typer.Argument(..., help="A latency table (.parquet) written by 'nvit profile'.")
+
+
+def _axis(values: list[int]) -> str:
+    return ",".join(str(v) for v in values) if len(values) <= 8 else f"{values[0]}..{values[-1]} ({len(values)})"
+
+
+@lut_app.command("show")
+def show(lut: Path = _LUT_ARG) -> None:
+    """Summary of a table: identity, grids, latency ranges, drift and calibration."""
+    from nvit.lut.table import LatencyTable, grid_axes
+    from nvit.profiler.space import KIND_FIELDS, PartKind
+
+    table = LatencyTable.load(lut)
+    meta = table.meta
+    console = Console()
+    base = meta.base_arch.get("name") or "custom"
+    console.print(f"[bold]{lut}[/]: {len(table)} rows · {meta.backend} on {meta.device_name()} · "
+                  f"{meta.precision.value} · batch {meta.batch_size} · {meta.num_tokens} tokens · base {base}")
+    console.print(f"created {meta.created_at} by nvit {meta.nvit_version}; versions: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())))
+    grid = Table("part", "rows", "grid", "min ms", "median ms", "max ms", "mean CoV")
+    for kind in PartKind:
+        part = table.of_kind(kind)
+        if part.empty:
+            continue
+        axes = grid_axes(table.rows, kind)
+        tags = {"embed_dim": "e", "heads": "h", "qk_dim": "q", "v_dim": "v", "mlp_dim": "m"}
+        desc = " ".join(f"{tags[a]}={_axis(axes[a].tolist())}" for a in ("embed_dim", *KIND_FIELDS[kind])
+                        if kind is not PartKind.BLOCK or a == "embed_dim")
+        lat = part["latency_ms_median"]
+        grid.add_row(kind.value, str(len(part)), desc, f"{lat.min():.4f}", f"{lat.median():.4f}",
+                     f"{lat.max():.4f}", f"{part['cov'].mean():.3f}")
+    console.print(grid)
+    drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
+    console.print(f"sentinel {meta.protocol.get('sentinel', '?')}: re-timed {len(meta.sentinel)}x, "
+                  f"max drift {drift * 100:.1f}%; profiling time {meta.profile_seconds_total:.0f} s")
+    cal = meta.calibration
+    if cal:
+        console.print(f"calibration ({cal['method']}, {len(cal['models'])} whole models): scale {cal['scale']:.4f}, "
+                      f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
+    else:
+        console.print("[yellow]uncalibrated[/]: predictions are the plain sum of parts")
+
+
+@lut_app.command("validate")
+def validate(
+    lut: Path = _LUT_ARG,
+    device: str | None = typer.Option(None, "--device", help="Require this device kind (cpu/cuda) or name."),
+    precision: str | None = typer.Option(None, "--precision", help="Require this precision."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Require this batch size."),
+) -> None:
+    """Check a table: readable, typed, complete grids, sane latencies, and (optionally) the conditions."""
+    from nvit.lut.predictor import LatencyPredictor
+    from nvit.lut.table import LatencyTable, check_compatible
+
+    table = LatencyTable.load(lut, validate=False)
+    console = Console()
+    problems = table.problems()
+    for p in problems:
+        console.print(f"[yellow]problem:[/] {p}")
+    if problems:
+        raise LutError(f"{lut}: {len(problems)} problem(s), first: {problems[0]}")
+    check_compatible(table.meta, device=device, precision=precision, batch_size=batch_size, source=str(lut))
+    LatencyPredictor(table)  # the predictor can be built
+    counts = ", ".join(f"{n} {k}" for k, n in table.counts().items())
+    console.print(f"[green]valid[/]: {lut} ({counts})")
+
+
+@lut_app.command("merge")
+def merge(
+    luts: list[Path] = typer.Argument(..., help="Tables to merge (shards of one space, same device kind)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged table."),
+) -> None:
+    """Merge tables profiled on the same kind of device, precision, batch and tokens."""
+    from nvit.lut.table import LatencyTable, merge_tables
+
+    if len(luts) < 2:
+        raise LutError("merge needs at least two tables")
+    merged = merge_tables([LatencyTable.load(p) for p in luts])
+    problems = merged.problems(coverage=False)
+    if problems:
+        raise LutError(f"the merged table would be invalid: {problems[0]}")
+    merged.save(out)
+    console = Console()
+    console.print(f"merged {len(luts)} tables into {out} ({len(merged)} rows)"
+                  + ("" if merged.meta.calibration else "; uncalibrated"))
+    for gap in merged.problems():
+        console.print(f"[yellow]not yet usable for prediction:[/] {gap}")
+
+
+def predict(
+    lut: Path = typer.Option(..., "--lut", help="The latency table."),
+    arch: str = typer.Option(..., "--arch", help="An arch.json file or a preset name."),
+    device: str | None = typer.Option(None, "--device", help="Require a table for this device kind or name."),
+    precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Require a table of this batch size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
+) -> None:
+    """Predicted latency of an architecture, per block and in total."""
+    from nvit.arch import resolve_arch
+    from nvit.lut import load_predictor
+
+    spec = resolve_arch(arch)
+    predictor = load_predictor(lut, device=device, precision=precision, batch_size=batch_size)
+    blocks = predictor.block_latencies_ms(spec)
+    fixed = predictor.fixed_latency_ms(spec.embed_dim)
+    offset = predictor.offset_ms()
+    total = predictor.predict_ms(spec)
+    if as_json:
+        doc = {"arch": spec.name or arch, "lut": str(lut), "blocks_ms": blocks, "fixed_ms": fixed,
+               "offset_ms": offset, "total_ms": total, "calibrated": predictor.calibrated}
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    meta = predictor.meta
+    table = Table(title=f"{spec.name or arch} on {meta.device_name()} ({meta.backend}, {meta.precision.value}, "
+                        f"batch {meta.batch_size})")
+    for col in ("block", "heads", "qk_dim", "v_dim", "mlp_dim", "latency ms"):
+        table.add_column(col, justify="right")
+    for i, (b, ms) in enumerate(zip(spec.blocks, blocks, strict=True)):
+        table.add_row(str(i), str(b.heads), str(b.qk_dim), str(b.v_dim), str(b.mlp_dim), f"{ms:.4f}")
+    table.add_row("fixed", "", "", "", f"e={spec.embed_dim}", f"{fixed:.4f}")
+    table.add_row("offset", "", "", "", "", f"{offset:+.4f}")
+    table.add_row("[bold]total", "", "", "", "", f"[bold]{total:.4f}")
+    if not predictor.calibrated:
+        table.caption = "uncalibrated table: total is the plain sum of parts"
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(lut_app, name="lut")
+    app.command("predict")(predict)

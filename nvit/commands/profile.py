@@ -1,0 +1,128 @@
+"""``nvit profile``: time ViT blocks of many widths on a device and write a latency lookup table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nvit.errors import NvitError
+
+
+def parse_backend_options(items: list[str], threads: int | None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (JSON values, else strings) plus ``--threads`` as ``intra_op_threads``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise NvitError(f"backend option {item!r} must look like KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    if threads is not None:
+        options["intra_op_threads"] = threads
+    return options
+
+
+def default_out(space_name: str, device_slug: str, precision: str, batch_size: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(space_name).stem)
+    return Path(f"lut-{safe}-{device_slug}-{precision}-b{batch_size}.parquet")
+
+
+def summary_table(result: Any) -> Table:
+    table = result.table
+    rows = table.rows
+    out = Table(title=f"{result.path} ({len(table)} rows)")
+    for col in ("part", "rows", "min ms", "median ms", "max ms", "mean CoV"):
+        out.add_column(col, justify="right" if col != "part" else "left")
+    for kind, count in table.counts().items():
+        part = rows[rows["kind"] == kind]
+        if count:
+            lat = part["latency_ms_median"]
+            out.add_row(kind, str(count), f"{lat.min():.4f}", f"{lat.median():.4f}", f"{lat.max():.4f}",
+                        f"{part['cov'].mean():.3f}")
+    meta = table.meta
+    drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
+    lines = [f"device {meta.device_name()} · {meta.backend} · {meta.precision.value} · batch {meta.batch_size} · "
+             f"{meta.num_tokens} tokens",
+             f"sentinel re-timed {len(meta.sentinel)}x, max drift {drift * 100:.1f}%"]
+    cal = meta.calibration
+    if cal:
+        lines.append(f"calibration ({cal['method']}, {len(cal['models'])} models): scale {cal['scale']:.4f}, "
+                     f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
+    else:
+        lines.append("uncalibrated (no whole-model measurements)")
+    n = len(table)
+    lines.append(f"this run: {result.measured} measured, {result.resumed} resumed, {result.seconds:.0f} s; "
+                 f"profiling time in table {meta.profile_seconds_total:.0f} s "
+                 f"({meta.profile_seconds_total / max(n, 1):.2f} s per configuration)")
+    out.caption = "\n".join(lines)
+    return out
+
+
+def profile(
+    gpu: bool = typer.Option(False, "--gpu", help="Profile the CUDA device (default backend: tensorrt)."),
+    backend: str | None = typer.Option(None, "--backend", help="tensorrt | onnxruntime | torch "
+                                       "(default: tensorrt with --gpu, else onnxruntime on the CPU)."),
+    space: str = typer.Option("deit_small", "--space", help="A space preset (vit_test, deit_tiny, deit_small, "
+                              "deit_base, and their _distilled variants) or a JSON space file."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: the space's, 1)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 | fp16 | bf16 (default: the space's, fp32)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output Parquet file "
+                                    "(default: lut-<space>-<device>-<precision>-b<batch>.parquet)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run (default)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the randomised measurement order."),
+    sentinel_every: int = typer.Option(25, "--sentinel-every", help="Re-time the sentinel block every N configs."),
+    calibrate: int = typer.Option(4, "--calibrate", help="Whole models measured to fit the calibration (0: none)."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of CPU backends "
+                                       "(default: every available core)."),
+    backend_option: list[str] = typer.Option([], "--backend-option", help="Backend option KEY=VALUE (repeatable), "
+                                             "e.g. allow_spinning=false or harness='{\"time_cap_s\": 1}'."),
+) -> None:
+    """Benchmark ViT blocks of many widths on a device and write a latency lookup table."""
+    from nvit.profiler.backends import default_backend
+    from nvit.profiler.base import DeviceKind, get_backend
+    from nvit.profiler.device import fingerprint
+    from nvit.profiler.space import resolve_space
+    from nvit.profiler.sweep import SweepOptions, run_sweep
+
+    device_kind = DeviceKind.CUDA if gpu else DeviceKind.CPU
+    the_space = resolve_space(space, batch_size=batch_size, precision=precision)
+    options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate)
+    backend_cls = get_backend(backend or default_backend(device_kind))
+    be = backend_cls(device=device_kind, precision=the_space.precision, batch_size=the_space.batch_size,
+                     **parse_backend_options(backend_option, threads))
+    console = Console()
+    with be:
+        device = fingerprint(device_kind, threads_used=be.settings().get("intra_op_threads"))
+        path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size)
+        counts = the_space.counts()
+        console.print(f"profiling [bold]{the_space.name or space}[/] with {be.name} on {device.slug()}: "
+                      + ", ".join(f"{n} {k}" for k, n in counts.items()) + f", {calibrate} whole models → {path}")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task("starting", total=None)
+
+            def on_progress(p: Any) -> None:
+                if bar.tasks[task].total is None:
+                    bar.update(task, total=p.total, completed=p.resumed)
+                    if p.resumed:
+                        console.print(f"resuming: {p.resumed} configurations already measured")
+                bar.update(task, completed=p.done, description=f"{p.phase.value:<11} {p.name:<28}")
+
+            result = run_sweep(the_space, be, path, options=options, resume=resume, progress=on_progress,
+                               device=device)
+    if result.already_complete:
+        console.print(f"{path} is already complete (use --no-resume to profile again)")
+    console.print(summary_table(result))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile)

@@ -1,0 +1,253 @@
+"""The LUT-backed latency predictor: any architecture's latency from a table of measured parts.
+
+Model of one block at embedding width ``e`` (all terms interpolated from the table)::
+
+    block(e, h, q, v, m) = ρ(e) · (attn(e, h, q, v) + mlp(e, m))
+
+``attn`` and ``mlp`` are multilinear interpolations over the measured grids (exact on grid points, linear
+extrapolation outside, floored at 0). Multilinear is the natural choice: a block's FLOPs are multilinear
+in its widths, so the interpolation only has to absorb how efficiency changes with size. ``ρ(e)`` is the
+interaction measured on full blocks (a block is not exactly the sum of its halves: one call instead of
+two, cache reuse, fused residual + norm), the mean of ``measured / (attn + mlp)`` over the blocks
+measured at each ``e``, linear in ``e`` between them and constant beyond.
+
+Whole model: ``scale · (Σ blocks + fixed(e)) + offset``. A block timed alone keeps its weights in cache
+and pays one call overhead of its own; in a whole model it does neither. ``scale`` and ``offset`` are fitted
+by least squares on a few whole-model measurements (:func:`calibrate`) and stored in the table; an
+uncalibrated table uses 1 and 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from nvit.arch import ArchSpec, BlockSpec
+from nvit.errors import LutError
+from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
+from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible, utc_now
+from nvit.profiler.space import PartKind
+
+logger = logging.getLogger(__name__)
+
+#: Arch fields the fixed parts were measured with; a spec that differs cannot be predicted by the table.
+FIXED_PART_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "distilled")
+#: A scale is only fitted when the calibration models' predictions span at least this ratio.
+MIN_SCALE_SPREAD = 1.25
+#: A fitted scale outside this range means the calibration data is unusable; fall back to an offset.
+SCALE_BOUNDS = (0.5, 2.0)
+DEFAULT_STEP = UnitStep()
+
+
+class GridInterpolator:
+    """Multilinear interpolation over a rectangular grid, linear extrapolation outside it.
+
+    An axis with one point is constant along that axis. Exact on grid points.
+    """
+
+    def __init__(self, axes: Sequence[np.ndarray], values: np.ndarray) -> None:
+        self.axes = [np.asarray(a, dtype=np.float64) for a in axes]
+        self.values = np.asarray(values, dtype=np.float64)
+        if self.values.shape != tuple(len(a) for a in self.axes):
+            raise LutError(f"grid values of shape {self.values.shape} do not match the axes")
+
+    def __call__(self, *coords: Any) -> np.ndarray:
+        coords = np.broadcast_arrays(*(np.asarray(c, dtype=np.float64) for c in coords))
+        lows, fracs = [], []
+        for axis, x in zip(self.axes, coords, strict=True):
+            if len(axis) == 1:
+                lows.append(np.zeros(x.shape, dtype=np.intp))
+                fracs.append(np.zeros(x.shape))
+                continue
+            i = np.clip(np.searchsorted(axis, x, side="right") - 1, 0, len(axis) - 2)
+            lows.append(i)
+            fracs.append((x - axis[i]) / (axis[i + 1] - axis[i]))
+        out = np.zeros(coords[0].shape)
+        for corner in itertools.product((0, 1), repeat=len(self.axes)):
+            weight = np.ones(coords[0].shape)
+            index = []
+            for d, up in enumerate(corner):
+                weight = weight * (fracs[d] if up else 1.0 - fracs[d])  # a one-point axis has frac 0
+                index.append(lows[d] + (up if len(self.axes[d]) > 1 else 0))
+            out = out + weight * self.values[tuple(index)]
+        return out
+
+
+def _grid(rows: Any, axes: Sequence[str]) -> GridInterpolator:
+    grid_axes = [np.unique(rows[a].to_numpy()) for a in axes]
+    values = np.full(tuple(len(a) for a in grid_axes), np.nan)
+    index = tuple(np.searchsorted(g, rows[a].to_numpy()) for g, a in zip(grid_axes, axes, strict=True))
+    values[index] = rows[LATENCY_COLUMN].to_numpy(dtype=float)
+    if np.isnan(values).any():
+        raise LutError(f"the {rows['kind'].iloc[0]} grid is incomplete; run 'nvit lut validate'")
+    return GridInterpolator(grid_axes, values)
+
+
+def _piecewise(xs: np.ndarray, ys: np.ndarray) -> Callable[[Any], np.ndarray]:
+    """Linear in between the points, constant beyond (``np.interp``)."""
+    return lambda x: np.interp(np.asarray(x, dtype=np.float64), xs, ys)
+
+
+class LatencyPredictor(Predictor):
+    """Latency of any architecture from a :class:`~nvit.lut.table.LatencyTable` (see the module doc).
+
+    With ``calibrated=False`` the stored calibration is ignored (scale 1, offset 0): what :func:`calibrate`
+    fits against.
+    """
+
+    def __init__(self, table: LatencyTable, *, calibrated: bool = True) -> None:
+        table.validate()
+        self.table = table
+        self.meta = table.meta
+        rows = table.rows
+        self._attn = _grid(table.of_kind(PartKind.ATTN), ("embed_dim", "heads", "qk_dim", "v_dim"))
+        self._mlp = _grid(table.of_kind(PartKind.MLP), ("embed_dim", "mlp_dim"))
+        fixed = table.of_kind(PartKind.FIXED)
+        self._fixed = GridInterpolator([fixed["embed_dim"].to_numpy()], fixed[LATENCY_COLUMN].to_numpy())
+        blocks = rows[rows["kind"] == PartKind.BLOCK.value]
+        if len(blocks):
+            halves = self._halves(blocks["embed_dim"].to_numpy(), blocks["heads"].to_numpy(),
+                                  blocks["qk_dim"].to_numpy(), blocks["v_dim"].to_numpy(),
+                                  blocks["mlp_dim"].to_numpy())
+            ratio = blocks[LATENCY_COLUMN].to_numpy(dtype=float) / halves
+            per_e = {int(e): float(np.mean(ratio[blocks["embed_dim"].to_numpy() == e]))
+                     for e in np.unique(blocks["embed_dim"].to_numpy())}
+            self.interaction_by_embed = per_e
+            self._ratio = _piecewise(np.array(list(per_e)), np.array(list(per_e.values())))
+        else:
+            self.interaction_by_embed = {}
+            self._ratio = lambda x: np.ones(np.shape(x))
+        cal = table.meta.calibration if calibrated else None
+        self.scale = float(cal["scale"]) if cal else 1.0
+        self._offset_ms = float(cal["offset_ms"]) if cal else 0.0
+        self.calibrated = cal is not None
+
+    # ---- parts (vectorised) --------------------------------------------------------------------
+    def attn_ms(self, e: Any, h: Any, q: Any, v: Any) -> np.ndarray:
+        return np.maximum(self._attn(e, h, q, v), 0.0)
+
+    def mlp_ms(self, e: Any, m: Any) -> np.ndarray:
+        return np.maximum(self._mlp(e, m), 0.0)
+
+    def _halves(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
+        return self.attn_ms(e, h, q, v) + self.mlp_ms(e, m)
+
+    def blocks_ms(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
+        """Calibrated latency of blocks given as broadcastable width arrays."""
+        return self.scale * self._ratio(e) * self._halves(e, h, q, v, m)
+
+    def fixed_ms(self, e: Any) -> np.ndarray:
+        return self.scale * np.maximum(self._fixed(e), 0.0)
+
+    # ---- Predictor interface -------------------------------------------------------------------
+    def block_latency_ms(self, embed_dim: int, block: BlockSpec) -> float:
+        return float(self.blocks_ms(embed_dim, block.heads, block.qk_dim, block.v_dim, block.mlp_dim))
+
+    def fixed_latency_ms(self, embed_dim: int) -> float:
+        return float(self.fixed_ms(embed_dim))
+
+    def offset_ms(self) -> float:
+        return self._offset_ms
+
+    def check_spec(self, spec: ArchSpec) -> None:
+        """A spec the table cannot speak for (other token count, image or head) is a :class:`LutError`."""
+        check_compatible(self.meta, num_tokens=spec.num_tokens, source="the latency table")
+        base = self.meta.base_arch
+        for key in FIXED_PART_FIELDS:
+            if key in base and base[key] != getattr(spec, key):
+                raise LutError(f"the latency table's fixed parts were measured with {key}={base[key]!r}, "
+                               f"the architecture has {getattr(spec, key)!r}")
+
+    @staticmethod
+    def _widths(spec: ArchSpec) -> tuple[np.ndarray, ...]:
+        return tuple(np.array([getattr(b, f) for b in spec.blocks], dtype=np.float64)
+                     for f in ("heads", "qk_dim", "v_dim", "mlp_dim"))
+
+    def block_latencies_ms(self, spec: ArchSpec) -> list[float]:
+        self.check_spec(spec)
+        return [float(x) for x in self.blocks_ms(spec.embed_dim, *self._widths(spec))]
+
+    def predict_ms(self, spec: ArchSpec) -> float:
+        self.check_spec(spec)
+        blocks = self.blocks_ms(spec.embed_dim, *self._widths(spec))
+        return float(sum(blocks.tolist())) + self.fixed_latency_ms(spec.embed_dim) + self.offset_ms()
+
+    def delta_ms(self, spec: ArchSpec, step: UnitStep = DEFAULT_STEP) -> LatencyDeltas:
+        """Same numbers as :meth:`Predictor.delta_ms` (finite differences), computed in a few array calls."""
+        self.check_spec(spec)
+        e = spec.embed_dim
+        widths = list(self._widths(spec))
+        base = self.blocks_ms(e, *widths)
+        out: dict[str, np.ndarray] = {}
+        for i, name in enumerate(("heads", "qk", "v", "mlp")):
+            shrunk = list(widths)
+            shrunk[i] = widths[i] - getattr(step, name)
+            smaller = self.blocks_ms(e, *shrunk)
+            out[name] = np.where(shrunk[i] > 0, base - smaller, np.nan)
+        if e - step.emb > 0:
+            total = float(sum(base.tolist())) + self.fixed_latency_ms(e) + self.offset_ms()
+            smaller_blocks = self.blocks_ms(e - step.emb, *widths)
+            total_smaller = (float(sum(smaller_blocks.tolist())) + self.fixed_latency_ms(e - step.emb)
+                             + self.offset_ms())
+            emb = total - total_smaller
+        else:
+            emb = float("nan")
+        return LatencyDeltas(emb_ms=emb, heads_ms=out["heads"], qk_ms=out["qk"], v_ms=out["v"], mlp_ms=out["mlp"])
+
+
+# ---- calibration ----------------------------------------------------------------------------------
+def fit_calibration(names: Sequence[str], measured_ms: Sequence[float], predicted_raw_ms: Sequence[float],
+                    *, fit_scale: bool = True) -> dict[str, Any]:
+    """``measured ≈ scale · predicted_raw + offset`` by least squares (offset only when the predictions do
+    not spread enough to fix a slope, or ``fit_scale`` is False). Returns the calibration record."""
+    y = np.asarray(measured_ms, dtype=np.float64)
+    x = np.asarray(predicted_raw_ms, dtype=np.float64)
+    if len(y) == 0 or len(y) != len(x) or len(names) != len(y):
+        raise LutError("calibration needs at least one whole-model measurement and its prediction")
+    if not (np.all(np.isfinite(y)) and np.all(y > 0) and np.all(np.isfinite(x)) and np.all(x > 0)):
+        raise LutError("calibration measurements and predictions must be finite and positive")
+    method, scale, offset = "offset", 1.0, float(np.mean(y - x))
+    if fit_scale and len(y) >= 2 and x.max() / x.min() >= MIN_SCALE_SPREAD:
+        slope, intercept = np.polyfit(x, y, 1)
+        if SCALE_BOUNDS[0] <= slope <= SCALE_BOUNDS[1]:
+            method, scale, offset = "scale_offset", float(slope), float(intercept)
+        else:
+            logger.warning("calibration slope %.3f is implausible; fitting an offset only", slope)
+    fitted = scale * x + offset
+    residual_pct = (fitted - y) / y * 100.0
+    return {
+        "method": method,
+        "scale": scale,
+        "offset_ms": offset,
+        "models": [{"name": n, "measured_ms": float(m), "predicted_raw_ms": float(p)}
+                   for n, m, p in zip(names, y, x, strict=True)],
+        "residual_pct_max_abs": float(np.max(np.abs(residual_pct))),
+        "fitted_at": utc_now(),
+    }
+
+
+def calibrate(table: LatencyTable, backend: Any, archs: Sequence[ArchSpec], *, fit_scale: bool = True,
+              names: Sequence[str] | None = None) -> LatencyTable:
+    """Measure ``archs`` whole with ``backend`` (an entered :class:`~nvit.profiler.base.Backend` of the
+    table's kind, interleaved so they share machine state) and return the table with a new calibration."""
+    from nvit.profiler.workloads import model_workload
+
+    meta = table.meta
+    check_compatible(meta, device=backend.device, precision=backend.precision, batch_size=backend.batch_size,
+                     backend=backend.name, source="the table to calibrate")
+    names = list(names) if names is not None else [a.name or f"model{i}" for i, a in enumerate(archs)]
+    raw = LatencyPredictor(table, calibrated=False)
+    predicted = [raw.predict_ms(a) for a in archs]
+    workloads = [model_workload(a, meta.batch_size, name=n) for a, n in zip(archs, names, strict=True)]
+    stats = backend.measure_many(workloads)
+    measured = [s.latency_ms_median for s in stats]
+    calibration = fit_calibration(names, measured, predicted, fit_scale=fit_scale)
+    for item, arch in zip(calibration["models"], archs, strict=True):
+        item["arch"] = arch.to_dict()
+    logger.info("calibrated %s: scale %.4f, offset %.4f ms", calibration["method"], calibration["scale"],
+                calibration["offset_ms"])
+    return table.with_meta(calibration=calibration)

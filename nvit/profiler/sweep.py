@@ -1,0 +1,354 @@
+"""Profile a search space into a latency table: randomised, drift-tracked, resumable.
+
+Protocol:
+
+1. The space's configurations are shuffled with a seed (neighbours in time are not neighbours on the
+   grid, so slow drift of the machine does not bend the table along one axis).
+2. A sentinel configuration (:meth:`SearchSpace.sentinel`) is timed first, every ``sentinel_every``
+   configurations, at every restart and at the end; each row records the sentinel drift seen last.
+3. Every measured configuration is appended to a JSON-lines journal beside the output and fsynced, so a
+   kill (even SIGKILL) loses at most the configuration in flight; a rerun with the same space, backend,
+   settings and device skips what the journal holds, and refuses a journal made under other conditions.
+4. A few whole models are measured (interleaved) and a calibration is fitted
+   (:func:`nvit.lut.predictor.fit_calibration`).
+5. The Parquet table is written atomically, then the journal is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nvit.arch import ArchSpec
+from nvit.errors import LutError
+from nvit.profiler.base import Backend, TimingStats
+from nvit.profiler.space import PartConfig, SearchSpace, calibration_archs
+from nvit.profiler.workloads import model_workload, part_workload
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_KIND = "nvit.sweep-journal"
+JOURNAL_SCHEMA_VERSION = 1
+JOURNAL_SUFFIX = ".journal.jsonl"
+DEFAULT_SENTINEL_EVERY = 25
+DEFAULT_CALIBRATION_MODELS = 4
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    seed: int = 0  # order of the configurations
+    sentinel_every: int = DEFAULT_SENTINEL_EVERY
+    calibration_models: int = DEFAULT_CALIBRATION_MODELS  # 0: leave the table uncalibrated
+    calibration_seed: int = 1
+    fit_scale: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sentinel_every < 1:
+            raise LutError(f"sentinel_every must be >= 1, got {self.sentinel_every}")
+        if self.calibration_models < 0:
+            raise LutError(f"calibration_models must be >= 0, got {self.calibration_models}")
+
+
+class Phase(str, enum.Enum):
+    PART = "part"
+    SENTINEL = "sentinel"
+    CALIBRATION = "calibration"
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """One step of a sweep: ``done`` of ``total`` configurations (calibration models included)."""
+
+    phase: Phase
+    done: int
+    total: int
+    name: str
+    latency_ms: float
+    resumed: int  # configurations found in the journal when the run started
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    path: Path
+    table: Any  # nvit.lut.table.LatencyTable
+    measured: int  # configurations measured by this run (calibration models included)
+    resumed: int  # configurations taken from the journal
+    seconds: float
+    already_complete: bool = False
+
+
+def journal_path(out: str | os.PathLike[str]) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + JOURNAL_SUFFIX)
+
+
+def utc_now() -> str:
+    from nvit.lut.table import utc_now as now
+
+    return now()
+
+
+class Journal:
+    """Append-only JSON lines: a header line (what the sweep measures and how), then one record per line."""
+
+    def __init__(self, path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        self.path = path
+        self.header = header
+        self.records = records
+
+    @classmethod
+    def open(cls, path: Path, header: dict[str, Any]) -> Journal:
+        """Resume ``path`` if it exists (refusing another header), else start it with ``header``."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            journal = cls(path, header, [])
+            journal._write_line(header)
+            return journal
+        lines = _read_lines(path)
+        if not lines:
+            raise LutError(f"sweep journal {path} is empty or corrupt; delete it or use --no-resume")
+        found = lines[0]
+        if found.get("kind") != JOURNAL_KIND or found.get("schema_version") != JOURNAL_SCHEMA_VERSION:
+            raise LutError(f"{path} is not a sweep journal this nvit can resume; delete it or use --no-resume")
+        diff = sorted(k for k in set(found) | set(header)
+                      if k != "created_at" and found.get(k) != header.get(k))
+        if diff:
+            raise LutError(f"sweep journal {path} was made with other {', '.join(diff)}; "
+                           "rerun with the same settings, or use --no-resume to start over")
+        return cls(path, found, lines[1:])
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._write_line(record)
+        self.records.append(record)
+
+    def _write_line(self, obj: Mapping[str, Any]) -> None:
+        data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("type") == kind]
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    """Parse a journal; a torn last line (the write a kill interrupted) is cut off the file."""
+    raw = path.read_bytes()
+    parts = raw.split(b"\n")
+    out: list[dict[str, Any]] = []
+    good_bytes = 0
+    for i, line in enumerate(parts):
+        last = i == len(parts) - 1
+        if not line.strip():
+            if not last:
+                good_bytes += len(line) + 1
+            continue
+        try:
+            obj = json.loads(line)
+            if last:
+                raise ValueError("no newline: torn write")
+        except ValueError:
+            if last or all(not p.strip() for p in parts[i + 1:]):
+                logger.warning("sweep journal %s: dropping a torn last line", path)
+                with open(path, "r+b") as fh:
+                    fh.truncate(good_bytes)
+                    os.fsync(fh.fileno())
+                break
+            raise LutError(f"sweep journal {path} is corrupt at line {i + 1}; delete it or use --no-resume") from None
+        out.append(obj)
+        good_bytes += len(line) + 1
+    return out
+
+
+def _stats_from(record: Mapping[str, Any]) -> TimingStats:
+    return TimingStats(**record["stats"])
+
+
+class _Sweep:
+    def __init__(self, space: SearchSpace, backend: Backend, journal: Journal, options: SweepOptions,
+                 progress: Callable[[SweepProgress], None] | None, total: int, resumed: int) -> None:
+        self.space, self.backend, self.journal, self.options = space, backend, journal, options
+        self.progress, self.total, self.resumed = progress, total, resumed
+        self.done = resumed
+        self.measured = 0
+
+    def _report(self, phase: Phase, name: str, latency_ms: float) -> None:
+        if self.progress is not None:
+            self.progress(SweepProgress(phase, self.done, self.total, name, latency_ms, self.resumed))
+
+    def sentinel(self, parts_done: int) -> float:
+        config = self.space.sentinel()
+        stats = self.backend.measure(part_workload(config, self.space.base, self.space.batch_size))
+        first = self.journal.of_type("sentinel")
+        ref = first[0]["latency_ms"] if first else stats.latency_ms_median
+        drift = stats.latency_ms_median / ref - 1.0
+        self.journal.append({"type": "sentinel", "after": parts_done, "latency_ms": stats.latency_ms_median,
+                             "drift": drift, "stats": stats.as_dict(), "measured_at": utc_now()})
+        self._report(Phase.SENTINEL, config.key, stats.latency_ms_median)
+        return drift
+
+    def part(self, config: PartConfig, index: int, drift: float) -> None:
+        start = time.perf_counter()
+        stats = self.backend.measure(part_workload(config, self.space.base, self.space.batch_size))
+        seconds = time.perf_counter() - start
+        self.journal.append({"type": "part", "config": config.to_dict(), "stats": stats.as_dict(),
+                             "seconds": seconds, "index": index, "sentinel_drift": drift,
+                             "measured_at": utc_now()})
+        self.done += 1
+        self.measured += 1
+        self._report(Phase.PART, config.key, stats.latency_ms_median)
+
+    def models(self, archs: list[ArchSpec]) -> None:
+        have = {r["name"] for r in self.journal.of_type("model")}
+        todo = [a for a in archs if a.name not in have]
+        if not todo:
+            return
+        start = time.perf_counter()
+        workloads = [model_workload(a, self.space.batch_size, name=a.name) for a in todo]
+        stats = self.backend.measure_many(workloads)
+        seconds = (time.perf_counter() - start) / len(todo)
+        for arch, s in zip(todo, stats, strict=True):
+            self.journal.append({"type": "model", "name": arch.name, "arch": arch.to_dict(), "stats": s.as_dict(),
+                                 "seconds": seconds, "measured_at": utc_now()})
+            self.done += 1
+            self.measured += 1
+            self._report(Phase.CALIBRATION, arch.name, s.latency_ms_median)
+
+
+def sweep_header(space: SearchSpace, backend: Backend, device_identity: Mapping[str, Any],
+                 options: SweepOptions) -> dict[str, Any]:
+    return {
+        "kind": JOURNAL_KIND, "schema_version": JOURNAL_SCHEMA_VERSION, "space": space.to_dict(),
+        "space_fingerprint": space.fingerprint(), "backend": backend.name, "settings": backend.settings(),
+        "versions": backend.versions(), "device_identity": dict(device_identity),
+        "options": dataclasses.asdict(options), "created_at": utc_now(),
+    }
+
+
+def run_sweep(
+    space: SearchSpace,
+    backend: Backend,
+    out: str | os.PathLike[str],
+    *,
+    options: SweepOptions = SweepOptions(),
+    resume: bool = True,
+    progress: Callable[[SweepProgress], None] | None = None,
+    device: Any = None,
+) -> SweepResult:
+    """Measure every configuration of ``space`` with ``backend`` (already entered) and write ``out``.
+
+    ``device`` is a :class:`~nvit.profiler.device.DeviceFingerprint` (default: this machine, for the
+    backend's device and thread count). With ``resume`` an existing journal is continued and an existing
+    complete table with the same identity is returned as is; without it both are replaced.
+    """
+    from nvit.lut.table import LatencyTable
+
+    out = Path(out)
+    if space.batch_size != backend.batch_size or space.precision != backend.precision:
+        raise LutError(f"the space is for batch {space.batch_size} {space.precision.value}, the backend for "
+                       f"batch {backend.batch_size} {backend.precision.value}")
+    if device is None:
+        from nvit.profiler.device import fingerprint
+
+        device = fingerprint(backend.device, threads_used=backend.settings().get("intra_op_threads"))
+    header = sweep_header(space, backend, device.identity(), options)
+    jpath = journal_path(out)
+    if not resume:
+        jpath.unlink(missing_ok=True)
+    elif out.exists() and not jpath.exists():
+        table = LatencyTable.load(out)
+        if table.meta.protocol.get("journal_header_fingerprint") != _header_fingerprint(header):
+            raise LutError(f"{out} already exists and was profiled with other settings; choose another --out "
+                           "or use --no-resume to overwrite it")
+        return SweepResult(out, table, measured=0, resumed=len(table), seconds=0.0, already_complete=True)
+
+    start = time.perf_counter()
+    journal = Journal.open(jpath, header)
+    configs = space.configs()
+    order = np.random.default_rng(options.seed).permutation(len(configs))
+    archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed)
+    done_keys = {PartConfig(**r["config"]).key for r in journal.of_type("part")}
+    done_models = {r["name"] for r in journal.of_type("model")}
+    resumed = len(done_keys) + len(done_models & {a.name for a in archs})
+    sweep = _Sweep(space, backend, journal, options, progress, len(configs) + len(archs), resumed)
+
+    parts_done = len(done_keys)
+    todo = [configs[i] for i in order if configs[i].key not in done_keys]
+    drift = journal.of_type("sentinel")[-1]["drift"] if journal.of_type("sentinel") else 0.0
+    since_sentinel = options.sentinel_every  # (re)starting: time the sentinel first
+    for config in todo:
+        if since_sentinel >= options.sentinel_every:
+            drift = sweep.sentinel(parts_done)
+            since_sentinel = 0
+        sweep.part(config, parts_done, drift)
+        parts_done += 1
+        since_sentinel += 1
+    if todo:
+        sweep.sentinel(parts_done)
+    sweep.models(archs)
+
+    table = build_table(space, backend, device, journal, options, header)
+    table.save(out)
+    jpath.unlink(missing_ok=True)
+    return SweepResult(out, table, measured=sweep.measured, resumed=resumed,
+                       seconds=time.perf_counter() - start)
+
+
+def _header_fingerprint(header: Mapping[str, Any]) -> str:
+    import hashlib
+
+    canonical = json.dumps({k: v for k, v in header.items() if k != "created_at"}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Journal, options: SweepOptions,
+                header: Mapping[str, Any]) -> Any:
+    """The table (with calibration) from a complete journal."""
+    from nvit import __version__
+    from nvit.lut.predictor import LatencyPredictor, fit_calibration
+    from nvit.lut.table import LatencyTable, LutMeta, rows_from_records
+
+    records = []
+    parts = journal.of_type("part")
+    for r in parts:
+        records.append({**r["config"], **r["stats"], "sentinel_drift": r["sentinel_drift"], "sweep_index": r["index"],
+                        "profile_seconds": r["seconds"], "measured_at": r["measured_at"]})
+    sentinel = [{"after": r["after"], "latency_ms": r["latency_ms"], "drift": r["drift"],
+                 "measured_at": r["measured_at"]} for r in journal.of_type("sentinel")]
+    models = journal.of_type("model")
+    meta = LutMeta(
+        backend=backend.name, device_kind=backend.device, precision=space.precision,
+        batch_size=space.batch_size, num_tokens=space.num_tokens, base_arch=space.base.to_dict(),
+        device_identity=device.identity(), device=device.to_dict(), space=space.to_dict(),
+        versions={**device.versions, **backend.versions()}, settings=backend.settings(),
+        protocol={"order": "random", "seed": options.seed, "sentinel_every": options.sentinel_every,
+                  "sentinel": space.sentinel().key, "space_fingerprint": space.fingerprint(),
+                  "journal_header_fingerprint": _header_fingerprint(header),
+                  "calibration_models": options.calibration_models, "calibration_seed": options.calibration_seed},
+        sentinel=sentinel,
+        profile_seconds_total=float(sum(r["seconds"] for r in parts) + sum(r["seconds"] for r in models)),
+        nvit_version=__version__,
+    )
+    table = LatencyTable(rows_from_records(records), meta).validate()
+    if models:
+        raw = LatencyPredictor(table, calibrated=False)
+        archs = [ArchSpec.from_dict(r["arch"]) for r in models]
+        calibration = fit_calibration([r["name"] for r in models], [_stats_from(r).latency_ms_median for r in models],
+                                      [raw.predict_ms(a) for a in archs], fit_scale=options.fit_scale)
+        for item, r in zip(calibration["models"], models, strict=True):
+            item["arch"] = r["arch"]
+        table = table.with_meta(calibration=calibration)
+    return table
