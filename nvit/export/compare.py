@@ -141,3 +141,64 @@ def compare_variants(
 
 def _met(latency_ms: float, target_ms: float | None) -> bool | None:
     return None if target_ms is None else latency_ms <= target_ms
+
+
+def backend_for_table(meta: Any) -> Any:
+    """A backend (not yet entered) configured as the one that measured the table ``meta`` describes."""
+    from nvit.profiler.base import get_backend
+
+    backend_cls = get_backend(meta.backend)
+    settings = dict(meta.settings)
+    options = dict(settings.get("options") or {})
+    if "harness" in settings:
+        options["harness"] = settings["harness"]
+    return backend_cls(device=meta.device_kind, precision=meta.precision, batch_size=meta.batch_size, **options)
+
+
+def check_same_device(meta: Any, backend: Any) -> None:
+    """Refuse to compare on another device than the table's (a LUT predicts one device only)."""
+    from nvit.lut.table import check_compatible
+    from nvit.profiler.device import fingerprint
+
+    here = fingerprint(backend.device)
+    name = here.gpu.name if here.gpu is not None else here.cpu.model_name
+    check_compatible(meta, device=name, source="the latency table")
+
+
+def compare_with_table(
+    table: Any,
+    base: Variant,
+    variants: Sequence[Variant],
+    *,
+    same_device: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> CompareReport:
+    """Measure every model with the table's backend and settings (interleaved, one session) and compare
+    with the table's predictions."""
+    from nvit.lut.predictor import LatencyPredictor
+    from nvit.profiler.base import Workload
+
+    meta = table.meta
+    backend = backend_for_table(meta)
+    models = (base, *variants)
+    for v in models:
+        if v.spec.num_tokens != meta.num_tokens:
+            raise_tokens(v, meta.num_tokens)
+    with backend:
+        if same_device:
+            check_same_device(meta, backend)
+        if progress:
+            progress(f"measuring {len(models)} models with {backend.name}")
+        shape = lambda v: (meta.batch_size, v.spec.in_chans, v.spec.img_size, v.spec.img_size)  # noqa: E731
+        stats = backend.measure_many([Workload(v.name, v.module, shape(v)) for v in models])
+        context = {"lut_identity": meta.identity(), "backend": backend.settings(), "versions": backend.versions(),
+                   "calibration": meta.calibration}
+    by_name = dict(zip((v.name for v in models), stats, strict=True))
+    return compare_variants(base, variants, LatencyPredictor(table), lambda v: by_name[v.name], context=context)
+
+
+def raise_tokens(variant: Variant, num_tokens: int) -> None:
+    from nvit.errors import LutError
+
+    raise LutError(f"{variant.name} has {variant.spec.num_tokens} tokens, the latency table was measured at "
+                   f"{num_tokens}")

@@ -164,6 +164,7 @@ class Backend:
             "precision": self.precision.value,
             "batch_size": self.batch_size,
             "harness": self.harness.to_dict(),
+            "options": dict(self.options),  # as given to the constructor: enough to rebuild this backend
         }
 
 

@@ -1,0 +1,77 @@
+"""``nvit compare``: measured vs predicted latency of variants and the dense base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def variant_from_source(source: str, name: str | None = None) -> Any:
+    """A :class:`~nvit.export.compare.Variant` from a variant folder, checkpoint or preset name."""
+    from nvit.export.compare import Variant
+    from nvit.models import load_model, variant_provenance
+
+    model = load_model(source)
+    prov = variant_provenance(source)
+    target = prov.get("target") if isinstance(prov.get("target"), dict) else {}
+    top1 = prov.get("top1")
+    return Variant(name=name or Path(source).name, spec=model.spec, module=model,
+                   path=source if Path(source).exists() else None,
+                   target_ms=target.get("latency_ms"), top1=float(top1) if top1 is not None else None)
+
+
+def report_table(report: Any) -> Table:
+    table = Table(title=f"measured vs predicted ({report.context.get('lut_identity', {}).get('backend', '')})")
+    for col in ("variant", "params M", "GMACs", "pred ms", "meas ms", "err %", "speedup m/p", "target", "top-1"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in report.results:
+        target = ""
+        if r.target_ms is not None:
+            target = f"{r.target_ms:.3g} " + ("[green]met[/]" if r.target_met_measured else "[red]missed[/]")
+        table.add_row(
+            r.name, f"{r.params / 1e6:.2f}", f"{r.macs / 1e9:.3f}", f"{r.predicted_ms:.3f}", f"{r.measured_ms:.3f}",
+            f"{r.error_pct:+.1f}", f"{r.speedup_measured:.2f}/{r.speedup_predicted:.2f}", target,
+            "" if r.top1 is None else f"{100 * r.top1:.1f}%",
+        )
+    table.caption = f"mean |error| {report.mean_abs_error_pct:.1f}% over {len(report.results)} models"
+    return table
+
+
+def compare(
+    variants: list[str] = typer.Argument(..., help="Variant folders (or checkpoints / preset names) to compare."),
+    lut: Path = typer.Option(..., "--lut", help="The latency table the variants were pruned with."),
+    base: str = typer.Option(None, "--base", help="Dense reference (variant folder, checkpoint or preset).",
+                             show_default="the table's base architecture"),
+    out: Path = typer.Option(Path("compare"), "--out", "-o", help="Folder for compare.json, .csv and .png."),
+    allow_other_device: bool = typer.Option(False, "--allow-other-device",
+                                            help="Measure even if this device is not the table's."),
+) -> None:
+    """Measure every variant (and the dense base) with the table's backend and settings, and report measured
+    against predicted latency, error, speedup and whether each variant met its target."""
+    from nvit.arch import ArchSpec
+    from nvit.export.compare import Variant, compare_with_table
+    from nvit.lut.table import LatencyTable
+    from nvit.models import build_model
+
+    console = Console(width=max(Console().width, 120))  # the report is wide; logs and pipes get 120 columns
+    table = LatencyTable.load(lut)
+    if base is None:
+        spec = ArchSpec.from_dict(table.meta.base_arch)
+        base_variant = Variant(spec.name or "base", spec, build_model(spec, seed=0).eval())
+    else:
+        base_variant = variant_from_source(base, name=f"{Path(base).name} (base)")
+    loaded = [variant_from_source(v) for v in variants]
+    with console.status("measuring...") as status:
+        report = compare_with_table(table, base_variant, loaded, same_device=not allow_other_device,
+                                    progress=lambda msg: status.update(msg))
+    console.print(report_table(report))
+    paths = report.save(out)
+    console.print("saved " + ", ".join(str(p) for p in paths.values()))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)
