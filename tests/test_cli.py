@@ -69,7 +69,7 @@ def test_debug_env_shows_traceback(tmp_path) -> None:
     assert "Traceback" in env_run.stderr and "SpecError" in env_run.stderr
 
 
-@pytest.mark.parametrize("command", ["compare", "demo"])
+@pytest.mark.parametrize("command", ["demo"])
 def test_unbuilt_commands_say_so(command: str, capsys) -> None:
     from nvit.commands.pending import _PENDING
 

@@ -8,7 +8,6 @@ from nvit.errors import NotBuiltError
 
 _PENDING = {
     "prune": "Prune a ViT globally with Hessian-aware saliency and a LUT latency regularizer.",
-    "compare": "Measured vs predicted latency of one or many variants.",
     "demo": "The whole pipeline on CPU with the bundled data set, in one command.",
 }
 

@@ -1,0 +1,70 @@
+"""`nvit compare` end to end with a fake backend whose latency is known: predicted must equal measured."""
+
+from __future__ import annotations
+
+import json
+
+import lut_fakes as fk
+import pytest
+
+from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.cli import main
+from nvit.models import build_model, save_variant
+from nvit.profiler.base import register_backend
+from nvit.profiler.sweep import SweepOptions, run_sweep
+
+register_backend("fake", lambda: fk.FakeBackend)
+
+
+@pytest.fixture(scope="module")
+def lut(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cmp") / "tiny.parquet"
+    with fk.FakeBackend() as backend:
+        run_sweep(fk.tiny_space(), backend, path, device=fk.fake_device(), options=SweepOptions(calibration_models=3))
+    return path
+
+
+def run(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+def test_compare_reports_exact_figures_with_a_known_device(lut, tmp_path, capsys) -> None:
+    pruned = ArchSpec(embed_dim=48, blocks=(BlockSpec(2, 8, 16, 64), BlockSpec(3, 16, 8, 200),
+                                            BlockSpec(4, 12, 12, 100), BlockSpec(2, 8, 8, 64)),
+                      img_size=8, patch_size=2, in_chans=1, num_classes=10, qk_scale=0.25)
+    folder = save_variant(build_model(pruned, seed=0), tmp_path / "v1",
+                          provenance={"target": {"latency_ms": 1.0}, "top1": 0.75})
+    code, out = run(["compare", str(folder), "--lut", str(lut), "--out", str(tmp_path / "report"),
+                     "--allow-other-device"], capsys)
+    assert code == 0, out.err
+    doc = json.loads((tmp_path / "report" / "compare.json").read_text())
+    base, variant = doc["results"]
+    assert base["name"] == "vit_test" and variant["name"] == "v1"
+    assert variant["measured_ms"] == pytest.approx(fk.model_ms(pruned))
+    assert variant["predicted_ms"] == pytest.approx(fk.model_ms(pruned), rel=1e-6)
+    assert abs(variant["error_pct"]) < 1e-3
+    assert variant["speedup_measured"] == pytest.approx(fk.model_ms(preset("vit_test")) / fk.model_ms(pruned))
+    assert variant["target_met_measured"] is True and variant["top1"] == 0.75
+    assert (tmp_path / "report" / "compare.png").stat().st_size > 10_000
+    assert "v1" in out.out and "met" in out.out
+
+
+def test_compare_refuses_another_device(lut, tmp_path, capsys) -> None:
+    code, out = run(["compare", "vit_test", "--lut", str(lut), "--out", str(tmp_path / "r")], capsys)
+    assert code == 1
+    assert "measured with device Test CPU 9000" in out.err
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_with_a_missing_or_corrupt_table(tmp_path, capsys) -> None:
+    code, out = run(["compare", "vit_test", "--lut", str(tmp_path / "none.parquet")], capsys)
+    assert code == 1 and "none.parquet" in out.err
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 garbage")
+    code, out = run(["compare", "vit_test", "--lut", str(bad)], capsys)
+    assert code == 1 and "Traceback" not in out.err
