@@ -1,0 +1,236 @@
+"""Saliency: gate form vs parameter form, window accumulation, normalisation, NaN errors, and ranking quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nvit.models.vit as vit
+from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.models import build_model
+from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneState
+from nvit.pruning.saliency import (
+    SaliencyAccumulator,
+    SaliencyError,
+    SaliencyNorm,
+    gate_group_sums,
+    kind_scales,
+    normalise,
+    parameter_group_sums,
+)
+
+SMALL_DISTILLED = ArchSpec(embed_dim=32, blocks=(BlockSpec(3, 8, 16, 48), BlockSpec(2, 16, 8, 32)), img_size=8,
+                           patch_size=4, in_chans=2, num_classes=5, distilled=True, qk_scale=0.3)
+
+
+def perturbed(spec: ArchSpec, seed: int) -> vit.VisionTransformer:
+    """A float64 model with non-trivial weights, norms and biases (trained-like, not init-like)."""
+    model = build_model(spec, seed=seed).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    model.enable_gates()
+    return model
+
+
+def backward(model: vit.VisionTransformer, seed: int, n: int = 12) -> None:
+    spec = model.spec
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(n, spec.in_chans, spec.img_size, spec.img_size, generator=g, dtype=torch.float64)
+    y = torch.randint(0, spec.num_classes, (n,), generator=g)
+    for p in model.parameters():
+        p.grad = None
+    model.train()
+    out = model(x)
+    loss = sum(F.cross_entropy(o, y) for o in out) if isinstance(out, tuple) else F.cross_entropy(out, y)
+    loss.backward()
+
+
+def detached_statistics_norm(x, norm, emb_gate):  # the masked LayerNorm with the gate cut out of its statistics
+    if emb_gate is None:
+        return norm(x)
+    stat_gate = emb_gate.detach()
+    live = stat_gate.sum()
+    mean = (x * stat_gate).sum(-1, keepdim=True) / live
+    var = (((x - mean) * stat_gate) ** 2).sum(-1, keepdim=True) / live
+    return (x - mean) * emb_gate * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias * emb_gate
+
+
+@pytest.mark.parametrize("spec", [preset("vit_test"), SMALL_DISTILLED], ids=["vit_test", "distilled"])
+def test_gate_form_equals_parameter_form(spec: ArchSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = perturbed(spec, seed=1)
+    lay = GroupLayout(spec, group_size=8 if spec.embed_dim == 64 else 4, minimums=Minimums(embed_dim=8))
+    state = PruneState(lay)
+    for kind in (GroupKind.HEAD, GroupKind.MLP, GroupKind.V, GroupKind.EMB):
+        state.remove(int(lay.indices_of(kind)[1]))  # equality must hold with other units already pruned
+    state.apply(model)
+    backward(model, seed=1)
+    gate, param = gate_group_sums(model, lay).numpy(), parameter_group_sums(model, lay).numpy()
+    alive, emb = state.alive, lay.kind_code == 0
+    per_block = alive & ~emb
+    assert np.abs(gate[per_block]).min() > 0
+    np.testing.assert_allclose(gate[per_block], param[per_block], rtol=1e-9, atol=1e-13)
+    # EMB: the gate gradient also carries the LayerNorm statistics, which the parameter form lacks ...
+    assert np.abs(gate[alive & emb] - param[alive & emb]).max() > 1e-3 * np.abs(gate[alive & emb]).max()
+    # ... and with the statistics cut off from the gate the two forms agree exactly
+    monkeypatch.setattr(vit, "masked_layer_norm", detached_statistics_norm)
+    backward(model, seed=1)
+    gate, param = gate_group_sums(model, lay).numpy(), parameter_group_sums(model, lay).numpy()
+    np.testing.assert_allclose(gate[alive], param[alive], rtol=1e-9, atol=1e-13)
+
+
+def test_window_is_the_mean_of_squared_chunk_sums() -> None:
+    spec = preset("vit_test")
+    model = perturbed(spec, seed=2)
+    chunks = GroupLayout(spec, group_size=8, minimums=Minimums(embed_dim=8))
+    units = GroupLayout(spec, group_size=1, minimums=Minimums(embed_dim=8))
+    acc = SaliencyAccumulator(chunks)
+    per_batch = []
+    for b in range(5):
+        backward(model, seed=10 + b)
+        acc.add(model)
+        # a chunk's sum is the sum of its units' sums (then squared, not the other way round)
+        unit_sums = gate_group_sums(model, units)
+        chunk_of = {(c.kind, c.block, c.start // 8): i for i, c in enumerate(chunks.groups) if c.kind != GroupKind.HEAD}
+        chunk_of |= {(c.kind, c.block, c.start): i for i, c in enumerate(chunks.groups) if c.kind == GroupKind.HEAD}
+        chunk_sums = torch.zeros(len(chunks), dtype=torch.float64)
+        for u, value in zip(units.groups, unit_sums, strict=True):
+            key = (u.kind, u.block, u.start if u.kind == GroupKind.HEAD else u.start // 8)
+            chunk_sums[chunk_of[key]] += value
+        torch.testing.assert_close(chunk_sums, gate_group_sums(model, chunks))
+        per_batch.append(chunk_sums.numpy())
+    stacked = np.stack(per_batch)
+    np.testing.assert_allclose(acc.mean(), (stacked**2).mean(0), rtol=1e-12)
+    assert acc.count == 5
+    assert np.abs(acc.mean() - stacked.mean(0) ** 2).max() > 1e-3 * acc.mean().max()  # not the squared mean
+    # an all-reduce over two identical ranks keeps the mean; state round-trips
+    np.testing.assert_allclose(acc.mean(all_reduce=lambda t: t.mul_(2)), acc.mean(), rtol=1e-12)
+    other = SaliencyAccumulator(chunks)
+    other.load_state_dict(acc.state_dict())
+    np.testing.assert_array_equal(other.mean(), acc.mean())
+    acc.reset()
+    with pytest.raises(SaliencyError, match="no batches"):
+        acc.mean()
+
+
+def test_nan_or_inf_saliency_is_an_error_naming_the_group() -> None:
+    lay = GroupLayout(preset("vit_test"), group_size=8, minimums=Minimums(embed_dim=8))
+    acc = SaliencyAccumulator(lay)
+    sums = np.ones(len(lay))
+    bad = int(lay.indices_of(GroupKind.MLP, block=1)[2])
+    sums[bad] = np.nan
+    with pytest.raises(SaliencyError, match=r"saliency of block 1 mlp\[16:24\] is nan in batch 1"):
+        acc.add_sums(sums)
+    sums[bad], sums[3] = 1.0, np.inf
+    with pytest.raises(SaliencyError, match=r"emb\[24:32\] is inf"):
+        acc.add_sums(sums)
+    model = perturbed(preset("vit_test"), seed=3)
+    with torch.no_grad():
+        model.blocks[2].mlp.fc2.weight[0, 0] = float("nan")
+    backward(model, seed=3)
+    with pytest.raises(SaliencyError, match=r"is nan .* and \d+ other group"):
+        acc.add(model)
+    model.emb_gate.grad = None
+    with pytest.raises(SaliencyError, match="gate gradients are missing"):
+        acc.add(model)
+
+
+def test_normalisation_across_types_is_explicit() -> None:
+    lay = GroupLayout(preset("vit_test"), group_size=8, minimums=Minimums(embed_dim=8))
+    assert set(kind_scales(SaliencyNorm.NONE, 4).values()) == {1.0}
+    scales = kind_scales(SaliencyNorm.PER_TENSOR, 4)
+    assert scales == {GroupKind.EMB: 0.25, GroupKind.HEAD: 0.25, GroupKind.QK: 0.5, GroupKind.V: 0.5,
+                      GroupKind.MLP: 0.5}
+    raw = np.arange(1, len(lay) + 1, dtype=np.float64)
+    np.testing.assert_array_equal(normalise(raw, lay, SaliencyNorm.NONE), raw)
+    out = normalise(raw, lay, SaliencyNorm.PER_TENSOR)
+    for kind, scale in scales.items():
+        idx = lay.indices_of(kind)
+        np.testing.assert_allclose(out[idx], raw[idx] * scale)
+    assert kind_scales(SaliencyNorm.PER_TENSOR, 12)[GroupKind.EMB] == pytest.approx(1 / 12)
+
+
+# ---- ranking quality on a trained model ------------------------------------------------------------
+TRAIN_STEPS, REFINE_STEPS, MEASURE_SAMPLES, WINDOW_BATCH = 300, 40, 128, 32
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    return (x - x.mean()) / x.std(), torch.tensor(d.target)
+
+
+def loss_increase_of_each_group(model: vit.VisionTransformer, lay: GroupLayout, x, y) -> np.ndarray:
+    """Measured loss increase of removing each group alone (gate 0 is exact removal, see test_groups)."""
+    gates = model.gate_parameters()
+    out = []
+    with torch.no_grad():
+        base = F.cross_entropy(model(x), y).item()
+        for i in range(len(lay)):
+            flat = (lay.unit_group != i).float()
+            for gate, part in zip(gates, flat.split(lay.gate_sizes), strict=True):
+                gate.copy_(part)
+            out.append(F.cross_entropy(model(x), y).item() - base)
+        for gate in gates:
+            gate.fill_(1.0)
+    return np.array(out)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    import pandas as pd
+
+    return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
+
+
+@pytest.mark.slow
+def test_saliency_ranks_groups_like_the_measured_loss_increase() -> None:
+    """Spearman ρ(I, ΔL) over all 168 groups of vit_test (all five types) on digits.
+
+    The Fisher form drops the first-order term, which vanishes only at a trained point, so the model is
+    trained (300 AdamW steps) and then brought close to a minimum on the measured samples (40 full-batch
+    steps). Measured on this recipe: ρ = 0.77 / 0.90 / 0.80 for seeds 0 / 1 / 2 with 32-sample batches and
+    0.71 / 0.88 / 0.79 with 8-sample batches; a random ranking gives |ρ| < 0.2. Bound: 0.6.
+    """
+    x, y = digits()
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    train, test = perm[:1400], perm[1400:]
+    model = build_model(preset("vit_test"), seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    for _ in range(TRAIN_STEPS):
+        idx = train[torch.randint(0, len(train), (64,), generator=g)]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xm, ym = x[train[:MEASURE_SAMPLES]], y[train[:MEASURE_SAMPLES]]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(REFINE_STEPS):
+        loss = F.cross_entropy(model(xm), ym)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x[test]).argmax(1) == y[test]).float().mean() > 0.7  # it did learn digits
+
+    model.enable_gates()
+    lay = GroupLayout(model.spec, group_size=8, minimums=Minimums(embed_dim=8))
+    acc = SaliencyAccumulator(lay)
+    for start in range(0, MEASURE_SAMPLES, WINDOW_BATCH):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xm[start : start + WINDOW_BATCH]), ym[start : start + WINDOW_BATCH]).backward()
+        acc.add(model)
+    saliency = acc.mean()
+    increase = loss_increase_of_each_group(model, lay, xm, ym)
+
+    rho = spearman(saliency, increase)
+    shuffled = spearman(np.random.default_rng(0).permutation(saliency), increase)
+    print(f"spearman rho(saliency, loss increase) = {rho:.3f} (shuffled: {shuffled:.3f})")
+    assert rho > 0.6
+    assert abs(shuffled) < 0.3  # the bound separates a real ranking from chance
