@@ -1,0 +1,118 @@
+"""scikit-learn's bundled 8x8 handwritten digits (1,797 real images, shipped with the package, no download).
+
+The split is stratified and fixed by a seed, so every process and every run sees the same train/val images.
+Pixels (0..16) are scaled to 0..1 and normalised with the mean and standard deviation of the train split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nvit.arch import ArchSpec
+from nvit.data.base import Split, check_image_shape
+
+log = logging.getLogger(__name__)
+
+DIGITS_NAME = "digits"
+DIGITS_SIZE_PX = 8
+DIGITS_CHANNELS = 1
+DIGITS_NUM_CLASSES = 10
+DIGITS_MAX_PIXEL = 16.0  # the data set's pixel range is 0..16
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """Indices into scikit-learn's digits of the train and val parts (disjoint, stratified)."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def split_indices(labels: np.ndarray, *, val_fraction: float, seed: int) -> DigitsSplit:
+    """Per class, a seeded permutation whose first ``round(n * val_fraction)`` items go to val."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = round(len(members) * val_fraction)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return DigitsSplit(train=np.sort(np.concatenate(train)), val=np.sort(np.concatenate(val)))
+
+
+class DigitsDataset(Dataset):
+    """One split of the digits as ``([1, 8, 8] float32 tensor, int label)`` pairs.
+
+    ``shift_px`` > 0 enables a simple train augmentation: a random translation by up to that many pixels
+    (zero padded), drawn from torch's global generator so that seeding torch makes it reproducible.
+    """
+
+    def __init__(
+        self,
+        split: Split | str,
+        *,
+        val_fraction: float = DEFAULT_VAL_FRACTION,
+        seed: int = DEFAULT_SPLIT_SEED,
+        shift_px: int = 0,
+    ) -> None:
+        from sklearn.datasets import load_digits
+
+        self.split = Split.parse(split)
+        bunch = load_digits()
+        images = np.asarray(bunch.images, dtype=np.float64) / DIGITS_MAX_PIXEL
+        labels = np.asarray(bunch.target, dtype=np.int64)
+        parts = split_indices(labels, val_fraction=val_fraction, seed=seed)
+        train_pixels = images[parts.train]
+        self.mean, self.std = float(train_pixels.mean()), float(train_pixels.std())
+        chosen = parts.train if self.split is Split.TRAIN else parts.val
+        self.indices = chosen
+        normalised = (images[chosen] - self.mean) / self.std
+        self.images = torch.from_numpy(normalised.astype(np.float32)).unsqueeze(1)  # [n, 1, 8, 8]
+        self.labels = torch.from_numpy(labels[chosen])
+        self.shift_px = int(shift_px)
+        self.num_classes = DIGITS_NUM_CLASSES
+        self._background = float((0.0 - self.mean) / self.std)  # a blank pixel after normalisation
+        log.info("digits %s: %d images (mean %.4f, std %.4f)", self.split.value, len(self), self.mean, self.std)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.shift_px > 0:
+            image = random_shift(image, self.shift_px, fill=self._background)
+        return image, int(self.labels[index])
+
+
+def random_shift(image: torch.Tensor, max_shift_px: int, *, fill: float) -> torch.Tensor:
+    """Translate a [C, H, W] image by a random (dy, dx) in [-max, max]^2; uncovered pixels get ``fill``."""
+    dy, dx = (int(v) for v in torch.randint(-max_shift_px, max_shift_px + 1, (2,)))
+    return shift(image, dy, dx, fill=fill)
+
+
+def shift(image: torch.Tensor, dy: int, dx: int, *, fill: float) -> torch.Tensor:
+    """Translate a [C, H, W] image by ``dy`` rows and ``dx`` columns (positive = down/right)."""
+    _, h, w = image.shape
+    out = torch.full_like(image, fill)
+    src_y, dst_y = slice(max(0, -dy), min(h, h - dy)), slice(max(0, dy), min(h, h + dy))
+    src_x, dst_x = slice(max(0, -dx), min(w, w - dx)), slice(max(0, dx), min(w, w + dx))
+    out[:, dst_y, dst_x] = image[:, src_y, src_x]
+    return out
+
+
+def digits_dataset(split: Split | str, arch: ArchSpec, *, augment: bool = False, shift_px: int = 1) -> DigitsDataset:
+    """The digits split for ``arch``, after checking that 1-channel 8x8 images and 10 classes fit it."""
+    check_image_shape(
+        DIGITS_NAME, arch, channels=DIGITS_CHANNELS, size_px=DIGITS_SIZE_PX, num_classes=DIGITS_NUM_CLASSES
+    )
+    split = Split.parse(split)
+    return DigitsDataset(split, shift_px=shift_px if (augment and split is Split.TRAIN) else 0)
