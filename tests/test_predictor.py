@@ -194,6 +194,8 @@ def test_calibrate_measures_whole_models_and_recovers_the_line(table) -> None:
     assert offset_only["offset_ms"] == pytest.approx(expected)
     with fk.FakeBackend(batch_size=2) as backend, pytest.raises(LutError, match="batch size 1, but 2"):
         calibrate(bare, backend, archs)
+    with fk.FakeBackend(harness={"repeats": 1}) as backend, pytest.raises(LutError, match=r"settings differ .*harness"):
+        calibrate(bare, backend, archs)
 
 
 def test_fit_calibration_falls_back_to_an_offset_when_a_slope_is_not_identifiable(caplog) -> None:

@@ -87,7 +87,7 @@ def test_part_config_validates_widths_per_kind() -> None:
 def test_block_sample_is_seeded_distinct_and_holds_the_largest_block() -> None:
     space = preset_space("deit_small")
     blocks = space.block_configs()
-    assert len(blocks) == 3 * len(space.embed_dims) == len(set(blocks))
+    assert len(blocks) == 4 * len(space.embed_dims) == len(set(blocks))
     for e in space.embed_dims:
         assert space.largest_block(e) in blocks
     assert blocks == space.block_configs()

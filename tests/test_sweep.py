@@ -256,3 +256,38 @@ def test_cli_profile_errors_are_one_line(tmp_path, capsys, fake_registered) -> N
         code, _, err = run_cli([*argv, "--out", str(tmp_path / "x.parquet")], capsys)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 1 and len(lines) == 1 and message in lines[0], (argv, err)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["torch", pytest.param("tensorrt", marks=[
+    pytest.mark.trt, pytest.mark.skipif(not _has("tensorrt"), reason="needs TensorRT")])])
+def test_gpu_sweep_writes_a_valid_calibrated_table(tmp_path, name: str) -> None:
+    from nvit.arch import preset
+    from nvit.lut.predictor import LatencyPredictor
+    from nvit.profiler.base import DeviceKind, Precision, get_backend
+    from nvit.profiler.harness import HarnessConfig
+
+    space = fk.tiny_space(embed_dims=(32, 64), heads=(2,), qk_dims=(16,), v_dims=(16,), mlp_dims=(128, 256),
+                          blocks_per_embed=1, precision=Precision.FP16)
+    harness = HarnessConfig.gpu().replace(warmup_s=0.1, time_cap_s=0.2)
+    with get_backend(name)(device=DeviceKind.CUDA, precision=Precision.FP16, batch_size=1,
+                           harness=harness) as backend:
+        result = run_sweep(space, backend, tmp_path / "gpu.parquet", options=SweepOptions(calibration_models=2))
+    table = load_table(tmp_path / "gpu.parquet")
+    assert table.meta.device_kind is DeviceKind.CUDA and table.meta.device["gpu"]["name"]
+    assert len(table) == len(space.configs()) == result.measured - 2
+    assert table.meta.calibration is not None and LatencyPredictor(table).predict_ms(preset("vit_test")) > 0

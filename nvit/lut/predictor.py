@@ -239,6 +239,11 @@ def calibrate(table: LatencyTable, backend: Any, archs: Sequence[ArchSpec], *, f
     meta = table.meta
     check_compatible(meta, device=backend.device, precision=backend.precision, batch_size=backend.batch_size,
                      backend=backend.name, source="the table to calibrate")
+    settings = backend.settings()
+    if meta.settings and settings != meta.settings:
+        diff = sorted(k for k in set(settings) | set(meta.settings) if settings.get(k) != meta.settings.get(k))
+        raise LutError(f"the backend's settings differ from the table's ({', '.join(diff)}); "
+                       "calibrate with the backend options the table was profiled with")
     names = list(names) if names is not None else [a.name or f"model{i}" for i, a in enumerate(archs)]
     raw = LatencyPredictor(table, calibrated=False)
     predicted = [raw.predict_ms(a) for a in archs]
