@@ -1,0 +1,190 @@
+"""A strict, frozen configuration for the pruning loop: unknown keys and ill-typed values are errors."""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from nvit.errors import NvitError
+from nvit.pruning.groups import Minimums
+from nvit.pruning.saliency import SaliencyNorm
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(NvitError):
+    """A pruning configuration is malformed."""
+
+
+class TargetKind(enum.Enum):
+    LATENCY_MS = "latency_ms"  # predicted latency in the LUT's unit (ms)
+    RATIO = "ratio"  # fraction of the starting model's predicted latency
+
+
+_TIME_UNITS_MS = {"ms": 1.0, "us": 1e-3, "s": 1e3}
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|s)?\s*$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Stop (or save a variant) once the predicted latency is at or below this."""
+
+    kind: TargetKind
+    value: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, int | float) or isinstance(self.value, bool) or not math.isfinite(self.value):
+            raise ConfigError(f"target value must be a finite number, got {self.value!r}")
+        if self.value <= 0:
+            raise ConfigError(f"target must be positive, got {self.value}")
+        if self.kind is TargetKind.RATIO and self.value >= 1:
+            raise ConfigError(f"target ratio must be below 1 (a fraction of the dense latency), got {self.value}")
+
+    @classmethod
+    def latency(cls, text: str | float) -> Target:
+        """``5ms``, ``5`` (ms), ``800us`` or ``0.005s``."""
+        if isinstance(text, int | float):
+            return cls(TargetKind.LATENCY_MS, float(text))
+        match = _TIME.match(text)
+        if not match:
+            raise ConfigError(f"cannot read latency target {text!r}; write e.g. 5ms, 800us or 0.005s")
+        return cls(TargetKind.LATENCY_MS, float(match.group(1)) * _TIME_UNITS_MS[match.group(2) or "ms"])
+
+    @classmethod
+    def ratio(cls, value: float) -> Target:
+        return cls(TargetKind.RATIO, float(value))
+
+    @property
+    def label(self) -> str:
+        """A folder-friendly name: ``latency_5ms`` or ``ratio_0.5``."""
+        if self.kind is TargetKind.LATENCY_MS:
+            return f"latency_{self.value:g}ms"
+        return f"ratio_{self.value:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Target:
+        if not isinstance(data, Mapping) or set(data) != {"kind", "value"}:
+            raise ConfigError(f"a target must be an object with 'kind' and 'value', got {data!r}")
+        return cls(_enum(TargetKind, data["kind"], "target kind"), data["value"])
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides what the pruning loop does (saved with checkpoints and variants)."""
+
+    targets: tuple[Target, ...]
+    group_size: int = 8
+    interval: int = 100  # training steps between pruning steps
+    prune_per_iter: int = 32  # groups removed per pruning step
+    saliency_window: int | None = None  # last N steps of each interval feed the saliency (None: all)
+    use_latency: bool = True  # False: rank by saliency alone (--no-latency)
+    latency_weight: float = 1.0  # λ, unit-free (see nvit.pruning.regularizer)
+    saliency_norm: SaliencyNorm = SaliencyNorm.NONE
+    min_heads: int = 1
+    min_embed_dim: int = 64
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    seed: int = 0
+    checkpoint_every: int | None = None  # steps between checkpoints (None: at every pruning step)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # free-form provenance, e.g. the loss recipe
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.targets, tuple):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets or not all(isinstance(t, Target) for t in self.targets):
+            raise ConfigError("at least one target (latency or ratio) is required")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError("targets must be distinct")
+        for name in ("group_size", "interval", "prune_per_iter", "min_heads", "min_embed_dim", "batch_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("saliency_window", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.saliency_window is not None and self.saliency_window > self.interval:
+            raise ConfigError(f"saliency_window {self.saliency_window} exceeds interval {self.interval}")
+        _int("seed", self.seed)
+        for name in ("latency_weight", "lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite non-negative number, got {value!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not isinstance(self.use_latency, bool):
+            raise ConfigError(f"use_latency must be true or false, got {self.use_latency!r}")
+        if not isinstance(self.saliency_norm, SaliencyNorm):
+            raise ConfigError(f"saliency_norm must be a SaliencyNorm, got {self.saliency_norm!r}")
+        if not isinstance(self.extra, Mapping):
+            raise ConfigError("extra must be an object")
+
+    @property
+    def window(self) -> int:
+        return self.saliency_window or self.interval
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or self.interval
+
+    def minimums(self) -> Minimums:
+        return Minimums(heads=self.min_heads, embed_dim=self.min_embed_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"version": CONFIG_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "targets":
+                value = [t.to_dict() for t in value]
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            elif f.name == "extra":
+                value = dict(value)
+            data[f.name] = value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PruneConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a pruning config must be an object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"unsupported pruning config version {version!r} (this nvit reads {CONFIG_VERSION})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown pruning config key(s): {', '.join(unknown)}")
+        if "targets" not in data:
+            raise ConfigError("pruning config is missing 'targets'")
+        if not isinstance(data["targets"], list | tuple):
+            raise ConfigError("'targets' must be a list")
+        data["targets"] = tuple(Target.from_dict(t) for t in data["targets"])
+        if "saliency_norm" in data:
+            data["saliency_norm"] = _enum(SaliencyNorm, data["saliency_norm"], "saliency_norm")
+        return cls(**data)
+
+
+def _enum(cls: type[enum.Enum], value: Any, what: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"unknown {what} {value!r}; choose from {', '.join(str(m.value) for m in cls)}") from None
+
+
+def _int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _int(name, value)
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")

@@ -1,0 +1,350 @@
+"""The NViT pruning loop: train, and every ``interval`` steps remove the lowest-scoring groups globally.
+
+Per training step: forward, user-supplied loss (CE, or CE + KD from the dense teacher), backward; in the
+last ``saliency_window`` steps of each interval the gate gradients feed the saliency window; then the
+optimizer steps (gates are never trained). At each pruning step all removable groups are ranked by
+``I − η_eff·ΔLat`` and up to ``prune_per_iter`` of the lowest are masked (gate 0), one at a time with the
+predicted latency recomputed after each, stopping early when the next target is crossed so that every
+variant lands just at its target. Crossing a target saves the sliced model as a variant; the run ends at
+the last (lowest) target. Checkpoints make the run resumable exactly (:mod:`nvit.pruning.runstate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvit import __version__
+from nvit.arch import ArchSpec
+from nvit.errors import TargetError
+from nvit.lut.base import Predictor
+from nvit.models import save_variant, slice_model
+from nvit.models.vit import VisionTransformer
+from nvit.pruning import runstate
+from nvit.pruning.batches import BatchSource
+from nvit.pruning.config import PruneConfig, Target, TargetKind
+from nvit.pruning.groups import GroupLayout, PruneError, PruneState, widths_row
+from nvit.pruning.regularizer import group_latency_deltas_ms, rank
+from nvit.pruning.saliency import SaliencyAccumulator, normalise
+
+log = logging.getLogger(__name__)
+
+Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+#: ``loss_fn(images, outputs, labels)`` returns the loss, or an object whose ``total`` is the loss (such as
+#: :class:`nvit.pruning.distill.LossParts`, for CE + KD from the dense teacher).
+LossFn = Callable[[torch.Tensor, Outputs, torch.Tensor], Any]
+
+
+def logits_of(outputs: Outputs) -> torch.Tensor:
+    """Class logits (the mean of both heads for a distilled model in training mode)."""
+    return outputs if isinstance(outputs, torch.Tensor) else (outputs[0] + outputs[1]) / 2
+
+
+def cross_entropy_loss(images: torch.Tensor, outputs: Outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy on the class logits (the loss when no teacher is given)."""
+    return torch.nn.functional.cross_entropy(logits_of(outputs), labels)
+
+
+def batch_accuracy(outputs: Outputs, labels: torch.Tensor) -> float:
+    hard = labels.argmax(-1) if labels.dim() > 1 else labels
+    return float((logits_of(outputs).argmax(-1) == hard).float().mean())
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    target: Target
+    latency_ms: float
+
+    @property
+    def label(self) -> str:
+        return self.target.label
+
+
+def resolve_targets(
+    targets: tuple[Target, ...], predictor: Predictor, layout: GroupLayout
+) -> tuple[ResolvedTarget, ...]:
+    """Targets in ms, highest first; unreachable ones are rejected with the smallest reachable latency."""
+    start_ms = predictor.predict_ms(layout.spec)
+    min_ms = predictor.predict_ms(layout.minimal_spec())
+    out = []
+    for t in targets:
+        ms = t.value if t.kind is TargetKind.LATENCY_MS else t.value * start_ms
+        if ms < min_ms:
+            raise TargetError(
+                f"target {t.label} ({ms:.4g} ms) is below the smallest reachable predicted latency {min_ms:.4g} ms "
+                f"(every group type at its minimum)"
+            )
+        if ms >= start_ms:
+            raise TargetError(
+                f"target {t.label} ({ms:.4g} ms) is not below the model's predicted latency {start_ms:.4g} ms"
+            )
+        out.append(ResolvedTarget(t, ms))
+    return tuple(sorted(out, key=lambda r: -r.latency_ms))
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the loop tells its caller after every training step (for progress bars)."""
+
+    step: int
+    loss: float
+    accuracy: float
+    predicted_latency_ms: float
+    next_target_ms: float | None
+    pruned_groups: int
+    pruned_now: int
+    progress: float  # 0 at the start, 1 at the last target (by predicted latency)
+    saved: str | None  # label of the variant saved at this step
+
+
+@dataclass(frozen=True)
+class SavedVariant:
+    label: str
+    path: str
+    target_ms: float
+    predicted_latency_ms: float
+    step: int
+    arch: ArchSpec
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    out_dir: str
+    dense_latency_ms: float
+    min_latency_ms: float
+    variants: tuple[SavedVariant, ...]
+    steps: int
+    log_path: str
+
+
+def prune(
+    model: VisionTransformer,
+    *,
+    config: PruneConfig,
+    predictor: Predictor,
+    data: BatchSource,
+    out_dir: str | os.PathLike[str],
+    loss_fn: LossFn = cross_entropy_loss,
+    resume: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    device: torch.device | str | None = None,
+) -> PruneResult:
+    """Prune ``model`` (dense or a variant) until its predicted latency meets every target in ``config``.
+
+    ``provenance`` (base model, LUT identity...) is stored in every variant's ``arch.json``. Targets are
+    checked before any work. With ``resume``, ``out_dir`` must hold a checkpoint of the same config.
+    """
+    layout = GroupLayout(model.spec, group_size=config.group_size, minimums=config.minimums())
+    targets = resolve_targets(config.targets, predictor, layout)
+    out = Path(out_dir)
+    has_state = runstate.check_out_dir(out, resume)
+    run = _Run(model, layout, targets, config, predictor, out, provenance or {}, device)
+    if has_state:
+        run.restore()
+    if not run.done:
+        run.train(data, loss_fn, on_step)
+    return run.result()
+
+
+class _Run:
+    def __init__(self, model: VisionTransformer, layout: GroupLayout, targets: tuple[ResolvedTarget, ...],
+                 config: PruneConfig, predictor: Predictor, out: Path, provenance: Mapping[str, Any],
+                 device: torch.device | str | None) -> None:
+        self.model, self.layout, self.targets, self.config = model, layout, targets, config
+        self.predictor, self.out, self.provenance = predictor, out, dict(provenance)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.base_arch = model.spec.to_dict()
+        self.dense_ms = predictor.predict_ms(layout.spec)
+        self.min_ms = predictor.predict_ms(layout.minimal_spec())
+        model.to(self.device)
+        if model.emb_gate is None:
+            model.enable_gates()
+        self.state = PruneState(layout)
+        self.state.apply(model)
+        for g in model.gate_parameters():
+            g.requires_grad_(True)
+        self.optimizer = _optimizer(model, config)
+        self.saliency = SaliencyAccumulator(layout)
+        self.step = 0
+        self.latency_ms = self.dense_ms
+        self.saved: list[SavedVariant] = []
+        self.rows: list[dict[str, Any]] = []
+        self.done = False
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(), "base_arch": self.base_arch, "step": self.step, "done": self.done,
+            "alive": torch.from_numpy(self.state.alive.copy()), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "saliency": self.saliency.state_dict(),
+            "rng": torch.get_rng_state(), "saved": [_variant_dict(v) for v in self.saved],
+        }
+
+    def checkpoint(self) -> None:
+        runstate.save_state(self.out, self._state(), self.rows)
+
+    def restore(self) -> None:
+        st = runstate.load_state(self.out)
+        diff = runstate.config_mismatch(st["config"], self.config.to_dict())
+        if diff:
+            raise runstate.ResumeError(f"cannot resume {self.out}: the config differs ({diff})")
+        if st["base_arch"] != self.base_arch:
+            raise runstate.ResumeError(f"cannot resume {self.out}: it was started from another architecture")
+        self.state = PruneState(self.layout, st["alive"].numpy())
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.saliency.load_state_dict(st["saliency"])
+        torch.set_rng_state(st["rng"])
+        self.step, self.done = int(st["step"]), bool(st["done"])
+        self.saved = [_variant_from_dict(v) for v in st["saved"]]
+        self.rows = runstate.read_log(self.out / runstate.LOG_FILE, self.step)
+        self.latency_ms = self.predictor.predict_ms(self.state.spec())
+        log.info("resuming %s at step %d (%d groups pruned)", self.out, self.step, self.state.num_pruned)
+
+    # ---- training ------------------------------------------------------------------------------
+    def pending(self) -> list[ResolvedTarget]:
+        done = {v.label for v in self.saved}
+        return [t for t in self.targets if t.label not in done]
+
+    def train(self, data: BatchSource, loss_fn: LossFn, on_step: Callable[[StepReport], None] | None) -> None:
+        cfg, model = self.config, self.model
+        gates = model.gate_parameters()
+        batches = data.batches(self.step)
+        while self.pending():
+            images, labels = next(batches)
+            images, labels = images.to(self.device), labels.to(self.device)
+            model.train()
+            outputs = model(images)
+            result = loss_fn(images, outputs, labels)
+            loss = result if isinstance(result, torch.Tensor) else result.total
+            if not torch.isfinite(loss):
+                raise PruneError(f"the training loss is {float(loss)} at step {self.step}; lower the learning rate")
+            self.optimizer.zero_grad(set_to_none=True)
+            for g in gates:
+                g.grad = None
+            loss.backward()
+            if self.step % cfg.interval >= cfg.interval - cfg.window:
+                self.saliency.add(model)
+            self.optimizer.step()
+            pruned_now, eta, saved = 0, math.nan, None
+            if (self.step + 1) % cfg.interval == 0:
+                pruned_now, eta = self.prune_step()
+                saved = self.save_crossed()
+            with torch.no_grad():
+                accuracy = batch_accuracy(outputs, labels)
+            report = self.record(loss.item(), accuracy, pruned_now, eta, saved)
+            self.step += 1
+            if not self.pending():
+                self.done = True
+            if self.done or self.step % cfg.checkpoint_interval == 0:
+                self.checkpoint()
+            if on_step is not None:
+                on_step(report)
+
+    def prune_step(self) -> tuple[int, float]:
+        cfg, state = self.config, self.state
+        saliency = normalise(self.saliency.mean(), self.layout, cfg.saliency_norm)
+        self.saliency.reset()
+        candidates = state.candidates()
+        if candidates.size == 0:
+            raise PruneError("no group can be removed any more, yet a target is not met")
+        deltas = group_latency_deltas_ms(self.layout, self.predictor, state.spec()) if cfg.use_latency else None
+        ranking = rank(self.layout, candidates, saliency, delta_ms=deltas, latency_weight=cfg.latency_weight)
+        next_ms = self.pending()[0].latency_ms
+        removed = 0
+        for index in ranking.order():
+            if removed == cfg.prune_per_iter:
+                break
+            if not state.removable(int(index)):
+                continue
+            state.remove(int(index))
+            removed += 1
+            self.latency_ms = self.predictor.predict_ms(state.spec())
+            if self.latency_ms <= next_ms:
+                break
+        state.apply(self.model)
+        log.info("step %d: pruned %d groups, predicted %.4g ms (eta_eff %.3g)", self.step, removed,
+                 self.latency_ms, ranking.eta_eff)
+        return removed, ranking.eta_eff
+
+    def save_crossed(self) -> str | None:
+        labels = []
+        for t in self.pending():
+            if self.latency_ms > t.latency_ms:
+                break
+            self.saved.append(self.save_variant(t))
+            labels.append(t.label)
+        return ",".join(labels) or None
+
+    def save_variant(self, target: ResolvedTarget) -> SavedVariant:
+        sliced = slice_model(self.model).eval()
+        spec = self.state.spec()
+        if sliced.spec.to_dict() != spec.to_dict():
+            raise PruneError("the sliced model's widths differ from the pruning mask (internal error)")
+        folder = self.out / target.label
+        prov = {
+            **self.provenance,
+            "target": {**target.target.to_dict(), "latency_ms": target.latency_ms},
+            "predicted_latency_ms": self.latency_ms,
+            "dense_predicted_latency_ms": self.dense_ms,
+            "step": self.step,
+            "pruned_groups": self.state.num_pruned,
+            "prune_config": self.config.to_dict(),
+            "nvit_version": __version__,
+        }
+        save_variant(sliced, folder, prov)
+        log.info("saved %s: predicted %.4g ms <= target %.4g ms", folder, self.latency_ms, target.latency_ms)
+        return SavedVariant(target.label, str(folder), target.latency_ms, self.latency_ms, self.step, spec)
+
+    def record(self, loss: float, accuracy: float, pruned_now: int, eta: float, saved: str | None) -> StepReport:
+        pending = self.pending()
+        next_ms = pending[0].latency_ms if pending else None
+        span = self.dense_ms - self.targets[-1].latency_ms
+        progress = min(1.0, max(0.0, (self.dense_ms - self.latency_ms) / span))
+        self.rows.append({
+            "step": self.step, "loss": loss, "accuracy": accuracy, "predicted_latency_ms": self.latency_ms,
+            "next_target_ms": math.nan if next_ms is None else next_ms, "pruned_groups": self.state.num_pruned,
+            "pruned_now": pruned_now, "eta_eff": eta, "saved": saved or "", **widths_row(self.state.spec()),
+        })
+        return StepReport(self.step, loss, accuracy, self.latency_ms, next_ms, self.state.num_pruned, pruned_now,
+                          progress, saved)
+
+    def result(self) -> PruneResult:
+        summary = {
+            "out_dir": str(self.out), "dense_latency_ms": self.dense_ms, "min_latency_ms": self.min_ms,
+            "steps": self.step, "config": self.config.to_dict(), "provenance": self.provenance,
+            "variants": [_variant_dict(v) for v in self.saved],
+        }
+        runstate.write_run_summary(self.out, summary)
+        return PruneResult(str(self.out), self.dense_ms, self.min_ms, tuple(self.saved), self.step,
+                           str(self.out / runstate.LOG_FILE))
+
+
+def _optimizer(model: VisionTransformer, config: PruneConfig) -> torch.optim.Optimizer:
+    """AdamW over the weights (never the gates); no weight decay on norms, biases, tokens and positions."""
+    gate_ids = {id(g) for g in model.gate_parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if id(p) in gate_ids:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("_token", "pos_embed")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _variant_dict(v: SavedVariant) -> dict[str, Any]:
+    return {"label": v.label, "path": v.path, "target_ms": v.target_ms, "predicted_latency_ms": v.predicted_latency_ms,
+            "step": v.step, "arch": v.arch.to_dict()}
+
+
+def _variant_from_dict(d: Mapping[str, Any]) -> SavedVariant:
+    return SavedVariant(d["label"], d["path"], float(d["target_ms"]), float(d["predicted_latency_ms"]),
+                        int(d["step"]), ArchSpec.from_dict(d["arch"]))

@@ -1,0 +1,168 @@
+"""The pruning loop: targets met and saved, minimums kept, unreachable targets refused, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from nvit.arch import load_arch_file, preset
+from nvit.errors import TargetError
+from nvit.lut.base import FlopsPredictor
+from nvit.models import build_model, load_variant
+from nvit.pruning.batches import StepBatches
+from nvit.pruning.config import ConfigError, PruneConfig, Target, TargetKind
+from nvit.pruning.loop import prune
+from nvit.pruning.runstate import ResumeError, read_run_summary
+
+SPEC = preset("vit_test")
+DENSE_MS = 4.0
+MIN_EMBED = 32
+
+
+def digits_batches(batch_size: int = 32) -> StepBatches:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:512], dtype=torch.float32)[:, None] / 16.0
+    x = (x - x.mean()) / x.std()
+    return StepBatches(TensorDataset(x, torch.tensor(d.target[:512])), batch_size=batch_size, seed=0)
+
+
+def config(*targets: Target, **changes) -> PruneConfig:
+    kwargs = dict(targets=targets, interval=3, prune_per_iter=12, saliency_window=2, min_embed_dim=MIN_EMBED,
+                  lr=1e-3, batch_size=32, seed=0)
+    kwargs.update(changes)
+    return PruneConfig(**kwargs)
+
+
+def run(out, cfg: PruneConfig, **kwargs):
+    model = build_model(SPEC, seed=0)
+    predictor = FlopsPredictor(SPEC, reference_ms=DENSE_MS)
+    result = prune(model, config=cfg, predictor=predictor, data=digits_batches(cfg.batch_size), out_dir=out,
+                   provenance={"base": "vit_test seed 0", "lut": {"kind": "flops"}}, **kwargs)
+    return model, predictor, result
+
+
+def test_loop_meets_every_target_and_saves_matching_variants(tmp_path) -> None:
+    cfg = config(Target.ratio(0.7), Target.latency("2ms"))
+    model, predictor, result = run(tmp_path, cfg)
+    assert [v.label for v in result.variants] == ["ratio_0.7", "latency_2ms"]
+    log = pd.read_parquet(result.log_path)
+    assert list(log["step"]) == list(range(result.steps))
+    for v, target_ms in zip(result.variants, (0.7 * DENSE_MS, 2.0), strict=True):
+        loaded = load_variant(v.path)
+        _, prov = load_arch_file(f"{v.path}/arch.json")
+        predicted = predictor.predict_ms(loaded.spec)
+        assert predicted == pytest.approx(prov["predicted_latency_ms"], rel=1e-12)
+        assert predicted <= target_ms == pytest.approx(prov["target"]["latency_ms"])
+        assert prov["base"] == "vit_test seed 0" and prov["lut"] == {"kind": "flops"}
+        assert prov["prune_config"] == cfg.to_dict()
+        # the variant lands at its target: one step earlier the model was still above it
+        assert log.loc[v.step - 1, "predicted_latency_ms"] > target_ms
+        assert log.loc[v.step, "saved"].split(",").count(v.label) == 1
+    # minimums held at every step, widths only shrink, latency only falls
+    assert (log["embed_dim"] >= MIN_EMBED).all()
+    for i in range(SPEC.depth):
+        channels = log[[f"b{i}_qk_dim", f"b{i}_v_dim", f"b{i}_mlp_dim"]]
+        assert (log[f"b{i}_heads"] >= 1).all() and (channels >= 8).all(axis=None)
+    assert (np.diff(log["predicted_latency_ms"]) <= 0).all()
+    assert np.isfinite(log[["loss", "accuracy"]]).all(axis=None)
+    assert (log["pruned_now"] > 0).sum() == (log["step"] % cfg.interval == cfg.interval - 1).sum()
+    # the run ends right after the last crossing: the gated model is the last variant
+    x = digits_batches().dataset.tensors[0][:16]
+    with torch.no_grad():
+        torch.testing.assert_close(load_variant(result.variants[-1].path)(x), model.eval()(x), atol=1e-5, rtol=1e-4)
+    summary = read_run_summary(tmp_path)
+    assert [v["label"] for v in summary["variants"]] == ["ratio_0.7", "latency_2ms"]
+
+
+class NoData:
+    def batches(self, start_step: int):
+        raise AssertionError("no batch may be drawn for a rejected target")
+
+
+def test_unreachable_target_is_rejected_before_any_work(tmp_path) -> None:
+    predictor = FlopsPredictor(SPEC, reference_ms=DENSE_MS)
+    model = build_model(SPEC, seed=0)
+    out = tmp_path / "never"
+    with pytest.raises(TargetError, match=r"latency_0.05ms \(0.05 ms\) is below the smallest reachable .* 0\.\d+ ms"):
+        prune(model, config=config(Target.ratio(0.5), Target.latency(0.05)), predictor=predictor, data=NoData(),
+              out_dir=out)
+    with pytest.raises(TargetError, match="not below the model's predicted latency 4 ms"):
+        prune(model, config=config(Target.latency("5ms")), predictor=predictor, data=NoData(), out_dir=out)
+    assert not out.exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interrupt_continues_exactly(tmp_path) -> None:
+    cfg = config(Target.ratio(0.5), checkpoint_every=4)
+    _, _, full = run(tmp_path / "full", cfg)
+    cut_at = max(s for s in range(full.steps - 1) if s % 4 != 3)  # between two checkpoints
+    assert cut_at >= 8
+
+    def stop_at(step: int):
+        def hook(report) -> None:
+            if report.step == step:
+                raise Interrupt
+        return hook
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        run(out, cfg, on_step=stop_at(cut_at))
+    assert not (out / "ratio_0.5").exists()
+    with pytest.raises(ResumeError, match="already holds a pruning run; pass --resume"):
+        run(out, cfg)
+    with pytest.raises(ResumeError, match=r"config differs \(lr: 0.001 in the checkpoint vs 0.002 now\)"):
+        run(out, config(Target.ratio(0.5), checkpoint_every=4, lr=2e-3), resume=True)
+    _, _, resumed = run(out, cfg, resume=True)
+
+    assert resumed.steps == full.steps
+    assert resumed.variants[0].arch == full.variants[0].arch
+    a, b = pd.read_parquet(full.log_path), pd.read_parquet(resumed.log_path)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5)
+    x = digits_batches().dataset.tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(load_variant(resumed.variants[0].path)(x), load_variant(full.variants[0].path)(x))
+    _, _, again = run(out, cfg, resume=True)  # a finished run resumes to its result without training
+    assert again.steps == full.steps
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        run(tmp_path / "empty", cfg, resume=True)
+
+
+def test_latency_regularizer_reaches_the_target_with_fewer_groups(tmp_path) -> None:
+    common = dict(interval=2, prune_per_iter=4, saliency_window=None)
+    _, _, plain = run(tmp_path / "plain", config(Target.ratio(0.6), use_latency=False, **common))
+    _, _, lat = run(tmp_path / "lat", config(Target.ratio(0.6), latency_weight=4.0, **common))
+    log_plain, log_lat = pd.read_parquet(plain.log_path), pd.read_parquet(lat.log_path)
+    assert (log_plain["eta_eff"].dropna() == 0).all() and (log_lat["eta_eff"].dropna() > 0).all()
+    assert log_lat["pruned_groups"].iloc[-1] < log_plain["pruned_groups"].iloc[-1]
+    assert lat.steps < plain.steps
+
+
+def test_config_is_strict_and_round_trips() -> None:
+    cfg = config(Target.latency("800us"), Target.ratio(0.5))
+    assert cfg.targets[0] == Target(TargetKind.LATENCY_MS, 0.8)
+    assert PruneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match=r"unknown pruning config key.*: prune_every"):
+        PruneConfig.from_dict({**cfg.to_dict(), "prune_every": 3})
+    with pytest.raises(ConfigError, match="cannot read latency target '5 sec'"):
+        Target.latency("5 sec")
+    assert Target.latency("0.005s").value == pytest.approx(5.0) and Target.latency("3").value == 3.0
+    with pytest.raises(ConfigError, match="target ratio must be below 1"):
+        Target.ratio(1.2)
+    with pytest.raises(ConfigError, match="saliency_window 5 exceeds interval 3"):
+        config(Target.ratio(0.5), saliency_window=5)
+    with pytest.raises(ConfigError, match="interval must be an integer"):
+        config(Target.ratio(0.5), interval=2.5)
+    with pytest.raises(ConfigError, match="unknown saliency_norm 'fisher'"):
+        PruneConfig.from_dict({**cfg.to_dict(), "saliency_norm": "fisher"})
+    with pytest.raises(ConfigError, match="at least one target"):
+        PruneConfig(targets=())
