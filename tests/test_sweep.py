@@ -21,7 +21,7 @@ from nvit.lut import load_table
 from nvit.lut.table import KEY_COLUMNS
 from nvit.profiler.base import register_backend
 from nvit.profiler.space import PartConfig, PartKind, save_space
-from nvit.profiler.sweep import JOURNAL_KIND, Phase, SweepOptions, journal_path, run_sweep
+from nvit.profiler.sweep import JOURNAL_KIND, Journal, Phase, SweepOptions, journal_path, run_sweep
 
 TESTS = Path(__file__).parent
 OPTIONS = SweepOptions(sentinel_every=5, calibration_models=3)
@@ -179,10 +179,25 @@ def test_a_journal_from_other_conditions_is_refused(tmp_path) -> None:
     jpath.write_text(json.dumps({**header, "kind": "something"}) + "\n")
     with pytest.raises(LutError, match="not a sweep journal"):
         sweep(out)
-    jpath.write_text("")
-    with pytest.raises(LutError, match="empty or corrupt"):
-        sweep(out)
     check_complete(sweep(out, resume=False).table)  # --no-resume starts over
+    jpath.write_text("")  # a run killed before its header was written: nothing to resume
+    check_complete(sweep(out, resume=False).table)
+
+
+def test_two_runs_never_write_the_same_table(tmp_path) -> None:
+    out = tmp_path / "t.parquet"
+    with pytest.raises(fk.Killed):
+        sweep(out, fk.FakeBackend(kill_after=3))
+    header = json.loads(journal_path(out).read_text().splitlines()[0])
+    holder = Journal.open(journal_path(out), header)  # another process in the middle of the sweep
+    try:
+        with pytest.raises(LutError, match="another profiling run is writing"):
+            sweep(out)
+        with pytest.raises(LutError, match="another profiling run is writing"):
+            sweep(out, resume=False)
+    finally:
+        holder.close()
+    check_complete(sweep(out).table)
 
 
 def test_a_complete_table_is_not_profiled_again(tmp_path) -> None:

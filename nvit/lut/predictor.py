@@ -179,20 +179,22 @@ class LatencyPredictor(Predictor):
     def delta_ms(self, spec: ArchSpec, step: UnitStep = DEFAULT_STEP) -> LatencyDeltas:
         """Same numbers as :meth:`Predictor.delta_ms` (finite differences), computed in a few array calls."""
         self.check_spec(spec)
-        e = spec.embed_dim
-        widths = list(self._widths(spec))
-        base = self.blocks_ms(e, *widths)
-        out: dict[str, np.ndarray] = {}
-        for i, name in enumerate(("heads", "qk", "v", "mlp")):
-            shrunk = list(widths)
-            shrunk[i] = widths[i] - getattr(step, name)
-            smaller = self.blocks_ms(e, *shrunk)
-            out[name] = np.where(shrunk[i] > 0, base - smaller, np.nan)
+        e, depth = spec.embed_dim, spec.depth
+        names = ("heads", "qk", "v", "mlp")
+        widths = np.stack(self._widths(spec))  # (4, depth)
+        # One batch of queries: the blocks as they are, each type shrunk by one unit, and e shrunk.
+        batch = np.tile(widths, (1, len(names) + 2))
+        for i, name in enumerate(names):
+            batch[i, (i + 1) * depth:(i + 2) * depth] -= getattr(step, name)
+        embed = np.full(batch.shape[1], float(e))
+        embed[-depth:] = e - step.emb
+        lat = self.blocks_ms(embed, *batch).reshape(len(names) + 2, depth)
+        base = lat[0]
+        out = {name: np.where(batch[i, (i + 1) * depth:(i + 2) * depth] > 0, base - lat[i + 1], np.nan)
+               for i, name in enumerate(names)}
         if e - step.emb > 0:
             total = float(sum(base.tolist())) + self.fixed_latency_ms(e) + self.offset_ms()
-            smaller_blocks = self.blocks_ms(e - step.emb, *widths)
-            total_smaller = (float(sum(smaller_blocks.tolist())) + self.fixed_latency_ms(e - step.emb)
-                             + self.offset_ms())
+            total_smaller = float(sum(lat[-1].tolist())) + self.fixed_latency_ms(e - step.emb) + self.offset_ms()
             emb = total - total_smaller
         else:
             emb = float("nan")

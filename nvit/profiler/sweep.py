@@ -9,6 +9,7 @@ Protocol:
 3. Every measured configuration is appended to a JSON-lines journal beside the output and fsynced, so a
    kill (even SIGKILL) loses at most the configuration in flight; a rerun with the same space, backend,
    settings and device skips what the journal holds, and refuses a journal made under other conditions.
+   A run holds an exclusive lock on its journal, so two runs never write the same table.
 4. A few whole models are measured (interleaved) and a calibration is fitted
    (:func:`nvit.lut.predictor.fit_calibration`).
 5. The Parquet table is written atomically, then the journal is removed.
@@ -99,49 +100,70 @@ def utc_now() -> str:
 
 
 class Journal:
-    """Append-only JSON lines: a header line (what the sweep measures and how), then one record per line."""
+    """Append-only JSON lines: a header line (what the sweep measures and how), then one record per line.
 
-    def __init__(self, path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
-        self.path = path
+    The open journal holds an exclusive lock (``flock``), so two runs never write the same table.
+    """
+
+    def __init__(self, path: Path, fd: int, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        self.path, self._fd = path, fd
         self.header = header
         self.records = records
 
     @classmethod
-    def open(cls, path: Path, header: dict[str, Any]) -> Journal:
-        """Resume ``path`` if it exists (refusing another header), else start it with ``header``."""
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            journal = cls(path, header, [])
-            journal._write_line(header)
-            return journal
-        lines = _read_lines(path)
-        if not lines:
-            raise LutError(f"sweep journal {path} is empty or corrupt; delete it or use --no-resume")
-        found = lines[0]
-        if found.get("kind") != JOURNAL_KIND or found.get("schema_version") != JOURNAL_SCHEMA_VERSION:
-            raise LutError(f"{path} is not a sweep journal this nvit can resume; delete it or use --no-resume")
-        diff = sorted(k for k in set(found) | set(header)
-                      if k != "created_at" and found.get(k) != header.get(k))
-        if diff:
-            raise LutError(f"sweep journal {path} was made with other {', '.join(diff)}; "
-                           "rerun with the same settings, or use --no-resume to start over")
-        return cls(path, found, lines[1:])
+    def open(cls, path: Path, header: dict[str, Any], *, fresh: bool = False) -> Journal:
+        """Resume ``path`` if it holds records (refusing another header), else start it with ``header``;
+        ``fresh`` discards what it holds."""
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LutError(f"another profiling run is writing {path}; wait for it or choose another --out"
+                               ) from None
+            if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise LutError(f"another profiling run finished {path} meanwhile; rerun to see its table")
+            if fresh:
+                os.ftruncate(fd, 0)
+            lines = _read_lines(path) if os.fstat(fd).st_size else []
+            if not lines:
+                journal = cls(path, fd, header, [])
+                journal._write_line(header)
+                return journal
+            found = lines[0]
+            if found.get("kind") != JOURNAL_KIND or found.get("schema_version") != JOURNAL_SCHEMA_VERSION:
+                raise LutError(f"{path} is not a sweep journal this nvit can resume; delete it or use --no-resume")
+            diff = sorted(k for k in set(found) | set(header) if k != "created_at" and found.get(k) != header.get(k))
+            if diff:
+                raise LutError(f"sweep journal {path} was made with other {', '.join(diff)}; "
+                               "rerun with the same settings, or use --no-resume to start over")
+            return cls(path, fd, found, lines[1:])
+        except BaseException:
+            os.close(fd)
+            raise
 
     def append(self, record: dict[str, Any]) -> None:
         self._write_line(record)
         self.records.append(record)
 
     def _write_line(self, obj: Mapping[str, Any]) -> None:
-        data = (json.dumps(obj, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.write(self._fd, (json.dumps(obj, sort_keys=True) + "\n").encode())
+        os.fsync(self._fd)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("type") == kind]
+
+    def close(self, *, remove: bool = False) -> None:
+        """Release the lock; with ``remove`` delete the journal first (its table is written)."""
+        if self._fd < 0:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = -1
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
@@ -266,9 +288,7 @@ def run_sweep(
         device = fingerprint(backend.device, threads_used=backend.settings().get("intra_op_threads"))
     header = sweep_header(space, backend, device.identity(), options)
     jpath = journal_path(out)
-    if not resume:
-        jpath.unlink(missing_ok=True)
-    elif out.exists() and not jpath.exists():
+    if resume and out.exists() and not jpath.exists():
         table = LatencyTable.load(out)
         if table.meta.protocol.get("journal_header_fingerprint") != _header_fingerprint(header):
             raise LutError(f"{out} already exists and was profiled with other settings; choose another --out "
@@ -276,7 +296,21 @@ def run_sweep(
         return SweepResult(out, table, measured=0, resumed=len(table), seconds=0.0, already_complete=True)
 
     start = time.perf_counter()
-    journal = Journal.open(jpath, header)
+    journal = Journal.open(jpath, header, fresh=not resume)
+    try:
+        table, sweep = _run(space, backend, journal, options, progress, device, header)
+        table.save(out)
+        journal.close(remove=True)
+    finally:
+        journal.close()
+    return SweepResult(out, table, measured=sweep.measured, resumed=sweep.resumed,
+                       seconds=time.perf_counter() - start)
+
+
+def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepOptions,
+         progress: Callable[[SweepProgress], None] | None, device: Any,
+         header: Mapping[str, Any]) -> tuple[Any, _Sweep]:
+    """Sentinel, the parts not in the journal, the calibration models; then the table."""
     configs = space.configs()
     order = np.random.default_rng(options.seed).permutation(len(configs))
     archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed)
@@ -300,11 +334,7 @@ def run_sweep(
         sweep.sentinel(parts_done)
     sweep.models(archs)
 
-    table = build_table(space, backend, device, journal, options, header)
-    table.save(out)
-    jpath.unlink(missing_ok=True)
-    return SweepResult(out, table, measured=sweep.measured, resumed=resumed,
-                       seconds=time.perf_counter() - start)
+    return build_table(space, backend, device, journal, options, header), sweep
 
 
 def _header_fingerprint(header: Mapping[str, Any]) -> str:
