@@ -24,7 +24,7 @@ DENSE_MS = 4.0
 MIN_EMBED = 32
 
 
-def digits_batches(batch_size: int = 32) -> StepBatches:
+def digits_batches(batch_size: int = 16) -> StepBatches:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -35,7 +35,7 @@ def digits_batches(batch_size: int = 32) -> StepBatches:
 
 def config(*targets: Target, **changes) -> PruneConfig:
     kwargs = dict(targets=targets, interval=3, prune_per_iter=12, saliency_window=2, min_embed_dim=MIN_EMBED,
-                  lr=1e-3, batch_size=32, seed=0)
+                  lr=1e-3, batch_size=16, seed=0)
     kwargs.update(changes)
     return PruneConfig(**kwargs)
 
@@ -166,3 +166,70 @@ def test_config_is_strict_and_round_trips() -> None:
         PruneConfig.from_dict({**cfg.to_dict(), "saliency_norm": "fisher"})
     with pytest.raises(ConfigError, match="at least one target"):
         PruneConfig(targets=())
+
+
+# ---- the command line ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """A latency table of vit_test from the fake backend of known latency, and an (untrained) checkpoint."""
+    import lut_fakes as fk
+
+    from nvit.profiler.sweep import SweepOptions, run_sweep
+
+    folder = tmp_path_factory.mktemp("prune_cli")
+    with fk.FakeBackend() as backend:
+        run_sweep(fk.tiny_space(), backend, folder / "lut.parquet", device=fk.fake_device(),
+                  options=SweepOptions(calibration_models=2))
+    torch.save(build_model(SPEC, seed=0).state_dict(), folder / "base.pth")
+    return folder
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from nvit.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_prunes_to_latency_and_ratio_targets(cli_inputs, tmp_path, capsys) -> None:
+    from nvit.lut import load_predictor
+
+    lut, base = cli_inputs / "lut.parquet", cli_inputs / "base.pth"
+    predictor = load_predictor(lut)
+    dense_ms = predictor.predict_ms(SPEC)
+    target_ms = round(0.6 * dense_ms, 4)
+    out = tmp_path / "run"
+    common = ["prune", "--checkpoint", str(base), "--arch", "vit_test", "--lut", str(lut), "--data", "digits",
+              "--interval", "2", "--prune-per-iter", "16", "--min-embed-dim", "32", "--batch-size", "16"]
+    code, stdout, err = cli([*common, "--target-latency", f"{target_ms}ms", "--target-ratio", "0.8",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "ratio_0.8" in stdout and f"latency_{target_ms:g}ms" in stdout and "top-1" in stdout
+    for label, limit in (("ratio_0.8", 0.8 * dense_ms), (f"latency_{target_ms:g}ms", target_ms)):
+        spec, prov = load_arch_file(out / label / "arch.json")
+        assert predictor.predict_ms(spec) == pytest.approx(prov["predicted_latency_ms"])
+        assert prov["predicted_latency_ms"] <= limit
+        assert prov["lut"]["identity"]["backend"] == "fake" and prov["lut"]["identity"]["batch_size"] == 1
+        assert prov["base"]["source"] == "checkpoint" and len(prov["base"]["sha256"]) == 64
+        assert 0.0 <= prov["top1"] <= 1.0 and prov["top1_split"] == "val"
+
+    code, _, err = cli([*common, "--target-latency", "0.001ms", "--out", str(tmp_path / "x")], capsys)
+    assert code == 1 and "smallest reachable predicted latency" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    code, _, err = cli([*common, "--target-ratio", "0.5", "--lut-batch-size", "8", "--out", str(tmp_path / "y")],
+                       capsys)
+    assert code == 1 and "batch" in err.lower() and len(err.strip().splitlines()) == 1
+    code, _, err = cli([*common, "--target-ratio", "0.5", "--no-latency", "--latency-weight", "2", "--out",
+                        str(tmp_path / "z")], capsys)
+    assert code == 1 and "contradict" in err
+    code, _, err = cli([*common[:6], "flops", *common[7:], "--target-latency", "1ms", "--out", str(tmp_path / "w")],
+                       capsys)
+    assert code == 1 and "no time unit" in err
+    code, _, err = cli([*common, "--target-ratio", "0.8", "--target-latency", f"{target_ms}ms", "--out", str(out)],
+                       capsys)
+    assert code == 1 and "--resume" in err

@@ -7,7 +7,6 @@ import typer
 from nvit.errors import NotBuiltError
 
 _PENDING = {
-    "prune": "Prune a ViT globally with Hessian-aware saliency and a LUT latency regularizer.",
     "demo": "The whole pipeline on CPU with the bundled data set, in one command.",
 }
 

@@ -1,0 +1,161 @@
+"""``nvit prune``: global structural pruning with Hessian-aware saliency and a LUT latency regularizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nvit.errors import NvitError
+
+
+def variants_table(result: Any, accuracies: dict[str, float], unit: str) -> Table:
+    table = Table(title=f"pruned variants (dense {result.dense_latency_ms:.4g} {unit}, "
+                        f"smallest reachable {result.min_latency_ms:.4g} {unit})")
+    for col in ("variant", f"target {unit}", f"predicted {unit}", "step", "embed", "heads", "qk", "v", "mlp",
+                "params M", "val top-1"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
+    for v in result.variants:
+        blocks = v.arch.blocks
+        acc = accuracies.get(v.label)
+        table.add_row(
+            v.label, f"{v.target_ms:.4g}", f"{v.predicted_latency_ms:.4g}", str(v.step), str(v.arch.embed_dim),
+            "/".join(str(b.heads) for b in blocks), "/".join(str(b.qk_dim) for b in blocks),
+            "/".join(str(b.v_dim) for b in blocks), "/".join(str(b.mlp_dim) for b in blocks),
+            f"{v.arch.num_params() / 1e6:.3f}", "" if acc is None else f"{100 * acc:.1f}%",
+        )
+    return table
+
+
+def prune(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one variant folder per target, the log, "
+                             "the resumable checkpoint and prune_run.json."),
+    target_latency: list[str] = typer.Option([], "--target-latency", help="Predicted latency to reach, in the "
+                                             "LUT's unit, e.g. 5ms or 800us (repeat for a Pareto family)."),
+    target_ratio: list[float] = typer.Option([], "--target-ratio", help="Fraction of the base model's predicted "
+                                             "latency, e.g. 0.5 (repeatable)."),
+    lut: str = typer.Option(..., "--lut", help="Latency table (Parquet) of the target device, or 'flops' for a "
+                            "FLOPs-proportional stand-in (ratio targets only)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Base model: timm/DeiT/nvit .pth or "
+                                           ".safetensors file."),
+    variant: Path | None = typer.Option(None, "--variant", help="Base model: an nvit variant folder."),
+    arch: str | None = typer.Option(None, "--arch", help="Preset or arch.json of --checkpoint (default: inferred)."),
+    data: str = typer.Option("digits", "--data", help="'digits', 'synthetic' or an ImageNet-layout folder."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Rank by saliency alone (no latency "
+                                    "regularizer); the LUT still decides when each target is met."),
+    latency_weight: float | None = typer.Option(None, "--latency-weight", help="Unit-free weight λ of the latency "
+                                                "term: η = λ·median(saliency)/median(ΔLat).  [default: 1.0]"),
+    interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps."),
+    prune_per_iter: int = typer.Option(32, "--prune-per-iter", help="Groups removed per pruning step."),
+    group_size: int = typer.Option(8, "--group-size", help="Channels per EMB/QK/V/MLP group (heads go one by one)."),
+    saliency_window: int | None = typer.Option(None, "--saliency-window", help="Steps before each pruning step "
+                                               "whose gradients form the saliency.  [default: the interval]"),
+    saliency_norm: str = typer.Option("none", "--saliency-norm", help="Normalisation across structure types: "
+                                      "none | per-tensor."),
+    min_heads: int = typer.Option(1, "--min-heads", help="Fewest heads a block may keep."),
+    min_embed_dim: int = typer.Option(64, "--min-embed-dim", help="Narrowest embedding width pruning may leave."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate while pruning."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
+    kd_weight: float = typer.Option(0.5, "--kd-weight", help="Weight of distillation from the dense model (0: CE)."),
+    kd_temperature: float = typer.Option(1.0, "--kd-temperature", help="Distillation temperature τ."),
+    seed: int = typer.Option(0, "--seed", help="Seed of batch order and augmentation."),
+    device: str | None = typer.Option(None, "--device", help="Torch device to train on (default: cuda if "
+                                      "available, else cpu)."),
+    lut_device: str | None = typer.Option(None, "--lut-device", help="Require a table measured on this device "
+                                          "kind (cpu | gpu)."),
+    precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
+    lut_batch_size: int | None = typer.Option(None, "--lut-batch-size", help="Require a table of this batch size."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Report val top-1 of each variant at the end."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+) -> None:
+    """Prune a trained ViT globally (EMB, heads, QK, V, MLP) until its predicted latency meets every target,
+    saving one sliced variant per target."""
+    import torch
+
+    from nvit.data import build_dataset
+    from nvit.pruning.batches import StepBatches
+    from nvit.pruning.config import PruneConfig, Target
+    from nvit.pruning.loop import prune as run_prune
+    from nvit.pruning.recipe import (
+        distillation_loss_fn,
+        frozen_teacher,
+        load_base,
+        load_latency_predictor,
+        record_top1,
+        top1,
+    )
+    from nvit.pruning.saliency import SaliencyNorm
+
+    if not target_latency and not target_ratio:
+        raise NvitError("give at least one --target-latency (e.g. 5ms) or --target-ratio (e.g. 0.5)")
+    if no_latency and latency_weight is not None:
+        raise NvitError("--no-latency and --latency-weight contradict each other; choose one")
+    targets = [Target.latency(t) for t in target_latency] + [Target.ratio(r) for r in target_ratio]
+    try:
+        norm = SaliencyNorm(saliency_norm)
+    except ValueError:
+        raise NvitError(f"unknown --saliency-norm {saliency_norm!r}; use none or per-tensor") from None
+    base = load_base(checkpoint=checkpoint, variant=variant, arch=arch)
+    spec = base.model.spec
+    loaded = load_latency_predictor(lut, spec, device=lut_device, precision=precision, batch_size=lut_batch_size)
+    if target_latency and not loaded.has_time_unit:
+        raise NvitError("--lut flops has no time unit; use --target-ratio, or give a latency table")
+    config = PruneConfig(
+        targets=tuple(targets), group_size=group_size, interval=interval, prune_per_iter=prune_per_iter,
+        saliency_window=saliency_window, use_latency=not no_latency,
+        latency_weight=1.0 if latency_weight is None else latency_weight, saliency_norm=norm,
+        min_heads=min_heads, min_embed_dim=min_embed_dim, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, seed=seed,
+        extra={"kd_weight": kd_weight, "kd_temperature": kd_temperature, "data": data},
+    )
+    # refuse unreachable targets before reading any data
+    from nvit.pruning.groups import GroupLayout
+    from nvit.pruning.loop import resolve_targets
+
+    resolve_targets(config.targets, loaded.predictor, GroupLayout(spec, group_size=group_size,
+                                                                  minimums=config.minimums()))
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_set = build_dataset(data, "train", spec, augment=True)
+    batches = StepBatches(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers)
+    teacher = frozen_teacher(base.model).to(torch_device) if kd_weight > 0 else None
+    loss_fn = distillation_loss_fn(teacher, weight=kd_weight, temperature=kd_temperature)
+    unit = "ms" if loaded.has_time_unit else "x dense"
+    provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data}
+
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]prune"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("prune", total=1.0, status="starting")
+
+        def on_step(r: Any) -> None:
+            target = "" if r.next_target_ms is None else f" → {r.next_target_ms:.4g}"
+            status = (f"step {r.step}  loss {r.loss:.3f}  acc {100 * r.accuracy:.1f}%  "
+                      f"pred {r.predicted_latency_ms:.4g}{target} {unit}  pruned {r.pruned_groups}")
+            bar.update(task, completed=r.progress, status=status)
+            if r.saved:
+                bar.console.print(f"saved [bold]{r.saved}[/] at step {r.step}: {r.predicted_latency_ms:.4g} {unit}")
+
+        result = run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
+                           loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=on_step,
+                           device=torch_device)
+    accuracies: dict[str, float] = {}
+    if evaluate:
+        from nvit.models import load_variant
+
+        val_set = build_dataset(data, "val", spec, augment=False)
+        for v in result.variants:
+            accuracies[v.label] = top1(load_variant(v.path).to(torch_device), val_set, device=torch_device)
+            record_top1(v.path, accuracies[v.label], split="val", stage="pruned, before fine-tuning")
+    console = Console(width=max(Console().width, 120))  # the table is wide; pipes and logs get 120 columns
+    console.print(variants_table(result, accuracies, unit))
+    console.print(f"variants in {result.out_dir}/<variant>; per-step log: {result.log_path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune)

@@ -1,0 +1,143 @@
+"""Putting a pruning run together from files: base model, latency predictor, data and loss, with provenance.
+
+Shared by ``nvit prune`` and the benchmarks so that both record the same provenance in every variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvit.arch import ArchSpec, resolve_arch
+from nvit.errors import NvitError
+from nvit.lut.base import FlopsPredictor, Predictor
+from nvit.models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+FLOPS_LUT = "flops"  # --lut flops: latency proportional to FLOPs, for ratio targets only
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+class RecipeError(NvitError):
+    """The inputs of a pruning run do not fit together."""
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    model: VisionTransformer
+    provenance: dict[str, Any]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_base(
+    *, checkpoint: str | os.PathLike[str] | None = None, variant: str | os.PathLike[str] | None = None,
+    arch: str | None = None,
+) -> LoadedBase:
+    """The model to prune: a timm/DeiT/nvit checkpoint file (``arch`` or inferred) or a variant folder."""
+    from nvit.models import load_checkpoint, load_variant
+
+    if (checkpoint is None) == (variant is None):
+        raise RecipeError("give exactly one of --checkpoint (a .pth/.safetensors file) or --variant (a folder)")
+    if variant is not None:
+        if arch is not None:
+            raise RecipeError("--arch applies to --checkpoint only; a variant folder carries its own arch.json")
+        folder = Path(variant)
+        model = load_variant(folder)
+        weights = folder / "model.safetensors"
+        prov = {"source": "variant", "path": str(folder), "sha256": file_sha256(weights)}
+    else:
+        path = Path(checkpoint)  # type: ignore[arg-type]
+        spec = resolve_arch(arch) if arch is not None else None
+        model = load_checkpoint(path, spec)
+        prov = {"source": "checkpoint", "path": str(path), "sha256": file_sha256(path)}
+    prov |= {"arch_name": model.spec.name, "params": model.spec.num_params(), "macs": model.spec.macs()}
+    return LoadedBase(model, prov)
+
+
+@dataclass(frozen=True)
+class LoadedPredictor:
+    predictor: Predictor
+    provenance: dict[str, Any]
+    has_time_unit: bool  # False for the FLOPs-proportional stand-in: only ratio targets make sense
+
+
+def load_latency_predictor(
+    lut: str, spec: ArchSpec, *, device: str | None = None, precision: str | None = None,
+    batch_size: int | None = None,
+) -> LoadedPredictor:
+    """The LUT predictor (refusing a table of another device, precision or batch than asked), or ``flops``."""
+    if lut == FLOPS_LUT:
+        if any(v is not None for v in (device, precision, batch_size)):
+            raise RecipeError("--lut flops has no device, precision or batch size to check")
+        return LoadedPredictor(FlopsPredictor(spec, reference_ms=1.0), {"kind": "flops"}, has_time_unit=False)
+    from nvit.lut import load_predictor
+
+    path = Path(lut)
+    predictor = load_predictor(path, device=device, precision=precision, batch_size=batch_size)
+    check = getattr(predictor, "check_spec", None)
+    if check is not None:
+        check(spec)
+    meta = predictor.meta
+    prov = {"kind": "lut", "path": str(path), "sha256": file_sha256(path), "identity": meta.identity(),
+            "device_name": meta.device_name(), "created_at": meta.created_at, "calibrated": predictor.calibrated}
+    return LoadedPredictor(predictor, prov, has_time_unit=True)
+
+
+def distillation_loss_fn(teacher: VisionTransformer | None, *, weight: float, temperature: float) -> Any:
+    """CE + KD from ``teacher`` (a frozen copy of the base), or CE alone when ``weight`` is 0."""
+    from nvit.pruning.distill import ClassificationLoss, DistillationLoss, DistillConfig
+
+    if weight == 0.0 or teacher is None:
+        return ClassificationLoss()
+    return DistillationLoss(teacher, DistillConfig(weight=weight, temperature=temperature))
+
+
+def frozen_teacher(model: VisionTransformer) -> VisionTransformer:
+    """A copy of the dense model to distil from (no gates, eval mode, no gradients)."""
+    teacher = copy.deepcopy(model)
+    teacher.disable_gates()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def top1(model: VisionTransformer, dataset: Any, *, batch_size: int = 256, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on a map-style data set of (image, label) pairs."""
+    from torch.utils.data import DataLoader
+
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = model(images.to(device))
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        total += int(labels.numel())
+    model.train(was_training)
+    if total == 0:
+        raise RecipeError("the evaluation data set is empty")
+    return correct / total
+
+
+def record_top1(folder: str | os.PathLike[str], accuracy: float, *, split: str, stage: str) -> None:
+    """Add the measured top-1 to a variant's ``arch.json`` provenance (rewritten atomically)."""
+    from nvit.arch import load_arch_file, save_arch
+
+    path = Path(folder) / "arch.json"
+    spec, prov = load_arch_file(path)
+    save_arch(spec, path, {**prov, "top1": accuracy, "top1_split": split, "top1_stage": stage})
