@@ -30,32 +30,13 @@ from nvit.models.vit import VisionTransformer
 from nvit.pruning import runstate
 from nvit.pruning.batches import BatchSource
 from nvit.pruning.config import PruneConfig, Target, TargetKind
+from nvit.pruning.distill import ClassificationLoss, LossFn
 from nvit.pruning.groups import GroupLayout, PruneError, PruneState, widths_row
 from nvit.pruning.regularizer import group_latency_deltas_ms, rank
 from nvit.pruning.saliency import SaliencyAccumulator, normalise
+from nvit.pruning.train import StepResult, parameter_groups, train_step
 
 log = logging.getLogger(__name__)
-
-Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-#: ``loss_fn(images, outputs, labels)`` returns the loss, or an object whose ``total`` is the loss (such as
-#: :class:`nvit.pruning.distill.LossParts`, for CE + KD from the dense teacher).
-LossFn = Callable[[torch.Tensor, Outputs, torch.Tensor], Any]
-
-
-def logits_of(outputs: Outputs) -> torch.Tensor:
-    """Class logits (the mean of both heads for a distilled model in training mode)."""
-    return outputs if isinstance(outputs, torch.Tensor) else (outputs[0] + outputs[1]) / 2
-
-
-def cross_entropy_loss(images: torch.Tensor, outputs: Outputs, labels: torch.Tensor) -> torch.Tensor:
-    """Plain cross-entropy on the class logits (the loss when no teacher is given)."""
-    return torch.nn.functional.cross_entropy(logits_of(outputs), labels)
-
-
-def batch_accuracy(outputs: Outputs, labels: torch.Tensor) -> float:
-    hard = labels.argmax(-1) if labels.dim() > 1 else labels
-    return float((logits_of(outputs).argmax(-1) == hard).float().mean())
-
 
 @dataclass(frozen=True)
 class ResolvedTarget:
@@ -131,7 +112,7 @@ def prune(
     predictor: Predictor,
     data: BatchSource,
     out_dir: str | os.PathLike[str],
-    loss_fn: LossFn = cross_entropy_loss,
+    loss_fn: LossFn | None = None,
     resume: bool = False,
     provenance: Mapping[str, Any] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
@@ -139,6 +120,8 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` (dense or a variant) until its predicted latency meets every target in ``config``.
 
+    ``loss_fn`` is a :class:`nvit.pruning.distill.LossFn` (default: cross-entropy; pass a
+    :class:`~nvit.pruning.distill.DistillationLoss` for CE + KD from the dense teacher).
     ``provenance`` (base model, LUT identity...) is stored in every variant's ``arch.json``. Targets are
     checked before any work. With ``resume``, ``out_dir`` must hold a checkpoint of the same config.
     """
@@ -150,7 +133,7 @@ def prune(
     if has_state:
         run.restore()
     if not run.done:
-        run.train(data, loss_fn, on_step)
+        run.train(data, loss_fn or ClassificationLoss(), on_step)
     return run.result()
 
 
@@ -220,27 +203,16 @@ class _Run:
         batches = data.batches(self.step)
         while self.pending():
             images, labels = next(batches)
-            images, labels = images.to(self.device), labels.to(self.device)
-            model.train()
-            outputs = model(images)
-            result = loss_fn(images, outputs, labels)
-            loss = result if isinstance(result, torch.Tensor) else result.total
-            if not torch.isfinite(loss):
-                raise PruneError(f"the training loss is {float(loss)} at step {self.step}; lower the learning rate")
-            self.optimizer.zero_grad(set_to_none=True)
-            for g in gates:
+            for g in gates:  # gates are not in the optimizer, so their gradients are cleared here
                 g.grad = None
-            loss.backward()
-            if self.step % cfg.interval >= cfg.interval - cfg.window:
-                self.saliency.add(model)
-            self.optimizer.step()
+            in_window = self.step % cfg.interval >= cfg.interval - cfg.window
+            hook = (lambda: self.saliency.add(model)) if in_window else None
+            stats = train_step(model, images, labels, self.optimizer, loss_fn, after_backward=hook)
             pruned_now, eta, saved = 0, math.nan, None
             if (self.step + 1) % cfg.interval == 0:
                 pruned_now, eta = self.prune_step()
                 saved = self.save_crossed()
-            with torch.no_grad():
-                accuracy = batch_accuracy(outputs, labels)
-            report = self.record(loss.item(), accuracy, pruned_now, eta, saved)
+            report = self.record(stats, pruned_now, eta, saved)
             self.step += 1
             if not self.pending():
                 self.done = True
@@ -304,13 +276,15 @@ class _Run:
         log.info("saved %s: predicted %.4g ms <= target %.4g ms", folder, self.latency_ms, target.latency_ms)
         return SavedVariant(target.label, str(folder), target.latency_ms, self.latency_ms, self.step, spec)
 
-    def record(self, loss: float, accuracy: float, pruned_now: int, eta: float, saved: str | None) -> StepReport:
+    def record(self, stats: StepResult, pruned_now: int, eta: float, saved: str | None) -> StepReport:
         pending = self.pending()
         next_ms = pending[0].latency_ms if pending else None
         span = self.dense_ms - self.targets[-1].latency_ms
         progress = min(1.0, max(0.0, (self.dense_ms - self.latency_ms) / span))
+        loss, accuracy = stats.loss, stats.correct / max(stats.count, 1)
         self.rows.append({
-            "step": self.step, "loss": loss, "accuracy": accuracy, "predicted_latency_ms": self.latency_ms,
+            "step": self.step, "loss": loss, "ce": stats.ce, "kd": stats.kd, "accuracy": accuracy,
+            "lr": stats.lr, "predicted_latency_ms": self.latency_ms,
             "next_target_ms": math.nan if next_ms is None else next_ms, "pruned_groups": self.state.num_pruned,
             "pruned_now": pruned_now, "eta_eff": eta, "saved": saved or "", **widths_row(self.state.spec()),
         })
@@ -330,14 +304,7 @@ class _Run:
 
 def _optimizer(model: VisionTransformer, config: PruneConfig) -> torch.optim.Optimizer:
     """AdamW over the weights (never the gates); no weight decay on norms, biases, tokens and positions."""
-    gate_ids = {id(g) for g in model.gate_parameters()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if id(p) in gate_ids:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(("_token", "pos_embed")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
 
 
 def _variant_dict(v: SavedVariant) -> dict[str, Any]:
