@@ -55,17 +55,25 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lut", type=Path, help="Use this table instead of profiling one.")
     parser.add_argument("--space", default="deit_small", help="Space to profile when no --lut is given.")
     parser.add_argument("--work", type=Path, default=Path("bench-work"), help="Folder for a profiled table.")
-    parser.add_argument("--backend", default=None, help="Backend (default: onnxruntime, tensorrt with --gpu).")
+    parser.add_argument("--backend", default=None, help="Backend (default: the table's with --lut, else "
+                        "onnxruntime, tensorrt with --gpu).")
     parser.add_argument("--gpu", action="store_true", help="Measure on the CUDA device.")
-    parser.add_argument("--threads", type=int, default=None, help="Intra-op threads of CPU backends.")
+    parser.add_argument("--threads", type=int, default=None, help="Intra-op threads of CPU backends (default: "
+                        "the table's with --lut, else every available core).")
     parser.add_argument("--quick", action="store_true", help="Small settings: a smoke run of a few minutes.")
+    parser.add_argument("--passes", type=int, default=1, help="Sweep passes when profiling (see nvit profile).")
     parser.add_argument("--allow-settings-mismatch", action="store_true",
                         help="Measure even if the backend's settings differ from the table's.")
 
 
-def make_backend(args: argparse.Namespace, precision: Precision, batch_size: int) -> Any:
+def make_backend(args: argparse.Namespace, precision: Precision, batch_size: int, meta: Any = None) -> Any:
+    """With a table and no backend flags: the backend exactly as recorded in the table (its constructor
+    options and harness). Otherwise the backend the flags name."""
+    from nvit.export.compare import backend_for_table
     from nvit.profiler.backends import default_backend
 
+    if meta is not None and args.backend is None and args.threads is None and not args.gpu:
+        return backend_for_table(meta)
     device = DeviceKind.CUDA if args.gpu else DeviceKind.CPU
     options = {} if args.threads is None else {"intra_op_threads": args.threads}
     return get_backend(args.backend or default_backend(device))(device=device, precision=precision,
@@ -98,7 +106,7 @@ def obtain_table(args: argparse.Namespace, backend: Any, space: SearchSpace | No
         assert space is not None
         out = args.work / f"lut-{space.name or 'space'}.parquet"
         report = Reporter("profile")
-        result = run_sweep(space, backend, out, options=SweepOptions(),
+        result = run_sweep(space, backend, out, options=SweepOptions(passes=args.passes),
                            progress=lambda p: report(p.done, p.total, p.name))
         table, spent = result.table, result.seconds
     check_compatible(table.meta, device=backend.device, precision=backend.precision,
@@ -248,12 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     space = quick_space() if args.quick else resolve_space(args.space)
     per_kind = QUICK_OFFGRID if args.quick else args.offgrid
     try:
-        if args.lut is not None:
-            meta = LatencyTable.load(args.lut).meta
-            precision, batch = meta.precision, meta.batch_size
-        else:
-            precision, batch = space.precision, space.batch_size
-        with make_backend(args, precision, batch) as backend:
+        meta = LatencyTable.load(args.lut).meta if args.lut is not None else None
+        precision = meta.precision if meta else space.precision
+        batch = meta.batch_size if meta else space.batch_size
+        with make_backend(args, precision, batch, meta) as backend:
             table, spent = obtain_table(args, backend, None if args.lut else space)
             start = time.perf_counter()
             doc = {"benchmark": "lut_interpolation", "quick": args.quick, "context": context(table, backend),

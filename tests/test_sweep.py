@@ -90,6 +90,37 @@ def test_sentinel_drift_is_recorded(tmp_path) -> None:
     assert first["sentinel_drift"].tolist() == pytest.approx([0.0] * 5 + [0.06])
 
 
+def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> None:
+    options = SweepOptions(sentinel_every=5, calibration_models=3, passes=2)
+    backend = fk.FakeBackend(drift_per_call=0.01)  # every call slower than the one before
+    table = sweep(tmp_path / "t.parquet", backend, options=options).table
+    sentinel = "block/e64/h4/q16/v16/m256"
+    parts = [c for c in backend.calls if c != sentinel and not c.startswith("cal-")]
+    assert len(parts) == 2 * (N_PARTS - 1) and len(set(parts)) == N_PARTS - 1  # the sentinel is in the space
+    assert sum(c.startswith("cal-") for c in backend.calls) == 2 * 3
+    first_call = {}
+    for i, name in enumerate(backend.calls):
+        first_call.setdefault(name, i)
+    for r in table.rows.itertuples():
+        config = PartConfig(PartKind(r.kind), r.embed_dim, r.heads, r.qk_dim, r.v_dim, r.mlp_dim)
+        if config.key != sentinel:  # the sentinel's own first call is its re-timing
+            assert r.latency_ms_median == pytest.approx(fk.config_ms(config) * (1 + 0.01 * first_call[config.key]))
+    assert table.meta.protocol["passes"] == 2
+
+    out = tmp_path / "resumed.parquet"
+    with pytest.raises(fk.Killed):
+        sweep(out, fk.FakeBackend(kill_after=N_PARTS + 12), options=options)
+    done = [r for r in journal_records(journal_path(out)) if r["type"] == "part"]
+    assert {r["pass"] for r in done} == {0, 1}
+    backend = fk.FakeBackend()
+    result = sweep(out, backend, options=options)
+    remeasured = [c for c in backend.calls if c != sentinel and not c.startswith("cal-")]
+    done_here = sum(PartConfig(**r["config"]).key != sentinel for r in done)
+    assert len(remeasured) == 2 * (N_PARTS - 1) - done_here
+    assert result.resumed == len(done)
+    check_complete(result.table)
+
+
 def test_resume_after_a_crash_measures_only_the_rest(tmp_path) -> None:
     out = tmp_path / "t.parquet"
     with pytest.raises(fk.Killed):
@@ -221,6 +252,8 @@ def test_bad_requests(tmp_path) -> None:
         SweepOptions(sentinel_every=0)
     with pytest.raises(LutError, match="calibration_models"):
         SweepOptions(calibration_models=-1)
+    with pytest.raises(LutError, match="passes"):
+        SweepOptions(passes=0)
 
 
 def test_uncalibrated_sweep(tmp_path) -> None:

@@ -80,6 +80,8 @@ def profile(
     seed: int = typer.Option(0, "--seed", help="Seed of the randomised measurement order."),
     sentinel_every: int = typer.Option(25, "--sentinel-every", help="Re-time the sentinel block every N configs."),
     calibrate: int = typer.Option(4, "--calibrate", help="Whole models measured to fit the calibration (0: none)."),
+    passes: int = typer.Option(1, "--passes", help="Measure everything N times, each pass in a new order, and keep "
+                               "the fastest (2 on a CPU shared with other jobs)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of CPU backends "
                                        "(default: every available core)."),
     backend_option: list[str] = typer.Option([], "--backend-option", help="Backend option KEY=VALUE (repeatable), "
@@ -94,7 +96,7 @@ def profile(
 
     device_kind = DeviceKind.CUDA if gpu else DeviceKind.CPU
     the_space = resolve_space(space, batch_size=batch_size, precision=precision)
-    options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate)
+    options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate, passes=passes)
     backend_cls = get_backend(backend or default_backend(device_kind))
     be = backend_cls(device=device_kind, precision=the_space.precision, batch_size=the_space.batch_size,
                      **parse_backend_options(backend_option, threads))
@@ -104,7 +106,8 @@ def profile(
         path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size)
         counts = the_space.counts()
         console.print(f"profiling [bold]{the_space.name or space}[/] with {be.name} on {device.slug()}: "
-                      + ", ".join(f"{n} {k}" for k, n in counts.items()) + f", {calibrate} whole models → {path}")
+                      + ", ".join(f"{n} {k}" for k, n in counts.items()) + f", {calibrate} whole models"
+                      + (f", {passes} passes" if passes > 1 else "") + f" → {path}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as bar:

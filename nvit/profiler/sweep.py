@@ -4,6 +4,8 @@ Protocol:
 
 1. The space's configurations are shuffled with a seed (neighbours in time are not neighbours on the
    grid, so slow drift of the machine does not bend the table along one axis).
+   With several passes every configuration is measured once per pass (each pass in a new order) and
+   its row keeps the fastest pass: on a shared CPU interference only ever adds time.
 2. A sentinel configuration (:meth:`SearchSpace.sentinel`) is timed first, every ``sentinel_every``
    configurations, at every restart and at the end; each row records the sentinel drift seen last.
 3. Every measured configuration is appended to a JSON-lines journal beside the output and fsynced, so a
@@ -32,7 +34,7 @@ import numpy as np
 
 from nvit.arch import ArchSpec
 from nvit.errors import LutError
-from nvit.profiler.base import Backend, TimingStats
+from nvit.profiler.base import Backend
 from nvit.profiler.space import PartConfig, SearchSpace, calibration_archs
 from nvit.profiler.workloads import model_workload, part_workload
 
@@ -52,8 +54,11 @@ class SweepOptions:
     calibration_models: int = DEFAULT_CALIBRATION_MODELS  # 0: leave the table uncalibrated
     calibration_seed: int = 1
     fit_scale: bool = True
+    passes: int = 1  # each pass measures every configuration in a new order; a row keeps its fastest pass
 
     def __post_init__(self) -> None:
+        if self.passes < 1:
+            raise LutError(f"passes must be >= 1, got {self.passes}")
         if self.sentinel_every < 1:
             raise LutError(f"sentinel_every must be >= 1, got {self.sentinel_every}")
         if self.calibration_models < 0:
@@ -195,8 +200,8 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _stats_from(record: Mapping[str, Any]) -> TimingStats:
-    return TimingStats(**record["stats"])
+def _median(record: Mapping[str, Any]) -> float:
+    return float(record["stats"]["latency_ms_median"])
 
 
 class _Sweep:
@@ -222,19 +227,19 @@ class _Sweep:
         self._report(Phase.SENTINEL, config.key, stats.latency_ms_median)
         return drift
 
-    def part(self, config: PartConfig, index: int, drift: float) -> None:
+    def part(self, config: PartConfig, index: int, drift: float, pass_index: int) -> None:
         start = time.perf_counter()
         stats = self.backend.measure(part_workload(config, self.space.base, self.space.batch_size))
         seconds = time.perf_counter() - start
         self.journal.append({"type": "part", "config": config.to_dict(), "stats": stats.as_dict(),
-                             "seconds": seconds, "index": index, "sentinel_drift": drift,
+                             "seconds": seconds, "index": index, "pass": pass_index, "sentinel_drift": drift,
                              "measured_at": utc_now()})
         self.done += 1
         self.measured += 1
         self._report(Phase.PART, config.key, stats.latency_ms_median)
 
-    def models(self, archs: list[ArchSpec]) -> None:
-        have = {r["name"] for r in self.journal.of_type("model")}
+    def models(self, archs: list[ArchSpec], pass_index: int) -> None:
+        have = {r["name"] for r in self.journal.of_type("model") if r["pass"] == pass_index}
         todo = [a for a in archs if a.name not in have]
         if not todo:
             return
@@ -244,7 +249,7 @@ class _Sweep:
         seconds = (time.perf_counter() - start) / len(todo)
         for arch, s in zip(todo, stats, strict=True):
             self.journal.append({"type": "model", "name": arch.name, "arch": arch.to_dict(), "stats": s.as_dict(),
-                                 "seconds": seconds, "measured_at": utc_now()})
+                                 "seconds": seconds, "pass": pass_index, "measured_at": utc_now()})
             self.done += 1
             self.measured += 1
             self._report(Phase.CALIBRATION, arch.name, s.latency_ms_median)
@@ -312,29 +317,36 @@ def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepO
          header: Mapping[str, Any]) -> tuple[Any, _Sweep]:
     """Sentinel, the parts not in the journal, the calibration models; then the table."""
     configs = space.configs()
-    order = np.random.default_rng(options.seed).permutation(len(configs))
     archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed)
-    done_keys = {PartConfig(**r["config"]).key for r in journal.of_type("part")}
-    done_models = {r["name"] for r in journal.of_type("model")}
-    resumed = len(done_keys) + len(done_models & {a.name for a in archs})
-    sweep = _Sweep(space, backend, journal, options, progress, len(configs) + len(archs), resumed)
+    done = {(PartConfig(**r["config"]).key, r["pass"]) for r in journal.of_type("part")}
+    names = {a.name for a in archs}
+    resumed = len(done) + sum(r["name"] in names for r in journal.of_type("model"))
+    total = options.passes * (len(configs) + len(archs))
+    sweep = _Sweep(space, backend, journal, options, progress, total, resumed)
 
-    parts_done = len(done_keys)
-    todo = [configs[i] for i in order if configs[i].key not in done_keys]
+    parts_done = len(done)
+    todo = [(p, configs[i]) for p in range(options.passes) for i in _order(options.seed, p, len(configs))
+            if (configs[i].key, p) not in done]
     drift = journal.of_type("sentinel")[-1]["drift"] if journal.of_type("sentinel") else 0.0
     since_sentinel = options.sentinel_every  # (re)starting: time the sentinel first
-    for config in todo:
+    for pass_index, config in todo:
         if since_sentinel >= options.sentinel_every:
             drift = sweep.sentinel(parts_done)
             since_sentinel = 0
-        sweep.part(config, parts_done, drift)
+        sweep.part(config, parts_done, drift, pass_index)
         parts_done += 1
         since_sentinel += 1
     if todo:
         sweep.sentinel(parts_done)
-    sweep.models(archs)
+    for pass_index in range(options.passes):
+        sweep.models(archs, pass_index)
 
     return build_table(space, backend, device, journal, options, header), sweep
+
+
+def _order(seed: int, pass_index: int, n: int) -> np.ndarray:
+    """The measurement order of one pass (a new shuffle per pass)."""
+    return np.random.default_rng(seed if pass_index == 0 else [seed, pass_index]).permutation(n)
 
 
 def _header_fingerprint(header: Mapping[str, Any]) -> str:
@@ -351,32 +363,42 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
     from nvit.lut.predictor import LatencyPredictor, fit_calibration
     from nvit.lut.table import LatencyTable, LutMeta, rows_from_records
 
-    records = []
     parts = journal.of_type("part")
+    by_key: dict[str, list[dict[str, Any]]] = {}
     for r in parts:
+        by_key.setdefault(PartConfig(**r["config"]).key, []).append(r)
+    records = []
+    for passes in by_key.values():  # the fastest pass; time spent is summed over passes
+        r = min(passes, key=_median)
         records.append({**r["config"], **r["stats"], "sentinel_drift": r["sentinel_drift"], "sweep_index": r["index"],
-                        "profile_seconds": r["seconds"], "measured_at": r["measured_at"]})
+                        "profile_seconds": sum(x["seconds"] for x in passes), "measured_at": r["measured_at"]})
     sentinel = [{"after": r["after"], "latency_ms": r["latency_ms"], "drift": r["drift"],
                  "measured_at": r["measured_at"]} for r in journal.of_type("sentinel")]
-    models = journal.of_type("model")
+    model_runs = journal.of_type("model")
+    fastest: dict[str, dict[str, Any]] = {}
+    for r in model_runs:
+        if r["name"] not in fastest or _median(r) < _median(fastest[r["name"]]):
+            fastest[r["name"]] = r
+    models = list(fastest.values())
     meta = LutMeta(
         backend=backend.name, device_kind=backend.device, precision=space.precision,
         batch_size=space.batch_size, num_tokens=space.num_tokens, base_arch=space.base.to_dict(),
         device_identity=device.identity(), device=device.to_dict(), space=space.to_dict(),
         versions={**device.versions, **backend.versions()}, settings=backend.settings(),
-        protocol={"order": "random", "seed": options.seed, "sentinel_every": options.sentinel_every,
+        protocol={"order": "random", "seed": options.seed, "passes": options.passes,
+                  "sentinel_every": options.sentinel_every,
                   "sentinel": space.sentinel().key, "space_fingerprint": space.fingerprint(),
                   "journal_header_fingerprint": _header_fingerprint(header),
                   "calibration_models": options.calibration_models, "calibration_seed": options.calibration_seed},
         sentinel=sentinel,
-        profile_seconds_total=float(sum(r["seconds"] for r in parts) + sum(r["seconds"] for r in models)),
+        profile_seconds_total=float(sum(r["seconds"] for r in parts) + sum(r["seconds"] for r in model_runs)),
         nvit_version=__version__,
     )
     table = LatencyTable(rows_from_records(records), meta).validate()
     if models:
         raw = LatencyPredictor(table, calibrated=False)
         archs = [ArchSpec.from_dict(r["arch"]) for r in models]
-        calibration = fit_calibration([r["name"] for r in models], [_stats_from(r).latency_ms_median for r in models],
+        calibration = fit_calibration([r["name"] for r in models], [_median(r) for r in models],
                                       [raw.predict_ms(a) for a in archs], fit_scale=options.fit_scale)
         for item, r in zip(calibration["models"], models, strict=True):
             item["arch"] = r["arch"]
