@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low", type=float, default=0.3, help="Smallest width fraction.")
     parser.add_argument("--high", type=float, default=1.0, help="Largest width fraction.")
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
-    parser.add_argument("--passes", type=int, default=2, help="Measurement passes over all models (min is kept).")
+    parser.add_argument("--model-passes", type=int, default=2, help="Measurement passes over all models (the "
+                        "fastest is kept).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     n_models = QUICK_MODELS if args.quick else args.models
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             recal = [replace(a, name=f"recal-{a.name}") for a in
                      calibration_archs(base, n_recal, seed=RECALIBRATION_SEED)]
             start = time.perf_counter()
-            measured = measure_models(backend, [dense, *evaluation, *recal], batch, args.seed, max(1, args.passes))
+            everything = [dense, *evaluation, *recal]
+            measured = measure_models(backend, everything, batch, args.seed, max(1, args.model_passes))
             measure_s = time.perf_counter() - start
     except NvitError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         models.append(row)
     doc = {"benchmark": "lut_end_to_end", "quick": args.quick, "context": context(table, backend),
            "settings": {"models": n_models, "low": args.low, "high": args.high, "seed": args.seed,
-                        "recalibrate": n_recal, "group_size": GROUP_SIZE, "passes": args.passes},
+                        "recalibrate": n_recal, "group_size": GROUP_SIZE, "model_passes": args.model_passes},
            "dense_ms": measured["dense"]["measured_ms"], "results": results,
            "table_calibration": table.meta.calibration, "fresh_calibration": fresh, "models": models,
            "cost": {"table_seconds_total": table.meta.profile_seconds_total,

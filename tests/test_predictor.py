@@ -212,3 +212,40 @@ def test_fit_calibration_falls_back_to_an_offset_when_a_slope_is_not_identifiabl
         fit_calibration([], [], [])
     with pytest.raises(LutError, match="finite and positive"):
         fit_calibration(["a"], [-1.0], [1.0])
+
+
+def test_the_benchmarks_run_end_to_end_with_a_fake_backend(tmp_path, monkeypatch) -> None:
+    """The issue's benchmark scripts, on a tiny space and the fake backend: the oracle makes every
+    LUT prediction exact, and the FLOPs baseline is not."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from nvit.profiler.base import register_backend
+    from nvit.profiler.space import save_space
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    register_backend("fake", lambda: fk.FakeBackend)
+    for name in ("lut_interpolation", "lut_end_to_end"):
+        sys.modules.pop(name, None)
+    import lut_end_to_end
+    import lut_interpolation
+
+    space = save_space(fk.tiny_space(embed_dims=(16, 32, 48, 64), mlp_dims=(32, 64, 128, 256)),
+                       tmp_path / "space.json")
+    common = ["--backend", "fake", "--space", str(space), "--work", str(tmp_path / "work")]
+    assert lut_interpolation.main([*common, "--offgrid", "2", "--out", str(tmp_path / "interp.json")]) == 0
+    interp = json.loads((tmp_path / "interp.json").read_text())
+    assert interp["held_out_grid"]["attn"]["n"] > 0 and interp["held_out_grid"]["attn"]["max_abs_pct"] < 1e-6
+    assert interp["off_grid"]["block"]["n"] == 2 and interp["off_grid"]["block"]["max_abs_pct"] < 1e-6
+    assert interp["cost"]["deit_small_table_estimate_s"] >= 0
+    lut = tmp_path / "work" / "lut-tiny.parquet"
+    argv = ["--lut", str(lut), "--backend", "fake", "--models", "5", "--recalibrate", "3", "--model-passes", "2",
+            "--out", str(tmp_path / "e2e.json")]
+    assert lut_end_to_end.main(argv) == 0
+    e2e = json.loads((tmp_path / "e2e.json").read_text())
+    lut_result, flops = e2e["results"]["lut_table_calibration"], e2e["results"]["flops_proportional"]
+    assert lut_result["n"] == 5 and lut_result["mape_pct"] < 1e-6 and lut_result["kendall_tau"] == pytest.approx(1.0)
+    assert e2e["results"]["lut_fresh_calibration"]["mape_pct"] < 1e-6
+    assert flops["mape_pct"] > 1.0
+    assert all(len(m["pass_ms"]) == 2 for m in e2e["models"])
