@@ -113,7 +113,8 @@ class LatencyPredictor(Predictor):
             halves = self._halves(blocks["embed_dim"].to_numpy(), blocks["heads"].to_numpy(),
                                   blocks["qk_dim"].to_numpy(), blocks["v_dim"].to_numpy(),
                                   blocks["mlp_dim"].to_numpy())
-            ratio = blocks[LATENCY_COLUMN].to_numpy(dtype=float) / halves
+            measured = blocks[LATENCY_COLUMN].to_numpy(dtype=float)
+            ratio = np.divide(measured, halves, out=np.ones_like(measured), where=halves > 0)
             per_e = {int(e): float(np.mean(ratio[blocks["embed_dim"].to_numpy() == e]))
                      for e in np.unique(blocks["embed_dim"].to_numpy())}
             self.interaction_by_embed = per_e
