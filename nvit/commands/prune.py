@@ -150,7 +150,7 @@ def prune(
 
         val_set = build_dataset(data, "val", spec, augment=False)
         for v in result.variants:
-            accuracies[v.label] = top1(load_variant(v.path).to(torch_device), val_set, device=torch_device)
+            accuracies[v.label] = top1(load_variant(v.path).to(torch_device), val_set)
             record_top1(v.path, accuracies[v.label], split="val", stage="pruned, before fine-tuning")
     console = Console(width=max(Console().width, 120))  # the table is wide; pipes and logs get 120 columns
     console.print(variants_table(result, accuracies, unit))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,11 +209,13 @@ class _Run:
             in_window = self.step % cfg.interval >= cfg.interval - cfg.window
             hook = (lambda: self.saliency.add(model)) if in_window else None
             stats = train_step(model, images, labels, self.optimizer, loss_fn, after_backward=hook)
-            pruned_now, eta, saved = 0, math.nan, None
+            pruned_now, eta, prune_ms, saved = 0, math.nan, math.nan, None
             if (self.step + 1) % cfg.interval == 0:
+                started = time.perf_counter()
                 pruned_now, eta = self.prune_step()
+                prune_ms = (time.perf_counter() - started) * 1e3
                 saved = self.save_crossed()
-            report = self.record(stats, pruned_now, eta, saved)
+            report = self.record(stats, pruned_now, eta, prune_ms, saved)
             self.step += 1
             if not self.pending():
                 self.done = True
@@ -276,7 +279,8 @@ class _Run:
         log.info("saved %s: predicted %.4g ms <= target %.4g ms", folder, self.latency_ms, target.latency_ms)
         return SavedVariant(target.label, str(folder), target.latency_ms, self.latency_ms, self.step, spec)
 
-    def record(self, stats: StepResult, pruned_now: int, eta: float, saved: str | None) -> StepReport:
+    def record(self, stats: StepResult, pruned_now: int, eta: float, prune_ms: float, saved: str | None
+               ) -> StepReport:
         pending = self.pending()
         next_ms = pending[0].latency_ms if pending else None
         span = self.dense_ms - self.targets[-1].latency_ms
@@ -286,7 +290,8 @@ class _Run:
             "step": self.step, "loss": loss, "ce": stats.ce, "kd": stats.kd, "accuracy": accuracy,
             "lr": stats.lr, "predicted_latency_ms": self.latency_ms,
             "next_target_ms": math.nan if next_ms is None else next_ms, "pruned_groups": self.state.num_pruned,
-            "pruned_now": pruned_now, "eta_eff": eta, "saved": saved or "", **widths_row(self.state.spec()),
+            "pruned_now": pruned_now, "eta_eff": eta, "prune_wall_ms": prune_ms, "saved": saved or "",
+            **widths_row(self.state.spec()),
         })
         return StepReport(self.step, loss, accuracy, self.latency_ms, next_ms, self.state.num_pruned, pruned_now,
                           progress, saved)

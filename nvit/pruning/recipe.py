@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nvit.arch import ArchSpec, resolve_arch
 from nvit.errors import NvitError
 from nvit.lut.base import FlopsPredictor, Predictor
@@ -116,22 +114,12 @@ def frozen_teacher(model: VisionTransformer) -> VisionTransformer:
     return teacher.eval()
 
 
-@torch.no_grad()
-def top1(model: VisionTransformer, dataset: Any, *, batch_size: int = 256, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on a map-style data set of (image, label) pairs."""
-    from torch.utils.data import DataLoader
+def top1(model: VisionTransformer, dataset: Any, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` in eval mode on a data set, on the model's device."""
+    from nvit.data import build_loader
+    from nvit.pruning.train import evaluate
 
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(images.to(device))
-        correct += int((logits.argmax(-1).cpu() == labels).sum())
-        total += int(labels.numel())
-    model.train(was_training)
-    if total == 0:
-        raise RecipeError("the evaluation data set is empty")
-    return correct / total
+    return evaluate(model, build_loader(dataset, batch_size=batch_size, train=False))
 
 
 def record_top1(folder: str | os.PathLike[str], accuracy: float, *, split: str, stage: str) -> None:
