@@ -234,3 +234,51 @@ def test_cli_prunes_to_latency_and_ratio_targets(cli_inputs, tmp_path, capsys) -
     code, _, err = cli([*common, "--target-ratio", "0.8", "--target-latency", f"{target_ms}ms", "--out", str(out)],
                        capsys)
     assert code == 1 and "--resume" in err
+
+
+# ---- data parallel ---------------------------------------------------------------------------------
+WORLD = 2
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from nvit.pruning.distributed import init_distributed, shutdown
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    try:
+        cfg = config(Target.ratio(0.6), batch_size=8)
+        source = digits_batches()
+        data = StepBatches(source.dataset, batch_size=8, seed=0, rank=rank, world_size=WORLD)
+        model = build_model(SPEC, seed=0 if rank == 0 else 1)  # DDP broadcasts rank 0's weights
+        result = prune(model, config=cfg, predictor=FlopsPredictor(SPEC, reference_ms=DENSE_MS), data=data,
+                       out_dir=f"{out_dir}/run", distributed=ctx)
+        torch.save({"state": model.state_dict(), "arch": result.variants[0].arch.to_dict(), "steps": result.steps},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        shutdown()
+
+
+def test_two_gloo_ranks_prune_like_one_process_with_the_global_batch(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key  # same weights and the same gates everywhere
+    assert ranks[0]["arch"] == ranks[1]["arch"] and ranks[0]["steps"] == ranks[1]["steps"]
+    # one process seeing each step's global batch (2 x 8) takes the same pruning decisions
+    _, _, single = run(tmp_path / "single", config(Target.ratio(0.6), batch_size=16))
+    assert single.steps == ranks[0]["steps"] and single.variants[0].arch.to_dict() == ranks[0]["arch"]
+    ddp_log, one_log = pd.read_parquet(tmp_path / "run" / "prune_log.parquet"), pd.read_parquet(single.log_path)
+    np.testing.assert_allclose(ddp_log["loss"], one_log["loss"], rtol=1e-4)  # loss reduced over ranks
+    np.testing.assert_array_equal(ddp_log["pruned_groups"], one_log["pruned_groups"])
+    assert (tmp_path / "run" / "ratio_0.6" / "arch.json").is_file()

@@ -2,7 +2,8 @@
 
 Epoch ``k`` visits the data set in the order of a permutation seeded by ``(seed, k)``; the last incomplete
 batch of an epoch is dropped. ``batches(start_step)`` therefore yields from any step on without replaying
-the ones before it.
+the ones before it. Under data parallelism, step ``s`` takes one global batch of ``batch_size ×
+world_size`` items and rank ``r`` gets its ``r``-th slice (``batch_size`` is per process).
 """
 
 from __future__ import annotations
@@ -28,14 +29,19 @@ class BatchSource(Protocol):
 class StepBatches:
     """Deterministic, endless batches of a map-style data set (``TensorDataset`` is indexed directly)."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int = 0, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise NvitError(f"rank {rank} is not within a world of {world_size}")
+        self.rank, self.world_size = rank, world_size
         self.size = len(dataset)  # type: ignore[arg-type]
         if batch_size <= 0:
             raise NvitError(f"batch size must be positive, got {batch_size}")
-        if self.size < batch_size:
-            raise NvitError(f"the data set has {self.size} samples, fewer than one batch of {batch_size}")
-        self.steps_per_epoch = self.size // batch_size
+        global_batch = batch_size * world_size
+        if self.size < global_batch:
+            raise NvitError(f"the data set has {self.size} samples, fewer than one batch of {global_batch}")
+        self.steps_per_epoch = self.size // global_batch
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -44,7 +50,8 @@ class StepBatches:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.size, generator=g), epoch
-        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+        start = (pos * self.world_size + self.rank) * self.batch_size
+        return self._perm[start : start + self.batch_size]
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         if isinstance(self.dataset, TensorDataset):

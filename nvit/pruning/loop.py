@@ -24,6 +24,7 @@ import torch
 
 from nvit import __version__
 from nvit.arch import ArchSpec
+from nvit.data import epoch_seed
 from nvit.errors import TargetError
 from nvit.lut.base import Predictor
 from nvit.models import save_variant, slice_model
@@ -32,6 +33,7 @@ from nvit.pruning import runstate
 from nvit.pruning.batches import BatchSource
 from nvit.pruning.config import PruneConfig, Target, TargetKind
 from nvit.pruning.distill import ClassificationLoss, LossFn
+from nvit.pruning.distributed import DistContext, all_reduce_scalars, barrier, current_context, wrap_ddp
 from nvit.pruning.groups import GroupLayout, PruneError, PruneState, widths_row
 from nvit.pruning.regularizer import group_latency_deltas_ms, rank
 from nvit.pruning.saliency import SaliencyAccumulator, normalise
@@ -118,6 +120,7 @@ def prune(
     provenance: Mapping[str, Any] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     device: torch.device | str | None = None,
+    distributed: DistContext | None = None,
 ) -> PruneResult:
     """Prune ``model`` (dense or a variant) until its predicted latency meets every target in ``config``.
 
@@ -125,12 +128,19 @@ def prune(
     :class:`~nvit.pruning.distill.DistillationLoss` for CE + KD from the dense teacher).
     ``provenance`` (base model, LUT identity...) is stored in every variant's ``arch.json``. Targets are
     checked before any work. With ``resume``, ``out_dir`` must hold a checkpoint of the same config.
+
+    Under ``torchrun`` (``distributed``, default: the joined process group) every rank runs this with its
+    shard of the data (:class:`~nvit.pruning.batches.StepBatches` with ``rank``/``world_size``); the model is
+    wrapped in DDP after its gates are created, so gate gradients (hence saliency) and weight gradients are
+    averaged over ranks and every rank takes the same pruning decisions; logged loss and accuracy are
+    reduced over ranks; only rank 0 writes files.
     """
     layout = GroupLayout(model.spec, group_size=config.group_size, minimums=config.minimums())
     targets = resolve_targets(config.targets, predictor, layout)
     out = Path(out_dir)
     has_state = runstate.check_out_dir(out, resume)
-    run = _Run(model, layout, targets, config, predictor, out, provenance or {}, device)
+    run = _Run(model, layout, targets, config, predictor, out, provenance or {}, device,
+               distributed or current_context())
     if has_state:
         run.restore()
     if not run.done:
@@ -141,10 +151,14 @@ def prune(
 class _Run:
     def __init__(self, model: VisionTransformer, layout: GroupLayout, targets: tuple[ResolvedTarget, ...],
                  config: PruneConfig, predictor: Predictor, out: Path, provenance: Mapping[str, Any],
-                 device: torch.device | str | None) -> None:
+                 device: torch.device | str | None, ctx: DistContext) -> None:
         self.model, self.layout, self.targets, self.config = model, layout, targets, config
         self.predictor, self.out, self.provenance = predictor, out, dict(provenance)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.ctx = ctx
+        if ctx.is_distributed:
+            self.device = ctx.device
+        else:
+            self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.base_arch = model.spec.to_dict()
         self.dense_ms = predictor.predict_ms(layout.spec)
         self.min_ms = predictor.predict_ms(layout.minimal_spec())
@@ -155,6 +169,7 @@ class _Run:
         self.state.apply(model)
         for g in model.gate_parameters():
             g.requires_grad_(True)
+        self.train_model = wrap_ddp(model, ctx) if ctx.is_distributed else model  # gates exist before DDP
         self.optimizer = _optimizer(model, config)
         self.saliency = SaliencyAccumulator(layout)
         self.step = 0
@@ -169,11 +184,12 @@ class _Run:
             "config": self.config.to_dict(), "base_arch": self.base_arch, "step": self.step, "done": self.done,
             "alive": torch.from_numpy(self.state.alive.copy()), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "saliency": self.saliency.state_dict(),
-            "rng": torch.get_rng_state(), "saved": [_variant_dict(v) for v in self.saved],
+            "saved": [_variant_dict(v) for v in self.saved],
         }
 
     def checkpoint(self) -> None:
-        runstate.save_state(self.out, self._state(), self.rows)
+        if self.ctx.is_main:
+            runstate.save_state(self.out, self._state(), self.rows)
 
     def restore(self) -> None:
         st = runstate.load_state(self.out)
@@ -186,7 +202,6 @@ class _Run:
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.saliency.load_state_dict(st["saliency"])
-        torch.set_rng_state(st["rng"])
         self.step, self.done = int(st["step"]), bool(st["done"])
         self.saved = [_variant_from_dict(v) for v in st["saved"]]
         self.rows = runstate.read_log(self.out / runstate.LOG_FILE, self.step)
@@ -203,12 +218,14 @@ class _Run:
         gates = model.gate_parameters()
         batches = data.batches(self.step)
         while self.pending():
+            torch.manual_seed(epoch_seed(cfg.seed, self.step, self.ctx.rank))  # augmentation: f(seed, step, rank)
             images, labels = next(batches)
             for g in gates:  # gates are not in the optimizer, so their gradients are cleared here
                 g.grad = None
             in_window = self.step % cfg.interval >= cfg.interval - cfg.window
             hook = (lambda: self.saliency.add(model)) if in_window else None
-            stats = train_step(model, images, labels, self.optimizer, loss_fn, after_backward=hook)
+            stats = self.reduced(train_step(self.train_model, images, labels, self.optimizer, loss_fn,
+                                            after_backward=hook))
             pruned_now, eta, prune_ms, saved = 0, math.nan, math.nan, None
             if (self.step + 1) % cfg.interval == 0:
                 started = time.perf_counter()
@@ -221,8 +238,17 @@ class _Run:
                 self.done = True
             if self.done or self.step % cfg.checkpoint_interval == 0:
                 self.checkpoint()
-            if on_step is not None:
+            if on_step is not None and self.ctx.is_main:
                 on_step(report)
+
+    def reduced(self, stats: StepResult) -> StepResult:
+        """Loss, CE, KD and accuracy over every rank's samples."""
+        if not self.ctx.is_distributed:
+            return stats
+        n = stats.count
+        loss, ce, kd, correct, count = all_reduce_scalars([stats.loss * n, stats.ce * n, stats.kd * n,
+                                                           stats.correct, n])
+        return StepResult(loss / count, ce / count, kd / count, int(correct), int(count), stats.lr)
 
     def prune_step(self) -> tuple[int, float]:
         cfg, state = self.config, self.state
@@ -275,7 +301,8 @@ class _Run:
             "prune_config": self.config.to_dict(),
             "nvit_version": __version__,
         }
-        save_variant(sliced, folder, prov)
+        if self.ctx.is_main:
+            save_variant(sliced, folder, prov)
         log.info("saved %s: predicted %.4g ms <= target %.4g ms", folder, self.latency_ms, target.latency_ms)
         return SavedVariant(target.label, str(folder), target.latency_ms, self.latency_ms, self.step, spec)
 
@@ -302,7 +329,9 @@ class _Run:
             "steps": self.step, "config": self.config.to_dict(), "provenance": self.provenance,
             "variants": [_variant_dict(v) for v in self.saved],
         }
-        runstate.write_run_summary(self.out, summary)
+        if self.ctx.is_main:
+            runstate.write_run_summary(self.out, summary)
+        barrier()
         return PruneResult(str(self.out), self.dense_ms, self.min_ms, tuple(self.saved), self.step,
                            str(self.out / runstate.LOG_FILE))
 
