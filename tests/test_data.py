@@ -18,7 +18,7 @@ from nvit.data import (
     build_loader,
     start_epoch,
 )
-from nvit.data.digits import DigitsDataset, shift, split_indices
+from nvit.data.digits import DigitsDataset, digits_dataset, shift, split_indices
 from nvit.data.transforms import (
     EvalTransform,
     Interpolation,
@@ -67,10 +67,12 @@ def test_shift_moves_pixels_and_fills() -> None:
     assert torch.equal(shift(image, 0, 0, fill=0.0), image)
 
 
-def test_digits_augmentation_only_on_train_and_seeded() -> None:
-    aug = build_dataset("digits", "train", VIT_TEST, augment=True)
-    val = build_dataset("digits", "val", VIT_TEST, augment=True)
-    assert aug.shift_px == 1 and val.shift_px == 0
+def test_digits_shift_augmentation_is_seeded_and_off_by_default() -> None:
+    assert build_dataset("digits", "train", VIT_TEST, augment=True).shift_px == 0
+    assert build_dataset("digits", "val", VIT_TEST, augment=True).shift_px == 0
+    assert digits_dataset("val", VIT_TEST, augment=True, shift_px=1).shift_px == 0  # never on val
+    aug = digits_dataset("train", VIT_TEST, augment=True, shift_px=1)
+    assert aug.shift_px == 1
     torch.manual_seed(3)
     first = torch.stack([aug[i][0] for i in range(8)])
     torch.manual_seed(3)

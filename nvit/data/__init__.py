@@ -43,8 +43,9 @@ def build_dataset(
 ) -> Dataset:
     """A data set by name (``digits``, ``synthetic``) or an ImageNet-layout folder, checked against ``arch``.
 
-    ``augment`` applies train-time augmentation to the train split (never to val): a one-pixel random shift
-    for digits, DeiT's random resized crop + flip for image folders; synthetic data is never augmented.
+    ``augment`` applies train-time augmentation to the train split (never to val): DeiT's random resized
+    crop + flip for image folders. Digits and synthetic data are not augmented (see
+    :data:`nvit.data.digits.DEFAULT_SHIFT_PX`; :class:`DigitsDataset` takes an explicit ``shift_px``).
     """
     text = str(name_or_path)
     split = Split.parse(split)

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,19 +26,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nvit.data import ShardedSampler, start_epoch
-from nvit.errors import NvitError
 from nvit.pruning.distill import LossFn, StudentOutput
-from nvit.pruning.distributed import all_reduce_scalars, barrier, is_main_process, unwrap
+from nvit.pruning.distributed import all_reduce_scalars, unwrap
+from nvit.pruning.train_checkpoint import (
+    TrainError,
+    TrainState,
+    load_checkpoint,
+    run_lock,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SCHEMA_VERSION = 1
-CHECKPOINT_KIND = "nvit.train_checkpoint"
+__all__ = [
+    "EpochStats", "FitResult", "Progress", "StepResult", "TrainConfig", "TrainError", "TrainState",
+    "build_optimizer", "build_scheduler", "evaluate", "fit", "load_checkpoint", "lr_factor", "parameter_groups",
+    "run_lock", "save_checkpoint", "save_history", "train_epoch", "train_step",
+]
+
 _NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed")
-
-
-class TrainError(NvitError):
-    """A training setting is invalid or a checkpoint cannot be resumed."""
 
 
 @dataclass(frozen=True)
@@ -260,64 +266,15 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
     return correct / count
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainState:
-    """Where a run stands: epochs completed, per-epoch history, and what it was started with."""
+def save_history(history: Sequence[EpochStats], path: str | os.PathLike[str]) -> None:
+    """Per-epoch metrics as CSV (one row per epoch; top-1 as fractions), written atomically."""
+    from nvit.fileio import atomic_write_text
 
-    epochs_done: int
-    history: tuple[dict[str, float], ...]
-    config: dict[str, Any]
-    extra: dict[str, Any]
-
-
-def save_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: TrainState,
-) -> None:
-    """Write model, optimizer, scheduler and ``state`` atomically (rank 0 only; others just wait)."""
-    from nvit.fileio import atomic_path
-
-    if is_main_process():
-        doc = {
-            "schema_version": CHECKPOINT_SCHEMA_VERSION, "kind": CHECKPOINT_KIND,
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epochs_done": state.epochs_done,
-            "history": list(state.history), "config": state.config, "extra": state.extra,
-        }
-        with atomic_path(path) as tmp:
-            torch.save(doc, tmp)
-    barrier()
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> TrainState:
-    """Restore what :func:`save_checkpoint` wrote into the given objects; returns the saved state."""
-    path = Path(path)
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainError(f"training checkpoint not found: {path}") from None
-    except Exception as exc:
-        raise TrainError(f"cannot read training checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != CHECKPOINT_KIND:
-        raise TrainError(f"{path} is not an nvit training checkpoint")
-    if doc.get("schema_version") != CHECKPOINT_SCHEMA_VERSION:
-        raise TrainError(f"{path}: unsupported checkpoint schema_version {doc.get('schema_version')!r}")
-    try:
-        unwrap(model).load_state_dict(doc["model"])
-        optimizer.load_state_dict(doc["optimizer"])
-    except (RuntimeError, ValueError) as exc:
-        raise TrainError(f"{path} does not fit this model: {str(exc).splitlines()[0]}") from None
-    scheduler.load_state_dict(doc["scheduler"])
-    return TrainState(int(doc["epochs_done"]), tuple(doc["history"]), dict(doc["config"]), dict(doc["extra"]))
+    rows = [_stats_row(s) for s in history]
+    columns = list(rows[0]) if rows else ["epoch"]
+    cell = lambda row, c: str(int(row[c])) if c == "epoch" else repr(row[c])  # noqa: E731
+    lines = [",".join(columns)] + [",".join(cell(row, c) for c in columns) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -357,6 +314,16 @@ def fit(
     A checkpoint written with a different ``config`` or ``extra`` (e.g. another data set) is refused
     rather than silently mixed.
     """
+    with run_lock(checkpoint_path):
+        return _fit(model, train_loader, loss_fn, config, val_loader=val_loader, checkpoint_path=checkpoint_path,
+                    resume=resume, extra=extra, on_step=on_step, on_epoch=on_epoch)
+
+
+def _fit(
+    model: nn.Module, train_loader: DataLoader, loss_fn: LossFn, config: TrainConfig, *,
+    val_loader: DataLoader | None, checkpoint_path: str | os.PathLike[str] | None, resume: bool,
+    extra: Mapping[str, Any] | None, on_step: ProgressFn | None, on_epoch: Callable[[EpochStats], None] | None,
+) -> FitResult:
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, len(train_loader))
     extra = dict(extra or {})
@@ -369,7 +336,7 @@ def fit(
                              if state.config.get(k) != config.to_dict().get(k))
             changed += sorted(k for k in {**state.extra, **extra} if state.extra.get(k) != extra.get(k))
             raise TrainError(f"{checkpoint_path} was written with other settings ({', '.join(changed)}); "
-                             "start a new run or use the same settings")
+                             "rerun with the same settings, or restart from scratch (--restart)")
         first_epoch = state.epochs_done
         history = [_from_row(row) for row in state.history]
         log.info("resuming at epoch %d of %d from %s", first_epoch + 1, config.epochs, checkpoint_path)
