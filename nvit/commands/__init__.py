@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-_MODULES = ("arch", "export", "compare", "profile", "lut", "prune", "train", "pending")
+_MODULES = ("arch", "export", "compare", "profile", "lut", "prune", "train", "demo", "pending")
 
 
 def register_all(app: typer.Typer) -> None:

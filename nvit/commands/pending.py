@@ -7,7 +7,6 @@ import typer
 from nvit.errors import NotBuiltError
 
 _PENDING = {
-    "demo": "The whole pipeline on CPU with the bundled data set, in one command.",
 }
 
 

@@ -64,8 +64,8 @@ def prune(
     kd_weight: float = typer.Option(0.5, "--kd-weight", help="Weight of distillation from the dense model (0: CE)."),
     kd_temperature: float = typer.Option(1.0, "--kd-temperature", help="Distillation temperature τ."),
     seed: int = typer.Option(0, "--seed", help="Seed of batch order and augmentation."),
-    device: str | None = typer.Option(None, "--device", help="Torch device to train on (default: cuda if "
-                                      "available, else cpu)."),
+    device: str | None = typer.Option(None, "--device", help="Torch device to train on: auto, cpu, cuda, cuda:N "
+                                      "(default: auto; under torchrun each rank takes its local GPU)."),
     lut_device: str | None = typer.Option(None, "--lut-device", help="Require a table measured on this device "
                                           "kind (cpu | gpu)."),
     precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
@@ -76,20 +76,10 @@ def prune(
 ) -> None:
     """Prune a trained ViT globally (EMB, heads, QK, V, MLP) until its predicted latency meets every target,
     saving one sliced variant per target."""
-    import torch
-
     from nvit.data import build_dataset
-    from nvit.pruning.batches import StepBatches
     from nvit.pruning.config import PruneConfig, Target
-    from nvit.pruning.loop import prune as run_prune
-    from nvit.pruning.recipe import (
-        distillation_loss_fn,
-        frozen_teacher,
-        load_base,
-        load_latency_predictor,
-        record_top1,
-        top1,
-    )
+    from nvit.pruning.distributed import init_distributed, shutdown
+    from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1, top1
     from nvit.pruning.saliency import SaliencyNorm
 
     if not target_latency and not target_ratio:
@@ -120,17 +110,46 @@ def prune(
 
     resolve_targets(config.targets, loaded.predictor, GroupLayout(spec, group_size=group_size,
                                                                   minimums=config.minimums()))
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = init_distributed(device or "auto")  # a single process unless launched by torchrun
+    try:
+        result = _run(ctx, base, loaded, config, data, batch_size, seed, num_workers, kd_weight, kd_temperature,
+                      out, resume)
+        if not ctx.is_main:
+            return
+        accuracies: dict[str, float] = {}
+        if evaluate:
+            from nvit.models import load_variant
+
+            val_set = build_dataset(data, "val", spec, augment=False)
+            for v in result.variants:
+                accuracies[v.label] = top1(load_variant(v.path).to(ctx.device), val_set)
+                record_top1(v.path, accuracies[v.label], split="val", stage="pruned, before fine-tuning")
+    finally:
+        shutdown()
+    unit = "ms" if loaded.has_time_unit else "x dense"
+    console = Console(width=max(Console().width, 120))  # the table is wide; pipes and logs get 120 columns
+    console.print(variants_table(result, accuracies, unit))
+    console.print(f"variants in {result.out_dir}/<variant>; per-step log: {result.log_path}")
+
+
+def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: int, seed: int, num_workers: int,
+         kd_weight: float, kd_temperature: float, out: Path, resume: bool) -> Any:
+    from nvit.data import build_dataset
+    from nvit.pruning.batches import StepBatches
+    from nvit.pruning.loop import prune as run_prune
+    from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
+
+    spec = base.model.spec
     train_set = build_dataset(data, "train", spec, augment=True)
-    batches = StepBatches(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers)
-    teacher = frozen_teacher(base.model).to(torch_device) if kd_weight > 0 else None
+    batches = StepBatches(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers, rank=ctx.rank,
+                          world_size=ctx.world_size)
+    teacher = frozen_teacher(base.model).to(ctx.device) if kd_weight > 0 else None
     loss_fn = distillation_loss_fn(teacher, weight=kd_weight, temperature=kd_temperature)
     unit = "ms" if loaded.has_time_unit else "x dense"
-    provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data}
-
+    provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data, "world_size": ctx.world_size}
     console = Console(stderr=True)
     columns = (TextColumn("[bold]prune"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not ctx.is_main) as bar:
         task = bar.add_task("prune", total=1.0, status="starting")
 
         def on_step(r: Any) -> None:
@@ -141,20 +160,9 @@ def prune(
             if r.saved:
                 bar.console.print(f"saved [bold]{r.saved}[/] at step {r.step}: {r.predicted_latency_ms:.4g} {unit}")
 
-        result = run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
-                           loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=on_step,
-                           device=torch_device)
-    accuracies: dict[str, float] = {}
-    if evaluate:
-        from nvit.models import load_variant
-
-        val_set = build_dataset(data, "val", spec, augment=False)
-        for v in result.variants:
-            accuracies[v.label] = top1(load_variant(v.path).to(torch_device), val_set)
-            record_top1(v.path, accuracies[v.label], split="val", stage="pruned, before fine-tuning")
-    console = Console(width=max(Console().width, 120))  # the table is wide; pipes and logs get 120 columns
-    console.print(variants_table(result, accuracies, unit))
-    console.print(f"variants in {result.out_dir}/<variant>; per-step log: {result.log_path}")
+        return run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
+                         loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=on_step, device=ctx.device,
+                         distributed=ctx)
 
 
 def register(app: typer.Typer) -> None:
