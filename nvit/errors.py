@@ -35,9 +35,3 @@ class TargetError(NvitError):
 
 class ExportError(NvitError):
     """Export or numerical verification of an exported model failed."""
-
-
-class NotBuiltError(NvitError):
-    """A command that exists in the interface but is not implemented yet."""
-
-    exit_code = 2

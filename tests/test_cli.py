@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from nvit.cli import main
 
 
@@ -67,13 +65,3 @@ def test_debug_env_shows_traceback(tmp_path) -> None:
     )
     assert env_run.returncode != 0
     assert "Traceback" in env_run.stderr and "SpecError" in env_run.stderr
-
-
-@pytest.mark.parametrize("command", ["demo"])
-def test_unbuilt_commands_say_so(command: str, capsys) -> None:
-    from nvit.commands.pending import _PENDING
-
-    if command not in _PENDING:
-        pytest.skip(f"{command} is implemented")
-    code, _, err = run([command], capsys)
-    assert code != 0 and "not implemented" in err

@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-_MODULES = ("arch", "export", "compare", "profile", "lut", "prune", "train", "demo", "pending")
+_MODULES = ("arch", "export", "compare", "profile", "lut", "prune", "train", "demo")
 
 
 def register_all(app: typer.Typer) -> None:
