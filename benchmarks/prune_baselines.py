@@ -28,7 +28,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,16 @@ QUICK = Settings(base_epochs=3, interval=3, prune_per_iter=8, prune_lr=1e-3, fin
                  finetune_lr=1e-3, batch_size=32)
 
 
+def override(s: Settings, items: list[str]) -> Settings:
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in Settings.__dataclass_fields__:
+            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(Settings.__dataclass_fields__)}")
+        changes[key] = type(getattr(s, key))(value)
+    return replace(s, **changes)
+
+
 def log(msg: str) -> None:
     print(f"[prune_baselines {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -102,6 +112,10 @@ def base_model(work: Path, s: Settings, spec: ArchSpec) -> VisionTransformer:
     return load_variant(folder)
 
 
+def profiled_lut_path(args: argparse.Namespace) -> Path:
+    return args.work / f"lut-vit_test-b{args.lut_batch_size}.parquet"
+
+
 def latency_table(args: argparse.Namespace) -> LatencyTable:
     if args.lut is not None:
         return LatencyTable.load(args.lut)
@@ -109,11 +123,13 @@ def latency_table(args: argparse.Namespace) -> LatencyTable:
     from nvit.profiler.space import preset_space
     from nvit.profiler.sweep import run_sweep
 
-    out = args.work / "lut-vit_test.parquet"
+    out = profiled_lut_path(args)
     log(f"profiling the vit_test table into {out} (resumable)")
-    backend = get_backend("onnxruntime")(device=DeviceKind.CPU, precision=Precision.FP32, batch_size=1)
+    space = preset_space("vit_test", batch_size=args.lut_batch_size)
+    backend = get_backend("onnxruntime")(device=DeviceKind.CPU, precision=Precision.FP32,
+                                         batch_size=args.lut_batch_size)
     with backend:
-        return run_sweep(preset_space("vit_test"), backend, out).table
+        return run_sweep(space, backend, out).table
 
 
 # ---- one-shot baselines ---------------------------------------------------------------------------
@@ -294,8 +310,11 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS),
                         help="Target ratios of the dense predicted latency (default: 0.7 0.5 0.3).")
     parser.add_argument("--no-measure", action="store_true", help="Skip measuring latency with the backend.")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Override settings, e.g. --set finetune_steps=200 latency_weight=2.")
+    parser.add_argument("--lut-batch-size", type=int, default=1, help="Batch size when profiling a table.")
     args = parser.parse_args()
-    s = QUICK if args.quick else FULL
+    s = override(QUICK if args.quick else FULL, args.overrides)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     started = time.perf_counter()
     spec = preset("vit_test")
@@ -321,7 +340,7 @@ def main() -> None:
     doc = {
         "kind": "nvit.benchmark.prune_baselines", "version": 1, "nvit_version": __version__,
         "host": platform.node(), "quick": args.quick, "seeds": seeds, "settings": asdict(s),
-        "lut": {"path": str(args.lut or args.work / "lut-vit_test.parquet"), "identity": table.meta.identity(),
+        "lut": {"path": str(args.lut or profiled_lut_path(args)), "identity": table.meta.identity(),
                 "device": table.meta.device_name()},
         "base": {"val_top1": top1(base, data["val"]), "predicted_ms": predictor.predict_ms(base.spec),
                  "measured_ms": measured.get("base"), **widths(base.spec)},
