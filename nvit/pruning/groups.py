@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +44,6 @@ class GroupKind(enum.Enum):
 
 BLOCK_KINDS: tuple[GroupKind, ...] = (GroupKind.HEAD, GroupKind.QK, GroupKind.V, GroupKind.MLP)
 KIND_CODES: dict[GroupKind, int] = {k: i for i, k in enumerate(GroupKind)}
-_BLOCK_FIELD = {GroupKind.HEAD: "heads", GroupKind.QK: "qk_dim", GroupKind.V: "v_dim", GroupKind.MLP: "mlp_dim"}
 NO_BLOCK = -1  # block index recorded for EMB groups, which span every block
 
 
@@ -260,13 +258,6 @@ def _gate_order(depth: int) -> list[tuple[GroupKind, int | None]]:
     return order
 
 
-def block_width_field(kind: GroupKind) -> str:
-    """The :class:`~nvit.arch.BlockSpec` field a per-block group type shrinks."""
-    if kind is GroupKind.EMB:
-        raise PruneError("EMB groups shrink the global embed_dim, not a block field")
-    return _BLOCK_FIELD[kind]
-
-
 def widths_row(spec: ArchSpec) -> dict[str, int]:
     """Flat per-block widths (``b0_heads``, ``b0_qk_dim``, ...) plus ``embed_dim``, for logs and reports."""
     row = {"embed_dim": spec.embed_dim}
@@ -274,6 +265,3 @@ def widths_row(spec: ArchSpec) -> dict[str, int]:
         row.update({f"b{i}_{name}": getattr(b, name) for name in ("heads", "qk_dim", "v_dim", "mlp_dim")})
     return row
 
-
-def names_of(layout: GroupLayout, indices: Sequence[int]) -> list[str]:
-    return [layout.groups[int(i)].name for i in indices]
