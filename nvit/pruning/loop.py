@@ -41,6 +41,7 @@ from nvit.pruning.train import StepResult, parameter_groups, train_step
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ResolvedTarget:
     target: Target
