@@ -10,10 +10,11 @@ ratio and seed, five methods produce a variant whose *predicted* latency just me
 - ``l1``: one-shot global pruning of the groups with the smallest mean |w| over the parameters they own;
 - ``random``: one-shot global pruning in a seeded random order.
 
-Every variant is then fine-tuned with KD from the dense model. Budgets are equal in *total* training steps
-after the base: ``finetune_steps`` plus the longest nvit pruning phase for that target; a method that
-trained while pruning gets that many fewer fine-tuning steps. Reported: val top-1 before and after
-fine-tuning, predicted and measured latency (the table's own backend, one interleaved session), widths.
+Every variant is then fine-tuned with KD from the dense model, ``finetune_steps`` each (``--budget
+finetune``, the default), or to equal *total* training after the base (``--budget total``: the longest nvit
+pruning phase for that target plus ``finetune_steps``, minus the method's own training while pruning).
+Reported: val top-1 before and after fine-tuning, predicted and measured latency (the table's own backend,
+one interleaved session), widths, and the wall time of each nvit pruning step.
 
 Full run (trains the base, profiles the table unless --lut is given, ~40 min on 2 quiet CPU cores):
     python benchmarks/prune_baselines.py --work bench-prune --out results/prune_baselines.json
@@ -75,7 +76,7 @@ class Settings:
     base_lr: float = 3e-3
 
 
-FULL = Settings(base_epochs=60, interval=20, prune_per_iter=4, prune_lr=5e-4, finetune_steps=600,
+FULL = Settings(base_epochs=60, interval=20, prune_per_iter=4, prune_lr=5e-4, finetune_steps=200,
                 finetune_lr=1e-3, batch_size=64)
 QUICK = Settings(base_epochs=3, interval=3, prune_per_iter=8, prune_lr=1e-3, finetune_steps=10,
                  finetune_lr=1e-3, batch_size=32)
@@ -226,7 +227,7 @@ def widths(spec: ArchSpec) -> dict[str, Any]:
 
 # ---- the benchmark --------------------------------------------------------------------------------
 def run_seed(seed: int, base: VisionTransformer, predictor: LatencyPredictor, s: Settings, targets: tuple[float, ...],
-             work: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+             work: Path, data: dict[str, Any], budget: str) -> list[dict[str, Any]]:
     dense_ms = predictor.predict_ms(base.spec)
     layout = GroupLayout(base.spec, group_size=s.group_size, minimums=Minimums(embed_dim=s.min_embed_dim))
     loss = DistillationLoss(frozen_teacher(base), DistillConfig(weight=s.kd_weight, temperature=s.kd_temperature))
@@ -259,16 +260,17 @@ def run_seed(seed: int, base: VisionTransformer, predictor: LatencyPredictor, s:
             pruned[(method, ratio)] = (slice_model(model), 0)
     rows = []
     for ratio in targets:
-        budget = s.finetune_steps + max(pruned[(m, ratio)][1] for m in ("nvit", "nvit_no_latency"))
+        longest = max(pruned[(m, ratio)][1] for m in ("nvit", "nvit_no_latency"))
         for method in METHODS:
             model, steps = pruned[(method, ratio)]
+            tune = s.finetune_steps if budget == "finetune" else s.finetune_steps + longest - steps
             before = top1(model, data["val"])
-            log(f"seed {seed}: fine-tuning {method} @ {ratio} for {budget - steps} steps")
-            finetune(model, loss, data["train"], budget - steps, s, seed)
+            log(f"seed {seed}: fine-tuning {method} @ {ratio} for {tune} steps")
+            finetune(model, loss, data["train"], tune, s, seed)
             rows.append({"seed": seed, "method": method, "target_ratio": ratio, "target_ms": ratio * dense_ms,
                          "predicted_ms": predictor.predict_ms(model.spec), "top1_before": before,
                          "top1_after": top1(model, data["val"]), "prune_steps": steps,
-                         "finetune_steps": budget - steps, "total_steps": budget, **widths(model.spec),
+                         "finetune_steps": tune, "total_steps": steps + tune, **widths(model.spec),
                          "_module": model})
     rows[0]["_prune_ms"] = prune_ms
     return rows
@@ -312,6 +314,9 @@ def main() -> None:
     parser.add_argument("--no-measure", action="store_true", help="Skip measuring latency with the backend.")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="Override settings, e.g. --set finetune_steps=200 latency_weight=2.")
+    parser.add_argument("--budget", choices=("finetune", "total"), default="finetune",
+                        help="finetune: every variant gets finetune_steps; total: equal training steps after the "
+                        "base, counting nvit's training while pruning (one-shot methods fine-tune longer).")
     parser.add_argument("--lut-batch-size", type=int, default=1, help="Batch size when profiling a table.")
     args = parser.parse_args()
     s = override(QUICK if args.quick else FULL, args.overrides)
@@ -331,7 +336,7 @@ def main() -> None:
             "skipped")
     data = {"train": build_dataset("digits", "train", spec, augment=True),
             "val": build_dataset("digits", "val", spec, augment=False)}
-    rows = [r for seed in seeds for r in run_seed(seed, base, predictor, s, targets, args.work, data)]
+    rows = [r for seed in seeds for r in run_seed(seed, base, predictor, s, targets, args.work, data, args.budget)]
     prune_ms = [t for r in rows for t in r.pop("_prune_ms", [])]
     measured = {} if args.no_measure else measure(table, base, rows)
     for r in rows:
@@ -339,7 +344,7 @@ def main() -> None:
         r["measured_ms"] = measured.get(f"s{r['seed']}/{r['method']}/{r['target_ratio']}")
     doc = {
         "kind": "nvit.benchmark.prune_baselines", "version": 1, "nvit_version": __version__,
-        "host": platform.node(), "quick": args.quick, "seeds": seeds, "settings": asdict(s),
+        "host": platform.node(), "quick": args.quick, "seeds": seeds, "budget": args.budget, "settings": asdict(s),
         "lut": {"path": str(args.lut or profiled_lut_path(args)), "identity": table.meta.identity(),
                 "device": table.meta.device_name()},
         "base": {"val_top1": top1(base, data["val"]), "predicted_ms": predictor.predict_ms(base.spec),
