@@ -282,3 +282,42 @@ def test_two_gloo_ranks_prune_like_one_process_with_the_global_batch(tmp_path) -
     np.testing.assert_allclose(ddp_log["loss"], one_log["loss"], rtol=1e-4)  # loss reduced over ranks
     np.testing.assert_array_equal(ddp_log["pruned_groups"], one_log["pruned_groups"])
     assert (tmp_path / "run" / "ratio_0.6" / "arch.json").is_file()
+
+
+# ---- the benchmark's baselines -----------------------------------------------------------------------
+def test_benchmark_baselines_meet_targets_with_their_documented_rules(monkeypatch) -> None:
+    import sys
+    from pathlib import Path
+
+    from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneState
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    sys.modules.pop("prune_baselines", None)
+    import prune_baselines as pb
+
+    model = build_model(SPEC, seed=4)
+    lay = GroupLayout(SPEC, group_size=8, minimums=Minimums(embed_dim=16))
+    scores = pb.l1_group_scores(model, lay)
+    # oracle: an MLP chunk owns fc1 rows + biases and fc2 columns; a head its Q, K, V rows + biases and proj columns
+    mlp = model.blocks[2].mlp
+    owned = [mlp.fc1.weight[8:16], mlp.fc1.bias[8:16], mlp.fc2.weight[:, 8:16]]
+    expected = sum(float(t.detach().double().abs().sum()) for t in owned) / sum(t.numel() for t in owned)
+    assert scores[lay.indices_of(GroupKind.MLP, block=2)[1]] == pytest.approx(expected, rel=1e-9)
+    attn = model.blocks[1].attn
+    rows = torch.cat([torch.arange(16, 32) + k * 64 for k in range(3)])  # head 1 of 4 heads x 16, in Q, K and V
+    owned = [attn.qkv.weight[rows], attn.qkv.bias[rows], attn.proj.weight[:, 16:32]]
+    expected = sum(float(t.detach().double().abs().sum()) for t in owned) / sum(t.numel() for t in owned)
+    assert scores[lay.indices_of(GroupKind.HEAD, block=1)[1]] == pytest.approx(expected, rel=1e-9)
+
+    predictor = FlopsPredictor(SPEC, reference_ms=DENSE_MS)
+    target = 0.5 * DENSE_MS
+    uniform = pb.uniform_to_target(lay, scores, predictor, target).spec()
+    assert predictor.predict_ms(uniform) <= target and len(set(uniform.blocks)) == 1
+    order = np.argsort(scores, kind="stable")
+    greedy = pb.greedy_to_target(lay, order, predictor, target)
+    assert predictor.predict_ms(greedy.spec()) <= target
+    # it stops at the crossing: putting back the last group removed lands above the target
+    last = [int(i) for i in order if not greedy.alive[i]][-1]
+    alive = greedy.alive.copy()
+    alive[last] = True
+    assert predictor.predict_ms(PruneState(lay, alive).spec()) > target
