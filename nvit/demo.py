@@ -34,7 +34,7 @@ class DemoConfig:
     finetune_epochs: int = 8
     prune_interval: int = 10
     prune_per_iter: int = 16
-    group_size: int = 4
+    group_size: int = 8  # the vit_test table's smallest QK/V/MLP widths
     min_embed_dim: int = 32
     calibration_models: int = 4
     reduced_space: bool = False
@@ -64,8 +64,8 @@ def demo_space(config: DemoConfig) -> Any:
 
     space = preset_space(DEMO_ARCH)
     if config.reduced_space:
-        space = replace(space, embed_dims=(32, 64), heads=(2, 4), qk_dims=(8, 16), v_dims=(8, 16),
-                        mlp_dims=(64, 128, 256), blocks_per_embed=1, name="vit_test-quick")
+        space = replace(space, embed_dims=(32, 64), heads=(1, 2, 4), qk_dims=(8, 16), v_dims=(8, 16),
+                        mlp_dims=(8, 64, 256), blocks_per_embed=1, name="vit_test-quick")
     return space
 
 

@@ -34,9 +34,10 @@ def test_vit_test_preset_counts_and_grids() -> None:
     assert space.num_tokens == 17
     assert space.embed_dims == (16, 32, 48, 64)
     assert space.heads == (1, 2, 3, 4) and space.qk_dims == (8, 16) and space.v_dims == (8, 16)
-    assert space.counts() == {"attn": 64, "mlp": 20, "block": 8, "fixed": 4}
-    assert len(space.configs()) == 96
-    assert len({c.key for c in space.configs()}) == 96  # keys are unique
+    assert space.mlp_dims == (8, 56, 104, 160, 208, 256)  # down to the pruning group size
+    assert space.counts() == {"attn": 64, "mlp": 24, "block": 8, "fixed": 4}
+    assert len(space.configs()) == 100
+    assert len({c.key for c in space.configs()}) == 100  # keys are unique
 
 
 @pytest.mark.parametrize("name", ["deit_tiny", "deit_small", "deit_base"])

@@ -275,8 +275,9 @@ class GridRecipe:
 
 
 _RECIPES: dict[str, GridRecipe] = {
-    # 4 x 4 x 2 x 2 = 64 attention configs, 20 MLP, 8 blocks, 4 fixed: a couple of minutes on 2 CPU cores.
-    "vit_test": GridRecipe(4, 16, 16, 4, 8, 5, 0.125, 32, 2),
+    # 4 x 4 x 2 x 2 = 64 attention configs, 24 MLP, 8 blocks, 4 fixed: a couple of minutes on 2 CPU cores.
+    # Every width reaches down to the pruning group size (8), so pruned models never leave the grid.
+    "vit_test": GridRecipe(4, 16, 16, 4, 8, 6, 0.03125, 8, 2),
     # 5 x 3 x 4 x 4 = 240 attention configs, 30 MLP, 20 blocks, 5 fixed.
     "deit_tiny": GridRecipe(5, 64, 32, 3, 8, 6, 0.125, 64, 4),
     # 6 x 6 x 4 x 4 = 576 attention configs, 42 MLP, 24 blocks, 6 fixed: about 17 min at 1.6 s per config.
