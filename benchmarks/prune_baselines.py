@@ -228,6 +228,29 @@ def widths(spec: ArchSpec) -> dict[str, Any]:
 # ---- the benchmark --------------------------------------------------------------------------------
 def run_seed(seed: int, base: VisionTransformer, predictor: LatencyPredictor, s: Settings, targets: tuple[float, ...],
              work: Path, data: dict[str, Any], budget: str) -> list[dict[str, Any]]:
+    """One seed's rows, cached in ``work`` with the fine-tuned variants (a rerun skips finished seeds)."""
+    folder = work / f"seed{seed}"
+    cache = folder / f"rows-{budget}.json"
+    key = {"settings": asdict(s), "targets": list(targets), "budget": budget}
+    if cache.is_file() and (doc := json.loads(cache.read_text()))["key"] == key:
+        rows = doc["rows"]
+        for r in rows:
+            r["_module"] = load_variant(r["variant_path"])
+        rows[0]["_prune_ms"] = doc["prune_ms"]
+        return rows
+    rows = _run_seed(seed, base, predictor, s, targets, work, data, budget)
+    for r in rows:
+        path = folder / f"finetuned-{budget}" / f"{r['method']}_{r['target_ratio']}"
+        public = {k: v for k, v in r.items() if k[0] != "_"}
+        save_variant(r["_module"], path, {"benchmark": "prune_baselines", **public})
+        r["variant_path"] = str(path)
+    public = [{k: v for k, v in r.items() if k[0] != "_"} for r in rows]
+    atomic_write_text(cache, json.dumps({"key": key, "rows": public, "prune_ms": rows[0]["_prune_ms"]}, indent=1))
+    return rows
+
+
+def _run_seed(seed: int, base: VisionTransformer, predictor: LatencyPredictor, s: Settings, targets: tuple[float, ...],
+              work: Path, data: dict[str, Any], budget: str) -> list[dict[str, Any]]:
     dense_ms = predictor.predict_ms(base.spec)
     layout = GroupLayout(base.spec, group_size=s.group_size, minimums=Minimums(embed_dim=s.min_embed_dim))
     loss = DistillationLoss(frozen_teacher(base), DistillConfig(weight=s.kd_weight, temperature=s.kd_temperature))
@@ -285,6 +308,11 @@ def measure(table: LatencyTable, base: VisionTransformer, rows: list[dict[str, A
     return {r.name: r.measured_ms for r in report.results}
 
 
+def mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
 def summarise(rows: list[dict[str, Any]], targets: tuple[float, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ratio in targets:
@@ -294,7 +322,7 @@ def summarise(rows: list[dict[str, Any]], targets: tuple[float, ...]) -> dict[st
             after = np.array([r["top1_after"] for r in sel])
             per[method] = {"top1_after_mean": float(after.mean()), "top1_after_std": float(after.std()),
                            "top1_before_mean": float(np.mean([r["top1_before"] for r in sel])),
-                           "measured_ms_mean": float(np.nanmean([r.get("measured_ms", np.nan) for r in sel])),
+                           "measured_ms_mean": mean_or_none([r.get("measured_ms") for r in sel]),
                            "predicted_ms_mean": float(np.mean([r["predicted_ms"] for r in sel]))}
         nvit = per["nvit"]["top1_after_mean"]
         beats = {m: nvit > per[m]["top1_after_mean"] for m in METHODS if m != "nvit"}
