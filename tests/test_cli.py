@@ -6,17 +6,7 @@ import json
 import subprocess
 import sys
 
-from nvit.cli import main
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_run import run_cli as run
 
 
 def test_help_lists_the_commands(capsys) -> None:

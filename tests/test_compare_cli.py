@@ -10,10 +10,15 @@ import pytest
 from nvit.arch import ArchSpec, BlockSpec, preset
 from nvit.cli import main
 from nvit.models import build_model, save_variant
-from nvit.profiler.base import register_backend
+from nvit.profiler import base as backend_registry
 from nvit.profiler.sweep import SweepOptions, run_sweep
 
-register_backend("fake", lambda: fk.FakeBackend)
+
+@pytest.fixture(autouse=True)
+def fake_registered(monkeypatch):
+    """The fake backend under its name for these tests only (the registry is global)."""
+    backend_registry.get_backend("onnxruntime")  # load the built-in backends first
+    monkeypatch.setitem(backend_registry._REGISTRY, "fake", lambda: fk.FakeBackend)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_run import run_cli
 from lut_fakes import FakeBackend, fake_device, tiny_space
 
 from nvit.arch import preset, save_arch
-from nvit.cli import main
 from nvit.errors import LutError
 from nvit.lut import load_predictor, load_table
 from nvit.lut.table import COLUMNS, META_KEY, LatencyTable, LutMeta, check_compatible, merge_tables
@@ -36,15 +36,6 @@ def lut_path(tmp_path_factory):
 def wide_console(monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps to the terminal width
 
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_error_line(err: str) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_run import run_cli as cli
 from torch.utils.data import TensorDataset
 
 from nvit.arch import load_arch_file, preset
@@ -183,18 +184,6 @@ def cli_inputs(tmp_path_factory):
                   options=SweepOptions(calibration_models=2))
     torch.save(build_model(SPEC, seed=0).state_dict(), folder / "base.pth")
     return folder
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from nvit.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_prunes_to_latency_and_ratio_targets(cli_inputs, tmp_path, capsys) -> None:

@@ -14,12 +14,11 @@ from pathlib import Path
 import lut_fakes as fk
 import numpy as np
 import pytest
+from cli_run import run_cli
 
-from nvit.cli import main
 from nvit.errors import LutError
 from nvit.lut import load_table
 from nvit.lut.table import KEY_COLUMNS
-from nvit.profiler.base import register_backend
 from nvit.profiler.space import PartConfig, PartKind, save_space
 from nvit.profiler.sweep import JOURNAL_KIND, Journal, Phase, SweepOptions, journal_path, run_sweep
 
@@ -266,17 +265,11 @@ def test_uncalibrated_sweep(tmp_path) -> None:
 @pytest.fixture
 def fake_registered(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    register_backend("fake", lambda: fk.FakeBackend)
+    from nvit.profiler import base
 
+    base.get_backend("onnxruntime")  # load the built-in backends first
+    monkeypatch.setitem(base._REGISTRY, "fake", lambda: fk.FakeBackend)  # undone after the test
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_profile_writes_a_table_and_resumes(tmp_path, capsys, fake_registered) -> None:
