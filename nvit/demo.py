@@ -44,8 +44,9 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, out_dir: Path) -> DemoConfig:
-        return cls(out_dir=out_dir, train_epochs=6, finetune_epochs=1, prune_interval=4, calibration_models=2,
-                   reduced_space=True, harness={"time_cap_s": 0.3, "repeats": 2, "warmup_s": 0.05})
+        # Only the work shrinks; the timing protocol stays the full one: at vit_test's size a model's latency
+        # is mostly per-call overhead, and a briefly timed table can put a 0.7 target out of reach.
+        return cls(out_dir=out_dir, train_epochs=6, finetune_epochs=1, prune_interval=4, reduced_space=True)
 
 
 class Reporter:
