@@ -6,9 +6,9 @@ import json
 
 import lut_fakes as fk
 import pytest
+from cli_run import run_cli
 
 from nvit.arch import ArchSpec, BlockSpec, preset
-from nvit.cli import main
 from nvit.models import build_model, save_variant
 from nvit.profiler import base as backend_registry
 from nvit.profiler.sweep import SweepOptions, run_sweep
@@ -29,14 +29,6 @@ def lut(tmp_path_factory):
     return path
 
 
-def run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr()
-
 
 def test_compare_reports_exact_figures_with_a_known_device(lut, tmp_path, capsys) -> None:
     pruned = ArchSpec(embed_dim=48, blocks=(BlockSpec(2, 8, 16, 64), BlockSpec(3, 16, 8, 200),
@@ -44,9 +36,9 @@ def test_compare_reports_exact_figures_with_a_known_device(lut, tmp_path, capsys
                       img_size=8, patch_size=2, in_chans=1, num_classes=10, qk_scale=0.25)
     folder = save_variant(build_model(pruned, seed=0), tmp_path / "v1",
                           provenance={"target": {"latency_ms": 1.0}, "top1": 0.75})
-    code, out = run(["compare", str(folder), "--lut", str(lut), "--out", str(tmp_path / "report"),
+    code, stdout, err = run_cli(["compare", str(folder), "--lut", str(lut), "--out", str(tmp_path / "report"),
                      "--allow-other-device"], capsys)
-    assert code == 0, out.err
+    assert code == 0, err
     doc = json.loads((tmp_path / "report" / "compare.json").read_text())
     base, variant = doc["results"]
     assert base["name"] == "vit_test" and variant["name"] == "v1"
@@ -56,20 +48,20 @@ def test_compare_reports_exact_figures_with_a_known_device(lut, tmp_path, capsys
     assert variant["speedup_measured"] == pytest.approx(fk.model_ms(preset("vit_test")) / fk.model_ms(pruned))
     assert variant["target_met_measured"] is True and variant["top1"] == 0.75
     assert (tmp_path / "report" / "compare.png").stat().st_size > 10_000
-    assert "v1" in out.out and "met" in out.out
+    assert "v1" in stdout and "met" in stdout
 
 
 def test_compare_refuses_another_device(lut, tmp_path, capsys) -> None:
-    code, out = run(["compare", "vit_test", "--lut", str(lut), "--out", str(tmp_path / "r")], capsys)
+    code, _, err = run_cli(["compare", "vit_test", "--lut", str(lut), "--out", str(tmp_path / "r")], capsys)
     assert code == 1
-    assert "measured with device Test CPU 9000" in out.err
+    assert "measured with device Test CPU 9000" in err
     assert not (tmp_path / "r").exists()
 
 
 def test_compare_with_a_missing_or_corrupt_table(tmp_path, capsys) -> None:
-    code, out = run(["compare", "vit_test", "--lut", str(tmp_path / "none.parquet")], capsys)
-    assert code == 1 and "none.parquet" in out.err
+    code, _, err = run_cli(["compare", "vit_test", "--lut", str(tmp_path / "none.parquet")], capsys)
+    assert code == 1 and "none.parquet" in err
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 garbage")
-    code, out = run(["compare", "vit_test", "--lut", str(bad)], capsys)
-    assert code == 1 and "Traceback" not in out.err
+    code, _, err = run_cli(["compare", "vit_test", "--lut", str(bad)], capsys)
+    assert code == 1 and "Traceback" not in err

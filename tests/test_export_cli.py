@@ -7,21 +7,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from cli_run import run_cli
 
 from nvit.arch import preset, save_arch
-from nvit.cli import main
 from nvit.errors import ExportError
 from nvit.export.engine import read_engine_meta
 from nvit.models import build_model, save_variant
-
-
-def run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr()
 
 
 @pytest.fixture()
@@ -31,13 +22,13 @@ def variant(tmp_path):
 
 
 def test_export_variant_writes_verified_onnx_and_metadata(variant, capsys) -> None:
-    code, out = run(["export", str(variant), "--measure"], capsys)
-    assert code == 0, out.err
+    code, stdout, err = run_cli(["export", str(variant), "--measure"], capsys)
+    assert code == 0, err
     meta = json.loads((variant / "export" / "export.json").read_text())
     assert meta["verify"]["passed"] and meta["verify"]["max_abs_error"] < 1e-4
     assert meta["onnx"]["opset"] >= 18 and meta["provenance"]["top1"] == 0.5
     assert meta["timing"]["latency_ms_median"] > 0
-    assert "max abs error" in out.out
+    assert "max abs error" in stdout
     assert (variant / "export" / "model.onnx").stat().st_size > 100_000
 
 
@@ -52,25 +43,25 @@ def test_export_without_tensorrt_is_one_clear_error(variant, capsys, monkeypatch
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorrt)
-    code, out = run(["export", str(variant), "--trt"], capsys)
+    code, _, err = run_cli(["export", str(variant), "--trt"], capsys)
     assert code == 1
-    assert "pip install 'nvit[trt]'" in out.err and "Traceback" not in out.err
+    assert "pip install 'nvit[trt]'" in err and "Traceback" not in err
     assert not (variant / "export").exists(), "no work is done when the engine cannot be built"
 
 
 def test_missing_weights_and_mismatched_arch_are_errors(variant, tmp_path, capsys) -> None:
     (variant / "model.safetensors").unlink()
-    code, out = run(["export", str(variant)], capsys)
-    assert code == 1 and "weights file" in out.err
+    code, _, err = run_cli(["export", str(variant)], capsys)
+    assert code == 1 and "weights file" in err
     ckpt = tmp_path / "small.pth"
     torch.save(build_model(preset("vit_test"), seed=0).state_dict(), ckpt)
-    code, out = run(["export", str(ckpt), "--arch", "deit_tiny"], capsys)
-    assert code == 1 and "missing from the checkpoint" in out.err
+    code, _, err = run_cli(["export", str(ckpt), "--arch", "deit_tiny"], capsys)
+    assert code == 1 and "missing from the checkpoint" in err
     narrow = preset("vit_test")
     narrow = narrow.with_blocks(tuple(replace(b, mlp_dim=128) for b in narrow.blocks))
-    code, out = run(["export", str(ckpt), "--arch", str(save_arch(narrow, tmp_path / "narrow.json"))], capsys)
-    assert code == 1 and "'blocks.0.mlp.fc1.weight' has shape (256, 64), the model expects (128, 64)" in out.err
-    assert len([line for line in out.err.splitlines() if line.strip()]) == 1
+    code, _, err = run_cli(["export", str(ckpt), "--arch", str(save_arch(narrow, tmp_path / "narrow.json"))], capsys)
+    assert code == 1 and "'blocks.0.mlp.fc1.weight' has shape (256, 64), the model expects (128, 64)" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
 
 
 def test_engine_for_another_device_is_refused(tmp_path) -> None:
