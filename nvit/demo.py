@@ -37,6 +37,7 @@ class DemoConfig:
     group_size: int = 8  # the vit_test table's smallest QK/V/MLP widths
     min_embed_dim: int = 32
     calibration_models: int = 4
+    profile_passes: int = 2  # each row (and calibration model) keeps its fastest pass: survives a stalled host
     reduced_space: bool = False
     threads: int = 1  # intra-op threads of ONNX Runtime and torch: one is steadiest on a shared CPU
     harness: dict[str, float] = field(default_factory=dict)  # overrides of the CPU timing protocol
@@ -91,7 +92,7 @@ def profile_stage(config: DemoConfig, report: Reporter) -> Any:
         # constant to the sum of parts: an offset-only calibration models it exactly.
         result = run_sweep(space, backend, config.out_dir / "lut.parquet", device=device, progress=on_progress,
                            options=SweepOptions(seed=config.seed, calibration_models=config.calibration_models,
-                                                fit_scale=False))
+                                                fit_scale=False, passes=config.profile_passes))
     how = "reused" if result.already_complete else "measured"
     report.note(f"latency table: {len(result.table)} configurations ({how})")
     return result.table
