@@ -7,9 +7,11 @@ Library errors (:class:`~nvit.errors.NvitError`) become one red line and a non-z
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 
 import typer
 from rich.console import Console
@@ -56,6 +58,25 @@ def debug_enabled() -> bool:
     return os.environ.get("NVIT_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
+def _rank_prefix() -> str:
+    """``[rank N] `` under torchrun for ranks other than 0, so a multi-process error says where it came from."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {rank}] " if world not in ("", "1") and rank not in ("", "0") else ""
+
+
+def _tell_launcher(message: str) -> None:
+    """Under torchrun, leave the one-line error where its failure report looks (instead of "To enable
+    traceback see ..."): the JSON error file named by ``TORCHELASTIC_ERROR_FILE``."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, fh)
+    except OSError:
+        pass  # the launcher then reports the exit code alone
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
@@ -63,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     except NvitError as exc:
         if debug_enabled():
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(_rank_prefix() + str(exc))}", soft_wrap=True,
+                          highlight=False)
+        _tell_launcher(f"nvit error: {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         if debug_enabled():

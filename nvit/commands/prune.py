@@ -78,7 +78,7 @@ def prune(
     saving one sliced variant per target."""
     from nvit.data import build_dataset
     from nvit.pruning.config import PruneConfig, Target
-    from nvit.pruning.distributed import init_distributed, shutdown
+    from nvit.pruning.distributed import collective_errors, init_distributed, shutdown
     from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1, top1
     from nvit.pruning.saliency import SaliencyNorm
 
@@ -112,20 +112,22 @@ def prune(
                                                                   minimums=config.minimums()))
     ctx = init_distributed(device or "auto")  # a single process unless launched by torchrun
     try:
-        result = _run(ctx, base, loaded, config, data, batch_size, seed, num_workers, kd_weight, kd_temperature,
-                      out, resume)
-        if not ctx.is_main:
-            return
-        accuracies: dict[str, float] = {}
-        if evaluate:
-            from nvit.models import load_variant
-
-            val_set = build_dataset(data, "val", spec, augment=False)
-            for v in result.variants:
-                accuracies[v.label] = top1(load_variant(v.path).to(ctx.device), val_set)
-                record_top1(v.path, accuracies[v.label], split="val", stage="pruned, before fine-tuning")
+        with collective_errors(ctx):
+            result = _run(ctx, base, loaded, config, data, batch_size, seed, num_workers, kd_weight,
+                          kd_temperature, out, resume)
     finally:
         shutdown()
+    if not ctx.is_main:
+        return
+    # rank 0 alone, outside the process group: no collective can wait on a rank that has already finished
+    accuracies: dict[str, float] = {}
+    if evaluate:
+        from nvit.models import load_variant
+
+        val_set = build_dataset(data, "val", spec, augment=False)
+        for v in result.variants:
+            accuracies[v.label] = top1(load_variant(v.path).to(ctx.device), val_set, rank=0, world_size=1)
+            record_top1(v.path, accuracies[v.label], split="val", stage="pruned, before fine-tuning")
     unit = "ms" if loaded.has_time_unit else "x dense"
     console = Console(width=max(Console().width, 120))  # the table is wide; pipes and logs get 120 columns
     console.print(variants_table(result, accuracies, unit))

@@ -33,7 +33,14 @@ def _run(
     """Build data and loaders, train (resumably) with ``loss_factory(teacher)``, save the variant on rank 0."""
     from nvit.data import KNOWN_DATASETS, build_dataset, build_loader
     from nvit.models import save_variant
-    from nvit.pruning.distributed import configure_rank_logging, init_distributed, shutdown, unwrap, wrap_ddp
+    from nvit.pruning.distributed import (
+        configure_rank_logging,
+        init_distributed,
+        raise_if_lost_peer,
+        shutdown,
+        unwrap,
+        wrap_ddp,
+    )
     from nvit.pruning.train import TrainConfig, evaluate, fit, save_history
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min(min_lr, lr),
@@ -84,6 +91,9 @@ def _run(
             save_history(result.history, out / HISTORY_FILE)
             save_variant(unwrap(model), out, record)
         console.print(f"[green]saved[/] {out} (val top-1 {100 * top1:.2f}%; per-epoch log {out / HISTORY_FILE})")
+    except RuntimeError as exc:
+        raise_if_lost_peer(ctx, exc)
+        raise
     finally:
         shutdown()
 

@@ -8,10 +8,11 @@ gloo on CPU. Only rank 0 logs at INFO level and writes files (:func:`is_main_pro
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,37 @@ def shutdown() -> None:
 
     if _is_initialized():
         dist.destroy_process_group()
+
+
+#: What gloo and NCCL say when the rank on the other side of a collective has gone away.
+_LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                      "NCCL communicator was aborted", "remote process exited")
+
+
+def raise_if_lost_peer(ctx: DistContext, exc: BaseException) -> None:
+    """Raise one :class:`DistributedError` line if ``exc`` is a collective that failed because another rank
+    stopped (the rank that failed first prints its own error; torchrun then stops the whole group).
+    Anything else returns, for the caller to re-raise unchanged."""
+    import torch.distributed as dist
+
+    if not ctx.is_distributed or isinstance(exc, NvitError) or not isinstance(exc, RuntimeError):
+        return
+    text = str(exc)
+    marker = next((m for m in _LOST_PEER_MARKERS if m in text), None)
+    if marker or isinstance(exc, dist.DistError):  # DistError is a RuntimeError
+        reason = marker or (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DistributedError(f"rank {ctx.rank} of {ctx.world_size}: a collective failed because another rank "
+                               f"stopped ({reason}); that rank's error is the cause") from exc
+
+
+@contextlib.contextmanager
+def collective_errors(ctx: DistContext) -> Iterator[None]:
+    """Context manager form of :func:`raise_if_lost_peer`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise_if_lost_peer(ctx, exc)
+        raise
 
 
 def current_context() -> DistContext:

@@ -114,12 +114,17 @@ def frozen_teacher(model: VisionTransformer) -> VisionTransformer:
     return teacher.eval()
 
 
-def top1(model: VisionTransformer, dataset: Any, *, batch_size: int = 256) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` in eval mode on a data set, on the model's device."""
+def top1(model: VisionTransformer, dataset: Any, *, batch_size: int = 256, rank: int | None = None,
+         world_size: int | None = None) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` in eval mode on a data set, on the model's device.
+
+    Under torchrun every rank evaluates its shard and the counts are all-reduced, unless ``rank`` and
+    ``world_size`` say otherwise (``rank=0, world_size=1``: the whole set here, with no collective)."""
     from nvit.data import build_loader
     from nvit.pruning.train import evaluate
 
-    return evaluate(model, build_loader(dataset, batch_size=batch_size, train=False))
+    loader = build_loader(dataset, batch_size=batch_size, train=False, rank=rank, world_size=world_size)
+    return evaluate(model, loader)
 
 
 def record_top1(folder: str | os.PathLike[str], accuracy: float, *, split: str, stage: str) -> None:
