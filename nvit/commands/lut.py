@@ -24,7 +24,7 @@ def _axis(values: list[int]) -> str:
 def show(lut: Path = _LUT_ARG) -> None:
     """Summary of a table: identity, grids, latency ranges, drift and calibration."""
     from nvit.lut.table import LatencyTable, grid_axes
-    from nvit.profiler.space import KIND_FIELDS, PartKind
+    from nvit.profiler.parts import KIND_FIELDS, PartKind
 
     table = LatencyTable.load(lut)
     meta = table.meta

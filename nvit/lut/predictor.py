@@ -30,7 +30,7 @@ from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import LutError
 from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
 from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible, utc_now
-from nvit.profiler.space import PartKind
+from nvit.profiler.parts import PartKind
 
 logger = logging.getLogger(__name__)
 

@@ -10,15 +10,15 @@ and a precision. It expands into separable sub-tables (DESIGN.md §4):
   which measure how far a block is from the sum of its halves;
 - ``fixed``: patch embedding + tokens + final norm + head(s), once per ``e``.
 
-Presets are derived from the architecture presets; custom spaces are JSON files with strict keys.
+Presets are derived from the architecture presets (recipes in :mod:`nvit.profiler.grids`); custom spaces
+are JSON files with strict keys. Row configurations live in :mod:`nvit.profiler.parts`, architectures
+drawn from a space in :mod:`nvit.profiler.sampling`; their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -27,73 +27,24 @@ from typing import Any
 
 import numpy as np
 
-from nvit.arch import ArchSpec, BlockSpec, preset, preset_names
+from nvit.arch import ArchSpec, preset, preset_names
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
 from nvit.profiler.base import Precision
+from nvit.profiler.grids import RECIPES, GridRecipe, aligned_span, doubling_span
+from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind, positive_int
+from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
+
+__all__ = [
+    "CALIBRATION_LOW_FRACTION", "GRID_AXES", "KIND_FIELDS", "SPACE_FILE_KIND", "SPACE_SCHEMA_VERSION", "WIDTH_FIELDS",
+    "GridRecipe", "PartConfig", "PartKind", "SearchSpace", "aligned_span", "calibration_archs", "doubling_span",
+    "load_space", "preset_space", "random_arch", "resolve_space", "save_space", "space_preset_names",
+    "uniform_arch",
+]
 
 SPACE_SCHEMA_VERSION = 1
 SPACE_FILE_KIND = "nvit.space"
 GRID_AXES = ("embed_dims", "heads", "qk_dims", "v_dims", "mlp_dims")
-
-
-class PartKind(str, enum.Enum):
-    """What one LUT row measures."""
-
-    ATTN = "attn"  # x + attn(norm1(x))
-    MLP = "mlp"  # x + mlp(norm2(x))
-    BLOCK = "block"  # a whole block
-    FIXED = "fixed"  # patch embedding, tokens, final norm, head(s)
-
-
-#: The width fields each kind uses; the others are 0.
-KIND_FIELDS: dict[PartKind, tuple[str, ...]] = {
-    PartKind.ATTN: ("heads", "qk_dim", "v_dim"),
-    PartKind.MLP: ("mlp_dim",),
-    PartKind.BLOCK: ("heads", "qk_dim", "v_dim", "mlp_dim"),
-    PartKind.FIXED: (),
-}
-WIDTH_FIELDS = ("heads", "qk_dim", "v_dim", "mlp_dim")
-
-
-@dataclass(frozen=True, order=True)
-class PartConfig:
-    """One configuration to time. Widths a kind does not use are 0."""
-
-    kind: PartKind
-    embed_dim: int
-    heads: int = 0
-    qk_dim: int = 0
-    v_dim: int = 0
-    mlp_dim: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", PartKind(self.kind))
-        used = KIND_FIELDS[self.kind]
-        if not _positive_int(self.embed_dim):
-            raise SpecError(f"{self.kind.value} config: embed_dim must be a positive integer, got {self.embed_dim!r}")
-        for name in WIDTH_FIELDS:
-            value = getattr(self, name)
-            if name in used and not _positive_int(value):
-                raise SpecError(f"{self.kind.value} config: {name} must be a positive integer, got {value!r}")
-            if name not in used and value != 0:
-                raise SpecError(f"{self.kind.value} config: {name} must be 0 (unused by this kind), got {value!r}")
-
-    @property
-    def key(self) -> str:
-        """A stable unique name, e.g. ``attn/e384/h6/q64/v64``."""
-        parts = [self.kind.value, f"e{self.embed_dim}"]
-        tags = {"heads": "h", "qk_dim": "q", "v_dim": "v", "mlp_dim": "m"}
-        parts += [f"{tags[n]}{getattr(self, n)}" for n in KIND_FIELDS[self.kind]]
-        return "/".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "embed_dim": self.embed_dim,
-                **{n: getattr(self, n) for n in WIDTH_FIELDS}}
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -117,7 +68,7 @@ class SearchSpace:
             values = getattr(self, axis)
             if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
                 raise SpecError(f"space {axis} must be a non-empty list of positive integers")
-            if not all(_positive_int(v) for v in values):
+            if not all(positive_int(v) for v in values):
                 raise SpecError(f"space {axis} must hold positive integers, got {list(values)}")
             if list(values) != sorted(set(values)):
                 raise SpecError(f"space {axis} must be strictly increasing, got {list(values)}")
@@ -126,7 +77,7 @@ class SearchSpace:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SpecError(f"space {key} must be a non-negative integer, got {value!r}")
-        if not _positive_int(self.batch_size):
+        if not positive_int(self.batch_size):
             raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         try:
             object.__setattr__(self, "precision", Precision(self.precision))
@@ -259,57 +210,13 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
 
 
 # ---- presets --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GridRecipe:
-    """How a preset space is derived from an architecture preset."""
-
-    embed_points: int  # evenly spaced embedding widths from ``min_embed`` to the dense width
-    min_embed: int
-    embed_align: int
-    max_head_points: int  # every head count when the model has at most this many, else evenly spaced
-    head_dim_unit: int  # per-head widths double from this unit up to the dense head width
-    mlp_points: int
-    min_mlp_ratio: float  # smallest MLP width, as a fraction of the dense one
-    mlp_align: int
-    blocks_per_embed: int
-
-
-_RECIPES: dict[str, GridRecipe] = {
-    # 4 x 4 x 2 x 2 = 64 attention configs, 24 MLP, 8 blocks, 4 fixed: a couple of minutes on 2 CPU cores.
-    # Every width reaches down to the pruning group size (8), so pruned models never leave the grid.
-    "vit_test": GridRecipe(4, 16, 16, 4, 8, 6, 0.03125, 8, 2),
-    # 5 x 3 x 4 x 4 = 240 attention configs, 30 MLP, 20 blocks, 5 fixed.
-    "deit_tiny": GridRecipe(5, 64, 32, 3, 8, 6, 0.125, 64, 4),
-    # 6 x 6 x 4 x 4 = 576 attention configs, 42 MLP, 24 blocks, 6 fixed: about 17 min at 1.6 s per config.
-    "deit_small": GridRecipe(6, 64, 64, 6, 8, 7, 0.0625, 64, 4),
-    # 6 x 5 x 4 x 4 = 480 attention configs, 42 MLP, 18 blocks, 6 fixed.
-    "deit_base": GridRecipe(7, 128, 128, 5, 8, 7, 0.0625, 128, 3),
-}
-
-
 def space_preset_names() -> list[str]:
-    return [n for n in preset_names() if n.removesuffix("_distilled") in _RECIPES]
-
-
-def aligned_span(lo: int, hi: int, points: int, align: int) -> tuple[int, ...]:
-    """``points`` values evenly spaced from ``lo`` to ``hi``, rounded to multiples of ``align`` (``hi`` kept)."""
-    if points <= 1 or lo >= hi:
-        return (hi,)
-    values = {hi, max(align, round(lo / align) * align)}
-    for x in np.linspace(lo, hi, points)[1:-1]:
-        values.add(max(align, round(x / align) * align))
-    return tuple(sorted(v for v in values if v <= hi))
-
-
-def doubling_span(unit: int, hi: int) -> tuple[int, ...]:
-    """``unit, 2·unit, 4·unit, ...`` below ``hi``, then ``hi``."""
-    values = [unit * 2**k for k in range(int(math.log2(max(hi // unit, 1))) + 1) if unit * 2**k < hi]
-    return (*values, hi)
+    return [n for n in preset_names() if n.removesuffix("_distilled") in RECIPES]
 
 
 def preset_space(name: str, *, batch_size: int = 1, precision: Precision | str = Precision.FP32) -> SearchSpace:
     """The preset space of an architecture preset (``vit_test``, ``deit_small``, ``deit_base_distilled``...)."""
-    recipe = _RECIPES.get(name.removesuffix("_distilled"))
+    recipe = RECIPES.get(name.removesuffix("_distilled"))
     if recipe is None or name not in preset_names():
         raise SpecError(f"unknown search space preset {name!r}; known: {', '.join(space_preset_names())}")
     base = preset(name)
@@ -351,54 +258,3 @@ def resolve_space(name_or_path: str, *, batch_size: int | None = None,
     return replace(space, **changes) if changes else space
 
 
-# ---- architectures drawn from a space's range -----------------------------------------------------
-def _aligned_width(rng: np.random.Generator, full: int, low: float, high: float, align: int) -> int:
-    lo = max(align, math.ceil(low * full / align) * align)
-    hi = max(lo, math.floor(high * full / align) * align)
-    return int(rng.integers(lo // align, hi // align + 1)) * align
-
-
-def random_arch(base: ArchSpec, rng: np.random.Generator, *, low: float = 0.3, high: float = 1.0,
-                align: int = 8, name: str = "") -> ArchSpec:
-    """A non-uniform variant of ``base``: every width drawn between ``low`` and ``high`` of the dense one
-    (multiples of ``align``; heads between ``ceil(low·H)`` and ``floor(high·H)``), independently per block."""
-    if not 0 < low <= high:
-        raise SpecError(f"width fractions must satisfy 0 < low <= high, got {low} and {high}")
-    dense = base.blocks[0]
-    head_lo = max(1, math.ceil(low * dense.heads))
-    head_hi = max(head_lo, math.floor(high * dense.heads))
-    e = _aligned_width(rng, base.embed_dim, low, high, align)
-    blocks = tuple(
-        BlockSpec(heads=int(rng.integers(head_lo, head_hi + 1)),
-                  qk_dim=_aligned_width(rng, dense.qk_dim, low, high, align),
-                  v_dim=_aligned_width(rng, dense.v_dim, low, high, align),
-                  mlp_dim=_aligned_width(rng, dense.mlp_dim, low, high, align))
-        for _ in range(base.depth)
-    )
-    return replace(base, embed_dim=e, blocks=blocks, name=name or base.name)
-
-
-def uniform_arch(base: ArchSpec, fraction: float, *, align: int = 8, name: str = "") -> ArchSpec:
-    """``base`` with every width scaled by ``fraction`` (rounded to ``align``, heads to at least 1)."""
-    def scaled(full: int) -> int:
-        return max(align, round(fraction * full / align) * align)
-
-    dense = base.blocks[0]
-    block = BlockSpec(heads=max(1, round(fraction * dense.heads)), qk_dim=scaled(dense.qk_dim),
-                      v_dim=scaled(dense.v_dim), mlp_dim=scaled(dense.mlp_dim))
-    return replace(base, embed_dim=scaled(base.embed_dim), blocks=(block,) * base.depth, name=name or base.name)
-
-
-#: Width fraction of the small uniform calibration model: the low end of the range pruning explores.
-CALIBRATION_LOW_FRACTION = 0.35
-
-
-def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1) -> list[ArchSpec]:
-    """Whole models for calibration: the dense base, a small uniform one, then random non-uniform ones
-    (seeded), so that the fitted line spans the range of models a pruned table is asked about."""
-    archs = [replace(base, name="cal-dense")]
-    if count >= 2:
-        archs.append(uniform_arch(base, CALIBRATION_LOW_FRACTION, name="cal-uniform"))
-    rng = np.random.default_rng(seed)
-    archs += [random_arch(base, rng, name=f"cal-random{i}") for i in range(max(0, count - 2))]
-    return archs[:count]

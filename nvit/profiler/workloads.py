@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from nvit.arch import ArchSpec, BlockSpec
 from nvit.profiler.base import Workload
-from nvit.profiler.space import PartConfig, PartKind
+from nvit.profiler.parts import PartConfig, PartKind
 
 if TYPE_CHECKING:
     import torch

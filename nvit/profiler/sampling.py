@@ -1,0 +1,64 @@
+"""Architectures drawn from a base model's range: random non-uniform variants, uniform shrinks, and the
+whole models a table is calibrated on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from nvit.arch import ArchSpec, BlockSpec
+from nvit.errors import SpecError
+
+
+def _aligned_width(rng: np.random.Generator, full: int, low: float, high: float, align: int) -> int:
+    lo = max(align, math.ceil(low * full / align) * align)
+    hi = max(lo, math.floor(high * full / align) * align)
+    return int(rng.integers(lo // align, hi // align + 1)) * align
+
+
+def random_arch(base: ArchSpec, rng: np.random.Generator, *, low: float = 0.3, high: float = 1.0,
+                align: int = 8, name: str = "") -> ArchSpec:
+    """A non-uniform variant of ``base``: every width drawn between ``low`` and ``high`` of the dense one
+    (multiples of ``align``; heads between ``ceil(low·H)`` and ``floor(high·H)``), independently per block."""
+    if not 0 < low <= high:
+        raise SpecError(f"width fractions must satisfy 0 < low <= high, got {low} and {high}")
+    dense = base.blocks[0]
+    head_lo = max(1, math.ceil(low * dense.heads))
+    head_hi = max(head_lo, math.floor(high * dense.heads))
+    e = _aligned_width(rng, base.embed_dim, low, high, align)
+    blocks = tuple(
+        BlockSpec(heads=int(rng.integers(head_lo, head_hi + 1)),
+                  qk_dim=_aligned_width(rng, dense.qk_dim, low, high, align),
+                  v_dim=_aligned_width(rng, dense.v_dim, low, high, align),
+                  mlp_dim=_aligned_width(rng, dense.mlp_dim, low, high, align))
+        for _ in range(base.depth)
+    )
+    return replace(base, embed_dim=e, blocks=blocks, name=name or base.name)
+
+
+def uniform_arch(base: ArchSpec, fraction: float, *, align: int = 8, name: str = "") -> ArchSpec:
+    """``base`` with every width scaled by ``fraction`` (rounded to ``align``, heads to at least 1)."""
+    def scaled(full: int) -> int:
+        return max(align, round(fraction * full / align) * align)
+
+    dense = base.blocks[0]
+    block = BlockSpec(heads=max(1, round(fraction * dense.heads)), qk_dim=scaled(dense.qk_dim),
+                      v_dim=scaled(dense.v_dim), mlp_dim=scaled(dense.mlp_dim))
+    return replace(base, embed_dim=scaled(base.embed_dim), blocks=(block,) * base.depth, name=name or base.name)
+
+
+#: Width fraction of the small uniform calibration model: the low end of the range pruning explores.
+CALIBRATION_LOW_FRACTION = 0.35
+
+
+def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1) -> list[ArchSpec]:
+    """Whole models for calibration: the dense base, a small uniform one, then random non-uniform ones
+    (seeded), so that the fitted line spans the range of models a pruned table is asked about."""
+    archs = [replace(base, name="cal-dense")]
+    if count >= 2:
+        archs.append(uniform_arch(base, CALIBRATION_LOW_FRACTION, name="cal-uniform"))
+    rng = np.random.default_rng(seed)
+    archs += [random_arch(base, rng, name=f"cal-random{i}") for i in range(max(0, count - 2))]
+    return archs[:count]
