@@ -11,7 +11,7 @@ import pytest
 from cli_run import run_cli
 from lut_fakes import FakeBackend, fake_device, tiny_space
 
-from nvit.arch import preset, save_arch
+from nvit.arch import BlockSpec, preset, save_arch
 from nvit.errors import LutError
 from nvit.lut import load_predictor, load_table
 from nvit.lut.table import COLUMNS, META_KEY, LatencyTable, LutMeta, check_compatible, merge_tables
@@ -264,7 +264,8 @@ def test_cli_merge(lut_path, tmp_path, capsys) -> None:
 
 def test_cli_predict_per_block_and_total(lut_path, tmp_path, capsys) -> None:
     predictor = load_predictor(lut_path)
-    spec = preset("vit_test").with_blocks(preset("deit_tiny").blocks[:2])  # non-preset widths beyond the grid
+    # non-preset widths between the grid points (far beyond it is refused: tests/test_grid_guard.py)
+    spec = preset("vit_test").with_blocks((BlockSpec(2, 8, 16, 120), BlockSpec(3, 16, 8, 72)))
     path = save_arch(spec, tmp_path / "arch.json")
     code, out, _ = run_cli(["predict", "--lut", str(lut_path), "--arch", str(path), "--json"], capsys)
     assert code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -118,13 +119,16 @@ def predict(
 
     spec = resolve_arch(arch)
     predictor = load_predictor(lut, device=device, precision=precision, batch_size=batch_size)
+    predictor.warn_outside = False  # the grid report below says it
+    report = predictor.check_spec(spec)  # far outside the measured grid: one error line
     blocks = predictor.block_latencies_ms(spec)
     fixed = predictor.fixed_latency_ms(spec.embed_dim)
     offset = predictor.offset_ms()
     total = predictor.predict_ms(spec)
     if as_json:
         doc = {"arch": spec.name or arch, "lut": str(lut), "blocks_ms": blocks, "fixed_ms": fixed,
-               "offset_ms": offset, "total_ms": total, "calibrated": predictor.calibrated}
+               "offset_ms": offset, "total_ms": total, "calibrated": predictor.calibrated,
+               "grid": report.to_dict()}
         typer.echo(json.dumps(doc, indent=2))
         return
     meta = predictor.meta
@@ -139,7 +143,22 @@ def predict(
     table.add_row("[bold]total", "", "", "", "", f"[bold]{total:.4f}")
     if not predictor.calibrated:
         table.caption = "uncalibrated table: total is the plain sum of parts"
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(grid_table(report))
+    if not report.inside:
+        console.print(f"[yellow]outside the measured grid, extrapolated:[/] {report.describe()}")
+
+
+def grid_table(report: Any) -> Table:
+    """The spec's widths against the table's measured range, per axis (a :class:`~nvit.lut.grid.GridReport`)."""
+    out = Table("axis", "measured", "this arch", "steps below", "steps above", "", title="measured grid")
+    for x in report.extents:
+        style = {"inside": "green", "outside": "yellow", "far": "red"}[x.status.value]
+        spec_range = f"{x.spec_min:g}" if x.spec_min == x.spec_max else f"{x.spec_min:g}..{x.spec_max:g}"
+        out.add_row(x.axis, f"{x.grid_min}..{x.grid_max}", spec_range, f"{x.steps_below:.2g}",
+                    f"{x.steps_above:.3g}", f"[{style}]{x.status.value}[/]")
+    return out
 
 
 def register(app: typer.Typer) -> None:

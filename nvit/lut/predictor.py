@@ -29,6 +29,7 @@ import numpy as np
 from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import LutError
 from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
+from nvit.lut.grid import GridReport, GridStatus, MeasuredGrid
 from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible, utc_now
 from nvit.profiler.parts import PartKind
 
@@ -122,6 +123,9 @@ class LatencyPredictor(Predictor):
         else:
             self.interaction_by_embed = {}
             self._ratio = lambda x: np.ones(np.shape(x))
+        self.grid = MeasuredGrid.from_table(table)
+        self.warn_outside = True  # log extrapolation (a caller that reports the grid itself turns it off)
+        self._warned: set[tuple[str, bool, bool]] = set()
         cal = table.meta.calibration if calibrated else None
         self.scale = float(cal["scale"]) if cal else 1.0
         self._offset_ms = float(cal["offset_ms"]) if cal else 0.0
@@ -154,14 +158,27 @@ class LatencyPredictor(Predictor):
     def offset_ms(self) -> float:
         return self._offset_ms
 
-    def check_spec(self, spec: ArchSpec) -> None:
-        """A spec the table cannot speak for (other token count, image or head) is a :class:`LutError`."""
+    def grid_report(self, spec: ArchSpec) -> GridReport:
+        """Where ``spec`` lies relative to the table's measured grid, per axis (never raises)."""
+        return self.grid.locate(spec)
+
+    def check_spec(self, spec: ArchSpec) -> GridReport:
+        """A spec the table cannot speak for (other token count, image or head, or widths far outside the
+        measured grid: :mod:`nvit.lut.grid`) is a :class:`LutError`; one outside the grid but near it is
+        predicted by extrapolation with a warning (once per axis and direction)."""
         check_compatible(self.meta, num_tokens=spec.num_tokens, source="the latency table")
         base = self.meta.base_arch
         for key in FIXED_PART_FIELDS:
             if key in base and base[key] != getattr(spec, key):
                 raise LutError(f"the latency table's fixed parts were measured with {key}={base[key]!r}, "
                                f"the architecture has {getattr(spec, key)!r}")
+        report = self.grid.check(spec, what=f"architecture {spec.name!r}" if spec.name else "the architecture")
+        for extent in report.outside():
+            key = (extent.axis, extent.steps_below > 0, extent.steps_above > 0)
+            if self.warn_outside and extent.status is GridStatus.OUTSIDE and key not in self._warned:
+                self._warned.add(key)
+                logger.warning("extrapolating outside the latency table's measured grid: %s", extent.describe())
+        return report
 
     @staticmethod
     def _widths(spec: ArchSpec) -> tuple[np.ndarray, ...]:
