@@ -70,8 +70,8 @@ def test_shift_moves_pixels_and_fills() -> None:
 def test_digits_shift_augmentation_is_seeded_and_off_by_default() -> None:
     assert build_dataset("digits", "train", VIT_TEST, augment=True).shift_px == 0
     assert build_dataset("digits", "val", VIT_TEST, augment=True).shift_px == 0
-    assert digits_dataset("val", VIT_TEST, augment=True, shift_px=1).shift_px == 0  # never on val
-    aug = digits_dataset("train", VIT_TEST, augment=True, shift_px=1)
+    assert digits_dataset("val", VIT_TEST, augment="shift").shift_px == 0  # never on val
+    aug = digits_dataset("train", VIT_TEST, augment="shift")
     assert aug.shift_px == 1
     torch.manual_seed(3)
     first = torch.stack([aug[i][0] for i in range(8)])
@@ -106,8 +106,8 @@ def test_synthetic_is_seeded_and_shaped() -> None:
 def test_unknown_name_and_bad_split() -> None:
     with pytest.raises(DataError, match="neither a known name"):
         build_dataset("no/such/folder", "train", VIT_TEST)
-    with pytest.raises(DataError, match="unknown split 'test'"):
-        build_dataset("digits", "test", VIT_TEST)
+    with pytest.raises(DataError, match="unknown split 'tset'"):
+        build_dataset("digits", "tset", VIT_TEST)
 
 
 # ---- transforms -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nvit.commands.train import AUGMENT_HELP, DATA_HELP, augment_choice
 from nvit.errors import NvitError
 
 
@@ -44,7 +45,8 @@ def prune(
                                            ".safetensors file."),
     variant: Path | None = typer.Option(None, "--variant", help="Base model: an nvit variant folder."),
     arch: str | None = typer.Option(None, "--arch", help="Preset or arch.json of --checkpoint (default: inferred)."),
-    data: str = typer.Option("digits", "--data", help="'digits', 'synthetic' or an ImageNet-layout folder."),
+    data: str = typer.Option("digits", "--data", help=DATA_HELP),
+    augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
     no_latency: bool = typer.Option(False, "--no-latency", help="Rank by saliency alone (no latency "
                                     "regularizer); the LUT still decides when each target is met."),
     latency_weight: float | None = typer.Option(None, "--latency-weight", help="Unit-free weight λ of the latency "
@@ -102,7 +104,8 @@ def prune(
         latency_weight=1.0 if latency_weight is None else latency_weight, saliency_norm=norm,
         min_heads=min_heads, min_embed_dim=min_embed_dim, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed,
-        extra={"kd_weight": kd_weight, "kd_temperature": kd_temperature, "data": data},
+        extra={"kd_weight": kd_weight, "kd_temperature": kd_temperature, "data": data,
+               "augment": augment_choice(augment, False)},
     )
     # refuse unreachable targets before reading any data
     from nvit.pruning.groups import GroupLayout
@@ -142,7 +145,7 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
 
     spec = base.model.spec
-    train_set = build_dataset(data, "train", spec, augment=True)
+    train_set = build_dataset(data, "train", spec, augment=config.extra["augment"])
     batches = StepBatches(train_set, batch_size=batch_size, seed=seed, num_workers=num_workers, rank=ctx.rank,
                           world_size=ctx.world_size)
     teacher = frozen_teacher(base.model).to(ctx.device) if kd_weight > 0 else None

@@ -16,22 +16,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nvit.errors import NvitError
 
+DATA_HELP = ("'digits' (bundled 8x8), 'fashion-mnist' (the Debian package's IDX files; 'fashion-mnist:FOLDER' "
+             "for another folder), 'synthetic', or an ImageNet-layout folder (ROOT/train, ROOT/val).")
+# The thresholds are nvit.data.transforms.TINY_IMAGE_PX and SMALL_IMAGE_PX (kept here: --help imports no torch).
+AUGMENT_HELP = ("Train-time augmentation: auto | none | shift | imagenet. auto picks by image size: none up to "
+                "16 px (8x8 digits), shift (random translation by 1/14 of the side, 2 px at 28, no flip) up to "
+                "64 px (Fashion-MNIST), imagenet (DeiT: random resized crop 8-100%, flip) above.")
+NO_AUGMENT_HELP = "Same as --augment none."
+
 CHECKPOINT_FILE = "train_checkpoint.pt"
 HISTORY_FILE = "train_log.csv"
 EVAL_BATCH_SIZE = 256
 FOLDER_WORKERS = 4
 
-DATA_HELP = "'digits' (bundled), 'synthetic', or an ImageNet-layout folder (ROOT/train, ROOT/val)."
 DEVICE_HELP = "auto (cuda if available), cpu, cuda or cuda:N; under torchrun each rank takes its LOCAL_RANK GPU."
 
 
 def _run(
     *, model: Any, data: str, out: Path, epochs: int, batch_size: int, lr: float, min_lr: float,
-    weight_decay: float, warmup_epochs: float, seed: int, augment: bool, workers: int | None, device: str,
+    weight_decay: float, warmup_epochs: float, seed: int, augment: str, workers: int | None, device: str,
     restart: bool, loss_factory: Any, provenance: dict[str, Any], title: str, teacher: Any = None,
 ) -> None:
     """Build data and loaders, train (resumably) with ``loss_factory(teacher)``, save the variant on rank 0."""
-    from nvit.data import KNOWN_DATASETS, build_dataset, build_loader
+    from nvit.data import build_dataset, build_loader, in_memory
     from nvit.models import save_variant
     from nvit.pruning.distributed import (
         configure_rank_logging,
@@ -52,7 +59,7 @@ def _run(
         spec = model.spec
         train_set = build_dataset(data, "train", spec, augment=augment)
         val_set = build_dataset(data, "val", spec, augment=False)
-        n_workers = workers if workers is not None else (0 if data in KNOWN_DATASETS else FOLDER_WORKERS)
+        n_workers = workers if workers is not None else (0 if in_memory(data) else FOLDER_WORKERS)
         train_loader = build_loader(train_set, batch_size=batch_size, train=True, seed=seed, num_workers=n_workers)
         val_loader = build_loader(val_set, batch_size=EVAL_BATCH_SIZE, train=False, num_workers=n_workers)
         model = wrap_ddp(model, ctx)
@@ -98,6 +105,18 @@ def _run(
         shutdown()
 
 
+def augment_choice(augment: str, no_augment: bool) -> str:
+    """The augmentation preset named by ``--augment`` and ``--no-augment`` (checked)."""
+    from nvit.data import Augment
+
+    if no_augment and augment not in ("auto", "none"):
+        raise NvitError(f"--no-augment and --augment {augment} contradict each other; choose one")
+    try:
+        return Augment.parse("none" if no_augment else augment).value
+    except ValueError as exc:
+        raise NvitError(str(exc)) from None
+
+
 def _check_out(out: Path, restart: bool) -> None:
     if restart and (out / CHECKPOINT_FILE).exists():
         (out / CHECKPOINT_FILE).unlink()
@@ -114,7 +133,8 @@ def train(
     weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (matrices only)."),
     warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warm-up length in epochs."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, data order and augmentation."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Train-time augmentation."),
+    augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
+    no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
     workers: int | None = typer.Option(None, "--workers", help="Data loading processes [default: 0 for named "
                                        "data sets, 4 for folders]."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -128,7 +148,8 @@ def train(
     spec = resolve_arch(arch)
     _check_out(out, restart)
     _run(model=build_model(spec, seed=seed), data=data, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
-         min_lr=min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, augment=augment,
+         min_lr=min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
+         augment=augment_choice(augment, no_augment),
          workers=workers, device=device, restart=restart, loss_factory=lambda _teacher: ClassificationLoss(),
          provenance={"command": "train", "arch_source": arch}, title="train")
 
@@ -149,7 +170,8 @@ def finetune(
     weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (matrices only)."),
     warmup_epochs: float = typer.Option(0.5, "--warmup-epochs", help="Linear warm-up length in epochs."),
     seed: int = typer.Option(0, "--seed", help="Seed of data order and augmentation."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Train-time augmentation."),
+    augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
+    no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
     workers: int | None = typer.Option(None, "--workers", help="Data loading processes [default: 0 for named "
                                        "data sets, 4 for folders]."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -175,7 +197,8 @@ def finetune(
     provenance = {**variant_provenance(variant), "command": "finetune", "finetuned_from": str(variant),
                   "teacher": str(teacher), "distill": config.to_dict()}
     _run(model=student, data=data, out=out, epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
-         weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, augment=augment, workers=workers,
+         weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
+         augment=augment_choice(augment, no_augment), workers=workers,
          device=device, restart=restart, loss_factory=loss_factory, provenance=provenance, title="finetune",
          teacher=teacher_model)
 

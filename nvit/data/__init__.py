@@ -1,6 +1,7 @@
-"""Data sets and loaders: bundled digits, ImageNet-layout folders, synthetic images.
+"""Data sets and loaders: bundled digits, Fashion-MNIST, ImageNet-layout folders, synthetic images.
 
-``build_dataset("digits" | "synthetic" | PATH, split, arch)`` checks that the images fit ``arch``;
+``build_dataset("digits" | "fashion-mnist[:FOLDER]" | "synthetic" | PATH, split, arch)`` checks that the
+images fit ``arch``; splits are train, val and (except digits) test;
 ``build_loader`` adds a seeded sampler that shards across DDP ranks (see :mod:`nvit.data.sampler`).
 Call :func:`start_epoch` at the start of every epoch so that order and augmentation depend only on
 ``(seed, epoch, rank)``, which is what makes an interrupted run resume identically.
@@ -18,19 +19,27 @@ from torch.utils.data import DataLoader, Dataset
 from nvit.arch import ArchSpec
 from nvit.data.base import DataError, Split, check_image_shape
 from nvit.data.digits import DIGITS_NAME, DigitsDataset, digits_dataset
+from nvit.data.fashion_mnist import FASHION_MNIST_NAME, FashionMnistDataset, fashion_mnist_dataset, is_fashion_mnist
 from nvit.data.imagefolder import ImageFolderDataset, imagefolder_dataset
 from nvit.data.sampler import ShardedSampler, epoch_seed
 from nvit.data.synthetic import SYNTHETIC_NAME, SyntheticConfig, SyntheticDataset
+from nvit.data.transforms import Augment
 
 log = logging.getLogger(__name__)
 
-KNOWN_DATASETS = (DIGITS_NAME, SYNTHETIC_NAME)
+KNOWN_DATASETS = (DIGITS_NAME, FASHION_MNIST_NAME, SYNTHETIC_NAME)
 
 __all__ = [
-    "KNOWN_DATASETS", "DataError", "DigitsDataset", "ImageFolderDataset", "ShardedSampler", "Split",
-    "SyntheticConfig", "SyntheticDataset", "build_dataset", "build_loader", "check_image_shape", "epoch_seed",
-    "start_epoch",
+    "KNOWN_DATASETS", "Augment", "DataError", "DigitsDataset", "FashionMnistDataset",
+    "ImageFolderDataset", "ShardedSampler", "Split", "SyntheticConfig", "SyntheticDataset", "build_dataset",
+    "build_loader", "check_image_shape", "epoch_seed", "in_memory", "start_epoch",
 ]
+
+
+def in_memory(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether a data set is held in memory (named sets), so that loader worker processes only cost time."""
+    text = str(name_or_path)
+    return text in KNOWN_DATASETS or is_fashion_mnist(text)
 
 
 def build_dataset(
@@ -38,19 +47,27 @@ def build_dataset(
     split: Split | str,
     arch: ArchSpec,
     *,
-    augment: bool = True,
+    augment: Augment | str | bool = True,
     synthetic: SyntheticConfig | None = None,
 ) -> Dataset:
-    """A data set by name (``digits``, ``synthetic``) or an ImageNet-layout folder, checked against ``arch``.
+    """A data set by name (``digits``, ``fashion-mnist[:FOLDER]``, ``synthetic``) or an ImageNet-layout folder,
+    checked against ``arch``.
 
-    ``augment`` applies train-time augmentation to the train split (never to val): DeiT's random resized
-    crop + flip for image folders. Digits and synthetic data are not augmented (see
-    :data:`nvit.data.digits.DEFAULT_SHIFT_PX`; :class:`DigitsDataset` takes an explicit ``shift_px``).
+    ``augment`` is the train-time :class:`~nvit.data.transforms.Augment` preset for the train split (never
+    val or test); ``True`` is ``auto``: by image size, none for 8x8 digits, a 2-pixel random shift without
+    flip for 28x28 Fashion-MNIST, DeiT's random resized crop + flip for large images. Synthetic data is
+    never augmented.
     """
     text = str(name_or_path)
     split = Split.parse(split)
+    try:
+        Augment.parse(augment)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     if text == DIGITS_NAME:
         return digits_dataset(split, arch, augment=augment)
+    if is_fashion_mnist(text):
+        return fashion_mnist_dataset(text, split, arch, augment=augment)
     if text == SYNTHETIC_NAME:
         return SyntheticDataset(split, arch, synthetic or SyntheticConfig())
     path = Path(text)

@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import enum
+import re
+from dataclasses import dataclass
+
+import numpy as np
 
 from nvit.arch import ArchSpec
 from nvit.errors import NvitError
 
+_WORKER_HEADER = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.$")
+
 
 class DataError(NvitError):
-    """A data set is missing, empty, or does not fit the architecture it is meant to feed."""
+    """A data set is missing, empty, or does not fit the architecture it is meant to feed.
+
+    Raised inside a DataLoader worker, torch re-raises it in the main process as ``DataError(text)`` where
+    the text is a whole worker traceback; the constructor keeps only the original one-line message.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_worker_message(str(message)))
+
+
+def _worker_message(message: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (``message`` otherwise)."""
+    lines = message.splitlines()
+    match = _WORKER_HEADER.match(lines[0]) if lines else None
+    if match is None:
+        return message
+    name, worker = match.groups()
+    last = next((line for line in reversed(lines) if line.strip()), "")
+    _, sep, original = last.partition(f"{name}: ")
+    return f"{original.strip() if sep else last.strip()} (in data loading worker {worker})"
 
 
 class Split(str, enum.Enum):
@@ -17,6 +42,7 @@ class Split(str, enum.Enum):
 
     TRAIN = "train"
     VAL = "val"
+    TEST = "test"
 
     @classmethod
     def parse(cls, value: str | Split) -> Split:
@@ -41,3 +67,25 @@ def check_image_shape(
         raise DataError(f"{name} has {size_px}x{size_px} images, the architecture expects img_size={arch.img_size}")
     if num_classes > arch.num_classes:
         raise DataError(f"{name} has {num_classes} classes, the architecture's head has only {arch.num_classes}")
+
+
+@dataclass(frozen=True)
+class SplitIndices:
+    """Indices of the train and val parts of one labelled array (disjoint, stratified)."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def split_indices(labels: np.ndarray, *, val_fraction: float, seed: int) -> SplitIndices:
+    """Per class, a seeded permutation whose first ``round(n * val_fraction)`` items go to val."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = round(len(members) * val_fraction)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return SplitIndices(train=np.sort(np.concatenate(train)), val=np.sort(np.concatenate(val)))

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from nvit.arch import ArchSpec
-from nvit.data.base import Split, check_image_shape
+from nvit.data.base import DataError, Split, check_image_shape, split_indices
+from nvit.data.transforms import Augment, random_shift, resolve_augment, shift, shift_px_for
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +26,6 @@ DIGITS_NUM_CLASSES = 10
 DIGITS_MAX_PIXEL = 16.0  # the data set's pixel range is 0..16
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_SPLIT_SEED = 0
-
-
-@dataclass(frozen=True)
-class DigitsSplit:
-    """Indices into scikit-learn's digits of the train and val parts (disjoint, stratified)."""
-
-    train: np.ndarray
-    val: np.ndarray
-
-
-def split_indices(labels: np.ndarray, *, val_fraction: float, seed: int) -> DigitsSplit:
-    """Per class, a seeded permutation whose first ``round(n * val_fraction)`` items go to val."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        n_val = round(len(members) * val_fraction)
-        val.append(members[:n_val])
-        train.append(members[n_val:])
-    return DigitsSplit(train=np.sort(np.concatenate(train)), val=np.sort(np.concatenate(val)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,35 +81,26 @@ class DigitsDataset(Dataset):
         return image, int(self.labels[index])
 
 
-def random_shift(image: torch.Tensor, max_shift_px: int, *, fill: float) -> torch.Tensor:
-    """Translate a [C, H, W] image by a random (dy, dx) in [-max, max]^2; uncovered pixels get ``fill``."""
-    dy, dx = (int(v) for v in torch.randint(-max_shift_px, max_shift_px + 1, (2,)))
-    return shift(image, dy, dx, fill=fill)
-
-
-def shift(image: torch.Tensor, dy: int, dx: int, *, fill: float) -> torch.Tensor:
-    """Translate a [C, H, W] image by ``dy`` rows and ``dx`` columns (positive = down/right)."""
-    _, h, w = image.shape
-    out = torch.full_like(image, fill)
-    src_y, dst_y = slice(max(0, -dy), min(h, h - dy)), slice(max(0, dy), min(h, h + dy))
-    src_x, dst_x = slice(max(0, -dx), min(w, w - dx)), slice(max(0, dx), min(w, w + dx))
-    out[:, dst_y, dst_x] = image[:, src_y, src_x]
-    return out
-
-
 DEFAULT_SHIFT_PX = 0  # measured on vit_test, 20 epochs: a 1-pixel shift lowers val top-1 from 93% to 64%
+__all__ = ["DigitsDataset", "digits_dataset", "random_shift", "shift", "split_indices"]
 
 
-def digits_dataset(
-    split: Split | str, arch: ArchSpec, *, augment: bool = False, shift_px: int = DEFAULT_SHIFT_PX
-) -> DigitsDataset:
+def digits_dataset(split: Split | str, arch: ArchSpec, *, augment: Augment | str | bool = False) -> DigitsDataset:
     """The digits split for ``arch``, after checking that 1-channel 8x8 images and 10 classes fit it.
 
-    ``augment`` applies a random shift of ``shift_px`` to the train split; the default shift is 0 because
-    on 8x8 images with 2x2 patches a one-pixel shift is a large change that slows learning a lot.
+    ``augment`` (an :class:`~nvit.data.transforms.Augment` preset; ``True`` is ``auto``) applies to the train
+    split only. ``auto`` means none at 8x8: on 8x8 images with 2x2 patches a one-pixel shift is a large change
+    that slows learning a lot. ``shift`` translates by up to one pixel; ``imagenet`` does not apply to these
+    in-memory images.
     """
     check_image_shape(
         DIGITS_NAME, arch, channels=DIGITS_CHANNELS, size_px=DIGITS_SIZE_PX, num_classes=DIGITS_NUM_CLASSES
     )
     split = Split.parse(split)
-    return DigitsDataset(split, shift_px=shift_px if (augment and split is Split.TRAIN) else 0)
+    if split is Split.TEST:
+        raise DataError("digits has no test split (train and val only)")
+    chosen = resolve_augment(augment, DIGITS_SIZE_PX)
+    if chosen is Augment.IMAGENET:
+        raise DataError("the imagenet augmentation applies to image folders; use shift or none for digits")
+    use = chosen is Augment.SHIFT and split is Split.TRAIN
+    return DigitsDataset(split, shift_px=shift_px_for(DIGITS_SIZE_PX) if use else 0)

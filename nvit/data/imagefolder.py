@@ -1,4 +1,4 @@
-"""ImageNet-layout folders: ``ROOT/{train,val}/<class name>/<image file>``; classes are sorted folder names.
+"""ImageNet-layout folders: ``ROOT/{train,val,test}/<class name>/<image file>``; classes are sorted folder names.
 
 The class list always comes from ``ROOT/train`` when it exists, so train and val agree on label indices
 even when the val folder lacks some classes. Images are decoded lazily by PIL in ``__getitem__``.
@@ -15,7 +15,15 @@ from torch.utils.data import Dataset
 
 from nvit.arch import ArchSpec
 from nvit.data.base import DataError, Split, check_image_shape
-from nvit.data.transforms import EvalTransform, TrainTransform, TransformConfig
+from nvit.data.transforms import (
+    Augment,
+    EvalTransform,
+    ShiftTransform,
+    TrainTransform,
+    TransformConfig,
+    resolve_augment,
+    shift_px_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +64,8 @@ class ImageFolderDataset(Dataset):
         folder = self.root / self.split.value
         if not folder.is_dir():
             raise DataError(
-                f"{self.root} has no '{self.split.value}' folder (expected ImageNet layout ROOT/train, ROOT/val)"
+                f"{self.root} has no '{self.split.value}' folder (expected ImageNet layout ROOT/train, ROOT/val, "
+                "and ROOT/test for a test split)"
             )
         class_source = self.root / Split.TRAIN.value
         self.classes = find_classes(class_source if class_source.is_dir() else folder)
@@ -84,14 +93,28 @@ class ImageFolderDataset(Dataset):
 
 
 def imagefolder_dataset(
-    root: str | os.PathLike[str], split: Split | str, arch: ArchSpec, *, augment: bool = True, jitter: float = 0.0
+    root: str | os.PathLike[str], split: Split | str, arch: ArchSpec, *, augment: Augment | str | bool = True,
+    jitter: float = 0.0,
 ) -> ImageFolderDataset:
-    """A split of an ImageNet-layout folder with DeiT train (``augment``) or eval transforms for ``arch``."""
+    """A split of an ImageNet-layout folder for ``arch``, with the train-time ``augment`` preset on the train
+    split (``auto``: by ``arch.img_size``, see :mod:`nvit.data.transforms`). Small images (``shift`` or
+    ``none`` presets) are resized to the arch's size for evaluation; larger ones get DeiT's resize + centre
+    crop."""
     split = Split.parse(split)
     if arch.in_chans not in (1, 3):
         raise DataError(f"image folders give 1- or 3-channel images, the architecture expects in_chans={arch.in_chans}")
+    chosen = resolve_augment(augment, arch.img_size)
+    small = resolve_augment(Augment.AUTO, arch.img_size) is not Augment.IMAGENET
     config = TransformConfig(img_size=arch.img_size, in_chans=arch.in_chans, jitter=jitter)
-    transform = TrainTransform(config) if (augment and split is Split.TRAIN) else EvalTransform(config)
+    train = split is Split.TRAIN
+    if train and chosen is Augment.IMAGENET:
+        transform = TrainTransform(config)
+    elif small:
+        transform = ShiftTransform(config, shift_px_for(arch.img_size) if train and chosen is Augment.SHIFT else 0)
+    elif train and chosen is Augment.SHIFT:
+        transform = ShiftTransform(config, shift_px_for(arch.img_size))
+    else:
+        transform = EvalTransform(config)
     dataset = ImageFolderDataset(root, split, transform)
     check_image_shape(str(root), arch, channels=arch.in_chans, size_px=None, num_classes=dataset.num_classes)
     if dataset.num_classes < arch.num_classes:

@@ -19,7 +19,7 @@ SYNTHETIC_NAME = "synthetic"
 DEFAULT_TRAIN_SIZE = 512
 DEFAULT_VAL_SIZE = 128
 DEFAULT_NOISE_STD = 1.0
-_SPLIT_SALT = {Split.TRAIN: 1, Split.VAL: 2}
+_SPLIT_SALT = {Split.TRAIN: 1, Split.VAL: 2, Split.TEST: 3}
 _SEED_STRIDE = 1_000_003  # a prime that keeps the derived seeds of different streams apart
 
 
@@ -43,7 +43,7 @@ class SyntheticDataset(Dataset):
         self.config = config
         self.shape = (arch.in_chans, arch.img_size, arch.img_size)
         self.num_classes = arch.num_classes
-        self._size = config.train_size if self.split is Split.TRAIN else config.val_size
+        self._size = config.train_size if self.split is Split.TRAIN else config.val_size  # test: val's size
 
     def __len__(self) -> int:
         return self._size

@@ -1,8 +1,17 @@
-"""DeiT-style image transforms on PIL images, written with PIL + numpy + torch (no torchvision).
+"""Image transforms on PIL images and tensors, written with PIL + numpy + torch (no torchvision).
 
-Train: random resized crop (area fraction in ``scale``, aspect ratio log-uniform in ``ratio``), horizontal
-flip, optional brightness/contrast jitter, normalisation. Eval: resize the shorter side to
-``img_size / crop_pct`` (256 for 224) and take the centre ``img_size`` square, normalisation.
+Which train-time augmentation a data set gets is an :class:`Augment` preset; ``auto`` picks one by image
+size (:func:`resolve_augment`), because DeiT's ImageNet recipe destroys small images (a small ViT on
+28x28 grayscale images: 54.8% with it, 87.5% without, same 15 epochs):
+
+- ``imagenet`` (images above :data:`SMALL_IMAGE_PX`): DeiT's random resized crop (8-100% of the area,
+  aspect ratio log-uniform in 3/4..4/3), horizontal flip, optional jitter. Eval: resize the shorter side to
+  ``img_size / crop_pct`` (256 for 224) and take the centre ``img_size`` square.
+- ``shift`` (images of :data:`TINY_IMAGE_PX` < side <= :data:`SMALL_IMAGE_PX`): no flip; a random
+  translation by up to :func:`shift_px_for` pixels (1/14 of the side: 2 px at 28), uncovered pixels black
+  — a padded random crop. Eval: resize to ``img_size``, no crop.
+- ``none`` (images of at most :data:`TINY_IMAGE_PX`, e.g. 8x8 digits, where a 1-pixel shift cost 29 points).
+
 Randomness comes from torch's global generator (each DataLoader worker seeds its own), so seeding torch at
 the start of an epoch makes the epoch reproducible.
 """
@@ -24,6 +33,48 @@ DEFAULT_RATIO = (3 / 4, 4 / 3)
 DEFAULT_HFLIP_PROB = 0.5
 CROP_ATTEMPTS = 10
 MAX_PIXEL = 255.0
+SMALL_IMAGE_PX = 64  # images up to this side get the ``shift`` preset under ``auto``
+TINY_IMAGE_PX = 16  # images up to this side get no augmentation under ``auto``
+SHIFT_FRACTION = 1 / 14  # ``shift``: the largest translation, as a fraction of the image side
+
+
+class Augment(str, enum.Enum):
+    """Train-time augmentation presets (see the module docstring)."""
+
+    AUTO = "auto"
+    NONE = "none"
+    SHIFT = "shift"
+    IMAGENET = "imagenet"
+
+    @classmethod
+    def parse(cls, value: Augment | str | bool) -> Augment:
+        """A preset from its name; ``True`` is ``auto`` and ``False`` is ``none``."""
+        if isinstance(value, Augment):
+            return value
+        if isinstance(value, bool):
+            return cls.AUTO if value else cls.NONE
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            known = ", ".join(a.value for a in cls)
+            raise ValueError(f"unknown augmentation {value!r}; use one of: {known}") from None
+
+
+def resolve_augment(augment: Augment | str | bool, img_size: int) -> Augment:
+    """The preset used for images of side ``img_size``: ``auto`` becomes ``none``, ``shift`` or ``imagenet``."""
+    chosen = Augment.parse(augment)
+    if chosen is not Augment.AUTO:
+        return chosen
+    if img_size <= TINY_IMAGE_PX:
+        return Augment.NONE
+    return Augment.SHIFT if img_size <= SMALL_IMAGE_PX else Augment.IMAGENET
+
+
+def shift_px_for(img_size: int) -> int:
+    """Largest translation of the ``shift`` preset: 1/14 of the side, at least one pixel (2 px at 28)."""
+    return max(1, round(img_size * SHIFT_FRACTION))
+
+
 
 
 class Interpolation(str, enum.Enum):
@@ -127,6 +178,24 @@ def center_crop_box(width: int, height: int, size_px: int) -> tuple[int, int, in
     return left, top, left + size_px, top + size_px
 
 
+def shift(image: torch.Tensor, dy: int, dx: int, *, fill: float | tuple[float, ...]) -> torch.Tensor:
+    """Translate a [C, H, W] image by ``dy`` rows and ``dx`` columns (positive = down/right); uncovered
+    pixels get ``fill`` (one value, or one per channel)."""
+    c, h, w = image.shape
+    out = torch.empty_like(image)
+    out[:] = torch.as_tensor(fill, dtype=image.dtype).reshape(-1, 1, 1).expand(c, h, w)
+    src_y, dst_y = slice(max(0, -dy), min(h, h - dy)), slice(max(0, dy), min(h, h + dy))
+    src_x, dst_x = slice(max(0, -dx), min(w, w - dx)), slice(max(0, dx), min(w, w + dx))
+    out[:, dst_y, dst_x] = image[:, src_y, src_x]
+    return out
+
+
+def random_shift(image: torch.Tensor, max_shift_px: int, *, fill: float | tuple[float, ...]) -> torch.Tensor:
+    """Translate a [C, H, W] image by a random (dy, dx) in [-max, max]^2; uncovered pixels get ``fill``."""
+    dy, dx = (int(v) for v in torch.randint(-max_shift_px, max_shift_px + 1, (2,)))
+    return shift(image, dy, dx, fill=fill)
+
+
 # ---- transforms -----------------------------------------------------------------------------------
 def to_normalised_tensor(image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """PIL image -> float32 [C, H, W] in 0..1, then ``(x - mean) / std`` per channel."""
@@ -192,3 +261,22 @@ class EvalTransform:
             image = image.resize(size, resample=c.interpolation.pil())
         image = image.crop(center_crop_box(image.width, image.height, c.img_size))
         return to_normalised_tensor(image, c.channel_mean, c.channel_std)
+
+
+class ShiftTransform:
+    """Small images: resize to ``img_size`` if needed, then (train) a random shift of up to ``shift_px``
+    pixels filled with black, normalisation. ``shift_px`` 0 is the eval transform (a picklable callable)."""
+
+    def __init__(self, config: TransformConfig, shift_px: int) -> None:
+        self.config, self.shift_px = config, shift_px
+
+    def __call__(self, image) -> torch.Tensor:
+        c = self.config
+        image = _convert(image, c.in_chans)
+        if image.size != (c.img_size, c.img_size):
+            image = image.resize((c.img_size, c.img_size), resample=c.interpolation.pil())
+        tensor = to_normalised_tensor(image, c.channel_mean, c.channel_std)
+        if self.shift_px <= 0:
+            return tensor
+        black = tuple(-m / s for m, s in zip(c.channel_mean, c.channel_std, strict=True))
+        return random_shift(tensor, self.shift_px, fill=black)
