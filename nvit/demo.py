@@ -244,7 +244,7 @@ def run_demo(config: DemoConfig, report: Reporter | None = None) -> list[DemoRow
 def _run_stages(config: DemoConfig, report: Reporter, started: float) -> list[DemoRow]:
     from nvit.export.compare import Variant, compare_with_table
     from nvit.export.pipeline import ExportOptions, export_model
-    from nvit.plots import plot_pareto, plot_widths
+    from nvit.plots import plot_pareto, plot_widths, save_compare
 
     table = profile_stage(config, report)
     base, base_top1 = train_stage(config, report)
@@ -265,7 +265,7 @@ def _run_stages(config: DemoConfig, report: Reporter, started: float) -> list[De
     comparison = compare_with_table(table, variants[0], variants[1:], same_device=True,
                                     progress=lambda m: report.advance(0.5, m))
     report_dir = config.out_dir / "report"
-    comparison.save(report_dir)
+    save_compare(comparison, report_dir)
     plot_widths(base.spec, [(v.name, v.spec) for v in variants[1:]], report_dir / "widths.png")
     plot_pareto([(r.name, r.measured_ms, r.top1) for r in comparison.results], report_dir / "pareto.png")
 

@@ -35,3 +35,7 @@ class TargetError(NvitError):
 
 class ExportError(NvitError):
     """Export or numerical verification of an exported model failed."""
+
+
+class OutputError(NvitError):
+    """An output path cannot be written: a file stands where a folder is needed, or the reverse."""

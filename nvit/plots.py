@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from nvit.arch import ArchSpec
+from nvit.export.compare import CompareReport
 from nvit.fileio import atomic_path
 
-if TYPE_CHECKING:
-    from nvit.export.compare import CompareReport
+COMPARE_FIGURE = "compare.png"
 
 
 def _pyplot():
@@ -68,6 +67,13 @@ def plot_compare(report: CompareReport, path: str | os.PathLike[str]) -> Path:
         ax2.grid(alpha=0.3)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def save_compare(report: CompareReport, folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write the report (compare.json, compare.csv) and its figure (compare.png) into ``folder``."""
+    paths = report.save(folder)
+    paths["png"] = plot_compare(report, Path(folder) / COMPARE_FIGURE)
+    return paths
 
 
 def plot_widths(base: ArchSpec, variants: Sequence[tuple[str, ArchSpec]], path: str | os.PathLike[str]) -> Path:

@@ -16,6 +16,7 @@ from nvit.export.onnx import export_onnx
 from nvit.export.verify import Tolerance, verify_onnx
 from nvit.lut.base import FlopsPredictor
 from nvit.models import BlockKeep, KeepIndices, apply_keep_as_gates, build_model, slice_model
+from nvit.plots import save_compare
 from nvit.profiler.base import TimingStats
 
 PRUNED = ArchSpec(
@@ -106,7 +107,7 @@ def test_compare_report_figures_and_files(tmp_path) -> None:
     assert by_name["pruned"].speedup_predicted == pytest.approx(2.0 / pred_pruned)
     assert by_name["pruned"].target_met_measured is True
     assert by_name["base"].target_met_measured is None
-    paths = report.save(tmp_path)
+    paths = save_compare(report, tmp_path)
     doc = json.loads(paths["json"].read_text())
     assert doc["schema_version"] == 1 and len(doc["results"]) == 2
     rows = list(csv.DictReader(paths["csv"].open()))

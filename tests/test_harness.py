@@ -222,3 +222,17 @@ def test_real_clock_smoke():
     cfg = HarnessConfig(warmup_s=0.01, rewarm_s=0.0, repeats=2, min_samples=10, time_cap_s=0.1)
     s = measure_callable(lambda: sum(range(2000)), cfg)
     assert 0 < s.latency_ms_p10 <= s.latency_ms_median <= s.latency_ms_p90 and s.n_samples >= 10
+
+
+def test_a_partial_harness_dict_overrides_only_its_keys_on_the_device_defaults():
+    from nvit.profiler.base import Precision, get_backend
+
+    gpu = get_backend("torch")(device=DeviceKind.CUDA, precision=Precision.FP16, batch_size=1,
+                               harness={"time_cap_s": 1.0})
+    assert gpu.harness == HarnessConfig.gpu().replace(time_cap_s=1.0)
+    assert gpu.harness.min_sample_ms == 1.0 and gpu.harness.repeats == 1  # not the CPU's 0 and 3
+    cpu = get_backend("torch")(device=DeviceKind.CPU, precision=Precision.FP32, batch_size=1,
+                               harness={"time_cap_s": 1.0})
+    assert cpu.harness == HarnessConfig.cpu().replace(time_cap_s=1.0)
+    with pytest.raises(BackendError, match="unknown harness setting"):
+        get_backend("torch")(device=DeviceKind.CUDA, precision=Precision.FP16, batch_size=1, harness={"cap": 1})

@@ -54,10 +54,13 @@ def compare(
     against predicted latency, error, speedup and whether each variant met its target."""
     from nvit.arch import ArchSpec
     from nvit.export.compare import Variant, compare_with_table
+    from nvit.fileio import output_folder
     from nvit.lut.table import LatencyTable
     from nvit.models import build_model
+    from nvit.plots import save_compare
 
     console = Console(width=max(Console().width, 120))  # the report is wide; logs and pipes get 120 columns
+    output_folder(out)
     table = LatencyTable.load(lut)
     if base is None:
         spec = ArchSpec.from_dict(table.meta.base_arch)
@@ -69,7 +72,7 @@ def compare(
         report = compare_with_table(table, base_variant, loaded, same_device=not allow_other_device,
                                     progress=lambda msg: status.update(msg))
     console.print(report_table(report))
-    paths = report.save(out)
+    paths = save_compare(report, out)
     console.print("saved " + ", ".join(str(p) for p in paths.values()))
 
 

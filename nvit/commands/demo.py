@@ -56,7 +56,9 @@ def demo(
     train a small ViT on the bundled digits, prune it to 70% and 50% of its predicted latency in one run,
     fine-tune with distillation, export and verify ONNX, then measure and compare with the predictions."""
     from nvit.demo import DemoConfig, run_demo
+    from nvit.fileio import output_folder
 
+    output_folder(out)
     config = DemoConfig.quick(out) if quick else DemoConfig(out_dir=out)
     config = DemoConfig(**{**config.__dict__, "seed": seed})
     console = Console(width=max(Console().width, 120))

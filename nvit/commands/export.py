@@ -31,11 +31,12 @@ def export(
     """Export a model to ONNX (opset >= 18, dynamic batch), verify it numerically in ONNX Runtime, and
     optionally build a TensorRT engine with the profiler's builder settings and time it."""
     from nvit.export.pipeline import ExportOptions, export_model
+    from nvit.fileio import output_folder
     from nvit.models import load_model, variant_provenance
 
     console = Console()
+    out_dir = output_folder(out or (Path(model) / "export" if Path(model).is_dir() else Path("export")))
     loaded = load_model(model, resolve_arch(arch) if arch else None)
-    out_dir = out or (Path(model) / "export" if Path(model).is_dir() else Path("export"))
     options = ExportOptions(
         out_dir=out_dir, opset=opset, verify=verify, trt=trt, precision=precision, batch_size=batch_size,
         measure_backend=(backend or ("tensorrt" if trt else "onnxruntime")) if measure else None,

@@ -89,10 +89,12 @@ def merge(
     out: Path = typer.Option(..., "--out", "-o", help="The merged table."),
 ) -> None:
     """Merge tables profiled on the same kind of device, precision, batch and tokens."""
+    from nvit.fileio import output_file
     from nvit.lut.table import LatencyTable, merge_tables
 
     if len(luts) < 2:
         raise LutError("merge needs at least two tables")
+    output_file(out)
     merged = merge_tables([LatencyTable.load(p) for p in luts])
     problems = merged.problems(coverage=False)
     if problems:

@@ -88,12 +88,15 @@ def profile(
                                              "e.g. allow_spinning=false or harness='{\"time_cap_s\": 1}'."),
 ) -> None:
     """Benchmark ViT blocks of many widths on a device and write a latency lookup table."""
+    from nvit.fileio import output_file
     from nvit.profiler.backends import default_backend
     from nvit.profiler.base import DeviceKind, get_backend
     from nvit.profiler.device import fingerprint
     from nvit.profiler.space import resolve_space
     from nvit.profiler.sweep import SweepOptions, run_sweep
 
+    if out is not None:
+        output_file(out)
     device_kind = DeviceKind.CUDA if gpu else DeviceKind.CPU
     the_space = resolve_space(space, batch_size=batch_size, precision=precision)
     options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate, passes=passes)

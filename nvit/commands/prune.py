@@ -12,6 +12,7 @@ from rich.table import Table
 
 from nvit.commands.train import AUGMENT_HELP, DATA_HELP, augment_choice
 from nvit.errors import NvitError
+from nvit.fileio import output_folder
 
 
 def variants_table(result: Any, accuracies: dict[str, float], unit: str) -> Table:
@@ -84,6 +85,7 @@ def prune(
     from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1, top1
     from nvit.pruning.saliency import SaliencyNorm
 
+    output_folder(out)
     if not target_latency and not target_ratio:
         raise NvitError("give at least one --target-latency (e.g. 5ms) or --target-ratio (e.g. 0.5)")
     if no_latency and latency_weight is not None:

@@ -118,6 +118,9 @@ def augment_choice(augment: str, no_augment: bool) -> str:
 
 
 def _check_out(out: Path, restart: bool) -> None:
+    from nvit.fileio import output_folder
+
+    output_folder(out)
     if restart and (out / CHECKPOINT_FILE).exists():
         (out / CHECKPOINT_FILE).unlink()
 

@@ -89,14 +89,12 @@ class CompareReport:
         return buf.getvalue()
 
     def save(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write compare.json, compare.csv and compare.png into ``folder``; returns the paths."""
-        from nvit.plots import plot_compare
-
+        """Write compare.json and compare.csv into ``folder``; returns the paths (the figure is
+        :func:`nvit.plots.save_compare`'s: plotting depends on reports, not the reverse)."""
         folder = Path(folder)
-        paths = {"json": folder / "compare.json", "csv": folder / "compare.csv", "png": folder / "compare.png"}
+        paths = {"json": folder / "compare.json", "csv": folder / "compare.csv"}
         atomic_write_text(paths["json"], json.dumps(self.as_dict(), indent=2) + "\n")
         atomic_write_text(paths["csv"], self.to_csv())
-        plot_compare(self, paths["png"])
         return paths
 
 

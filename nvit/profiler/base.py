@@ -11,12 +11,13 @@ import enum
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from nvit.errors import BackendError
+from nvit.profiler.harness import HarnessConfig, TimingStats, measure_interleaved
 
-if TYPE_CHECKING:
-    from nvit.profiler.harness import HarnessConfig
+__all__ = ["Backend", "DeviceKind", "Precision", "PreparedWorkload", "TimingStats", "Workload", "backend_names",
+           "get_backend", "register_backend"]
 
 
 class Precision(str, enum.Enum):
@@ -28,27 +29,6 @@ class Precision(str, enum.Enum):
 class DeviceKind(str, enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"
-
-
-@dataclass(frozen=True)
-class TimingStats:
-    """Summary of repeated latency measurements of one workload, in milliseconds."""
-
-    latency_ms_median: float
-    latency_ms_mean: float
-    latency_ms_p10: float
-    latency_ms_p90: float
-    latency_ms_p99: float
-    latency_ms_std: float
-    cov: float  # coefficient of variation, std / mean
-    ci95_halfwidth_ms: float  # 95% confidence half-width of the median
-    n_samples: int
-    n_repeats: int = 1  # interleaved repeats timed; the fields above describe the one the statistic chose
-    repeat_rel_spread: float = 0.0  # max / min of the repeat medians, minus 1
-    stop_reason: str = ""  # converged | time_cap | max_samples ("" when not produced by the harness)
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -130,8 +110,6 @@ class Backend:
             self._check_batch(w)
         if type(self)._prepare_impl is Backend._prepare_impl:
             return [self._measure_impl(w) for w in workloads]
-        from nvit.profiler.harness import measure_interleaved
-
         prepared: list[PreparedWorkload] = []
         try:
             for w in workloads:
@@ -169,14 +147,14 @@ class Backend:
 
 
 def _harness_config(value: Any, device: DeviceKind) -> HarnessConfig:
-    from nvit.profiler.harness import HarnessConfig
-
-    if value is None:
-        return HarnessConfig.for_device(device)
+    """A :class:`HarnessConfig` as given, or the device's defaults with a dict's keys overridden."""
     if isinstance(value, HarnessConfig):
         return value
+    defaults = HarnessConfig.for_device(device)
+    if value is None:
+        return defaults
     if isinstance(value, Mapping):
-        return HarnessConfig.from_dict(value)
+        return defaults.updated(value)
     raise BackendError(f"option 'harness' must be a HarnessConfig or a dict, got {type(value).__name__}")
 
 

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from nvit.errors import BackendError
-from nvit.profiler.base import DeviceKind, TimingStats
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +45,30 @@ CI_CONFIDENCE = 0.95
 MS_PER_S = 1e3
 _CHECK_GROWTH = 8  # re-check convergence after n // _CHECK_GROWTH more samples (geometric cadence)
 _PERCENTILES = (10.0, 90.0, 99.0)
+_CUDA = "cuda"  # DeviceKind.CUDA's value (the harness does not import the backend interface)
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Summary of repeated latency measurements of one workload, in milliseconds."""
+
+    latency_ms_median: float
+    latency_ms_mean: float
+    latency_ms_p10: float
+    latency_ms_p90: float
+    latency_ms_p99: float
+    latency_ms_std: float
+    cov: float  # coefficient of variation, std / mean
+    ci95_halfwidth_ms: float  # 95% confidence half-width of the median
+    n_samples: int
+    n_repeats: int = 1  # interleaved repeats timed; the fields above describe the one the statistic chose
+    repeat_rel_spread: float = 0.0  # max / min of the repeat medians, minus 1
+    stop_reason: str = ""  # converged | time_cap | max_samples ("" when not produced by the harness)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 class RobustStatistic(str, enum.Enum):
@@ -112,8 +133,18 @@ class HarnessConfig:
                    repeats=1, statistic=RobustStatistic.POOLED, min_sample_ms=1.0)
 
     @classmethod
-    def for_device(cls, device: DeviceKind) -> HarnessConfig:
-        return cls.gpu() if DeviceKind(device) is DeviceKind.CUDA else cls.cpu()
+    def for_device(cls, device: str) -> HarnessConfig:
+        """The defaults for ``device`` (a :class:`~nvit.profiler.base.DeviceKind` or its value)."""
+        return cls.gpu() if str(getattr(device, "value", device)) == _CUDA else cls.cpu()
+
+    def updated(self, changes: Mapping[str, Any]) -> HarnessConfig:
+        """This config with the settings in ``changes`` replaced; strict: an unknown key is an error (a typo
+        must not silently fall back to a default)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise BackendError(f"unknown harness setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
 
     def replace(self, **changes: Any) -> HarnessConfig:
         return dataclasses.replace(self, **changes)
@@ -125,12 +156,9 @@ class HarnessConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HarnessConfig:
-        """Strict: unknown keys are an error (a typo must not silently fall back to a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BackendError(f"unknown harness setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        """A config from a complete dict (as :meth:`to_dict` writes it); missing keys take the CPU defaults,
+        so a partial dict for a GPU should go through :meth:`updated` on :meth:`gpu` instead."""
+        return cls().updated(data)
 
 
 def _enum_value(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:

@@ -1,0 +1,44 @@
+"""The package's import graph has no cycles between two modules (lazy imports inside functions included):
+a type lives with what defines it, and what builds on a module imports it, never the reverse."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nvit
+
+PACKAGE = Path(nvit.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the nvit modules it imports anywhere in its source (TYPE_CHECKING and function scope too)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            graph[name].update(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def test_import_graph_sees_lazy_imports():
+    graph = import_graph()
+    assert "nvit.profiler.harness" in graph["nvit.profiler.base"]  # module level
+    assert "nvit.export.compare" in graph["nvit.plots"]
+    assert "nvit.export.onnx" in graph["nvit.profiler.backends.common"]  # inside a method
+
+
+def test_no_two_modules_import_each_other():
+    graph = import_graph()
+    mutual = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph[b]})
+    assert mutual == []
