@@ -20,6 +20,8 @@ def export(
                                                   "inferred from the checkpoint when omitted."),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs TensorRT and a GPU)."),
     precision: Precision = typer.Option(Precision.FP32, "--precision", help="Engine / timing precision."),
+    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="Allow TF32 matrix products in an fp32 engine "
+                              "(TensorRT's default; checked at the TF32 tolerance)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Batch size of the engine and of the timing."),
     opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check ONNX Runtime outputs against PyTorch."),
@@ -38,7 +40,7 @@ def export(
     out_dir = output_folder(out or (Path(model) / "export" if Path(model).is_dir() else Path("export")))
     loaded = load_model(model, resolve_arch(arch) if arch else None)
     options = ExportOptions(
-        out_dir=out_dir, opset=opset, verify=verify, trt=trt, precision=precision, batch_size=batch_size,
+        out_dir=out_dir, opset=opset, verify=verify, trt=trt, precision=precision, tf32=tf32, batch_size=batch_size,
         measure_backend=(backend or ("tensorrt" if trt else "onnxruntime")) if measure else None,
         device=DeviceKind.CUDA if (gpu or trt) else DeviceKind.CPU,
     )

@@ -1,9 +1,12 @@
 """``nvit export --trt``: a TensorRT engine built exactly as the profiler builds the blocks it times.
 
 The engine comes from :class:`~nvit.profiler.backends.tensorrt_backend.TensorRTBackend` (same ONNX
-exporter, precision handling, builder flags and timing cache), has a static batch, and is saved next to a
-metadata JSON (versions, device, precision, input shape, builder settings). An optional check runs the
-engine on seeded inputs and compares its logits with PyTorch's at per-precision tolerances.
+exporter, precision handling, builder flags, timing cache and device), has a static batch, and is saved next
+to a metadata JSON (versions, device, precision, whether TF32 was allowed, input shape, builder settings).
+An optional check runs the engine on seeded inputs (torch.cuda buffers on the backend's device, its own
+stream) and compares its logits with PyTorch's fp32 ones at the engine's tolerance
+(:meth:`~nvit.export.verify.Tolerance.for_engine`: TF32's for fp32 engines built with TF32) plus top-1
+agreement on decisive samples.
 """
 
 from __future__ import annotations
@@ -14,81 +17,101 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from nvit import __version__
 from nvit.errors import BackendError, ExportError
-from nvit.export.verify import Tolerance
+from nvit.export.verify import Tolerance, compare_logits
 from nvit.fileio import atomic_write_bytes, atomic_write_text
 from nvit.profiler.base import DeviceKind, Precision, Workload, get_backend
 
 ENGINE_META_SUFFIX = ".json"
-_TOLERANCE = {Precision.FP32: Tolerance.FP32, Precision.FP16: Tolerance.FP16, Precision.BF16: Tolerance.BF16}
+CHECK_BATCHES = 4  # seeded inputs the engine is checked on (each of the engine's static batch)
 
 
 def build_engine_file(model: torch.nn.Module, engine_path: str | os.PathLike[str], shape: tuple[int, ...],
-                      precision: Precision, *, check: bool = True, **builder_options: Any
+                      precision: Precision, *, check: bool = True, tf32: bool = True, **builder_options: Any
                       ) -> tuple[Path, dict[str, Any]]:
-    """Build, save and (optionally) check an engine for ``model`` at input ``shape``; returns its metadata."""
-    from nvit.profiler.device import fingerprint
+    """Build, save and (optionally) check an engine for ``model`` at input ``shape``; returns its metadata.
+    ``tf32`` allows TF32 matrix products in fp32 layers (TensorRT's default; recorded, and checked at the TF32
+    tolerance)."""
+    from nvit.profiler.device import backend_fingerprint
 
     engine_path = Path(engine_path)
     backend = get_backend("tensorrt")(device=DeviceKind.CUDA, precision=precision, batch_size=shape[0],
-                                      **builder_options)
+                                      tf32=tf32, **builder_options)
     with backend:
         serialized = backend.serialize_workload(Workload("model", model, tuple(shape)))
-        atomic_write_bytes(engine_path, serialized)
+        settings = backend.settings()
+        tf32_allowed = bool(settings["applied"].get("tf32", False))
         meta: dict[str, Any] = {
             "schema_version": 1, "kind": "nvit.engine", "nvit_version": __version__,
             "created_unix_s": time.time(), "engine_file": engine_path.name, "input_shape": list(shape),
-            "precision": precision.value, "settings": backend.settings(), "versions": backend.versions(),
-            "device": fingerprint(DeviceKind.CUDA).to_dict(),
+            "precision": Precision(precision).value, "tf32": tf32_allowed, "settings": settings,
+            "local_settings": backend.local_settings(), "versions": backend.versions(),
+            "device": backend_fingerprint(backend).to_dict(),
         }
         if check:
-            meta["check"] = check_engine(serialized, model, shape, precision)
+            meta["check"] = check_engine(backend, serialized, model, shape, precision, tf32=tf32_allowed)
+    atomic_write_bytes(engine_path, serialized)  # only an engine that passed its check is written
     atomic_write_text(engine_path.with_suffix(engine_path.suffix + ENGINE_META_SUFFIX),
                       json.dumps(meta, indent=2, default=str) + "\n")
     return engine_path, meta
 
 
-def check_engine(serialized: bytes, model: torch.nn.Module, shape: tuple[int, ...], precision: Precision,
-                 *, seed: int = 0) -> dict[str, Any]:
-    """Run the engine on a seeded input (torch.cuda buffers) and compare with PyTorch fp32 on the CPU."""
-    import tensorrt as trt
+def run_engine(backend: Any, engine: Any, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    """Run ``engine`` (one input, one output) on each CPU tensor of ``inputs``; returns the outputs (fp32).
+    Buffers are torch tensors made on the backend's device and stream, the stream the engine runs on."""
+    from nvit.profiler.backends.trt_common import TORCH_DTYPE, dtype_name, io_names
 
     if not torch.cuda.is_available():
-        raise BackendError("checking a TensorRT engine needs CUDA torch and a GPU")
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(serialized)
-    context = engine.create_execution_context()
-    dtype = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[precision]
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if n not in inputs]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ExportError(f"expected one input and one output, the engine has {inputs} / {outputs}")
-    device_in = x.to("cuda", dtype).contiguous()
-    context.set_input_shape(inputs[0], tuple(device_in.shape))
-    device_out = torch.empty(tuple(context.get_tensor_shape(outputs[0])), device="cuda", dtype=dtype)
-    context.set_tensor_address(inputs[0], device_in.data_ptr())
-    context.set_tensor_address(outputs[0], device_out.data_ptr())
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise ExportError("TensorRT failed to run the engine")
-    stream.synchronize()
+        raise BackendError("checking a TensorRT engine needs a CUDA build of torch (skip the check to build only)")
+    trt = backend.trt
+    names_in, names_out = io_names(trt, engine)
+    if len(names_in) != 1 or len(names_out) != 1:
+        raise ExportError(f"expected one input and one output, the engine has {names_in} / {names_out}")
+    (name_in,), (name_out,) = names_in, names_out
+    dtype_in = getattr(torch, TORCH_DTYPE[dtype_name(engine.get_tensor_dtype(name_in))])
+    dtype_out = getattr(torch, TORCH_DTYPE[dtype_name(engine.get_tensor_dtype(name_out))])
+    device = torch.device("cuda", backend.cuda_index)
+    outputs = []
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        context = engine.create_execution_context()
+        with torch.cuda.stream(stream):
+            for x in inputs:
+                x_dev = x.to(device=device, dtype=dtype_in).contiguous()
+                context.set_input_shape(name_in, tuple(x_dev.shape))
+                y_dev = torch.empty(tuple(context.get_tensor_shape(name_out)), device=device, dtype=dtype_out)
+                context.set_tensor_address(name_in, x_dev.data_ptr())
+                context.set_tensor_address(name_out, y_dev.data_ptr())
+                if not context.execute_async_v3(stream.cuda_stream):
+                    raise ExportError("TensorRT failed to run the engine")
+                outputs.append(y_dev.float().cpu().numpy())  # waits for the stream
+    return outputs
+
+
+def check_engine(backend: Any, serialized: bytes, model: torch.nn.Module, shape: tuple[int, ...],
+                 precision: Precision, *, tf32: bool, seed: int = 0, batches: int = CHECK_BATCHES
+                 ) -> dict[str, Any]:
+    """Compare the engine's logits with PyTorch fp32 on the CPU over ``batches`` seeded inputs."""
+    engine = backend.engine(serialized, "model")  # deserialized on the backend's device, input dtype checked
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(shape, generator=generator) for _ in range(batches)]
+    got = run_engine(backend, engine, inputs)
     with torch.no_grad():
-        expected = model.eval()(x)
-    got = device_out.float().cpu()
-    tol = _TOLERANCE[precision]
-    abs_err = (got - expected).abs()
-    passed = bool((abs_err <= tol.atol + tol.rtol * expected.abs()).all())
-    result = {"max_abs_error": float(abs_err.max()), "atol": tol.atol, "rtol": tol.rtol, "passed": passed,
-              "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean())}
-    if not passed:
-        raise ExportError(f"TensorRT engine differs from PyTorch: max abs error {result['max_abs_error']:.3g} "
-                          f"(atol {tol.atol:g}, rtol {tol.rtol:g}, {precision.value})")
-    return result
+        expected = [model.eval()(x).numpy() for x in inputs]
+    tol = Tolerance.for_engine(precision, tf32)
+    result = compare_logits(np.concatenate(got), np.concatenate(expected), tol)
+    out = {"tolerance": tol.name.lower(), "atol": tol.atol, "rtol": tol.rtol, "samples": batches * shape[0],
+           **result.__dict__, "passed": result.passed}
+    if not result.passed:
+        raise ExportError(
+            f"TensorRT engine differs from PyTorch: max abs error {result.max_abs_error:.3g} (atol {tol.atol:g}, "
+            f"rtol {tol.rtol:g}, {tol.name.lower()}), top-1 differs on {result.decisive_disagreements} of "
+            f"{result.decisive_samples} clear-cut samples")
+    return out
 
 
 def read_engine_meta(engine_path: str | os.PathLike[str], *, device_name: str | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ EXPORT_SCHEMA_VERSION = 1
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
 EXPORT_META_FILE = "export.json"
+_TF32_BACKENDS = ("tensorrt", "torch")  # backends with a tf32 option: timing follows --tf32/--no-tf32
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ExportOptions:
     verify_batch_sizes: tuple[int, ...] = (1, 3)
     trt: bool = False
     precision: Precision = Precision.FP32
+    tf32: bool = True  # allow TF32 in an fp32 engine (TensorRT's default; checked at the TF32 tolerance)
     batch_size: int = 1
     measure_backend: str | None = None  # time the exported model with this backend (None: no timing)
     device: DeviceKind = DeviceKind.CPU
@@ -81,11 +83,14 @@ def export_model(model: VisionTransformer, options: ExportOptions, provenance: d
     if options.trt:
         from nvit.export.engine import build_engine_file
 
-        engine_path, engine_meta = build_engine_file(model, out / ENGINE_FILE, shape, options.precision)
+        engine_path, engine_meta = build_engine_file(model, out / ENGINE_FILE, shape, options.precision,
+                                                     tf32=options.tf32)
     timing = None
     if options.measure_backend:
         backend_cls = get_backend(options.measure_backend)
-        with backend_cls(device=options.device, precision=options.precision, batch_size=options.batch_size) as be:
+        tf32 = {"tf32": options.tf32} if options.measure_backend in _TF32_BACKENDS else {}
+        with backend_cls(device=options.device, precision=options.precision, batch_size=options.batch_size,
+                         **tf32) as be:
             timing = be.measure(Workload(model.spec.name or "model", model, shape))
             engine_meta = {**(engine_meta or {}), "timing_backend": be.settings(), "timing_versions": be.versions()}
     meta = _write_meta(out, model, options, report, timing, engine_meta, provenance)

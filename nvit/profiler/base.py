@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 from nvit.errors import BackendError
 from nvit.profiler.harness import HarnessConfig, TimingStats, measure_interleaved
 
-__all__ = ["Backend", "DeviceKind", "Precision", "PreparedWorkload", "TimingStats", "Workload", "backend_names",
-           "get_backend", "register_backend"]
+__all__ = ["Backend", "DeviceKind", "Precision", "PreparedWorkload", "TimingMode", "TimingStats", "Workload",
+           "backend_names", "get_backend", "register_backend"]
 
 
 class Precision(str, enum.Enum):
@@ -29,6 +29,14 @@ class Precision(str, enum.Enum):
 class DeviceKind(str, enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"
+
+
+class TimingMode(str, enum.Enum):
+    """How a backend times one call. Part of a table's identity: the modes give different figures."""
+
+    HOST_CLOCK = "host_clock"  # the call waits for its result and is timed with the host clock
+    CUDA_GRAPH = "cuda_graph"  # one iteration captured in a CUDA graph, replayed K times between CUDA events
+    LAUNCH = "launch"  # the iteration enqueued K times between CUDA events
 
 
 @dataclass(frozen=True)
@@ -58,11 +66,15 @@ class Backend:
     ``__enter__`` acquires the device/session state (and raises :class:`BackendError` when the backend's
     package or device is missing), ``__exit__`` releases it. The option ``harness`` (a
     :class:`~nvit.profiler.harness.HarnessConfig` or a dict of its fields) sets the timing protocol; the
-    default depends on the device. Subclasses that set ``option_names`` reject any other option.
+    default depends on the device. Subclasses that set ``option_names`` reject any other option; options in
+    ``local_options`` (cache folders) change where files go, not what is measured, so :meth:`settings`
+    leaves them out (a table resumed or compared with another cache folder is the same table).
     """
 
     name: str = ""
     option_names: ClassVar[frozenset[str] | None] = None  # None: accept any option (no validation)
+    local_options: ClassVar[frozenset[str]] = frozenset()
+    cuda_index: int = 0  # the CUDA device a GPU backend runs on
 
     def __init__(self, *, device: DeviceKind, precision: Precision, batch_size: int, **options: Any) -> None:
         self.device = DeviceKind(device)
@@ -131,9 +143,18 @@ class Backend:
     def _prepare_impl(self, workload: Workload) -> PreparedWorkload:
         raise NotImplementedError
 
+    @property
+    def timing_mode(self) -> TimingMode:
+        """How one call is timed (GPU backends: CUDA graphs or plain launches between CUDA events)."""
+        return TimingMode.HOST_CLOCK
+
     def versions(self) -> dict[str, str]:
         """Versions of the packages this backend uses (recorded in LUT metadata)."""
         return {}
+
+    def local_settings(self) -> dict[str, Any]:
+        """This host's settings that do not change latency (cache folders): recorded, never compared."""
+        return {k: str(self.options[k]) for k in sorted(self.local_options) if self.options.get(k) is not None}
 
     def settings(self) -> dict[str, Any]:
         """Backend settings that affect latency (recorded in LUT metadata), the timing protocol included."""
@@ -142,7 +163,9 @@ class Backend:
             "precision": self.precision.value,
             "batch_size": self.batch_size,
             "harness": self.harness.to_dict(),
-            "options": dict(self.options),  # as given to the constructor: enough to rebuild this backend
+            "timing_mode": self.timing_mode.value,
+            # as given to the constructor, local options aside: enough to rebuild this backend
+            "options": {k: v for k, v in self.options.items() if k not in self.local_options},
         }
 
 

@@ -18,27 +18,26 @@ import logging
 import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nvit.errors import BackendError
-from nvit.profiler.base import DeviceKind
+from nvit.profiler.base import Backend, DeviceKind
+from nvit.profiler.gpu_probe import WARM_UP_S, GpuClocks, GpuInfo, gpu_info, parse_nvidia_smi_csv
+
+__all__ = ["CpuInfo", "DeviceFingerprint", "GpuClocks", "GpuInfo", "available_cores", "backend_fingerprint",
+           "cpu_info", "fingerprint", "gpu_info", "package_versions", "parse_cgroup_cpu_max", "parse_cpuinfo_model",
+           "parse_nvidia_smi_csv"]
 
 logger = logging.getLogger(__name__)
 
-FINGERPRINT_SCHEMA_VERSION = 1
+FINGERPRINT_SCHEMA_VERSION = 2  # 2: clock-limit reasons, clocks read under load, MIG
+_READABLE_SCHEMAS = (1, 2)
 _CPUINFO = Path("/proc/cpuinfo")
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CPUINFO_MODEL_KEYS = ("model name", "Model", "Hardware", "cpu model", "Processor")
-_SMI_FIELDS = ("driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "power.limit",
-               "temperature.gpu")
-_SMI_TIMEOUT_S = 10.0
-_MW_PER_W = 1000.0
-_BYTES_PER_MIB = 1 << 20
 # Distribution names a package may be installed under (GPU builds have their own names).
 _DISTRIBUTIONS = {
     "torch": ("torch",),
@@ -56,32 +55,6 @@ class CpuInfo:
     platform: str
     machine: str
     python_version: str
-
-
-@dataclass(frozen=True)
-class GpuClocks:
-    """Clock and power state at fingerprint time; any field may be unknown (None)."""
-
-    source: str  # "nvml" or "nvidia-smi"
-    sm_clock_mhz: int | None = None
-    mem_clock_mhz: int | None = None
-    max_sm_clock_mhz: int | None = None
-    max_mem_clock_mhz: int | None = None
-    power_limit_w: float | None = None
-    temperature_c: int | None = None
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    uuid: str
-    index: int
-    sm_count: int
-    compute_capability: str  # "9.0"
-    total_memory_mib: int
-    driver_version: str | None
-    cuda_version: str | None  # CUDA runtime torch was built with
-    clocks: GpuClocks | None
 
 
 @dataclass(frozen=True)
@@ -125,9 +98,9 @@ class DeviceFingerprint:
     def from_dict(cls, data: dict[str, Any]) -> DeviceFingerprint:
         try:
             version = data.get("schema_version", FINGERPRINT_SCHEMA_VERSION)
-            if version != FINGERPRINT_SCHEMA_VERSION:
+            if version not in _READABLE_SCHEMAS:
                 raise BackendError(f"device fingerprint schema {version} is not supported "
-                                   f"(this nvit reads {FINGERPRINT_SCHEMA_VERSION})")
+                                   f"(this nvit reads {', '.join(map(str, _READABLE_SCHEMAS))})")
             gpu = data.get("gpu")
             if gpu is not None:
                 clocks = gpu.get("clocks")
@@ -220,112 +193,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-# ---- GPU -----------------------------------------------------------------------------------------------
-def _int_or_none(value: str) -> int | None:
-    try:
-        return round(float(value))
-    except ValueError:
-        return None
-
-
-def parse_nvidia_smi_csv(line: str) -> tuple[str | None, GpuClocks]:
-    """Parse one ``nvidia-smi --query-gpu=<_SMI_FIELDS> --format=csv,noheader,nounits`` line into the
-    driver version and clocks; ``[N/A]``/``[Not Supported]`` fields become None."""
-    values = [v.strip() for v in line.strip().split(",")]
-    if len(values) != len(_SMI_FIELDS):
-        raise BackendError(f"unexpected nvidia-smi output {line.strip()!r}")
-    driver = values[0] if values[0] and not values[0].startswith("[") else None
-    power = None
-    with contextlib.suppress(ValueError):
-        power = float(values[5])
-    return driver, GpuClocks(
-        source="nvidia-smi",
-        sm_clock_mhz=_int_or_none(values[1]),
-        mem_clock_mhz=_int_or_none(values[2]),
-        max_sm_clock_mhz=_int_or_none(values[3]),
-        max_mem_clock_mhz=_int_or_none(values[4]),
-        power_limit_w=power,
-        temperature_c=_int_or_none(values[6]),
-    )
-
-
-def _nvml_clocks(uuid: str) -> tuple[str | None, GpuClocks] | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        logger.debug("NVML unavailable: %s", exc)
-        return None
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid.encode())  # bytes work in old and new pynvml
-
-        def ask(fn: Any, *args: Any) -> Any:
-            try:
-                return fn(handle, *args)
-            except pynvml.NVMLError:
-                return None
-
-        power_mw = ask(pynvml.nvmlDeviceGetPowerManagementLimit)
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        clocks = GpuClocks(
-            source="nvml",
-            sm_clock_mhz=ask(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
-            mem_clock_mhz=ask(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
-            max_sm_clock_mhz=ask(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
-            max_mem_clock_mhz=ask(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM),
-            power_limit_w=power_mw / _MW_PER_W if power_mw is not None else None,
-            temperature_c=ask(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),
-        )
-        return (driver.decode() if isinstance(driver, bytes) else driver), clocks
-    except pynvml.NVMLError as exc:
-        logger.debug("NVML query failed: %s", exc)
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-
-
-def _smi_clocks(uuid: str) -> tuple[str | None, GpuClocks] | None:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    cmd = [smi, f"--query-gpu={','.join(_SMI_FIELDS)}", "--format=csv,noheader,nounits", "-i", uuid]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=_SMI_TIMEOUT_S, check=True).stdout
-        return parse_nvidia_smi_csv(out.splitlines()[0])
-    except (OSError, subprocess.SubprocessError, IndexError, BackendError) as exc:
-        logger.debug("nvidia-smi query failed: %s", exc)
-        return None
-
-
-def gpu_info(index: int = 0) -> GpuInfo:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendError("a CUDA fingerprint needs a CUDA device but torch.cuda.is_available() is False")
-    props = torch.cuda.get_device_properties(index)
-    raw_uuid = str(getattr(props, "uuid", "") or "")
-    uuid = raw_uuid if raw_uuid.startswith("GPU-") or not raw_uuid else f"GPU-{raw_uuid}"
-    found = (_nvml_clocks(uuid) or _smi_clocks(uuid)) if uuid else None
-    driver, clocks = found if found is not None else (None, None)
-    return GpuInfo(
-        name=props.name,
-        uuid=uuid,
-        index=index,
-        sm_count=props.multi_processor_count,
-        compute_capability=f"{props.major}.{props.minor}",
-        total_memory_mib=props.total_memory // _BYTES_PER_MIB,
-        driver_version=driver,
-        cuda_version=torch.version.cuda,
-        clocks=clocks,
-    )
-
-
-def fingerprint(device: DeviceKind, *, threads_used: int | None = None, cuda_index: int = 0) -> DeviceFingerprint:
-    """Fingerprint this machine for ``device`` (the GPU ``cuda_index`` for CUDA)."""
+def fingerprint(device: DeviceKind, *, threads_used: int | None = None, cuda_index: int = 0,
+                warm_up_s: float = WARM_UP_S) -> DeviceFingerprint:
+    """Fingerprint this machine for ``device`` (the GPU ``cuda_index`` for CUDA, its clocks read under load
+    after ``warm_up_s`` of work; 0 reads them as they are, for callers that only need the identity)."""
     device = DeviceKind(device)
-    gpu = gpu_info(cuda_index) if device is DeviceKind.CUDA else None
+    gpu = gpu_info(cuda_index, warm_up_s=warm_up_s) if device is DeviceKind.CUDA else None
     return DeviceFingerprint(kind=device, cpu=cpu_info(threads_used), gpu=gpu, versions=package_versions())
+
+
+def backend_fingerprint(backend: Backend, *, warm_up_s: float = WARM_UP_S) -> DeviceFingerprint:
+    """The fingerprint of the device ``backend`` measures on: its GPU index, its CPU thread count."""
+    return fingerprint(backend.device, threads_used=backend.settings().get("intra_op_threads"),
+                       cuda_index=backend.cuda_index, warm_up_s=warm_up_s)

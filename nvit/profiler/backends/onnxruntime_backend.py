@@ -7,21 +7,26 @@ from busy-waiting: on a CPU shared with other jobs spinning threads fight them f
 block measured 2x slower with 2 spinning threads next to one busy process), at some cost for tiny blocks
 on a quiet machine. onnxruntime's default (spinning) is kept unless asked, and recorded either way.
 
-CUDA (onnxruntime-gpu): ``CUDAExecutionProvider``, or ``TensorrtExecutionProvider`` with
-``provider="tensorrt"``; input and output live on the device, so no host↔device copy happens inside the
-timed call, and each call waits for its outputs. onnxruntime silently
-falls back to other providers when one fails to load, so every session is checked for the provider asked
-for. Times are host-clock times of one synchronous ``run_with_iobinding``.
+CUDA (onnxruntime-gpu): ``CUDAExecutionProvider``, or with ``provider="tensorrt"`` the providers
+``[TensorrtExecutionProvider, CUDAExecutionProvider]`` so that nodes TensorRT does not take run on CUDA,
+not on the CPU; TensorRT gets fp16 when the table is fp16 and keeps engine and timing caches under the
+(local) ``cache_dir``. The provider options are recorded in :meth:`OnnxRuntimeBackend.settings`, paths
+aside. Input and output live on the device, so no host↔device copy happens inside the timed call, and each
+call waits for its outputs. onnxruntime silently falls back to other providers when one fails to load, so
+every session is checked for the providers asked for. Times are host-clock times of one synchronous
+``run_with_iobinding``.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from nvit.errors import BackendError
-from nvit.profiler.backends.common import OnnxCache, example_input, option, require
+from nvit.profiler.backends.common import OnnxCache, example_input, nvit_cache_dir, option, require
 from nvit.profiler.base import Backend, DeviceKind, Precision, PreparedWorkload, Workload
 from nvit.profiler.device import available_cores
 
@@ -51,7 +56,8 @@ _INSTALL = {
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    option_names = frozenset({"intra_op_threads", "provider", "cuda_index", "allow_spinning"})
+    option_names = frozenset({"intra_op_threads", "provider", "cuda_index", "allow_spinning", "cache_dir"})
+    local_options = frozenset({"cuda_index", "cache_dir"})
 
     def __init__(self, *, device: DeviceKind, precision: Precision, batch_size: int, **options: Any) -> None:
         super().__init__(device=device, precision=precision, batch_size=batch_size, **options)
@@ -72,6 +78,8 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError("intra_op_threads must be >= 1")
         self.cuda_index = option(self.options, "cuda_index", 0, int)
         self.allow_spinning = option(self.options, "allow_spinning", True, bool)
+        given = option(self.options, "cache_dir", None, (str, os.PathLike))
+        self.cache_dir = Path(given).expanduser() if given else nvit_cache_dir() / "onnxruntime-tensorrt"
         self._ort: Any = None
         self._cache: OnnxCache | None = None
 
@@ -79,14 +87,31 @@ class OnnxRuntimeBackend(Backend):
     def provider_name(self) -> str:
         return _PROVIDER_NAMES[self.provider]
 
+    def providers(self, *, local: bool = True) -> list[tuple[str, dict[str, Any]]]:
+        """The execution providers a session asks for, in priority order, with their options; ``local=False``
+        leaves out what only says where (device index, cache paths), as recorded in :meth:`settings`."""
+        if self.provider is OrtProvider.CPU:
+            return [(self.provider_name, {})]
+        where = {"device_id": self.cuda_index} if local else {}
+        cuda = (_PROVIDER_NAMES[OrtProvider.CUDA], dict(where))
+        if self.provider is OrtProvider.CUDA:
+            return [cuda]
+        trt: dict[str, Any] = {**where, "trt_fp16_enable": self.precision is Precision.FP16,
+                               "trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
+        if local:
+            trt |= {"trt_engine_cache_path": str(self.cache_dir / "engines"),
+                    "trt_timing_cache_path": str(self.cache_dir)}
+        return [(self.provider_name, trt), cuda]
+
     def _activate(self) -> None:
         ort = require("onnxruntime", f"onnxruntime is not installed: {_INSTALL[self.provider]}")
         available = ort.get_available_providers()
-        if self.provider_name not in available:
-            raise BackendError(
-                f"onnxruntime {ort.__version__} has no {self.provider_name} (it has {', '.join(available)}): "
-                f"{_INSTALL[self.provider]}"
-            )
+        for name, _ in self.providers():
+            if name not in available:
+                raise BackendError(f"onnxruntime {ort.__version__} has no {name} (it has {', '.join(available)}): "
+                                   f"{_INSTALL[self.provider]}")
+        if self.provider is OrtProvider.TENSORRT:
+            (self.cache_dir / "engines").mkdir(parents=True, exist_ok=True)
         self._ort = ort
         self._cache = OnnxCache("onnxruntime")
 
@@ -104,17 +129,16 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = _LOG_ERRORS_ONLY
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
-        provider_options: dict[str, Any] = {}
-        if self.provider is not OrtProvider.CPU:
-            provider_options["device_id"] = self.cuda_index
+        providers = self.providers()
         try:
-            session = ort.InferenceSession(path, sess_options=so, providers=[(self.provider_name, provider_options)])
+            session = ort.InferenceSession(path, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BackendError(f"onnxruntime could not load the model: {first}") from exc
         got = session.get_providers()
-        if self.provider_name not in got:
-            raise BackendError(f"onnxruntime fell back to {', '.join(got)} instead of {self.provider_name}; "
+        missing = [name for name, _ in providers if name not in got]
+        if missing:
+            raise BackendError(f"onnxruntime fell back to {', '.join(got)} without {', '.join(missing)}; "
                                f"check the CUDA/TensorRT libraries ({_INSTALL[self.provider]})")
         return session
 
@@ -159,6 +183,7 @@ class OnnxRuntimeBackend(Backend):
         return {
             **super().settings(),
             "provider": self.provider_name,
+            "providers": [{"name": name, "options": opts} for name, opts in self.providers(local=False)],
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": _INTER_OP_THREADS,
             "allow_spinning": self.allow_spinning,
