@@ -129,3 +129,32 @@ def test_the_cache_folder_and_device_index_are_not_part_of_the_settings(rig, tmp
     pycuda = backend(buffers="pycuda")
     assert pycuda.timing_mode is TimingMode.LAUNCH and pycuda.settings()["timing_mode"] == "launch"
     assert backend(cuda_graphs=False).settings()["timing_mode"] == "launch"
+
+
+def test_a_sweep_resumes_from_another_cache_folder_but_not_in_another_timing_mode(rig, tmp_path):
+    import lut_fakes as fk
+
+    from nvit.errors import LutError
+    from nvit.profiler.device import CpuInfo, DeviceFingerprint, GpuInfo
+    from nvit.profiler.sweep import SweepOptions, run_sweep
+
+    _, _, install, _ = rig
+    install(input_dtype=DataType.FLOAT)
+    cpu = CpuInfo("Test CPU", 2, 2, None, "test", "x86_64", "3.11")
+    gpu = GpuInfo("NVIDIA H200", "GPU-1", 0, 132, "9.0", 143771, "570.86.15", "12.8", None)
+    device = DeviceFingerprint(kind=DeviceKind.CUDA, cpu=cpu, gpu=gpu, versions={})
+    out = tmp_path / "trt.parquet"
+
+    def sweep(**options):
+        backend = get_backend("tensorrt")(device=DeviceKind.CUDA, precision=Precision.FP32, batch_size=1,
+                                          harness=FAST, **options)
+        with backend:
+            return run_sweep(fk.tiny_space(), backend, out, options=SweepOptions(calibration_models=0),
+                             device=device)
+
+    first = sweep(cache_dir=str(tmp_path / "cache-a"))
+    assert first.table.meta.timing_mode() == "cuda_graph" and first.table.meta.identity()["timing_mode"] == "cuda_graph"
+    again = sweep(cache_dir=str(tmp_path / "cache-b"), cuda_index=1)  # another folder, another identical GPU
+    assert again.already_complete and again.measured == 0
+    with pytest.raises(LutError, match="already exists and was profiled with other settings"):
+        sweep(cache_dir=str(tmp_path / "cache-a"), cuda_graphs=False)

@@ -32,7 +32,8 @@ def show(lut: Path = _LUT_ARG) -> None:
     console = Console()
     base = meta.base_arch.get("name") or "custom"
     console.print(f"[bold]{lut}[/]: {len(table)} rows · {meta.backend} on {meta.device_name()} · "
-                  f"{meta.precision.value} · batch {meta.batch_size} · {meta.num_tokens} tokens · base {base}")
+                  f"{meta.precision.value} · batch {meta.batch_size} · {meta.num_tokens} tokens · base {base} · "
+                  f"timing {meta.timing_mode()}")
     console.print(f"created {meta.created_at} by nvit {meta.nvit_version}; versions: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())))
     grid = Table("part", "rows", "grid", "min ms", "median ms", "max ms", "mean CoV")

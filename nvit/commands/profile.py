@@ -91,7 +91,7 @@ def profile(
     from nvit.fileio import output_file
     from nvit.profiler.backends import default_backend
     from nvit.profiler.base import DeviceKind, get_backend
-    from nvit.profiler.device import fingerprint
+    from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.space import resolve_space
     from nvit.profiler.sweep import SweepOptions, run_sweep
 
@@ -105,7 +105,7 @@ def profile(
                      **parse_backend_options(backend_option, threads))
     console = Console()
     with be:
-        device = fingerprint(device_kind, threads_used=be.settings().get("intra_op_threads"))
+        device = backend_fingerprint(be)  # its GPU index; clocks read under load
         path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size)
         counts = the_space.counts()
         console.print(f"profiling [bold]{the_space.name or space}[/] with {be.name} on {device.slug()}: "

@@ -16,7 +16,7 @@ from typing import Any
 
 from nvit import __version__
 from nvit.errors import LutError
-from nvit.profiler.base import DeviceKind, Precision
+from nvit.profiler.base import DeviceKind, Precision, TimingMode
 
 LUT_SCHEMA_VERSION = 1
 LUT_FILE_KIND = "nvit.lut"
@@ -65,7 +65,18 @@ class LutMeta:
     def identity(self) -> dict[str, Any]:
         """What two tables must share to be merged, or a table and a command to be used together."""
         return {"backend": self.backend, "device_kind": self.device_kind.value, "precision": self.precision.value,
-                "batch_size": self.batch_size, "num_tokens": self.num_tokens, "device": self.device_identity}
+                "batch_size": self.batch_size, "num_tokens": self.num_tokens, "device": self.device_identity,
+                "timing_mode": self.timing_mode()}
+
+    def timing_mode(self) -> str:
+        """How each call was timed (host_clock, cuda_graph or launch; see :class:`~nvit.profiler.base.TimingMode`).
+        Tables written before it was recorded: host_clock on a CPU, else the one mode their timers used."""
+        mode = self.settings.get("timing_mode")
+        if mode is None and self.device_kind is DeviceKind.CPU:
+            mode = TimingMode.HOST_CLOCK.value
+        if mode is None and len(self.settings.get("timer_modes") or ()) == 1:
+            mode = self.settings["timer_modes"][0]
+        return str(mode or "unknown")
 
     def device_name(self) -> str:
         ident = self.device_identity

@@ -181,9 +181,9 @@ def run_sweep(
         raise LutError(f"the space is for batch {space.batch_size} {space.precision.value}, the backend for "
                        f"batch {backend.batch_size} {backend.precision.value}")
     if device is None:
-        from nvit.profiler.device import fingerprint
+        from nvit.profiler.device import backend_fingerprint
 
-        device = fingerprint(backend.device, threads_used=backend.settings().get("intra_op_threads"))
+        device = backend_fingerprint(backend)
     header = sweep_header(space, backend, device.identity(), options)
     jpath = journal_path(out)
     if resume and out.exists() and not jpath.exists():

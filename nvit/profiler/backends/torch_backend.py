@@ -148,7 +148,9 @@ class TorchBackend(Backend):
 
         import torch
 
-        model, x = self._model(workload)
+        # on the GPU, weights and input are copied on the stream that runs them (no cross-stream race)
+        with self._cuda.on_stream() if self._cuda is not None else contextlib.nullcontext():
+            model, x = self._model(workload)
 
         def launch() -> None:
             with torch.inference_mode():
