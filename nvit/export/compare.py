@@ -163,6 +163,40 @@ def check_same_device(meta: Any, backend: Any) -> None:
     check_compatible(meta, device=name, source="the latency table")
 
 
+def measure_passes(backend: Any, workloads: Sequence[Any], passes: int) -> list[Any]:
+    """Time ``workloads`` together with an entered backend, ``passes`` times (later passes in reverse
+    order); each workload keeps its fastest pass, so one interrupted pass on a shared machine does not
+    decide the result (tables keep the fastest of their passes in the same way)."""
+    stats = backend.measure_many(workloads)
+    for _ in range(passes - 1):
+        again = backend.measure_many(workloads[::-1])[::-1]
+        stats = [min(a, b, key=lambda t: t.latency_ms_median) for a, b in zip(stats, again, strict=True)]
+    return stats
+
+
+def measure_with_table(
+    meta: Any,
+    workloads: Sequence[Any],
+    *,
+    same_device: bool = True,
+    passes: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Any], dict[str, Any]]:
+    """Time ``workloads`` with the backend and settings of the table ``meta`` describes (interleaved, one
+    session, :func:`measure_passes`); returns the statistics and the context (table identity, backend
+    settings and versions) a report records."""
+    backend = backend_for_table(meta)
+    with backend:
+        if same_device:
+            check_same_device(meta, backend)
+        if progress:
+            progress(f"measuring {len(workloads)} models with {backend.name}")
+        stats = measure_passes(backend, workloads, passes)
+        context = {"lut_identity": meta.identity(), "backend": backend.settings(), "versions": backend.versions(),
+                   "calibration": meta.calibration}
+    return stats, context
+
+
 def compare_with_table(
     table: Any,
     base: Variant,
@@ -172,32 +206,19 @@ def compare_with_table(
     passes: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> CompareReport:
-    """Measure every model with the table's backend and settings (interleaved, one session) and compare
-    with the table's predictions. Each of ``passes`` measures every model once; a model keeps its fastest
-    pass, so one interrupted pass on a shared machine does not decide the comparison (tables keep the
-    fastest of their passes in the same way)."""
+    """Measure every model with the table's backend and settings (:func:`measure_with_table`) and compare
+    with the table's predictions."""
     from nvit.lut.predictor import LatencyPredictor
     from nvit.profiler.base import Workload
+    from nvit.profiler.workloads import image_shape
 
     meta = table.meta
-    backend = backend_for_table(meta)
     models = (base, *variants)
     for v in models:
         if v.spec.num_tokens != meta.num_tokens:
             raise_tokens(v, meta.num_tokens)
-    with backend:
-        if same_device:
-            check_same_device(meta, backend)
-        if progress:
-            progress(f"measuring {len(models)} models with {backend.name}")
-        shape = lambda v: (meta.batch_size, v.spec.in_chans, v.spec.img_size, v.spec.img_size)  # noqa: E731
-        workloads = [Workload(v.name, v.module, shape(v)) for v in models]
-        stats = backend.measure_many(workloads)
-        for _ in range(passes - 1):  # later passes in reverse order; each model keeps its fastest pass
-            again = backend.measure_many(workloads[::-1])[::-1]
-            stats = [min(a, b, key=lambda t: t.latency_ms_median) for a, b in zip(stats, again, strict=True)]
-        context = {"lut_identity": meta.identity(), "backend": backend.settings(), "versions": backend.versions(),
-                   "calibration": meta.calibration}
+    workloads = [Workload(v.name, v.module, image_shape(v.spec, meta.batch_size)) for v in models]
+    stats, context = measure_with_table(meta, workloads, same_device=same_device, passes=passes, progress=progress)
     by_name = dict(zip((v.name for v in models), stats, strict=True))
     return compare_variants(base, variants, LatencyPredictor(table), lambda v: by_name[v.name], context=context)
 

@@ -41,11 +41,13 @@ class TimingMode(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Workload:
-    """What to time: a torch module (eval mode, CPU, fp32 weights) fed one input of ``input_shape``."""
+    """What to time: a torch module (eval mode, CPU, fp32 weights) fed one input of ``input_shape``; or,
+    with ``onnx_path`` (and no module), an ONNX file made elsewhere, for the backends that run ONNX."""
 
     name: str
     module: Any  # torch.nn.Module; typed loosely to keep torch out of this module's import
     input_shape: tuple[int, ...]
+    onnx_path: str | None = None
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ def example_input(workload: Workload, precision: Precision, device: str = "cpu")
 def module_copy(workload: Workload, precision: Precision, device: str = "cpu") -> Any:
     """An eval-mode copy of the workload's module in ``precision`` on ``device``; the workload's own module
     (CPU, fp32, shared with other backends) is never modified."""
+    if workload.module is None:
+        raise BackendError(f"{workload.name!r} is an ONNX file; this backend times torch modules")
     module = copy.deepcopy(workload.module).eval()
     module.requires_grad_(False)
     return module.to(device=device, dtype=torch_dtype(precision))
@@ -105,6 +107,8 @@ class OnnxCache:
         self._paths: dict[str, Path] = {}
 
     def path(self, workload: Workload, precision: Precision) -> Path:
+        if workload.onnx_path is not None:  # made elsewhere (an upload to the service): used as it is
+            return Path(workload.onnx_path)
         key = workload_key(workload, precision)
         if key not in self._paths:
             from nvit.export.onnx import export_onnx
