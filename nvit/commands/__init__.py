@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-_MODULES = ("arch", "export", "compare", "profile", "lut", "prune", "train", "demo")
+_MODULES = ("arch", "export", "compare", "profile", "lut", "prune", "train", "demo", "serve")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -1,0 +1,151 @@
+"""The FastAPI app factory: settings in, app out (no globals). OpenAPI at ``/docs``, one tag per resource.
+
+Every error leaves as RFC 9457 problem JSON (:mod:`nvit.service.errors`). Request bodies are limited while
+they stream: uploads by the limits of what they carry, everything else by ``max_json_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nvit import __version__
+from nvit.errors import NvitError
+from nvit.service.config import ServiceContext, ServiceSettings
+from nvit.service.errors import PROBLEM_MEDIA_TYPE, ApiError, problem
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"
+TAGS = [
+    {"name": "devices", "description": "Agents and the devices they measure on."},
+    {"name": "luts", "description": "Latency tables, content-addressed by sha256."},
+    {"name": "models", "description": "ONNX models uploaded for measurement."},
+    {"name": "jobs", "description": "Profile and measure jobs, and the agents' side of them."},
+    {"name": "predict", "description": "Predicted latency from a stored table."},
+]
+_UPLOAD_PATHS = ("/v1/luts", "/v1/models", "/v1/jobs/")  # bodies that may be files, limited per route
+
+
+def _problem_response(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(problem(status, title, detail), status_code=status, media_type=PROBLEM_MEDIA_TYPE,
+                        headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over its limit, by its Content-Length or while it streams."""
+
+    def __init__(self, app: Any, settings: ServiceSettings) -> None:
+        self.app, self.settings = app, settings
+
+    def limit(self, path: str) -> int:
+        if path.startswith(_UPLOAD_PATHS) and not path.endswith(("/heartbeat", "/journal", "/complete", "/fail")):
+            return max(self.settings.max_model_bytes, self.settings.max_table_bytes)
+        return self.settings.max_json_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope["path"])
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = _problem_response(413, "payload too large", f"a body of {int(declared)} bytes is over "
+                                         f"the limit of {limit} bytes for {scope['path']}")
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, "payload too large", f"the body is over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(settings: ServiceSettings, *, context: ServiceContext | None = None) -> FastAPI:
+    """The service app. ``context`` (opened from ``settings`` when omitted) is closed with the app."""
+    from nvit.service.routes import devices, jobs, luts, models, predict
+
+    ctx = context or ServiceContext.open(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx.notifier.bind(asyncio.get_running_loop())
+        expiry = asyncio.create_task(_expire_leases(ctx))
+        try:
+            yield
+        finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
+            ctx.store.close()
+
+    app = FastAPI(title="nvit latency service", version=__version__, openapi_tags=TAGS, lifespan=lifespan,
+                  description="Latency tables, profile and measure jobs on target devices, predictions.")
+    app.state.ctx = ctx
+    app.add_middleware(BodyLimit, settings=settings)
+    for module in (devices, luts, models, jobs, predict):
+        app.include_router(module.router, prefix=API_PREFIX)
+
+    @app.get("/healthz", tags=["devices"], summary="Liveness: the server answers and its database opens.")
+    def healthz() -> dict[str, Any]:
+        ctx.store.active_token_count()
+        return {"status": "ok", "version": __version__}
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _problem_response(exc.status, exc.title, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = HTTPStatus(exc.status_code).phrase.lower()
+        return _problem_response(exc.status_code, title, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:3]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+        return _problem_response(422, "invalid input", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(NvitError)
+    async def _nvit_error(_: Request, exc: NvitError) -> JSONResponse:
+        return _problem_response(422, "invalid input", str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return _problem_response(500, "internal server error", f"{type(exc).__name__}; see the server log")
+
+    return app
+
+
+async def _expire_leases(ctx: ServiceContext) -> None:
+    """Requeue expired leases even when no agent asks for work, and wake the agents waiting for it."""
+    from starlette.concurrency import run_in_threadpool
+
+    period_s = max(0.2, min(5.0, ctx.settings.lease_s / 4))
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            if await run_in_threadpool(ctx.queue.expire, now=ctx.now()):
+                ctx.notifier.notify()
+        except Exception:  # a database hiccup must not end the loop
+            logger.exception("expiring leases failed")

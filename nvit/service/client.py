@@ -1,0 +1,222 @@
+"""The httpx client the CLI and the agent use, and the local cache of remote tables.
+
+Remote tables are named by URL: ``http://host:port/v1/luts/<sha256>``, or a query such as
+``http://host:port/v1/luts?device=h100&precision=fp16`` that resolves to the newest matching table. A table
+is downloaded once into ``$NVIT_CACHE_DIR/luts/<sha256>.parquet`` (default ``~/.cache/nvit``), its sha256
+checked before it is used, so the pruning loop reads a local file and never touches the network. Tokens come
+from ``$NVIT_TOKEN``. Every failure is one :class:`~nvit.service.errors.ServiceError` line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import httpx
+
+from nvit.errors import LutError
+from nvit.fileio import atomic_path
+from nvit.service.errors import ServiceError, error_line
+
+TOKEN_ENV = "NVIT_TOKEN"
+CACHE_ENV = "NVIT_CACHE_DIR"
+DEFAULT_TIMEOUT_S = 30.0
+_SUBMIT_TRIES = 3
+_CHUNK_BYTES = 1 << 20
+_LUT_PATH = re.compile(r"^(?P<prefix>.*?)/v1/luts(?:/(?P<sha>[0-9a-f]{64}))?/?$")
+
+
+def is_url(value: str | os.PathLike[str]) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvit"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ServiceClient:
+    """A connection to one service: ``base_url`` is ``http(s)://host:port`` (plus any path prefix)."""
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ServiceError(f"{base_url!r} is not an http(s) URL of an nvit service")
+        self.base_url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- plumbing -----------------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, ok: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
+        """Send a request; a transport failure or an error status (not in ``ok``) is a ServiceError."""
+        url = self.base_url + path
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ServiceError(f"the nvit service at {self.base_url} did not answer {method} {path} in time"
+                               ) from None
+        except httpx.TransportError as exc:
+            reason = str(exc).strip() or type(exc).__name__
+            raise ServiceError(f"cannot reach the nvit service at {self.base_url} ({reason}); "
+                               "is 'nvit serve' running there?") from None
+        if response.status_code >= 400 and response.status_code not in ok:
+            try:
+                body: Any = response.json()
+            except ValueError:
+                body = response.text
+            raise ServiceError(error_line(response.status_code, body, f"{method} {url}"), status=response.status_code)
+        return response
+
+    def get_json(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs).json()
+
+    def post_json(self, path: str, body: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        response = self.request("POST", path, json=dict(body or {}), **kwargs)
+        return response.json() if response.content else None
+
+    def upload(self, path: str, file: str | os.PathLike[str], *, params: Mapping[str, Any] | None = None,
+               timeout_s: float | None = None) -> Any:
+        """POST a file as the raw body (streamed, with its length)."""
+        with open(file, "rb") as fh:
+            return self.request("POST", path, content=fh, params=params,
+                                headers={"Content-Type": "application/octet-stream"},
+                                timeout=timeout_s or max(DEFAULT_TIMEOUT_S, 600.0)).json()
+
+    def download(self, path: str, dest: str | os.PathLike[str], *, sha256: str | None = None) -> Path:
+        """Stream ``path`` into ``dest`` atomically; with ``sha256`` the content must have that hash."""
+        url = self.base_url + path
+        digest = hashlib.sha256()
+        with atomic_path(dest) as tmp:
+            try:
+                with self._http.stream("GET", path) as response, open(tmp, "wb") as fh:
+                    if response.status_code >= 400:
+                        response.read()
+                        try:
+                            body: Any = response.json()
+                        except ValueError:
+                            body = response.text
+                        raise ServiceError(error_line(response.status_code, body, f"GET {url}"),
+                                           status=response.status_code)
+                    for chunk in response.iter_bytes(_CHUNK_BYTES):
+                        digest.update(chunk)
+                        fh.write(chunk)
+            except httpx.TransportError as exc:
+                raise ServiceError(f"cannot download {url} ({str(exc).strip() or type(exc).__name__})") from None
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise LutError(f"{url} sent content whose sha256 is {digest.hexdigest()}, not {sha256}; "
+                               "nothing was saved")
+        return Path(dest)
+
+    # ---- jobs ---------------------------------------------------------------------------------------
+    def submit_job(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Submit with a fresh Idempotency-Key, retried on transport failures: never runs twice."""
+        key = uuid.uuid4().hex
+        for attempt in range(_SUBMIT_TRIES):
+            try:
+                return self.post_json("/v1/jobs", body, headers={"Idempotency-Key": key})
+            except ServiceError as exc:
+                if exc.status is not None or attempt == _SUBMIT_TRIES - 1:  # refused, or out of tries
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def wait_job(self, job_id: int, *, on_update: Callable[[dict[str, Any]], None] | None = None,
+                 poll_s: float = 0.5, timeout_s: float | None = None) -> dict[str, Any]:
+        """Follow a job until it finishes; its final state, or a ServiceError if it failed or was cancelled."""
+        start = time.monotonic()
+        while True:
+            job = self.get_json(f"/v1/jobs/{job_id}")
+            if on_update is not None:
+                on_update(job)
+            if job["state"] == "succeeded":
+                return job
+            if job["state"] in ("failed", "cancelled"):
+                why = f": {job['error']}" if job.get("error") else ""
+                raise ServiceError(f"job {job_id} on {self.base_url} {job['state']}{why}")
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                raise ServiceError(f"job {job_id} on {self.base_url} did not finish in {timeout_s:g} s "
+                                   f"(it is {job['state']})")
+            time.sleep(poll_s)
+
+    def cancel_job(self, job_id: int) -> None:
+        with contextlib.suppress(ServiceError):
+            self.request("DELETE", f"/v1/jobs/{job_id}")
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+def split_lut_url(url: str) -> tuple[str, str | None, dict[str, str]]:
+    """``(service base URL, sha256 or None, query)`` of a table URL; anything else is a ServiceError."""
+    parts = urlsplit(url)
+    match = _LUT_PATH.match(parts.path)
+    if parts.scheme not in ("http", "https") or not parts.netloc or match is None:
+        raise ServiceError(f"{url!r} is not a table URL: use http://HOST:PORT/v1/luts/<sha256> or "
+                           "http://HOST:PORT/v1/luts?device=...&precision=... (the newest match)")
+    base = urlunsplit((parts.scheme, parts.netloc, match.group("prefix"), "", ""))
+    sha = match.group("sha")
+    query = dict(parse_qsl(parts.query))
+    if sha is None and not query:
+        raise ServiceError(f"{url!r} names no table: add /<sha256> or a query such as ?device=...")
+    return base, sha, query
+
+
+def cached_lut_path(sha256: str) -> Path:
+    return cache_dir() / "luts" / f"{sha256}.parquet"
+
+
+def fetch_lut(url: str, *, token: str | None = None) -> Path:
+    """The local copy of a remote table (downloaded once, sha256 checked)."""
+    base, sha, query = split_lut_url(url)
+    if sha is not None:
+        path = cached_lut_path(sha)
+        if path.is_file() and file_sha256(path) == sha:
+            return path
+    with ServiceClient(base, token=token) as client:
+        if sha is None:
+            found = client.get_json("/v1/luts", params={**query, "limit": 1})
+            if not found:
+                what = "&".join(f"{k}={v}" for k, v in query.items())
+                raise ServiceError(f"no table on {base} matches {what}")
+            sha = found[0]["sha256"]
+            path = cached_lut_path(sha)
+            if path.is_file() and file_sha256(path) == sha:
+                return path
+        return client.download(f"/v1/luts/{sha}", cached_lut_path(sha), sha256=sha)
+
+
+def resolve_lut(value: str | os.PathLike[str]) -> str:
+    """A ``--lut`` value as a local path: table URLs are fetched into the cache, anything else is returned
+    as it is."""
+    return str(fetch_lut(value)) if is_url(value) else str(value)
+
+
+def upload_lut(client: ServiceClient, path: str | os.PathLike[str]) -> str:
+    """Store a local table on the service (content-addressed: uploading it again is harmless)."""
+    return client.upload("/v1/luts", path)["sha256"]

@@ -1,0 +1,176 @@
+"""What a job request may say, and the normalised spec an agent runs.
+
+Requests are strict pydantic models (unknown keys refused). Normalising resolves everything an agent must
+not have to guess, so a job means the same thing on whichever agent leases it: a ``profile`` job carries its
+whole search space (presets are expanded; the server never reads a path it is given), its backend, options
+and sweep options; a ``measure`` job carries its models (an architecture, and/or an uploaded ONNX file by
+sha256) and either a stored table (then the table's backend and settings are used, as ``nvit compare``
+does) or a backend, precision and batch size (as ``nvit export --measure`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nvit.errors import NvitError
+from nvit.service.errors import unprocessable
+from nvit.service.queue import JobKind, NewJob
+from nvit.service.store import Store
+
+MAX_MODELS = 32
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProfileRequest(_Strict):
+    kind: Literal["profile"]
+    space: str | dict[str, Any] = Field(description="A space preset name, or a search space JSON object.")
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_name: str | None = Field(None, max_length=300, description="Only agents on this device (name).")
+    backend: str | None = Field(None, description="Default: tensorrt on cuda, onnxruntime on cpu.")
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    sentinel_every: int = Field(25, ge=1)
+    calibrate: int = Field(4, ge=0, le=64)
+    passes: int = Field(1, ge=1, le=8)
+    max_attempts: int | None = Field(None, ge=1, le=20)
+
+
+class ModelRef(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    arch: dict[str, Any] | str | None = Field(None, description="An architecture (arch.json object) or preset.")
+    onnx: Sha256 | None = Field(None, description="An ONNX file uploaded with POST /v1/models.")
+
+
+class MeasureRequest(_Strict):
+    kind: Literal["measure"]
+    models: list[ModelRef] = Field(min_length=1, max_length=MAX_MODELS)
+    lut: Sha256 | None = Field(None, description="Time like this stored table, and predict with it.")
+    same_device: bool = True
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_name: str | None = Field(None, max_length=300)
+    backend: str | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    batch_size: int = Field(1, ge=1, le=4096)
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    passes: int = Field(2, ge=1, le=8)
+    max_attempts: int | None = Field(None, ge=1, le=20)
+
+
+JobRequest = Annotated[ProfileRequest | MeasureRequest, Field(discriminator="kind")]
+
+
+def _checked_backend(name: str, device: str, precision: str, batch_size: int, options: Mapping[str, Any]) -> None:
+    """Construct (without entering) the backend: unknown backends and options fail here, not on an agent."""
+    from nvit.profiler.base import get_backend
+
+    get_backend(name)(device=device, precision=precision, batch_size=batch_size, **dict(options))
+
+
+def profile_job(req: ProfileRequest, *, max_attempts: int) -> NewJob:
+    from nvit.profiler.backends import default_backend
+    from nvit.profiler.space import SearchSpace, preset_space, space_preset_names
+    from nvit.profiler.sweep import SweepOptions
+
+    try:
+        if isinstance(req.space, str):
+            if req.space not in space_preset_names():
+                raise unprocessable(f"unknown space preset {req.space!r}; send a space JSON object or one of "
+                                    f"{', '.join(space_preset_names())}")
+            space = preset_space(req.space)
+        else:
+            space = SearchSpace.from_dict(req.space)
+        changes: dict[str, Any] = {}
+        if req.batch_size is not None:
+            changes["batch_size"] = req.batch_size
+        if req.precision is not None:
+            changes["precision"] = req.precision
+        space = dataclasses.replace(space, **changes)
+        backend = req.backend or default_backend(req.device)
+        _checked_backend(backend, req.device, space.precision.value, space.batch_size, req.backend_options)
+        options = SweepOptions(seed=req.seed, sentinel_every=req.sentinel_every, calibration_models=req.calibrate,
+                               passes=req.passes)
+    except NvitError as exc:
+        raise unprocessable(str(exc)) from None
+    spec = {"space": space.to_dict(), "space_fingerprint": space.fingerprint(), "backend": backend,
+            "device": req.device, "backend_options": req.backend_options, "options": dataclasses.asdict(options)}
+    return NewJob(JobKind.PROFILE, spec, device_kind=req.device, backend=backend, device_name=req.device_name,
+                  max_attempts=req.max_attempts or max_attempts)
+
+
+def arch_dict(value: dict[str, Any] | str, name: str) -> dict[str, Any]:
+    from nvit.arch import ArchSpec, preset, preset_names
+
+    if isinstance(value, str):
+        if value not in preset_names():
+            raise unprocessable(f"model {name!r}: unknown preset {value!r}; send an arch.json object instead")
+        return preset(value).to_dict()
+    try:
+        return ArchSpec.from_dict(value).to_dict()
+    except NvitError as exc:
+        raise unprocessable(f"model {name!r}: {exc}") from None
+
+
+def measure_job(req: MeasureRequest, store: Store, *, max_attempts: int) -> NewJob:
+    from nvit.arch import ArchSpec
+    from nvit.profiler.backends import default_backend
+
+    names = [m.name for m in req.models]
+    if len(set(names)) != len(names):
+        raise unprocessable("model names must be unique within a job")
+    if req.lut is not None:
+        row = store.lut(req.lut)
+        if row is None:
+            raise unprocessable(f"no stored table {req.lut}")
+        backend, device, precision, batch_size = row["backend"], row["device_kind"], row["precision"], row["batch_size"]
+        device_name = row["device_name"] if req.same_device else None
+        num_tokens = row["num_tokens"]
+        if req.backend_options or req.backend or req.device_name:
+            raise unprocessable("a job with a table is timed with the table's backend and settings; "
+                                "leave backend, backend_options and device_name out")
+    else:
+        backend = req.backend or default_backend(req.device)
+        device, precision, batch_size, device_name = req.device, req.precision, req.batch_size, req.device_name
+        num_tokens = None
+        try:
+            _checked_backend(backend, device, precision, batch_size, req.backend_options)
+        except NvitError as exc:
+            raise unprocessable(str(exc)) from None
+    models: list[dict[str, Any]] = []
+    for m in req.models:
+        if m.arch is None and m.onnx is None:
+            raise unprocessable(f"model {m.name!r} needs an arch, an onnx sha256, or both")
+        item: dict[str, Any] = {"name": m.name}
+        if m.arch is not None:
+            item["arch"] = arch_dict(m.arch, m.name)
+            tokens = ArchSpec.from_dict(item["arch"]).num_tokens
+            if num_tokens is not None and tokens != num_tokens:
+                raise unprocessable(f"model {m.name!r} has {tokens} tokens, the table was measured at {num_tokens}")
+        if m.onnx is not None:
+            blob = store.blob(m.onnx)
+            if blob is None or blob["kind"] != "onnx":
+                raise unprocessable(f"model {m.name!r}: no uploaded ONNX model {m.onnx}")
+            if backend == "torch":
+                raise unprocessable(f"model {m.name!r}: the torch backend times torch modules, not ONNX files; "
+                                    "send its arch instead")
+            shape = blob["info"]["input_shape"]
+            if isinstance(shape[0], int) and shape[0] != batch_size:
+                raise unprocessable(f"model {m.name!r} has a fixed batch of {shape[0]}, the job times batch "
+                                    f"{batch_size}")
+            item["onnx"] = m.onnx
+            item["input_shape"] = [batch_size, *shape[1:]]
+        models.append(item)
+    spec = {"models": models, "lut": req.lut, "same_device": req.same_device, "backend": backend, "device": device,
+            "precision": precision, "batch_size": batch_size, "backend_options": req.backend_options,
+            "passes": req.passes}
+    return NewJob(JobKind.MEASURE, spec, device_kind=device, backend=backend, device_name=device_name,
+                  max_attempts=req.max_attempts or max_attempts)

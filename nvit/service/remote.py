@@ -1,0 +1,82 @@
+"""Measuring on the service's device from another machine: the client side of ``measure`` jobs.
+
+``nvit compare --remote`` sends each model's architecture (weights do not change the latency of these
+backends, and the table itself was measured on randomly initialised blocks), the agent times them with the
+table's backend and settings exactly as a local ``nvit compare`` would, and the report is built here with
+the same :func:`~nvit.export.compare.compare_variants` from the same table. ``nvit export --measure --remote``
+uploads the exported ONNX file itself and has it timed with the backend asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nvit.errors import NvitError
+from nvit.service.client import ServiceClient, file_sha256, upload_lut
+
+JobCallback = Callable[[dict[str, Any]], None]
+
+
+def run_job(client: ServiceClient, body: dict[str, Any], *, on_update: JobCallback | None = None,
+            cancel_on_interrupt: bool = True) -> dict[str, Any]:
+    """Submit a job and wait for it; Ctrl-C cancels it (unless ``cancel_on_interrupt`` is False)."""
+    job = client.submit_job(body)
+    if on_update is not None:
+        on_update(job)
+    try:
+        return client.wait_job(job["id"], on_update=on_update)
+    except KeyboardInterrupt:
+        if cancel_on_interrupt:
+            client.cancel_job(job["id"])
+        raise
+
+
+def stats_of(result: dict[str, Any]) -> dict[str, Any]:
+    """Model name → :class:`~nvit.profiler.base.TimingStats` from a measure job's result."""
+    from nvit.profiler.base import TimingStats
+
+    return {m["name"]: TimingStats(**m["stats"]) for m in result["models"]}
+
+
+def compare_remote(client: ServiceClient, table: Any, table_path: str | os.PathLike[str], base: Any,
+                   variants: Sequence[Any], *, passes: int = 2, same_device: bool = True,
+                   on_update: JobCallback | None = None) -> Any:
+    """A :class:`~nvit.export.compare.CompareReport` with every model measured by a service agent on the
+    table's device, with the table's backend and settings, and predicted with ``table`` here."""
+    from nvit.export.compare import compare_variants, raise_tokens
+    from nvit.lut.predictor import LatencyPredictor
+
+    models = (base, *variants)
+    for v in models:
+        if v.spec.num_tokens != table.meta.num_tokens:
+            raise_tokens(v, table.meta.num_tokens)
+    names = [v.name for v in models]
+    if len(set(names)) != len(names):
+        raise NvitError(f"model names must be unique to be measured together, got {names}")
+    sha = file_sha256(table_path)
+    if client.request("GET", f"/v1/luts/{sha}/meta", ok=(404,)).status_code == 404:
+        upload_lut(client, table_path)
+    body = {"kind": "measure", "lut": sha, "same_device": same_device, "passes": passes,
+            "models": [{"name": v.name, "arch": v.spec.to_dict()} for v in models]}
+    job = run_job(client, body, on_update=on_update)
+    result = job["result"]
+    stats = stats_of(result)
+    context = {**result["context"], "remote": {"service": client.base_url, "job": job["id"],
+                                               "agent": result.get("agent"), "device": result.get("device")}}
+    return compare_variants(base, variants, LatencyPredictor(table), lambda v: stats[v.name], context=context)
+
+
+def measure_onnx_remote(client: ServiceClient, onnx_path: str | os.PathLike[str], *, name: str,
+                        arch: dict[str, Any] | None, backend: str, device: str, precision: str, batch_size: int,
+                        passes: int = 1, on_update: JobCallback | None = None) -> tuple[Any, dict[str, Any]]:
+    """Upload an ONNX file and time it on the service's device; ``(TimingStats, the job)``."""
+    uploaded = client.upload("/v1/models", onnx_path)
+    model: dict[str, Any] = {"name": name, "onnx": uploaded["sha256"]}
+    if arch is not None:
+        model["arch"] = arch
+    body = {"kind": "measure", "models": [model], "backend": backend, "device": device, "precision": precision,
+            "batch_size": batch_size, "passes": passes}
+    job = run_job(client, body, on_update=on_update)
+    return stats_of(job["result"])[name], job

@@ -1,0 +1,134 @@
+"""Latency tables: list and filter, download (immutable, ETag = sha256), upload, merge."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from nvit.errors import NvitError
+from nvit.service.blobs import ReceivedBlob, check_sha256
+from nvit.service.config import ServiceContext
+from nvit.service.errors import not_found, unprocessable
+from nvit.service.inspect import inspect_upload
+from nvit.service.routes import Reader, Submitter, content_length, context, device_key, device_name, lut_view
+
+router = APIRouter(tags=["luts"])
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+class MergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    luts: list[str] = Field(min_length=2, max_length=64)
+
+
+def lut_row(sha256: str, info: dict[str, Any], *, source: str, now: float) -> dict[str, Any]:
+    meta = info["meta"]
+    identity = meta["device_identity"]
+    return {
+        "sha256": sha256, "device_key": device_key(identity), "device_kind": meta["device_kind"],
+        "device_name": device_name(identity), "backend": meta["backend"], "precision": meta["precision"],
+        "batch_size": meta["batch_size"], "num_tokens": meta["num_tokens"],
+        "space_name": str(meta.get("space", {}).get("name") or ""),
+        "space_fingerprint": str(meta.get("protocol", {}).get("space_fingerprint") or ""),
+        "rows": info["rows"], "calibrated": meta.get("calibration") is not None, "created_at": meta["created_at"],
+        "uploaded_at": now, "source": source, "meta": meta,
+    }
+
+
+def register_table(ctx: ServiceContext, received: ReceivedBlob, *, source: str,
+                   space_fingerprint: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Inspect an uploaded table in a child process, store and register it; ``(view, created)``."""
+    try:
+        info = inspect_upload("lut", received.path, what="table upload")
+        found = info["meta"].get("protocol", {}).get("space_fingerprint")
+        if space_fingerprint is not None and found != space_fingerprint:
+            raise unprocessable(f"the table measures space {found}, the job asked for {space_fingerprint}")
+    except BaseException:
+        ctx.blobs.discard(received)
+        raise
+    ctx.blobs.accept(received)
+    now = ctx.now()
+    ctx.store.add_blob(received.sha256, "lut", received.size_bytes, {"rows": info["rows"]}, now)
+    created = ctx.store.add_lut(lut_row(received.sha256, info, source=source, now=now))
+    return lut_view(ctx.store.lut(received.sha256)), created
+
+
+def stored_lut(ctx: ServiceContext, sha256: str) -> Any:
+    row = ctx.store.lut(check_sha256(sha256))
+    if row is None:
+        raise not_found(f"no table {sha256}")
+    return row
+
+
+@router.get("/luts", summary="Tables, newest first, filtered by device, backend, precision, batch, space.")
+def list_luts(request: Request, _: Reader, device: str | None = None, backend: str | None = None,
+              precision: str | None = None, batch: int | None = Query(None, ge=1), space: str | None = None,
+              limit: int = Query(50, ge=1, le=500)) -> list[dict[str, Any]]:
+    rows = context(request).store.list_luts(device=device, backend=backend, precision=precision, batch_size=batch,
+                                            space=space, limit=limit)
+    return [lut_view(r) for r in rows]
+
+
+@router.get("/luts/{sha256}", summary="Download a table (Parquet; immutable, ETag is its sha256).",
+            response_class=FileResponse)
+def get_lut(sha256: str, request: Request, _: Reader) -> Response:
+    ctx = context(request)
+    stored_lut(ctx, sha256)
+    etag = f'"{sha256}"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(ctx.blobs.path(sha256), media_type=PARQUET_MEDIA_TYPE, headers=headers,
+                        filename=f"lut-{sha256[:12]}.parquet")
+
+
+@router.get("/luts/{sha256}/meta", summary="A table's summary and full metadata.")
+def get_lut_meta(sha256: str, request: Request, _: Reader) -> dict[str, Any]:
+    row = stored_lut(context(request), sha256)
+    return {**lut_view(row), "meta": row["meta"]}
+
+
+@router.post("/luts", status_code=201, summary="Upload a table made elsewhere (Parquet body).")
+async def upload_lut(request: Request, _: Submitter, response: Response) -> dict[str, Any]:
+    ctx = context(request)
+    received = await ctx.blobs.receive(request.stream(), limit_bytes=ctx.settings.max_table_bytes,
+                                       declared_bytes=content_length(request), what="table upload",
+                                       suffix=".parquet")
+    view, created = await run_in_threadpool(register_table, ctx, received, source="upload")
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = view["url"]
+    return view
+
+
+@router.post("/luts/merge", status_code=201, summary="Merge stored shards of one space measured on one device.")
+def merge_luts(body: MergeRequest, request: Request, _: Submitter, response: Response) -> dict[str, Any]:
+    from nvit.lut.table import LatencyTable, merge_tables
+
+    ctx = context(request)
+    for sha in body.luts:
+        stored_lut(ctx, sha)
+    try:
+        merged = merge_tables([LatencyTable.load(ctx.blobs.path(sha)) for sha in body.luts])
+        problems = merged.problems(coverage=False)
+        if problems:
+            raise unprocessable(f"the merged table would be invalid: {problems[0]}")
+        with tempfile.TemporaryDirectory(dir=ctx.blobs.root / "tmp") as tmp:
+            path = merged.save(Path(tmp) / "merged.parquet")
+            sha, size = ctx.blobs.put_file(path)
+    except NvitError as exc:
+        raise unprocessable(str(exc)) from None
+    now = ctx.now()
+    info = {"meta": merged.meta.to_dict(), "rows": len(merged)}
+    ctx.store.add_blob(sha, "lut", size, {"rows": len(merged)}, now)
+    created = ctx.store.add_lut(lut_row(sha, info, source="merge", now=now))
+    response.status_code = 201 if created else 200
+    view = lut_view(ctx.store.lut(sha))
+    response.headers["Location"] = view["url"]
+    return view
