@@ -43,16 +43,20 @@ def report_table(report: Any) -> Table:
 
 def compare(
     variants: list[str] = typer.Argument(..., help="Variant folders (or checkpoints / preset names) to compare."),
-    lut: Path = typer.Option(..., "--lut", help="The latency table the variants were pruned with."),
+    lut: str = typer.Option(..., "--lut", help="The latency table the variants were pruned with (a file or a "
+                            "service URL)."),
     base: str = typer.Option(None, "--base", help="Dense reference (variant folder, checkpoint or preset).",
                              show_default="the table's base architecture"),
     out: Path = typer.Option(Path("compare"), "--out", "-o", help="Folder for compare.json, .csv and .png."),
     allow_other_device: bool = typer.Option(False, "--allow-other-device",
                                             help="Measure even if this device is not the table's."),
+    remote: str | None = typer.Option(None, "--remote", help="Measure on an nvit service's device (an agent on "
+                                      "the table's device) instead of this machine."),
 ) -> None:
     """Measure every variant (and the dense base) with the table's backend and settings, and report measured
     against predicted latency, error, speedup and whether each variant met its target."""
     from nvit.arch import ArchSpec
+    from nvit.commands.remote import following, local_lut, measuring_here
     from nvit.export.compare import Variant, compare_with_table
     from nvit.fileio import output_folder
     from nvit.lut.table import LatencyTable
@@ -61,6 +65,7 @@ def compare(
 
     console = Console(width=max(Console().width, 120))  # the report is wide; logs and pipes get 120 columns
     output_folder(out)
+    lut = local_lut(lut)
     table = LatencyTable.load(lut)
     if base is None:
         spec = ArchSpec.from_dict(table.meta.base_arch)
@@ -68,9 +73,17 @@ def compare(
     else:
         base_variant = variant_from_source(base, name=f"{Path(base).name} (base)")
     loaded = [variant_from_source(v) for v in variants]
-    with console.status("measuring...") as status:
-        report = compare_with_table(table, base_variant, loaded, same_device=not allow_other_device,
-                                    progress=lambda msg: status.update(msg))
+    if remote is not None:
+        from nvit.service.client import ServiceClient
+        from nvit.service.remote import compare_remote
+
+        with ServiceClient(remote) as client, following(console, "measuring remotely") as update:
+            report = compare_remote(client, table, lut, base_variant, loaded, same_device=not allow_other_device,
+                                    on_update=update)
+    else:
+        with measuring_here(table.meta.device_kind, console, "compare"), console.status("measuring...") as status:
+            report = compare_with_table(table, base_variant, loaded, same_device=not allow_other_device,
+                                        progress=lambda msg: status.update(msg))
     console.print(report_table(report))
     paths = save_compare(report, out)
     console.print("saved " + ", ".join(str(p) for p in paths.values()))

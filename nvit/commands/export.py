@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -29,33 +31,62 @@ def export(
     backend: str = typer.Option(None, "--backend", help="Timing backend.",
                                  show_default="tensorrt with --trt, else onnxruntime"),
     gpu: bool = typer.Option(False, "--gpu", help="Time on the GPU (CUDA) instead of the CPU."),
+    remote: str = typer.Option(None, "--remote", help="With --measure: upload the ONNX file to this nvit service "
+                               "and time it on its device."),
 ) -> None:
     """Export a model to ONNX (opset >= 18, dynamic batch), verify it numerically in ONNX Runtime, and
     optionally build a TensorRT engine with the profiler's builder settings and time it."""
+    from nvit.commands.remote import measuring_here
+    from nvit.errors import NvitError
     from nvit.export.pipeline import ExportOptions, export_model
     from nvit.fileio import output_folder
     from nvit.models import load_model, variant_provenance
 
+    if remote and not measure:
+        raise NvitError("--remote times the model on a service's device: add --measure")
     console = Console()
     out_dir = output_folder(out or (Path(model) / "export" if Path(model).is_dir() else Path("export")))
     loaded = load_model(model, resolve_arch(arch) if arch else None)
+    timing_backend = backend or ("tensorrt" if trt else "onnxruntime")
     options = ExportOptions(
         out_dir=out_dir, opset=opset, verify=verify, trt=trt, precision=precision, tf32=tf32, batch_size=batch_size,
-        measure_backend=(backend or ("tensorrt" if trt else "onnxruntime")) if measure else None,
+        measure_backend=timing_backend if measure and not remote else None,
         device=DeviceKind.CUDA if (gpu or trt) else DeviceKind.CPU,
     )
-    with console.status(f"exporting {model} to ONNX..."):
+    lock = measuring_here(options.device, console, "export --measure") if options.measure_backend else nullcontext()
+    with lock, console.status(f"exporting {model} to ONNX..."):
         result = export_model(loaded, options, provenance={"source": str(model), **variant_provenance(model)})
     console.print(f"[green]ONNX[/] {result.onnx_path}")
     if result.verify is not None:
         console.print(f"[green]verified[/] {result.verify.summary()}")
     if result.engine_path is not None:
         console.print(f"[green]engine[/] {result.engine_path}")
-    if result.timing is not None:
-        t = result.timing
-        console.print(f"[green]latency[/] median {t.latency_ms_median:.3f} ms (p10 {t.latency_ms_p10:.3f}, "
-                      f"p90 {t.latency_ms_p90:.3f}, n={t.n_samples}) with {options.measure_backend}")
+    timing, where = result.timing, options.measure_backend
+    if remote:
+        timing, where = _measure_remotely(remote, result.onnx_path, loaded, options, timing_backend, console)
+    if timing is not None:
+        console.print(f"[green]latency[/] median {timing.latency_ms_median:.3f} ms (p10 {timing.latency_ms_p10:.3f}, "
+                      f"p90 {timing.latency_ms_p90:.3f}, n={timing.n_samples}) with {where}")
     console.print(f"metadata: {result.meta_path}")
+
+
+def _measure_remotely(url: str, onnx_path: Path, model: Any, options: Any, backend: str, console: Console
+                      ) -> tuple[Any, str]:
+    from nvit.commands.remote import following
+    from nvit.export.pipeline import record_timing
+    from nvit.service.client import ServiceClient
+    from nvit.service.remote import measure_onnx_remote
+
+    name = model.spec.name or "model"
+    with ServiceClient(url) as client, following(console, "measuring remotely") as update:
+        timing, job = measure_onnx_remote(client, onnx_path, name=name, arch=model.spec.to_dict(), backend=backend,
+                                          device=options.device.value, precision=options.precision.value,
+                                          batch_size=options.batch_size, on_update=update)
+        where = {"service": client.base_url, "job": job["id"], "agent": job["result"].get("agent"),
+                 "device": job["result"].get("device"), "backend": job["result"]["context"]["backend"]}
+    record_timing(options.out_dir, timing, where)
+    device = (where["device"] or {}).get("cpu", {}).get("model_name", "")
+    return timing, f"{backend} on {url} (job {job['id']}{', ' + device if device else ''})"
 
 
 def register(app: typer.Typer) -> None:

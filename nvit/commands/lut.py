@@ -109,7 +109,8 @@ def merge(
 
 
 def predict(
-    lut: Path = typer.Option(..., "--lut", help="The latency table."),
+    lut: str = typer.Option(..., "--lut", help="The latency table: a file, or a service URL "
+                            "(http://HOST:PORT/v1/luts/<sha256>, or ?device=... for the newest match)."),
     arch: str = typer.Option(..., "--arch", help="An arch.json file or a preset name."),
     device: str | None = typer.Option(None, "--device", help="Require a table for this device kind or name."),
     precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
@@ -118,10 +119,11 @@ def predict(
 ) -> None:
     """Predicted latency of an architecture, per block and in total."""
     from nvit.arch import resolve_arch
+    from nvit.commands.remote import local_lut
     from nvit.lut import load_predictor
 
     spec = resolve_arch(arch)
-    predictor = load_predictor(lut, device=device, precision=precision, batch_size=batch_size)
+    predictor = load_predictor(local_lut(lut), device=device, precision=precision, batch_size=batch_size)
     predictor.warn_outside = False  # the grid report below says it
     report = predictor.check_spec(spec)  # far outside the measured grid: one error line
     blocks = predictor.block_latencies_ms(spec)

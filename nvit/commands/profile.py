@@ -86,17 +86,30 @@ def profile(
                                        "(default: every available core)."),
     backend_option: list[str] = typer.Option([], "--backend-option", help="Backend option KEY=VALUE (repeatable), "
                                              "e.g. allow_spinning=false or harness='{\"time_cap_s\": 1}'."),
+    remote: str | None = typer.Option(None, "--remote", help="Profile on an nvit service's device instead: "
+                                      "submit a job to this URL, follow it, download the table to --out if given."),
 ) -> None:
     """Benchmark ViT blocks of many widths on a device and write a latency lookup table."""
     from nvit.fileio import output_file
+
+    if out is not None:
+        output_file(out)
+    if remote is not None:
+        from nvit.commands.remote import profile_remotely
+
+        body = {"kind": "profile", "space": space, "device": "cuda" if gpu else "cpu", "backend": backend,
+                "precision": precision, "batch_size": batch_size, "seed": seed, "sentinel_every": sentinel_every,
+                "calibrate": calibrate, "passes": passes,
+                "backend_options": parse_backend_options(backend_option, threads)}
+        profile_remotely(remote, body, out, Console())
+        return
+    from nvit.commands.remote import measuring_here
     from nvit.profiler.backends import default_backend
     from nvit.profiler.base import DeviceKind, get_backend
     from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.space import resolve_space
     from nvit.profiler.sweep import SweepOptions, run_sweep
 
-    if out is not None:
-        output_file(out)
     device_kind = DeviceKind.CUDA if gpu else DeviceKind.CPU
     the_space = resolve_space(space, batch_size=batch_size, precision=precision)
     options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate, passes=passes)
@@ -104,7 +117,7 @@ def profile(
     be = backend_cls(device=device_kind, precision=the_space.precision, batch_size=the_space.batch_size,
                      **parse_backend_options(backend_option, threads))
     console = Console()
-    with be:
+    with measuring_here(device_kind, console, f"profile --space {space}", be.cuda_index), be:
         device = backend_fingerprint(be)  # its GPU index; clocks read under load
         path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size)
         counts = the_space.counts()

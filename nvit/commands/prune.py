@@ -40,8 +40,9 @@ def prune(
                                              "LUT's unit, e.g. 5ms or 800us (repeat for a Pareto family)."),
     target_ratio: list[float] = typer.Option([], "--target-ratio", help="Fraction of the base model's predicted "
                                              "latency, e.g. 0.5 (repeatable)."),
-    lut: str = typer.Option(..., "--lut", help="Latency table (Parquet) of the target device, or 'flops' for a "
-                            "FLOPs-proportional stand-in (ratio targets only)."),
+    lut: str = typer.Option(..., "--lut", help="Latency table (Parquet) of the target device, a service URL "
+                            "(http://HOST:PORT/v1/luts/<sha256>: downloaded once, sha256 checked), or 'flops' "
+                            "for a FLOPs-proportional stand-in (ratio targets only)."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Base model: timm/DeiT/nvit .pth or "
                                            ".safetensors file."),
     variant: Path | None = typer.Option(None, "--variant", help="Base model: an nvit variant folder."),
@@ -79,6 +80,7 @@ def prune(
 ) -> None:
     """Prune a trained ViT globally (EMB, heads, QK, V, MLP) until its predicted latency meets every target,
     saving one sliced variant per target."""
+    from nvit.commands.remote import local_lut
     from nvit.data import build_dataset
     from nvit.pruning.config import PruneConfig, Target
     from nvit.pruning.distributed import collective_errors, init_distributed, shutdown
@@ -97,7 +99,8 @@ def prune(
         raise NvitError(f"unknown --saliency-norm {saliency_norm!r}; use none or per-tensor") from None
     base = load_base(checkpoint=checkpoint, variant=variant, arch=arch)
     spec = base.model.spec
-    loaded = load_latency_predictor(lut, spec, device=lut_device, precision=precision, batch_size=lut_batch_size)
+    loaded = load_latency_predictor(local_lut(lut), spec, device=lut_device, precision=precision,
+                                    batch_size=lut_batch_size)
     if target_latency and not loaded.has_time_unit:
         raise NvitError("--lut flops has no time unit; use --target-ratio, or give a latency table")
     config = PruneConfig(

@@ -128,3 +128,13 @@ def read_export_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(f"{folder} holds no {EXPORT_META_FILE}")
     return json.loads(path.read_text())
+
+
+def record_timing(folder: str | os.PathLike[str], timing: TimingStats, where: dict[str, Any]) -> Path:
+    """Add a timing measured elsewhere (by a service's agent, on its device) to ``export.json``."""
+    doc = read_export_meta(folder)
+    doc["timing"] = timing.as_dict()
+    doc["timing_remote"] = where
+    path = Path(folder) / EXPORT_META_FILE
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+    return path
