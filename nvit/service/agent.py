@@ -274,7 +274,7 @@ class _JobRun:
                 self.client.download(route + sha, path, sha256=sha)
             files[key] = str(path)
         if self.job["kind"] == "profile":
-            from nvit.profiler.sweep import journal_path
+            from nvit.profiler.journal import journal_path
 
             lines = self.client.get_json(f"/v1/jobs/{self.job['id']}/journal")["lines"]
             jpath = journal_path(self.jobdir / TABLE_FILE)
@@ -333,7 +333,7 @@ class _JobRun:
                        self.job["id"], len(self._journal_pending))
 
     def _read_journal(self) -> None:
-        from nvit.profiler.sweep import journal_path
+        from nvit.profiler.journal import journal_path
 
         jpath = journal_path(self.jobdir / TABLE_FILE)
         with contextlib.suppress(FileNotFoundError), open(jpath, "rb") as fh:
