@@ -111,6 +111,7 @@ def compare_variants(
     progress: Callable[[str], None] | None = None,
 ) -> CompareReport:
     """Measure and predict ``base`` and every variant; speedups are relative to ``base``."""
+    check_distinct_names([v.name for v in (base, *variants)])
     timed = {}
     for v in (base, *variants):
         if progress:
@@ -135,6 +136,18 @@ def compare_variants(
         logger.info("%s: predicted %.3f ms, measured %.3f ms (%+.1f%%)", v.name, pred, measured,
                     results[-1].error_pct)
     return CompareReport(base=base.name, results=tuple(results), context=dict(context or {}))
+
+
+def check_distinct_names(names: Sequence[str]) -> None:
+    """Results are keyed by model name: two models with one name would be confused."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            from nvit.errors import NvitError
+
+            raise NvitError(f"two models are named {name!r}; give them distinct names (e.g. --base of another "
+                            "name, or variant folders of different names)")
+        seen.add(name)
 
 
 def _met(latency_ms: float, target_ms: float | None) -> bool | None:
@@ -189,6 +202,7 @@ def measure_with_table(
     with backend:
         if same_device:
             check_same_device(meta, backend)
+        check_distinct_names([w.name for w in workloads])
         if progress:
             progress(f"measuring {len(workloads)} models with {backend.name}")
         stats = measure_passes(backend, workloads, passes)

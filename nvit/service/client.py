@@ -80,13 +80,8 @@ class ServiceClient:
         url = self.base_url + path
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise ServiceError(f"the nvit service at {self.base_url} did not answer {method} {path} in time"
-                               ) from None
         except httpx.TransportError as exc:
-            reason = str(exc).strip() or type(exc).__name__
-            raise ServiceError(f"cannot reach the nvit service at {self.base_url} ({reason}); "
-                               "is 'nvit serve' running there?") from None
+            raise self._unreachable(exc, method, path) from None
         if response.status_code >= 400 and response.status_code not in ok:
             try:
                 body: Any = response.json()
@@ -94,6 +89,13 @@ class ServiceClient:
                 body = response.text
             raise ServiceError(error_line(response.status_code, body, f"{method} {url}"), status=response.status_code)
         return response
+
+    def _unreachable(self, exc: httpx.TransportError, method: str, path: str) -> ServiceError:
+        if isinstance(exc, httpx.TimeoutException):
+            return ServiceError(f"the nvit service at {self.base_url} did not answer {method} {path} in time")
+        reason = str(exc).strip() or type(exc).__name__
+        return ServiceError(f"cannot reach the nvit service at {self.base_url} ({reason}); is 'nvit serve' "
+                            "running there?")
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs).json()
@@ -129,7 +131,7 @@ class ServiceClient:
                         digest.update(chunk)
                         fh.write(chunk)
             except httpx.TransportError as exc:
-                raise ServiceError(f"cannot download {url} ({str(exc).strip() or type(exc).__name__})") from None
+                raise self._unreachable(exc, "GET", path) from None
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise LutError(f"{url} sent content whose sha256 is {digest.hexdigest()}, not {sha256}; "
                                "nothing was saved")

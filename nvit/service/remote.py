@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nvit.errors import NvitError
 from nvit.service.client import ServiceClient, file_sha256, upload_lut
 
 JobCallback = Callable[[dict[str, Any]], None]
@@ -45,16 +44,14 @@ def compare_remote(client: ServiceClient, table: Any, table_path: str | os.PathL
                    on_update: JobCallback | None = None) -> Any:
     """A :class:`~nvit.export.compare.CompareReport` with every model measured by a service agent on the
     table's device, with the table's backend and settings, and predicted with ``table`` here."""
-    from nvit.export.compare import compare_variants, raise_tokens
+    from nvit.export.compare import check_distinct_names, compare_variants, raise_tokens
     from nvit.lut.predictor import LatencyPredictor
 
     models = (base, *variants)
+    check_distinct_names([v.name for v in models])
     for v in models:
         if v.spec.num_tokens != table.meta.num_tokens:
             raise_tokens(v, table.meta.num_tokens)
-    names = [v.name for v in models]
-    if len(set(names)) != len(names):
-        raise NvitError(f"model names must be unique to be measured together, got {names}")
     sha = file_sha256(table_path)
     if client.request("GET", f"/v1/luts/{sha}/meta", ok=(404,)).status_code == 404:
         upload_lut(client, table_path)

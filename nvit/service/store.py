@@ -1,6 +1,7 @@
 """The service's database: SQLAlchemy Core tables and the queries on tokens, agents, blobs and tables.
 
-One schema for both engines: an embedded SQLite file by default (WAL, the server the only writer, write
+One schema for both engines: an embedded SQLite file by default (WAL with ``synchronous=NORMAL``: a crashed or
+restarted server loses no commit, a power cut may lose the last ones; the server the only writer, write
 transactions serialised in-process) and PostgreSQL by URL (``postgresql://...``, through psycopg) when a
 team outgrows one box. Times are UNIX seconds (floats); JSON documents use the portable JSON type. The
 schema carries a version in ``meta``; a database of another version is refused, never guessed at.
@@ -135,7 +136,7 @@ def normalise_url(url: str) -> str:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash of the server loses nothing, a power cut the last commits
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     cur.close()

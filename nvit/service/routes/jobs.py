@@ -20,6 +20,7 @@ from nvit.service.routes.luts import register_table
 router = APIRouter(tags=["jobs"])
 _MAX_JOURNAL_LINES = 10_000
 _RECHECK_S = 1.0  # a waiting lease request looks at the queue at least this often (other servers, expiry)
+_TOUCH_EVERY_S = 1.0  # an agent's "last seen" is written at most this often by its lease requests
 
 
 class _AgentCall(BaseModel):
@@ -95,7 +96,8 @@ async def lease_job(agent_id: str, request: Request, _: AgentCaller,
     agent = await run_in_threadpool(ctx.store.agent, agent_id)
     if agent is None:
         raise not_found(f"no agent {agent_id}; register again")
-    await run_in_threadpool(ctx.store.touch_agent, agent_id, ctx.now())
+    if ctx.now() - agent["last_seen"] > _TOUCH_EVERY_S:
+        await run_in_threadpool(ctx.store.touch_agent, agent_id, ctx.now())
     deadline = time.monotonic() + min(wait_s, ctx.settings.long_poll_s)
     while not await request.is_disconnected():
         row = await run_in_threadpool(ctx.queue.lease, agent, now=ctx.now())
