@@ -73,7 +73,7 @@ def export(
 def _measure_remotely(url: str, onnx_path: Path, model: Any, options: Any, backend: str, console: Console
                       ) -> tuple[Any, str]:
     from nvit.commands.remote import following
-    from nvit.export.pipeline import record_timing
+    from nvit.export.pipeline import record_timing, timing_options
     from nvit.service.client import ServiceClient
     from nvit.service.remote import measure_onnx_remote
 
@@ -81,7 +81,8 @@ def _measure_remotely(url: str, onnx_path: Path, model: Any, options: Any, backe
     with ServiceClient(url) as client, following(console, "measuring remotely") as update:
         timing, job = measure_onnx_remote(client, onnx_path, name=name, arch=model.spec.to_dict(), backend=backend,
                                           device=options.device.value, precision=options.precision.value,
-                                          batch_size=options.batch_size, on_update=update)
+                                          batch_size=options.batch_size,
+                                          backend_options=timing_options(options, backend), on_update=update)
         where = {"service": client.base_url, "job": job["id"], "agent": job["result"].get("agent"),
                  "device": job["result"].get("device"), "backend": job["result"]["context"]["backend"]}
     record_timing(options.out_dir, timing, where)

@@ -88,13 +88,17 @@ def export_model(model: VisionTransformer, options: ExportOptions, provenance: d
     timing = None
     if options.measure_backend:
         backend_cls = get_backend(options.measure_backend)
-        tf32 = {"tf32": options.tf32} if options.measure_backend in _TF32_BACKENDS else {}
         with backend_cls(device=options.device, precision=options.precision, batch_size=options.batch_size,
-                         **tf32) as be:
+                         **timing_options(options, options.measure_backend)) as be:
             timing = be.measure(Workload(model.spec.name or "model", model, shape))
             engine_meta = {**(engine_meta or {}), "timing_backend": be.settings(), "timing_versions": be.versions()}
     meta = _write_meta(out, model, options, report, timing, engine_meta, provenance)
     return ExportResult(onnx_path, report, engine_path, timing, meta)
+
+
+def timing_options(options: ExportOptions, backend: str) -> dict[str, Any]:
+    """Backend options the export's timing uses (TF32 follows --tf32/--no-tf32 where a backend has it)."""
+    return {"tf32": options.tf32} if backend in _TF32_BACKENDS else {}
 
 
 def _write_meta(out: Path, model: VisionTransformer, options: ExportOptions, report: VerifyReport | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -55,13 +56,18 @@ def lock_path(kind: DeviceKind | str, cuda_index: int = 0) -> Path:
     kind = DeviceKind(kind)
     if kind is DeviceKind.CPU:
         return lock_dir() / "cpu.lock"
-    uuid = ""
-    with contextlib.suppress(Exception):  # no torch/CUDA here: the index is the best name there is
-        from nvit.profiler.device import gpu_info
-
-        uuid = gpu_info(cuda_index).uuid
+    uuid = _gpu_uuid(cuda_index)
     name = f"cuda-{uuid}" if uuid else f"cuda{cuda_index}"
     return lock_dir() / (re.sub(r"[^A-Za-z0-9.-]+", "-", name) + ".lock")
+
+
+@functools.cache
+def _gpu_uuid(cuda_index: int) -> str:
+    with contextlib.suppress(Exception):  # no torch/CUDA here: the index is the best name there is
+        from nvit.profiler.gpu_probe import gpu_info
+
+        return gpu_info(cuda_index, warm_up_s=0.0).uuid
+    return ""
 
 
 def _open_lock_file(path: Path) -> int:

@@ -105,7 +105,7 @@ class Agent:
     def _register(self) -> None:
         from nvit.profiler.device import fingerprint
 
-        fp = fingerprint(self.options.device, cuda_index=self.options.cuda_index)
+        fp = fingerprint(self.options.device, cuda_index=self.options.cuda_index, warm_up_s=0.0)
         body = {"name": self.name, "hostname": socket.gethostname(), "fingerprint": fp.to_dict(),
                 "backends": available_backends(self.options.device)}
         while True:

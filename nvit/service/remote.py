@@ -67,13 +67,14 @@ def compare_remote(client: ServiceClient, table: Any, table_path: str | os.PathL
 
 def measure_onnx_remote(client: ServiceClient, onnx_path: str | os.PathLike[str], *, name: str,
                         arch: dict[str, Any] | None, backend: str, device: str, precision: str, batch_size: int,
-                        passes: int = 1, on_update: JobCallback | None = None) -> tuple[Any, dict[str, Any]]:
+                        backend_options: dict[str, Any] | None = None, passes: int = 1,
+                        on_update: JobCallback | None = None) -> tuple[Any, dict[str, Any]]:
     """Upload an ONNX file and time it on the service's device; ``(TimingStats, the job)``."""
     uploaded = client.upload("/v1/models", onnx_path)
     model: dict[str, Any] = {"name": name, "onnx": uploaded["sha256"]}
     if arch is not None:
         model["arch"] = arch
     body = {"kind": "measure", "models": [model], "backend": backend, "device": device, "precision": precision,
-            "batch_size": batch_size, "passes": passes}
+            "batch_size": batch_size, "backend_options": backend_options or {}, "passes": passes}
     job = run_job(client, body, on_update=on_update)
     return stats_of(job["result"])[name], job

@@ -66,7 +66,7 @@ def _die_with_parent(parent: int | None) -> None:
 
 def run_profile(job: dict[str, Any], jobdir: Path, channel: Channel) -> dict[str, Any]:
     from nvit.profiler.base import DeviceKind, get_backend
-    from nvit.profiler.device import fingerprint
+    from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.space import SearchSpace
     from nvit.profiler.sweep import SweepOptions, run_sweep
 
@@ -82,7 +82,7 @@ def run_profile(job: dict[str, Any], jobdir: Path, channel: Channel) -> dict[str
                          resumed=p.resumed)
 
     with backend:
-        device = fingerprint(kind, threads_used=backend.settings().get("intra_op_threads"))
+        device = backend_fingerprint(backend)  # as nvit profile: clocks read under load
         result = run_sweep(space, backend, jobdir / TABLE_FILE, options=options, resume=True, progress=on_progress,
                            device=device)
     return {"table": TABLE_FILE, "rows": len(result.table), "measured": result.measured, "resumed": result.resumed,
@@ -91,9 +91,9 @@ def run_profile(job: dict[str, Any], jobdir: Path, channel: Channel) -> dict[str
 
 def run_measure(job: dict[str, Any], channel: Channel) -> dict[str, Any]:
     from nvit.arch import ArchSpec
-    from nvit.export.compare import measure_passes, measure_with_table
+    from nvit.export.compare import backend_for_table, measure_passes, measure_with_table
     from nvit.profiler.base import DeviceKind, Workload, get_backend
-    from nvit.profiler.device import fingerprint
+    from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.workloads import model_workload
 
     spec, files = job["spec"], job["files"]
@@ -118,16 +118,16 @@ def run_measure(job: dict[str, Any], channel: Channel) -> dict[str, Any]:
                                             passes=spec["passes"])
         predictor = LatencyPredictor(table)
         predicted = {name: predictor.predict_ms(arch) for name, arch in archs.items()}
+        backend = backend_for_table(table.meta)
     else:
-        kind = DeviceKind(spec["device"])
-        backend = get_backend(spec["backend"])(device=kind, precision=spec["precision"],
+        backend = get_backend(spec["backend"])(device=DeviceKind(spec["device"]), precision=spec["precision"],
                                               batch_size=spec["batch_size"], **spec["backend_options"])
         with backend:
             stats = measure_passes(backend, workloads, spec["passes"])
             context = {"backend": backend.settings(), "versions": backend.versions()}
     finished = time.time()
     channel.progress(phase="measure", done=len(workloads), total=len(workloads), name="done")
-    device = fingerprint(DeviceKind(spec["device"]), threads_used=context["backend"].get("intra_op_threads"))
+    device = backend_fingerprint(backend, warm_up_s=0.0)
     models = [{"name": w.name, "stats": s.as_dict(), "predicted_ms": predicted.get(w.name)}
               for w, s in zip(workloads, stats, strict=True)]
     return {"models": models, "context": context, "device": device.to_dict(), "measure_started_at": started,
