@@ -133,9 +133,16 @@ def test_two_agents_on_one_device_never_measure_at_the_same_time(tmp_path) -> No
     with se.running_server(tmp_path / "state", env) as server, server.client() as http:
         ids = [http.post("/v1/jobs", json={**body, "models": [{"name": f"m{i}", "arch": "vit_test"}]}).json()["id"]
                for i in range(3)]
-        with se.running_agent(server.url, tmp_path / "a", env, "a"), \
-                se.running_agent(server.url, tmp_path / "b", env, "b"):
+        with se.running_agent(server.url, tmp_path / "a", env, "a") as a, \
+                se.running_agent(server.url, tmp_path / "b", env, "b") as b:
             jobs = [se.wait_job(http, i) for i in ids]
+            # A job cancelled while it runs stops its worker at the next heartbeat; the agent carries on.
+            profile = http.post("/v1/jobs", json=profile_job()).json()["id"]
+            se.wait_job(http, profile, timeout_s=120, states=("running",))
+            assert http.delete(f"/v1/jobs/{profile}").json()["state"] == "cancelled"
+            se.wait_for(lambda: not se.processes_running(f"/jobs/{profile} "), timeout_s=20,
+                        what="the cancelled job's worker to stop")
+            assert a.poll() is None and b.poll() is None
     assert all(j["state"] == "succeeded" for j in jobs), [j["error"] for j in jobs]
     results = [j["result"] for j in jobs]
     assert {r["agent"]["name"] for r in results} == {"a", "b"}  # both agents took work

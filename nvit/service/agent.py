@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -61,12 +62,17 @@ class AgentOptions:
 
 
 def available_backends(device: DeviceKind) -> list[str]:
-    """Backends whose packages this machine has, for jobs on ``device``."""
+    """Backends whose packages this machine has, for jobs on ``device`` (on a GPU, onnxruntime only in its
+    GPU build)."""
     names = ["torch"] if importlib.util.find_spec("torch") else []
-    if importlib.util.find_spec("onnxruntime"):
+    if device is DeviceKind.CPU and importlib.util.find_spec("onnxruntime"):
         names.append("onnxruntime")
-    if device is DeviceKind.CUDA and importlib.util.find_spec("tensorrt"):
-        names.append("tensorrt")
+    if device is DeviceKind.CUDA:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version("onnxruntime-gpu")
+            names.append("onnxruntime")
+        if importlib.util.find_spec("tensorrt"):
+            names.append("tensorrt")
     return sorted(names)
 
 
