@@ -33,7 +33,7 @@ class DemoConfig:
     train_epochs: int = 30
     finetune_epochs: int = 8
     prune_interval: int = 10
-    prune_per_iter: int = 16
+    prune_pace: float = 0.05  # of the dense predicted latency per pruning step: 0.5 is reached in ~10 steps
     group_size: int = 8  # the vit_test table's smallest QK/V/MLP widths
     min_embed_dim: int = 32
     calibration_models: int = 4
@@ -145,7 +145,7 @@ def prune_stage(config: DemoConfig, base: VisionTransformer, table: Any, report:
     out = config.out_dir / "prune"
     prune_config = PruneConfig(
         targets=tuple(Target.ratio(r) for r in config.target_ratios), group_size=config.group_size,
-        interval=config.prune_interval, prune_per_iter=config.prune_per_iter, min_embed_dim=config.min_embed_dim,
+        interval=config.prune_interval, pace=config.prune_pace, min_embed_dim=config.min_embed_dim,
         batch_size=64, lr=5e-4, seed=config.seed, extra={"kd_weight": 0.5, "kd_temperature": 2.0, "data": DATA},
     )
     loss_fn = distillation_loss_fn(frozen_teacher(base), weight=0.5, temperature=2.0)

@@ -15,6 +15,14 @@ from nvit.errors import NvitError
 from nvit.fileio import output_folder
 
 
+def _choice(enum_type: Any, value: str, option: str) -> Any:
+    try:
+        return enum_type(value)
+    except ValueError:
+        known = " | ".join(str(m.value) for m in enum_type)
+        raise NvitError(f"unknown {option} {value!r}; use {known}") from None
+
+
 def variants_table(result: Any, accuracies: dict[str, float], unit: str) -> Table:
     table = Table(title=f"pruned variants (dense {result.dense_latency_ms:.4g} {unit}, "
                         f"smallest reachable {result.min_latency_ms:.4g} {unit})")
@@ -49,19 +57,30 @@ def prune(
     arch: str | None = typer.Option(None, "--arch", help="Preset or arch.json of --checkpoint (default: inferred)."),
     data: str = typer.Option("digits", "--data", help=DATA_HELP),
     augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
-    no_latency: bool = typer.Option(False, "--no-latency", help="Rank by saliency alone (no latency "
-                                    "regularizer); the LUT still decides when each target is met."),
+    ranking: str = typer.Option("latency", "--ranking", help="How groups are chosen at each pruning step: latency "
+                                "(saliency − η·ΔLat from the table), saliency (saliency alone), flops "
+                                "(saliency − η·ΔFLOPs), knapsack (least saliency whose ΔLat meets the step's pace)."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Same as --ranking saliency: rank by saliency "
+                                    "alone; the LUT still decides when each target is met."),
     latency_weight: float | None = typer.Option(None, "--latency-weight", help="Unit-free weight λ of the latency "
-                                                "term: η = λ·median(saliency)/median(ΔLat).  [default: 1.0]"),
+                                                "term: η = λ·median(saliency)/median(ΔLat) over the groups of the "
+                                                "first pruning step, then fixed for the run.  [default: 1.0]"),
     interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps."),
-    prune_per_iter: int = typer.Option(32, "--prune-per-iter", help="Groups removed per pruning step."),
-    group_size: int = typer.Option(8, "--group-size", help="Channels per EMB/QK/V/MLP group (heads go one by one)."),
+    pace: float = typer.Option(0.001, "--pace", help="Fraction of the base model's predicted latency removed at "
+                               "each pruning step (0.001 with --interval 100 is NViT's pace: about two groups per "
+                               "100 batches on DeiT-B). Reaching a ratio r takes about (1 − r)/pace pruning steps."),
+    group_size: int = typer.Option(8, "--group-size", help="Channels per EMB/QK/V/MLP group (heads go one by one); "
+                                   "groups are re-formed at every step from the lowest-scoring channels."),
     saliency_window: int | None = typer.Option(None, "--saliency-window", help="Steps before each pruning step "
                                                "whose gradients form the saliency.  [default: the interval]"),
+    saliency_ema: float = typer.Option(0.9, "--saliency-ema", help="Momentum of the saliency scores across pruning "
+                                       "steps (NViT: 0.9; 0: each window alone)."),
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Normalisation across structure types: "
-                                      "none | per-tensor."),
-    min_heads: int = typer.Option(1, "--min-heads", help="Fewest heads a block may keep."),
-    min_embed_dim: int = typer.Option(64, "--min-embed-dim", help="Narrowest embedding width pruning may leave."),
+                                      "none | tensor-count (divide by the tensors a unit spans; not NViT's)."),
+    min_heads: int = typer.Option(1, "--min-heads", help="Fewest heads a block may keep (at least the table's "
+                                  "smallest measured)."),
+    min_embed_dim: int | None = typer.Option(None, "--min-embed-dim", help="Narrowest embedding width pruning may "
+                                             "leave.  [default: the table's smallest measured width]"),
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate while pruning."),
     weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
@@ -82,7 +101,7 @@ def prune(
     saving one sliced variant per target."""
     from nvit.commands.remote import local_lut
     from nvit.data import build_dataset
-    from nvit.pruning.config import PruneConfig, Target
+    from nvit.pruning.config import DEFAULT_LATENCY_WEIGHT, PruneConfig, RankingMethod, Target
     from nvit.pruning.distributed import collective_errors, init_distributed, shutdown
     from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1, top1
     from nvit.pruning.saliency import SaliencyNorm
@@ -90,13 +109,14 @@ def prune(
     output_folder(out)
     if not target_latency and not target_ratio:
         raise NvitError("give at least one --target-latency (e.g. 5ms) or --target-ratio (e.g. 0.5)")
-    if no_latency and latency_weight is not None:
-        raise NvitError("--no-latency and --latency-weight contradict each other; choose one")
+    if no_latency and ranking not in ("latency", "saliency"):
+        raise NvitError(f"--no-latency and --ranking {ranking} contradict each other; choose one")
+    method = _choice(RankingMethod, "saliency" if no_latency else ranking, "--ranking")
+    if latency_weight is not None and method not in (RankingMethod.LATENCY, RankingMethod.FLOPS):
+        what = "--no-latency" if no_latency else f"--ranking {ranking}"
+        raise NvitError(f"{what} and --latency-weight contradict each other; choose one")
     targets = [Target.latency(t) for t in target_latency] + [Target.ratio(r) for r in target_ratio]
-    try:
-        norm = SaliencyNorm(saliency_norm)
-    except ValueError:
-        raise NvitError(f"unknown --saliency-norm {saliency_norm!r}; use none or per-tensor") from None
+    norm = _choice(SaliencyNorm, saliency_norm, "--saliency-norm")
     base = load_base(checkpoint=checkpoint, variant=variant, arch=arch)
     spec = base.model.spec
     loaded = load_latency_predictor(local_lut(lut), spec, device=lut_device, precision=precision,
@@ -104,20 +124,18 @@ def prune(
     if target_latency and not loaded.has_time_unit:
         raise NvitError("--lut flops has no time unit; use --target-ratio, or give a latency table")
     config = PruneConfig(
-        targets=tuple(targets), group_size=group_size, interval=interval, prune_per_iter=prune_per_iter,
-        saliency_window=saliency_window, use_latency=not no_latency,
-        latency_weight=1.0 if latency_weight is None else latency_weight, saliency_norm=norm,
+        targets=tuple(targets), group_size=group_size, interval=interval, pace=pace,
+        saliency_window=saliency_window, ranking=method, saliency_ema=saliency_ema,
+        latency_weight=DEFAULT_LATENCY_WEIGHT if latency_weight is None else latency_weight, saliency_norm=norm,
         min_heads=min_heads, min_embed_dim=min_embed_dim, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed,
         extra={"kd_weight": kd_weight, "kd_temperature": kd_temperature, "data": data,
                "augment": augment_choice(augment, False)},
     )
-    # refuse unreachable targets before reading any data
-    from nvit.pruning.groups import GroupLayout
-    from nvit.pruning.loop import resolve_targets
+    # refuse a model outside the table's grid and unreachable targets before reading any data
+    from nvit.pruning.loop import pruning_layout, resolve_targets
 
-    resolve_targets(config.targets, loaded.predictor, GroupLayout(spec, group_size=group_size,
-                                                                  minimums=config.minimums()))
+    resolve_targets(config.targets, loaded.predictor, pruning_layout(spec, config, loaded.predictor))
     ctx = init_distributed(device or "auto")  # a single process unless launched by torchrun
     try:
         with collective_errors(ctx):

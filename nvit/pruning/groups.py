@@ -1,13 +1,18 @@
-"""Prunable groups, their gates, per-type minimums, and conversion of the final masks to a sliced model.
+"""Prunable units, their gates, per-type minimums, dynamic groups, and conversion of masks to a sliced model.
 
-A *group* is the smallest thing the pruning loop removes at once: ``group_size`` consecutive embedding
-channels (EMB, global), one head (HEAD), ``group_size`` QK channels shared by all heads of a block (QK),
-``group_size`` V channels shared by all heads of a block (V), or ``group_size`` MLP neurons (MLP).
+A *gate* is one prunable dimension of the model: the embedding channels (EMB, global), or per block the
+heads (HEAD), the QK channels shared by all heads (QK), the V channels shared by all heads (V) and the MLP
+neurons (MLP). Its *units* are its channels (heads for HEAD). The flat unit vector is the concatenation of
+the model's gates in :meth:`~nvit.models.VisionTransformer.gate_parameters` order ``[emb, block0 head,
+block0 qk, block0 v, block0 mlp, block1 head, ...]``, so saliency is one vector over units and the mask of
+a whole model one boolean array (:class:`PruneState`).
 
-Every group is a contiguous segment of the *flat gate vector*: the concatenation of the model's gates in
-:meth:`~nvit.models.VisionTransformer.gate_parameters` order ``[emb, block0 head, block0 qk, block0 v,
-block0 mlp, block1 head, ...]``. That makes the per-group sums of gate gradients one ``index_add``, and the
-mask of a whole model one boolean array over groups (:class:`PruneState`).
+**Dynamic groups** (NViT). The pruning loop removes a *group*: ``group_size`` units of one gate (one head
+for HEAD). Groups are not fixed chunks: at every pruning step the alive units of each gate are sorted by
+their current score and the ``group_size`` lowest form its first group, the next ``group_size`` its second,
+and so on (:meth:`PruneState.candidates`). A chunk that holds one important unit can therefore still shed
+its unimportant ones; any set of units slices exactly (:mod:`nvit.models.slicing`). A group's saliency is
+the sum of its units' scores (the diagonal of the Fisher form, as in NViT).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class PruneError(NvitError):
 
 
 class GroupKind(enum.Enum):
-    """Structure types (DESIGN.md §3). The order is the order of gates inside the flat gate vector."""
+    """Structure types (DESIGN.md §3). The order is the order of gates inside the flat unit vector."""
 
     EMB = "emb"
     HEAD = "head"
@@ -44,50 +49,58 @@ class GroupKind(enum.Enum):
 
 BLOCK_KINDS: tuple[GroupKind, ...] = (GroupKind.HEAD, GroupKind.QK, GroupKind.V, GroupKind.MLP)
 KIND_CODES: dict[GroupKind, int] = {k: i for i, k in enumerate(GroupKind)}
-NO_BLOCK = -1  # block index recorded for EMB groups, which span every block
+WIDTH_FIELDS: dict[GroupKind, str] = {GroupKind.EMB: "embed_dim", GroupKind.HEAD: "heads", GroupKind.QK: "qk_dim",
+                                      GroupKind.V: "v_dim", GroupKind.MLP: "mlp_dim"}
+NO_BLOCK = -1  # block index recorded for the EMB gate, which spans every block
 
 
 @dataclass(frozen=True)
 class Minimums:
-    """Smallest widths pruning may leave. QK, V and MLP keep at least one group (``group_size`` channels)."""
+    """Smallest widths pruning may leave, per type; ``None``: one group (``group_size`` channels).
+
+    Channel minimums are rounded up to whole groups, since widths shrink a group at a time.
+    """
 
     heads: int = 1
-    embed_dim: int = 64
+    embed_dim: int | None = None
+    qk_dim: int | None = None
+    v_dim: int | None = None
+    mlp_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if self.heads < 1:
-            raise PruneError(f"minimum heads must be at least 1, got {self.heads}")
-        if self.embed_dim < 1:
-            raise PruneError(f"minimum embed_dim must be at least 1, got {self.embed_dim}")
+        for name in ("heads", "embed_dim", "qk_dim", "v_dim", "mlp_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise PruneError(f"minimum {name} must be a positive integer, got {value!r}")
+
+    def of(self, kind: GroupKind, group_size: int) -> int:
+        """The minimum width of ``kind``: heads as given, channels rounded up to whole groups."""
+        value = getattr(self, WIDTH_FIELDS[kind])
+        if kind is GroupKind.HEAD:
+            return int(value)
+        return -(-(value or group_size) // group_size) * group_size
 
 
 @dataclass(frozen=True)
-class Group:
-    """One prunable group: units ``start:stop`` of its gate (heads for HEAD, channels/neurons otherwise)."""
+class Gate:
+    """One prunable dimension: ``width`` units at ``offset`` in the flat unit vector."""
 
     kind: GroupKind
     block: int  # NO_BLOCK for EMB
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
+    width: int
+    offset: int
 
     @property
     def name(self) -> str:
-        where = "" if self.kind is GroupKind.EMB else f"block {self.block} "
-        if self.kind is GroupKind.HEAD:
-            return f"{where}head {self.start}"
-        return f"{where}{self.kind.value}[{self.start}:{self.stop}]"
+        return self.kind.value if self.kind is GroupKind.EMB else f"block {self.block} {self.kind.value}"
 
 
 class GroupLayout:
-    """All prunable groups of one architecture, in flat-gate-vector order, with vectorised metadata."""
+    """The gates of one architecture, how many units form a group, and the minimum width of every gate."""
 
     def __init__(self, spec: ArchSpec, *, group_size: int, minimums: Minimums = Minimums()) -> None:
-        if group_size < 1:
-            raise PruneError(f"group_size must be a positive integer, got {group_size}")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise PruneError(f"group_size must be a positive integer, got {group_size!r}")
         self.spec, self.group_size, self.minimums = spec, group_size, minimums
         widths = [("embed_dim", spec.embed_dim)]
         for i, b in enumerate(spec.blocks):
@@ -95,50 +108,53 @@ class GroupLayout:
         for what, width in widths:
             if width % group_size:
                 raise PruneError(f"{what} {width} is not a multiple of group_size {group_size}")
-        if minimums.embed_dim > spec.embed_dim:
-            raise PruneError(f"minimum embed_dim {minimums.embed_dim} exceeds the model's embed_dim {spec.embed_dim}")
-        if any(b.heads < minimums.heads for b in spec.blocks):
-            raise PruneError(f"minimum heads {minimums.heads} exceeds the heads of some block")
+        gates: list[Gate] = []
 
-        groups: list[Group] = []
-        gate_sizes: list[int] = []
+        def add(kind: GroupKind, block: int, width: int) -> None:
+            minimum = minimums.of(kind, group_size)
+            if minimum > width:
+                where = "the model's" if kind is GroupKind.EMB else f"block {block}'s"
+                raise PruneError(f"minimum {WIDTH_FIELDS[kind]} {minimum} exceeds {where} {WIDTH_FIELDS[kind]} "
+                                 f"{width}")
+            gates.append(Gate(kind, block, width, sum(g.width for g in gates)))
 
-        def add(kind: GroupKind, block: int, width: int, step: int) -> None:
-            groups.extend(Group(kind, block, s, s + step) for s in range(0, width, step))
-            gate_sizes.append(width)
-
-        add(GroupKind.EMB, NO_BLOCK, spec.embed_dim, group_size)
+        add(GroupKind.EMB, NO_BLOCK, spec.embed_dim)
         for i, b in enumerate(spec.blocks):
-            add(GroupKind.HEAD, i, b.heads, 1)
-            add(GroupKind.QK, i, b.qk_dim, group_size)
-            add(GroupKind.V, i, b.v_dim, group_size)
-            add(GroupKind.MLP, i, b.mlp_dim, group_size)
-        self.groups: tuple[Group, ...] = tuple(groups)
-        self.gate_sizes: tuple[int, ...] = tuple(gate_sizes)
-        self.kind_code = np.array([KIND_CODES[g.kind] for g in groups], dtype=np.int64)
-        self.block = np.array([g.block for g in groups], dtype=np.int64)
-        self.size = np.array([g.size for g in groups], dtype=np.int64)
-        # which group each unit of the flat gate vector belongs to (groups are contiguous and in order)
-        self.unit_group = torch.from_numpy(np.repeat(np.arange(len(groups)), self.size))
+            for kind in BLOCK_KINDS:
+                add(kind, i, getattr(b, WIDTH_FIELDS[kind]))
+        self.gates: tuple[Gate, ...] = tuple(gates)
+        self.gate_sizes: tuple[int, ...] = tuple(g.width for g in gates)
+        self.gate_kind = np.array([KIND_CODES[g.kind] for g in gates], dtype=np.int64)
+        self.gate_block = np.array([g.block for g in gates], dtype=np.int64)
+        self.gate_group = np.array([1 if g.kind is GroupKind.HEAD else group_size for g in gates], dtype=np.int64)
+        self.gate_min = np.array([minimums.of(g.kind, group_size) for g in gates], dtype=np.int64)
+        self.unit_gate = np.repeat(np.arange(len(gates)), self.gate_sizes)
+        self.unit_kind = self.gate_kind[self.unit_gate]
         _with_widths(spec, spec.embed_dim, spec.blocks)  # fails early if the attention scale cannot be fixed
-
-    def __len__(self) -> int:
-        return len(self.groups)
 
     @property
     def num_units(self) -> int:
-        return int(self.size.sum())
+        return int(sum(self.gate_sizes))
 
     def unit_step(self) -> UnitStep:
         """Channels removed by one group of each type, as the latency predictor's ``delta_ms`` wants it."""
         g = self.group_size
         return UnitStep(emb=g, heads=1, qk=g, v=g, mlp=g)
 
-    def indices_of(self, kind: GroupKind, block: int | None = None) -> np.ndarray:
-        sel = self.kind_code == KIND_CODES[kind]
+    def gates_of(self, kind: GroupKind, block: int | None = None) -> np.ndarray:
+        sel = self.gate_kind == KIND_CODES[kind]
         if block is not None:
-            sel &= self.block == block
+            sel &= self.gate_block == block
         return np.flatnonzero(sel)
+
+    def units_of(self, gate: int) -> np.ndarray:
+        g = self.gates[gate]
+        return np.arange(g.offset, g.offset + g.width)
+
+    def unit_name(self, unit: int) -> str:
+        """``block 1 mlp 17``, ``block 0 head 2``, ``emb 5``: the gate and the unit's index in it."""
+        gate = self.gates[int(self.unit_gate[unit])]
+        return f"{gate.name} {unit - gate.offset}"
 
     def check_model(self, model: VisionTransformer) -> list[torch.nn.Parameter]:
         """The model's gates, checked against this layout (gates must be enabled)."""
@@ -149,11 +165,10 @@ class GroupLayout:
         return gates
 
     def minimal_spec(self) -> ArchSpec:
-        """The architecture with every group type at its minimum: the smallest latency pruning can reach."""
-        g, m = self.group_size, self.minimums
-        emb = -(-m.embed_dim // g) * g  # rounded up to whole groups
-        blocks = tuple(BlockSpec(m.heads, g, g, g) for _ in self.spec.blocks)
-        return _with_widths(self.spec, emb, blocks)
+        """The architecture with every gate at its minimum: the smallest latency pruning can reach."""
+        m = self.gate_min
+        blocks = tuple(BlockSpec(*(int(w) for w in m[1 + 4 * i: 5 + 4 * i])) for i in range(self.spec.depth))
+        return _with_widths(self.spec, int(m[0]), blocks)
 
 
 def _with_widths(spec: ArchSpec, embed_dim: int, blocks: tuple[BlockSpec, ...]) -> ArchSpec:
@@ -167,95 +182,113 @@ def _with_widths(spec: ArchSpec, embed_dim: int, blocks: tuple[BlockSpec, ...]) 
     return spec.with_blocks(blocks, embed_dim=embed_dim, qk_scale=qk_scale)
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The groups that may be removed at one pruning step, formed from the current unit scores.
+
+    Group ``i`` holds ``units[i]`` of gate ``gate[i]``; it is that gate's ``rank[i]``-th group in ascending
+    score order, and ``saliency[i]`` is the sum of its units' scores.
+    """
+
+    gate: np.ndarray
+    rank: np.ndarray
+    saliency: np.ndarray
+    units: tuple[np.ndarray, ...]
+
+    def __len__(self) -> int:
+        return len(self.gate)
+
+
 class PruneState:
-    """Which groups are alive, plus running widths so that minimum checks and specs cost microseconds."""
+    """Which units are alive, plus running widths per gate so that minimum checks and specs are cheap."""
 
     def __init__(self, layout: GroupLayout, alive: np.ndarray | None = None) -> None:
         self.layout = layout
-        self.alive = np.ones(len(layout), dtype=bool) if alive is None else np.asarray(alive, dtype=bool).copy()
-        if self.alive.shape != (len(layout),):
-            raise PruneError(f"mask has {self.alive.size} entries, the layout has {len(layout)} groups")
-        depth = layout.spec.depth
-        self._block_widths = np.zeros((depth, len(BLOCK_KINDS)), dtype=np.int64)
-        live = self.alive
-        for j, kind in enumerate(BLOCK_KINDS):
-            sel = (layout.kind_code == KIND_CODES[kind]) & live
-            np.add.at(self._block_widths[:, j], layout.block[sel], layout.size[sel])
-        self._emb = int(layout.size[(layout.kind_code == KIND_CODES[GroupKind.EMB]) & live].sum())
-        g, m = layout.group_size, layout.minimums
-        self._block_min = np.array([m.heads, g, g, g], dtype=np.int64)
-        if self._emb < m.embed_dim or (self._block_widths < self._block_min).any():
-            raise PruneError("the mask leaves a group type below its minimum width")
+        self.alive = np.ones(layout.num_units, dtype=bool) if alive is None else np.asarray(alive, dtype=bool).copy()
+        if self.alive.shape != (layout.num_units,):
+            raise PruneError(f"mask has {self.alive.size} entries, the layout has {layout.num_units} units")
+        self.widths = np.bincount(layout.unit_gate[self.alive], minlength=len(layout.gates)).astype(np.int64)
+        if (self.widths < layout.gate_min).any():
+            raise PruneError("the mask leaves a gate below its minimum width")
+        if ((np.array(layout.gate_sizes) - self.widths) % layout.gate_group).any():
+            raise PruneError("the mask removes a partial group from some gate")
 
     @property
     def num_pruned(self) -> int:
+        """Units removed so far."""
         return int((~self.alive).sum())
 
-    def removable(self, index: int) -> bool:
-        """Whether group ``index`` is alive and removing it keeps its type at or above the minimum."""
-        if not self.alive[index]:
+    def removable_groups(self) -> np.ndarray:
+        """Per gate, how many more groups may be removed before it reaches its minimum."""
+        lay = self.layout
+        return np.maximum(0, (self.widths - lay.gate_min) // lay.gate_group)
+
+    def candidates(self, unit_scores: np.ndarray) -> Candidates:
+        """Dynamic groups of every gate that can shrink: its alive units by ascending score (ties by index),
+        ``group_size`` at a time, as many groups as its minimum allows."""
+        lay = self.layout
+        scores = np.asarray(unit_scores, dtype=np.float64)
+        if scores.shape != (lay.num_units,):
+            raise PruneError(f"{scores.size} unit scores for a layout of {lay.num_units} units")
+        gates, ranks, sal, units = [], [], [], []
+        for j, count in enumerate(self.removable_groups()):
+            if count == 0:
+                continue
+            gate = lay.gates[j]
+            idx = np.flatnonzero(self.alive[gate.offset:gate.offset + gate.width]) + gate.offset
+            ordered = idx[np.lexsort((idx, scores[idx]))]
+            size = int(lay.gate_group[j])
+            for k in range(int(count)):
+                members = ordered[k * size:(k + 1) * size]
+                gates.append(j)
+                ranks.append(k)
+                sal.append(float(scores[members].sum()))
+                units.append(members)
+        return Candidates(np.array(gates, dtype=np.int64), np.array(ranks, dtype=np.int64),
+                          np.array(sal, dtype=np.float64), tuple(units))
+
+    def can_remove(self, units: np.ndarray) -> bool:
+        """Whether ``units`` are one whole group of alive units of one gate that may still shrink."""
+        units = np.asarray(units, dtype=np.int64)
+        if units.size == 0 or not self.alive[units].all() or len(set(units.tolist())) != units.size:
             return False
-        lay = self.layout
-        size = int(lay.size[index])
-        code = int(lay.kind_code[index])
-        if code == KIND_CODES[GroupKind.EMB]:
-            return self._emb - size >= lay.minimums.embed_dim
-        j = code - 1
-        return self._block_widths[lay.block[index], j] - size >= self._block_min[j]
+        gate = self.layout.unit_gate[units]
+        j = int(gate[0])
+        return (gate == j).all() and units.size == self.layout.gate_group[j] and \
+            self.widths[j] - units.size >= self.layout.gate_min[j]
 
-    def candidates(self) -> np.ndarray:
-        """Indices of all groups that could be removed right now (each on its own)."""
-        lay = self.layout
-        is_emb = lay.kind_code == KIND_CODES[GroupKind.EMB]
-        left = np.empty(len(lay), dtype=np.int64)
-        minimum = np.empty(len(lay), dtype=np.int64)
-        left[is_emb], minimum[is_emb] = self._emb, lay.minimums.embed_dim
-        blk = ~is_emb
-        cols = lay.kind_code[blk] - 1
-        left[blk], minimum[blk] = self._block_widths[lay.block[blk], cols], self._block_min[cols]
-        return np.flatnonzero(self.alive & (left - lay.size >= minimum))
-
-    def remove(self, index: int) -> None:
-        if not self.removable(index):
-            raise PruneError(f"{self.layout.groups[index].name} cannot be removed (pruned already or at minimum)")
-        lay = self.layout
-        self.alive[index] = False
-        code = int(lay.kind_code[index])
-        if code == KIND_CODES[GroupKind.EMB]:
-            self._emb -= int(lay.size[index])
-        else:
-            self._block_widths[lay.block[index], code - 1] -= int(lay.size[index])
+    def remove(self, units: np.ndarray) -> None:
+        units = np.asarray(units, dtype=np.int64)
+        if not self.can_remove(units):
+            names = ", ".join(self.layout.unit_name(int(u)) for u in units[:3])
+            raise PruneError(f"units {names} cannot be removed as one group (pruned already, mixed gates, "
+                             "not a whole group, or at the minimum)")
+        self.alive[units] = False
+        self.widths[int(self.layout.unit_gate[units[0]])] -= units.size
 
     def spec(self) -> ArchSpec:
         """The architecture at the current widths (what the latency predictor is asked about)."""
-        blocks = tuple(BlockSpec(*(int(w) for w in row)) for row in self._block_widths)
-        return _with_widths(self.layout.spec, self._emb, blocks)
+        w = self.widths
+        blocks = tuple(BlockSpec(*(int(x) for x in w[1 + 4 * i: 5 + 4 * i])) for i in range(self.layout.spec.depth))
+        return _with_widths(self.layout.spec, int(w[0]), blocks)
 
     def keep_indices(self) -> KeepIndices:
         """Kept units of every gate, for :func:`nvit.models.slice_model`."""
         lay = self.layout
-        kept: list[tuple[int, ...]] = []
-        for kind, block in _gate_order(lay.spec.depth):
-            idx = lay.indices_of(kind, block)
-            kept.append(tuple(u for i in idx if self.alive[i] for u in range(lay.groups[i].start, lay.groups[i].stop)))
-        emb, rest = kept[0], kept[1:]
-        blocks = tuple(BlockKeep(*rest[4 * i : 4 * i + 4]) for i in range(lay.spec.depth))
-        return KeepIndices(emb=emb, blocks=blocks)
+        kept = [tuple(int(u) for u in np.flatnonzero(self.alive[g.offset:g.offset + g.width])) for g in lay.gates]
+        blocks = tuple(BlockKeep(*kept[1 + 4 * i: 5 + 4 * i]) for i in range(lay.spec.depth))
+        return KeepIndices(emb=kept[0], blocks=blocks)
 
     def apply(self, model: VisionTransformer) -> None:
-        """Set the model's gates: 1 on units of alive groups, 0 on pruned ones (gates enabled if needed)."""
+        """Set the model's gates: 1 on alive units, 0 on pruned ones (gates enabled if needed)."""
         apply_keep_as_gates(model, self.keep_indices())
         self.layout.check_model(model)
 
-    def pruned_names(self) -> list[str]:
-        return [self.layout.groups[i].name for i in np.flatnonzero(~self.alive)]
-
-
-def _gate_order(depth: int) -> list[tuple[GroupKind, int | None]]:
-    order: list[tuple[GroupKind, int | None]] = [(GroupKind.EMB, None)]
-    for i in range(depth):
-        order += [(kind, i) for kind in BLOCK_KINDS]
-    return order
+    def removed_by_kind(self) -> dict[str, int]:
+        """Units removed so far per type (``emb``, ``head``, ``qk``, ``v``, ``mlp``)."""
+        lay = self.layout
+        removed = np.array(lay.gate_sizes) - self.widths
+        return {k.value: int(removed[lay.gate_kind == KIND_CODES[k]].sum()) for k in GroupKind}
 
 
 def widths_row(spec: ArchSpec) -> dict[str, int]:
@@ -264,4 +297,3 @@ def widths_row(spec: ArchSpec) -> dict[str, int]:
     for i, b in enumerate(spec.blocks):
         row.update({f"b{i}_{name}": getattr(b, name) for name in ("heads", "qk_dim", "v_dim", "mlp_dim")})
     return row
-

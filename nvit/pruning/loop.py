@@ -2,11 +2,14 @@
 
 Per training step: forward, user-supplied loss (CE, or CE + KD from the dense teacher), backward; in the
 last ``saliency_window`` steps of each interval the gate gradients feed the saliency window; then the
-optimizer steps (gates are never trained). At each pruning step all removable groups are ranked by
-``I − η_eff·ΔLat`` and up to ``prune_per_iter`` of the lowest are masked (gate 0), one at a time with the
-predicted latency recomputed after each, stopping early when the next target is crossed so that every
-variant lands just at its target. Crossing a target saves the sliced model as a variant; the run ends at
-the last (lowest) target. Checkpoints make the run resumable exactly (:mod:`nvit.pruning.runstate`).
+optimizer steps (gates are never trained). At each pruning step the window's unit scores update their
+moving average, groups are formed anew from them (:meth:`~nvit.pruning.groups.PruneState.candidates`),
+ranked (``I − η·ΔLat`` with η fixed at the first step, saliency alone, ``I − η·ΔFLOPs``, or the
+latency-budgeted knapsack) and masked (gate 0) one at a time with the predicted latency recomputed after
+each, until the step has removed ``pace`` of the starting latency — or the next target is crossed, so that
+every variant lands just at its target. Crossing a target saves the sliced model as a variant; the run
+ends at the last (lowest) target. Widths never leave the latency table's measured grid
+(:mod:`nvit.pruning.grid`). Checkpoints make the run resumable exactly (:mod:`nvit.pruning.runstate`).
 """
 
 from __future__ import annotations
@@ -26,20 +29,30 @@ from nvit import __version__
 from nvit.arch import ArchSpec
 from nvit.data import epoch_seed
 from nvit.errors import TargetError
-from nvit.lut.base import Predictor
+from nvit.lut.base import FlopsPredictor, Predictor
 from nvit.models import save_variant, slice_model
 from nvit.models.vit import VisionTransformer
 from nvit.pruning import runstate
 from nvit.pruning.batches import BatchSource
-from nvit.pruning.config import PruneConfig, Target, TargetKind
+from nvit.pruning.config import PruneConfig, RankingMethod, Target, TargetKind
 from nvit.pruning.distill import ClassificationLoss, LossFn
 from nvit.pruning.distributed import DistContext, all_reduce_scalars, barrier, current_context, wrap_ddp
+from nvit.pruning.grid import check_within, grid_minimums, measured_grid
 from nvit.pruning.groups import GroupLayout, PruneError, PruneState, widths_row
-from nvit.pruning.regularizer import group_latency_deltas_ms, rank
-from nvit.pruning.saliency import SaliencyAccumulator, normalise
+from nvit.pruning.knapsack import knapsack_order
+from nvit.pruning.regularizer import LatencyTradeoff, checked_deltas, gate_latency_deltas_ms, rank
+from nvit.pruning.saliency import SaliencyAccumulator, ScoreAverage, normalise
 from nvit.pruning.train import StepResult, parameter_groups, train_step
 
 log = logging.getLogger(__name__)
+
+
+def pruning_layout(spec: ArchSpec, config: PruneConfig, predictor: Predictor) -> GroupLayout:
+    """The groups of ``spec`` with minimums raised to the table's smallest measured widths; a model outside
+    the table's grid is refused (:mod:`nvit.pruning.grid`)."""
+    grid = measured_grid(predictor)
+    check_within(spec, grid)
+    return GroupLayout(spec, group_size=config.group_size, minimums=grid_minimums(config.minimums(), grid))
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ def resolve_targets(
         if ms < min_ms:
             raise TargetError(
                 f"target {t.label} ({ms:.4g} ms) is below the smallest reachable predicted latency {min_ms:.4g} ms "
-                f"(every group type at its minimum)"
+                f"(every width at its minimum, the smallest the latency table measured or one group)"
             )
         if ms >= start_ms:
             raise TargetError(
@@ -136,7 +149,7 @@ def prune(
     averaged over ranks and every rank takes the same pruning decisions; logged loss and accuracy are
     reduced over ranks; only rank 0 writes files.
     """
-    layout = GroupLayout(model.spec, group_size=config.group_size, minimums=config.minimums())
+    layout = pruning_layout(model.spec, config, predictor)
     targets = resolve_targets(config.targets, predictor, layout)
     out = Path(out_dir)
     has_state = runstate.check_out_dir(out, resume)
@@ -173,6 +186,12 @@ class _Run:
         self.train_model = wrap_ddp(model, ctx) if ctx.is_distributed else model  # gates exist before DDP
         self.optimizer = _optimizer(model, config)
         self.saliency = SaliencyAccumulator(layout)
+        self.scores = ScoreAverage(layout, config.saliency_ema)
+        self.tradeoff = LatencyTradeoff(config.latency_weight) if config.uses_latency_term else None
+        # the FLOPs ranking prices groups by FLOPs in the units of the table's dense prediction
+        self.rank_predictor = (FlopsPredictor(layout.spec, reference_ms=self.dense_ms)
+                               if config.ranking is RankingMethod.FLOPS else predictor)
+        self.groups_removed = 0
         self.step = 0
         self.latency_ms = self.dense_ms
         self.saved: list[SavedVariant] = []
@@ -185,7 +204,8 @@ class _Run:
             "config": self.config.to_dict(), "base_arch": self.base_arch, "step": self.step, "done": self.done,
             "alive": torch.from_numpy(self.state.alive.copy()), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "saliency": self.saliency.state_dict(),
-            "saved": [_variant_dict(v) for v in self.saved],
+            "scores": self.scores.state_dict(), "eta": None if self.tradeoff is None else self.tradeoff.eta,
+            "groups_removed": self.groups_removed, "saved": [_variant_dict(v) for v in self.saved],
         }
 
     def checkpoint(self) -> None:
@@ -203,6 +223,10 @@ class _Run:
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.saliency.load_state_dict(st["saliency"])
+        self.scores.load_state_dict(st["scores"])
+        if self.tradeoff is not None:
+            self.tradeoff.eta = st["eta"]
+        self.groups_removed = int(st["groups_removed"])
         self.step, self.done = int(st["step"]), bool(st["done"])
         self.saved = [_variant_from_dict(v) for v in st["saved"]]
         self.rows = runstate.read_log(self.out / runstate.LOG_FILE, self.step)
@@ -252,30 +276,37 @@ class _Run:
         return StepResult(loss / count, ce / count, kd / count, int(correct), int(count), stats.lr)
 
     def prune_step(self) -> tuple[int, float]:
-        cfg, state = self.config, self.state
-        saliency = normalise(self.saliency.mean(), self.layout, cfg.saliency_norm)
+        """Remove groups worth ``pace`` of the starting latency (or up to the next target); (groups, η)."""
+        cfg, state, lay = self.config, self.state, self.layout
+        window = self.saliency.mean()
         self.saliency.reset()
-        candidates = state.candidates()
-        if candidates.size == 0:
+        scores = self.scores.update(normalise(window, lay, cfg.saliency_norm))
+        cand = state.candidates(scores)
+        if len(cand) == 0:
             raise PruneError("no group can be removed any more, yet a target is not met")
-        deltas = group_latency_deltas_ms(self.layout, self.predictor, state.spec()) if cfg.use_latency else None
-        ranking = rank(self.layout, candidates, saliency, delta_ms=deltas, latency_weight=cfg.latency_weight)
-        next_ms = self.pending()[0].latency_ms
+        goal_ms = max(self.pending()[0].latency_ms, self.latency_ms - cfg.pace * self.dense_ms)
+        spec = state.spec()
+        if cfg.ranking is RankingMethod.KNAPSACK:
+            deltas = checked_deltas(lay, cand, gate_latency_deltas_ms(lay, self.predictor, spec))
+            order, eta = knapsack_order(cand, deltas, self.latency_ms - goal_ms), math.nan
+        else:
+            gate_d = gate_latency_deltas_ms(lay, self.rank_predictor, spec) if cfg.uses_latency_term else None
+            ranking = rank(lay, cand, delta_ms=gate_d, tradeoff=self.tradeoff)
+            order, eta = ranking.order(), ranking.eta
         removed = 0
-        for index in ranking.order():
-            if removed == cfg.prune_per_iter:
-                break
-            if not state.removable(int(index)):
+        for pos in order:
+            units = cand.units[int(pos)]
+            if not state.can_remove(units):
                 continue
-            state.remove(int(index))
+            state.remove(units)
             removed += 1
             self.latency_ms = self.predictor.predict_ms(state.spec())
-            if self.latency_ms <= next_ms:
+            if self.latency_ms <= goal_ms:
                 break
         state.apply(self.model)
-        log.info("step %d: pruned %d groups, predicted %.4g ms (eta_eff %.3g)", self.step, removed,
-                 self.latency_ms, ranking.eta_eff)
-        return removed, ranking.eta_eff
+        self.groups_removed += removed
+        log.info("step %d: pruned %d groups, predicted %.4g ms (eta %.3g)", self.step, removed, self.latency_ms, eta)
+        return removed, eta
 
     def save_crossed(self) -> str | None:
         labels = []
@@ -298,7 +329,8 @@ class _Run:
             "predicted_latency_ms": self.latency_ms,
             "dense_predicted_latency_ms": self.dense_ms,
             "step": self.step,
-            "pruned_groups": self.state.num_pruned,
+            "pruned_groups": self.groups_removed,
+            "pruned_units": self.state.num_pruned,
             "prune_config": self.config.to_dict(),
             "nvit_version": __version__,
         }
@@ -317,11 +349,12 @@ class _Run:
         self.rows.append({
             "step": self.step, "loss": loss, "ce": stats.ce, "kd": stats.kd, "accuracy": accuracy,
             "lr": stats.lr, "predicted_latency_ms": self.latency_ms,
-            "next_target_ms": math.nan if next_ms is None else next_ms, "pruned_groups": self.state.num_pruned,
-            "pruned_now": pruned_now, "eta_eff": eta, "prune_wall_ms": prune_ms, "saved": saved or "",
-            **widths_row(self.state.spec()),
+            "next_target_ms": math.nan if next_ms is None else next_ms, "pruned_groups": self.groups_removed,
+            "pruned_units": self.state.num_pruned, "pruned_now": pruned_now, "eta": eta,
+            "prune_wall_ms": prune_ms, "saved": saved or "", **widths_row(self.state.spec()),
+            **{f"removed_{kind}": n for kind, n in self.state.removed_by_kind().items()},
         })
-        return StepReport(self.step, loss, accuracy, self.latency_ms, next_ms, self.state.num_pruned, pruned_now,
+        return StepReport(self.step, loss, accuracy, self.latency_ms, next_ms, self.groups_removed, pruned_now,
                           progress, saved)
 
     def result(self) -> PruneResult:

@@ -24,7 +24,7 @@ LOG_FILE = "prune_log.parquet"
 RUN_FILE = "prune_run.json"
 STATE_KIND = "nvit.prune_state"
 RUN_KIND = "nvit.prune_run"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ResumeError(NvitError):

@@ -1,8 +1,9 @@
-"""Hessian-aware (Fisher) saliency of prunable groups, from the gradients of the pruning gates.
+"""Hessian-aware (Fisher) saliency of prunable units, from the gradients of the pruning gates.
 
-For a group S, ``I(S) = mean over a window of batches of (Σ_{s∈S} w_s ∂L/∂w_s)²`` (DESIGN.md §3). Each gate
+For a unit s (a channel, neuron or head), ``I(s) = mean over a window of batches of (Σ w ∂L/∂w)²``, the sum
+running over the parameters that produce or consume the unit's activation (DESIGN.md §3). Each gate
 multiplies one unit's activation, so with the gate at 1 its gradient *is* that sum over the parameters that
-produce or consume the gated activation linearly (:func:`parameter_group_sums` spells the form out):
+produce or consume the gated activation linearly (:func:`parameter_unit_sums` spells the form out):
 
 - HEAD h: the ``attn.proj`` columns of head h (equivalently its V rows and biases);
 - QK c: the Q rows and biases of channel c in every head (equivalently the K rows: q·k is bilinear);
@@ -18,13 +19,17 @@ produce or consume the gated activation linearly (:func:`parameter_group_sums` s
 zeroing the parameters instead would leave a zero channel inside those statistics. The tests check the
 gate form against the parameter form with the statistics term switched off, and that it is non-zero.
 
-A chunk of ``group_size`` units sums its units' gate gradients before squaring: I is the saliency of
-removing the chunk as a whole.
+**Groups and steps.** A group's saliency is the sum of its units' (the diagonal Fisher form, as in NViT,
+so that groups can be re-formed from any units at every step: :mod:`nvit.pruning.groups`). Across pruning
+steps the unit scores are smoothed by an exponential moving average (:class:`ScoreAverage`; NViT: 0.9).
 
-**Normalisation across types** (:class:`SaliencyNorm`). The gate form counts each group's effect exactly
+**Normalisation across types** (:class:`SaliencyNorm`). The gate form counts each unit's effect exactly
 once, so all types share one scale (twice the Fisher estimate of the loss increase): ``none``, the
-default. ``per-tensor`` reproduces NViT's rescaling for parameter-form sums that visit every tensor a
-group spans: the saliency is divided by that count (:data:`TENSORS_SPANNED`; EMB by the depth).
+default. ``tensor-count`` divides each unit's score by the number of tensors its parameter-form sum visits
+along the pruned dimension (:data:`TENSORS_SPANNED`; EMB: the depth). It is *not* NViT's rescaling, which
+divides its parameter-form sums of w·g by 12 / 12 / 2 / 2 / 1 (EMB / HEAD / QK / V / MLP) *before*
+squaring, to undo the double counting of a form that visits both sides of a unit; gate gradients need no
+such correction, so nvit does not offer it.
 """
 
 from __future__ import annotations
@@ -41,14 +46,16 @@ from nvit.errors import NvitError
 from nvit.models.vit import VisionTransformer
 from nvit.pruning.groups import KIND_CODES, GroupKind, GroupLayout
 
+DEFAULT_EMA = 0.9  # NViT's momentum of the scores across pruning steps
+
 
 class SaliencyError(NvitError):
-    """A saliency could not be computed (missing gradients, or NaN/Inf for some group)."""
+    """A saliency could not be computed (missing gradients, or NaN/Inf for some unit)."""
 
 
 class SaliencyNorm(enum.Enum):
     NONE = "none"
-    PER_TENSOR = "per-tensor"
+    TENSOR_COUNT = "tensor-count"
 
 
 #: Tensors one group spans along its pruned dimension (EMB: once per block, the NViT convention).
@@ -70,29 +77,28 @@ def kind_scales(norm: SaliencyNorm, depth: int) -> dict[GroupKind, float]:
 
 
 def normalise(saliency: np.ndarray, layout: GroupLayout, norm: SaliencyNorm) -> np.ndarray:
-    """Per-group saliency with its type's factor from :func:`kind_scales` applied."""
+    """Per-unit saliency with its type's factor from :func:`kind_scales` applied."""
     scales = kind_scales(norm, layout.spec.depth)
     per_code = np.array([scales[k] for k in sorted(scales, key=KIND_CODES.__getitem__)])
-    return saliency * per_code[layout.kind_code]
+    return saliency * per_code[layout.unit_kind]
 
 
-def _segment_sums(flat: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
-    out = torch.zeros(len(layout), dtype=torch.float64)
-    return out.index_add_(0, layout.unit_group, flat.detach().to(device="cpu", dtype=torch.float64))
+def _flat(values: torch.Tensor) -> torch.Tensor:
+    return values.detach().to(device="cpu", dtype=torch.float64)
 
 
-def gate_group_sums(model: VisionTransformer, layout: GroupLayout) -> torch.Tensor:
-    """Per group, ``Σ_{s∈S} w_s ∂L/∂w_s`` read from the gate gradients of the last backward pass."""
+def gate_unit_sums(model: VisionTransformer, layout: GroupLayout) -> torch.Tensor:
+    """Per unit, ``Σ w ∂L/∂w`` read from the gate gradients of the last backward pass."""
     gates = layout.check_model(model)
     if any(g.grad is None for g in gates):
         raise SaliencyError("gate gradients are missing: run a backward pass with gates enabled first")
-    return _segment_sums(torch.cat([g.grad.reshape(-1) for g in gates]), layout)
+    return _flat(torch.cat([g.grad.reshape(-1) for g in gates]))
 
 
-def parameter_group_sums(model: VisionTransformer, layout: GroupLayout) -> torch.Tensor:
+def parameter_unit_sums(model: VisionTransformer, layout: GroupLayout) -> torch.Tensor:
     """The same sums from weight gradients (the explicit parameter form; EMB without the LN-statistics term).
 
-    Slower than :func:`gate_group_sums`; it documents and tests what the gate gradients compute.
+    Slower than :func:`gate_unit_sums`; it documents and tests what the gate gradients compute.
     """
     layout.check_model(model)
     gate_ids = {id(g) for g in model.gate_parameters()}
@@ -118,18 +124,18 @@ def parameter_group_sums(model: VisionTransformer, layout: GroupLayout) -> torch
         parts += [proj_cols.sum(1), q_rows.view(a.heads, a.qk_dim).sum(0), proj_cols.sum(0),
                   wg[p + "mlp.fc2.weight"].sum(0)]
     emb = emb + wg["norm.weight"] + wg["norm.bias"]
-    return _segment_sums(torch.cat([emb, *parts]), layout)
+    return _flat(torch.cat([emb, *parts]))
 
 
 class SaliencyAccumulator:
-    """Mean of squared group sums over a window of batches; NaN/Inf is an error naming the group."""
+    """Mean of squared unit sums over a window of batches; NaN/Inf is an error naming the unit."""
 
     def __init__(self, layout: GroupLayout) -> None:
         self.layout = layout
         self.reset()
 
     def reset(self) -> None:
-        self._sum = np.zeros(len(self.layout), dtype=np.float64)
+        self._sum = np.zeros(self.layout.num_units, dtype=np.float64)
         self.count = 0
 
     def add_sums(self, sums: torch.Tensor | np.ndarray) -> None:
@@ -140,10 +146,10 @@ class SaliencyAccumulator:
 
     def add(self, model: VisionTransformer) -> None:
         """Accumulate the current gate gradients (call after ``backward``, before zeroing gradients)."""
-        self.add_sums(gate_group_sums(model, self.layout))
+        self.add_sums(gate_unit_sums(model, self.layout))
 
     def mean(self, all_reduce: Callable[[torch.Tensor], Any] | None = None) -> np.ndarray:
-        """``I`` per group. ``all_reduce`` (an in-place SUM over processes) combines data-parallel windows."""
+        """``I`` per unit. ``all_reduce`` (an in-place SUM over processes) combines data-parallel windows."""
         total = torch.from_numpy(np.append(self._sum, float(self.count)))
         if all_reduce is not None:
             all_reduce(total)
@@ -160,14 +166,43 @@ class SaliencyAccumulator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         values = state["sum"].numpy().astype(np.float64)
         if values.shape != self._sum.shape:
-            raise SaliencyError("saved saliency sums do not match the group layout")
+            raise SaliencyError("saved saliency sums do not match the unit layout")
         self._sum, self.count = values.copy(), int(state["count"])
+
+
+class ScoreAverage:
+    """Unit scores smoothed across pruning steps: ``avg ← m·avg + (1 − m)·window`` (the first window as is).
+
+    ``momentum`` 0 keeps only the latest window. Pruned units keep their last value; they are never ranked.
+    """
+
+    def __init__(self, layout: GroupLayout, momentum: float = DEFAULT_EMA) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise SaliencyError(f"the score momentum must be in [0, 1), got {momentum}")
+        self.layout, self.momentum = layout, momentum
+        self.value: np.ndarray | None = None
+
+    def update(self, window: np.ndarray) -> np.ndarray:
+        window = np.asarray(window, dtype=np.float64)
+        if window.shape != (self.layout.num_units,):
+            raise SaliencyError(f"{window.size} unit scores for a layout of {self.layout.num_units} units")
+        self.value = window.copy() if self.value is None else self.momentum * self.value + (1 - self.momentum) * window
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": None if self.value is None else torch.from_numpy(self.value.copy())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        value = state["value"]
+        self.value = None if value is None else value.numpy().astype(np.float64).copy()
+        if self.value is not None and self.value.shape != (self.layout.num_units,):
+            raise SaliencyError("saved unit scores do not match the unit layout")
 
 
 def _check_finite(values: np.ndarray, layout: GroupLayout, where: str) -> None:
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
-        first = layout.groups[int(bad[0])]
-        more = f" and {bad.size - 1} other group(s)" if bad.size > 1 else ""
+        first = layout.unit_name(int(bad[0]))
+        more = f" and {bad.size - 1} other unit(s)" if bad.size > 1 else ""
         value = "nan" if math.isnan(values[bad[0]]) else "inf"
-        raise SaliencyError(f"saliency of {first.name} is {value} in {where}{more}; check the loss and learning rate")
+        raise SaliencyError(f"saliency of {first} is {value} in {where}{more}; check the loss and learning rate")

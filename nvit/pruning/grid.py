@@ -1,0 +1,53 @@
+"""Pruning never leaves the latency table's measured grid.
+
+A width the table never measured is a width the regularizer cannot price: below the grid the predictor
+extrapolates (and floors at 0 ms), so pruning would count savings that do not exist. So the minimum width
+of every structure type is at least the smallest width the table measured for it
+(:class:`~nvit.lut.grid.MeasuredGrid`, read from the predictor), and a base model wider (or narrower) than
+the table is refused before any work. Between grid points the predictor interpolates, which is what the
+table is for. Predictors without a table (the FLOPs stand-in) bound nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from nvit.arch import ArchSpec
+from nvit.errors import LutError
+from nvit.lut.base import Predictor
+from nvit.pruning.groups import BLOCK_KINDS, WIDTH_FIELDS, GroupKind, Minimums
+
+
+def measured_grid(predictor: Predictor) -> Any:
+    """The :class:`~nvit.lut.grid.MeasuredGrid` of a LUT-backed predictor, ``None`` for one without a table."""
+    return getattr(predictor, "grid", None)
+
+
+def check_within(spec: ArchSpec, grid: Any) -> None:
+    """Refuse a model that lies outside the measured grid anywhere (one line naming the first width)."""
+    if grid is None:
+        return
+    where = [(GroupKind.EMB, "", spec.embed_dim)]
+    for i, b in enumerate(spec.blocks):
+        where += [(kind, f"block {i} ", getattr(b, WIDTH_FIELDS[kind])) for kind in BLOCK_KINDS]
+    for kind, prefix, width in where:
+        axis = WIDTH_FIELDS[kind]
+        lo, hi = grid.smallest(axis), grid.largest(axis)
+        if width > hi:
+            raise LutError(f"the model is wider than the latency table: {prefix}{axis} {width} > {hi}, the largest "
+                           f"measured; profile a table whose space reaches the model's widths")
+        if width < lo:
+            raise LutError(f"the model is narrower than the latency table: {prefix}{axis} {width} < {lo}, the "
+                           f"smallest measured; profile a table whose space reaches down to the model's widths")
+
+
+def grid_minimums(minimums: Minimums, grid: Any) -> Minimums:
+    """``minimums`` raised to the smallest measured width of each type (unchanged without a table)."""
+    if grid is None:
+        return minimums
+    changes = {}
+    for kind in GroupKind:
+        field = WIDTH_FIELDS[kind]
+        changes[field] = max(getattr(minimums, field) or 0, grid.smallest(field))
+    return replace(minimums, **changes)
