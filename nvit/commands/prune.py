@@ -64,7 +64,7 @@ def prune(
                                     "alone; the LUT still decides when each target is met."),
     latency_weight: float | None = typer.Option(None, "--latency-weight", help="Unit-free weight λ of the latency "
                                                 "term: η = λ·median(saliency)/median(ΔLat) over the groups of the "
-                                                "first pruning step, then fixed for the run.  [default: 1.0]"),
+                                                "first pruning step, then fixed for the run (default 1.0)."),
     interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps."),
     pace: float = typer.Option(0.001, "--pace", help="Fraction of the base model's predicted latency removed at "
                                "each pruning step (0.001 with --interval 100 is NViT's pace: about two groups per "
@@ -72,7 +72,7 @@ def prune(
     group_size: int = typer.Option(8, "--group-size", help="Channels per EMB/QK/V/MLP group (heads go one by one); "
                                    "groups are re-formed at every step from the lowest-scoring channels."),
     saliency_window: int | None = typer.Option(None, "--saliency-window", help="Steps before each pruning step "
-                                               "whose gradients form the saliency.  [default: the interval]"),
+                                               "whose gradients form the saliency (default: the whole interval)."),
     saliency_ema: float = typer.Option(0.9, "--saliency-ema", help="Momentum of the saliency scores across pruning "
                                        "steps (NViT: 0.9; 0: each window alone)."),
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Normalisation across structure types: "
@@ -80,7 +80,7 @@ def prune(
     min_heads: int = typer.Option(1, "--min-heads", help="Fewest heads a block may keep (at least the table's "
                                   "smallest measured)."),
     min_embed_dim: int | None = typer.Option(None, "--min-embed-dim", help="Narrowest embedding width pruning may "
-                                             "leave.  [default: the table's smallest measured width]"),
+                                             "leave (default: the smallest the table measured)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate while pruning."),
     weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),

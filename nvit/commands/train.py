@@ -138,8 +138,8 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, data order and augmentation."),
     augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
     no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
-    workers: int | None = typer.Option(None, "--workers", help="Data loading processes [default: 0 for named "
-                                       "data sets, 4 for folders]."),
+    workers: int | None = typer.Option(None, "--workers", help="Data loading processes (default: 0 for named "
+                                       "data sets, 4 for folders)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint in --out and start again."),
 ) -> None:
@@ -175,8 +175,8 @@ def finetune(
     seed: int = typer.Option(0, "--seed", help="Seed of data order and augmentation."),
     augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
     no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
-    workers: int | None = typer.Option(None, "--workers", help="Data loading processes [default: 0 for named "
-                                       "data sets, 4 for folders]."),
+    workers: int | None = typer.Option(None, "--workers", help="Data loading processes (default: 0 for named "
+                                       "data sets, 4 for folders)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint in --out and start again."),
 ) -> None:
