@@ -332,10 +332,11 @@ def load_base_eval(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
 
 def space_stage(args: argparse.Namespace, s: Settings) -> None:
     """The table's search space for the base: every width down to one group (so pruning stays on the grid)."""
+    from nvit.arch import resolve_arch
     from nvit.models import load_variant
     from nvit.profiler.space import SearchSpace, aligned_span, save_space
 
-    spec = load_variant(args.base).spec
+    spec = resolve_arch(str(args.base)) if args.base.is_file() else load_variant(args.base).spec
     b, g = spec.blocks[0], s.group_size
     space = SearchSpace(base=spec, embed_dims=aligned_span(2 * g, spec.embed_dim, 4, 2 * g),
                         heads=tuple(range(1, b.heads + 1)), qk_dims=tuple(range(g, b.qk_dim + 1, g)),
@@ -348,7 +349,8 @@ def space_stage(args: argparse.Namespace, s: Settings) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("space", "run", "measure", "report"))
-    parser.add_argument("--base", type=Path, required=True, help="The trained base (a variant folder).")
+    parser.add_argument("--base", type=Path, required=True, help="The trained base (a variant folder; for the "
+                        "space stage also its arch.json).")
     parser.add_argument("--lut", type=Path, help="Latency table of the base (run, measure, report).")
     parser.add_argument("--work", type=Path, default=Path("bench-prune-fashion"))
     parser.add_argument("--out", type=Path, default=Path("results/prune_fashion.json"))
