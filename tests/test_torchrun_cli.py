@@ -78,7 +78,7 @@ def test_torchrun_train_then_finetune(work: Path) -> None:
 
 def test_torchrun_prune_exits_cleanly_and_matches_one_process(work: Path) -> None:
     common = ["prune", "--lut", "lut.parquet", "--checkpoint", "base.pth", "--arch", "vit_test", "--target-ratio",
-              "0.7", "--data", "digits", "--interval", "2", "--prune-per-iter", "16", "--min-embed-dim", "32",
+              "0.7", "--data", "digits", "--interval", "2", "--pace", "0.1", "--min-embed-dim", "32",
               "--device", "cpu"]
     run = _torchrun([*common, "--batch-size", str(PER_RANK_BATCH), "--out", "ddp_prune"], work)
     assert run.returncode == 0, run.stderr[-3000:]
