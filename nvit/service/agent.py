@@ -121,7 +121,7 @@ class Agent:
             except ServiceError as exc:
                 if exc.status is not None:
                     raise
-                logger.warning("%s; retrying in %.0f s", exc, _RETRY_S)
+                logger.warning("%s (retrying in %.0f s)", exc, _RETRY_S)
                 time.sleep(_RETRY_S)
         self.agent_id = answer["id"]
         logger.info("agent %s registered as %s on %s (%s), backends %s", self.name, self.agent_id,
@@ -134,7 +134,7 @@ class Agent:
         except ServiceError as exc:
             if exc.status is not None:
                 raise
-            logger.warning("%s; retrying in %.0f s", exc, _RETRY_S)
+            logger.warning("%s (retrying in %.0f s)", exc, _RETRY_S)
             time.sleep(_RETRY_S)
             return None
         if response.status_code == 404:  # the server forgot this agent (a new database): register again

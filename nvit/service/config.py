@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class ServiceContext:
     auth: Authenticator
     notifier: Notifier
     predictors: OrderedDict[str, Any] = field(default_factory=OrderedDict)  # table sha → predictor (LRU)
+    stopping: Callable[[], bool] = lambda: False  # the server is shutting down: long polls end now
 
     @classmethod
     def open(cls, settings: ServiceSettings) -> ServiceContext:

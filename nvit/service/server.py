@@ -95,6 +95,7 @@ def serve(settings: ServiceSettings, *, host: str, port: int, with_agent: bool =
     app = create_app(settings, context=ctx)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S))
+    ctx.stopping = lambda: server.should_exit  # agents waiting for work are answered at once
     info = settings.state_dir / SERVER_FILE
     atomic_write_text(info, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     if on_ready is not None:

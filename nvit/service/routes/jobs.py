@@ -106,7 +106,7 @@ async def lease_job(agent_id: str, request: Request, _: AgentCaller,
             return {"job": job_view(row), "lease": {"expires_at": iso(row["lease_expires_at"]), "lease_s": s.lease_s,
                                                     "heartbeat_s": s.lease_s / 3}}
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or ctx.stopping():
             break
         await ctx.notifier.wait(min(remaining, _RECHECK_S))
     return Response(status_code=204)
