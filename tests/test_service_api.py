@@ -166,6 +166,8 @@ def test_uploads_that_break_the_rules_are_refused_and_leave_nothing(service, fil
             response = client.post("/v1/luts", content=body)
             assert response.status_code == 422 and why in problem_of(response)["detail"], (why, response.text)
         assert client.post("/v1/luts", content=b"\0" * ((1 << 20) + 1)).status_code == 413
+        huge_json = client.post("/v1/jobs", content=b" " * (9 << 20), headers={"Content-Type": "application/json"})
+        assert huge_json.status_code == 413 and "over the limit" in problem_of(huge_json)["detail"]
         assert "is empty" in problem_of(client.post("/v1/luts", content=b""))["detail"]
     assert_nothing_stored(service)
 

@@ -33,7 +33,7 @@ TAGS = [
     {"name": "jobs", "description": "Profile and measure jobs, and the agents' side of them."},
     {"name": "predict", "description": "Predicted latency from a stored table."},
 ]
-_UPLOAD_PATHS = ("/v1/luts", "/v1/models", "/v1/jobs/")  # bodies that may be files, limited per route
+_UPLOAD_PATHS = ("/v1/luts", "/v1/models")  # (and a job's table) bodies that are files, limited per route
 
 
 def _problem_response(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -48,8 +48,8 @@ class BodyLimit:
         self.app, self.settings = app, settings
 
     def limit(self, path: str) -> int:
-        if path.startswith(_UPLOAD_PATHS) and not path.endswith(("/heartbeat", "/journal", "/complete", "/fail")):
-            return max(self.settings.max_model_bytes, self.settings.max_table_bytes)
+        if path in _UPLOAD_PATHS or (path.startswith("/v1/jobs/") and path.endswith("/table")):
+            return max(self.settings.max_model_bytes, self.settings.max_table_bytes)  # each route checks its own
         return self.settings.max_json_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
