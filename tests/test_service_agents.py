@@ -20,7 +20,9 @@ from nvit.models import build_model
 from nvit.models.checkpoint import save_variant
 from nvit.profiler.parts import PartConfig
 from nvit.profiler.space import SearchSpace
+from nvit.service.auth import Scope, create_token
 from nvit.service.client import file_sha256
+from nvit.service.store import Store, sqlite_url
 
 
 def profile_job(**changes) -> dict:
@@ -42,19 +44,25 @@ def test_profile_prune_and_compare_through_the_service(tmp_path, capsys, monkeyp
     env = se.env_for(tmp_path)
     for key in ("NVIT_LOCK_DIR", "NVIT_CACHE_DIR"):
         monkeypatch.setenv(key, env[key])
-    monkeypatch.delenv("NVIT_TOKEN", raising=False)
     space_file = tmp_path / "space.json"
     space_file.write_text(json.dumps(se.SPACE))
     base = tmp_path / "base.pth"
     torch.save(build_model(preset("vit_test"), seed=0).state_dict(), base)
     state = tmp_path / "state"
+    state.mkdir()
+    store = Store.open(sqlite_url(state))  # with a token, every call needs one: the local agent gets its own
+    token = create_token(store, "ci", [Scope.SUBMIT])
+    store.close()
+    monkeypatch.setenv("NVIT_TOKEN", token)
     with se.running_server(state, env, "--local-agent") as server:
         code, out, err = run_cli(["profile", "--remote", server.url, "--space", str(space_file), "--threads", "1",
                                   "--calibrate", "1", "--sentinel-every", "100", "--backend-option",
                                   "harness=" + json.dumps(se.QUICK_HARNESS), "--out", str(tmp_path / "lut.parquet")],
                                  capsys)
         assert code == 0, err
-        with server.client() as http:
+        with server.client() as anonymous:
+            assert anonymous.get("/v1/jobs/1").status_code == 401
+        with server.client(token) as http:
             job = http.get("/v1/jobs/1").json()
             devices = http.get("/v1/devices").json()
         sha = job["result"]["lut"]
@@ -80,6 +88,7 @@ def test_profile_prune_and_compare_through_the_service(tmp_path, capsys, monkeyp
         assert "measured vs predicted" in out
     # The server stopped its agent and cleaned up; the table is cached: pruning against its URL needs no server.
     assert server.proc.returncode == 0 and not (state / "server.json").exists()
+    monkeypatch.delenv("NVIT_TOKEN")
     out_dir = tmp_path / "pruned"
     code, out, err = run_cli(["prune", "--checkpoint", str(base), "--arch", "vit_test", "--lut", url, "--data",
                               "digits", "--interval", "2", "--prune-per-iter", "4", "--group-size", "16",
