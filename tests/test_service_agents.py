@@ -91,7 +91,7 @@ def test_profile_prune_and_compare_through_the_service(tmp_path, capsys, monkeyp
     monkeypatch.delenv("NVIT_TOKEN")
     out_dir = tmp_path / "pruned"
     code, out, err = run_cli(["prune", "--checkpoint", str(base), "--arch", "vit_test", "--lut", url, "--data",
-                              "digits", "--interval", "2", "--prune-per-iter", "4", "--group-size", "16",
+                              "digits", "--interval", "2", "--pace", "0.1", "--group-size", "16",
                               "--min-embed-dim", "32", "--batch-size", "16", "--target-ratio", "0.85", "--no-eval",
                               "--out", str(out_dir)], capsys)
     assert code == 0, err
