@@ -112,3 +112,13 @@ def tiny_space(**changes: Any) -> SearchSpace:
                                   v_dims=(8, 16), mlp_dims=(64, 128, 256), blocks_per_embed=2, name="tiny")
     kwargs.update(changes)
     return SearchSpace(**kwargs)
+
+
+def tiny_table(path: Any, *, calibration_models: int = 2) -> Any:
+    """Profile :func:`tiny_space` with the fake backend into ``path`` (a calibrated table); returns ``path``."""
+    from nvit.profiler.sweep import SweepOptions, run_sweep
+
+    with FakeBackend() as backend:
+        run_sweep(tiny_space(), backend, path, device=fake_device(),
+                  options=SweepOptions(calibration_models=calibration_models))
+    return path

@@ -22,12 +22,7 @@ SPEC = preset("vit_test")
 @pytest.fixture(scope="module")
 def table_path(tmp_path_factory):
     """A fake-backend table of vit_test whose grid stops above the group size: heads 2..4, MLP 64..256."""
-    from nvit.profiler.sweep import SweepOptions, run_sweep
-
-    path = tmp_path_factory.mktemp("grid") / "lut.parquet"
-    with fk.FakeBackend() as backend:
-        run_sweep(fk.tiny_space(), backend, path, device=fk.fake_device(), options=SweepOptions(calibration_models=2))
-    return path
+    return fk.tiny_table(tmp_path_factory.mktemp("grid") / "lut.parquet")
 
 
 def test_minimums_come_from_the_tables_smallest_measured_widths(table_path) -> None:

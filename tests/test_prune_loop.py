@@ -195,12 +195,8 @@ def cli_inputs(tmp_path_factory):
     """A latency table of vit_test from the fake backend of known latency, and an (untrained) checkpoint."""
     import lut_fakes as fk
 
-    from nvit.profiler.sweep import SweepOptions, run_sweep
-
     folder = tmp_path_factory.mktemp("prune_cli")
-    with fk.FakeBackend() as backend:
-        run_sweep(fk.tiny_space(), backend, folder / "lut.parquet", device=fk.fake_device(),
-                  options=SweepOptions(calibration_models=2))
+    fk.tiny_table(folder / "lut.parquet")
     torch.save(build_model(SPEC, seed=0).state_dict(), folder / "base.pth")
     return folder
 
