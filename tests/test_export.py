@@ -51,6 +51,24 @@ def test_export_passes_checker_and_matches_pytorch(exported, name: str) -> None:
     assert report.max_abs_error < 1e-4
 
 
+def test_export_reuses_the_exporter_registry_and_writes_the_same_bytes(tmp_path) -> None:
+    from torch.onnx._internal.exporter import _registration
+
+    from nvit.export import onnx as onnx_export
+
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    model = build_model(PRUNED, seed=1).eval()
+    x = torch.randn(1, 1, 8, 8)
+    onnx_export._REGISTRIES.clear()
+    first = export_onnx(model, x, tmp_path / "first.onnx", dynamic_batch=False)  # builds the registry
+    built = dict(onnx_export._REGISTRIES)
+    second = export_onnx(model, x, tmp_path / "second.onnx", dynamic_batch=False)  # reuses it
+    assert list(built) == [onnx_export.DEFAULT_OPSET]
+    assert onnx_export._REGISTRIES[onnx_export.DEFAULT_OPSET] is built[onnx_export.DEFAULT_OPSET]
+    assert first.read_bytes() == second.read_bytes()
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original  # restored after each export
+
+
 def test_verification_fails_when_weights_differ(exported) -> None:
     model, path = exported["dense"]
     other = build_model(model.spec, seed=2).eval()

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -24,6 +25,40 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def _shared_torchlib_registry() -> Iterator[None]:
+    """Build the exporter's ATen -> ONNX registry once per process instead of once per export.
+
+    ``torch.onnx.export`` rebuilds it from onnxscript's torchlib on every call (parsing the source of
+    ~1,500 functions: about half of a small block's export time); the registry only depends on the opset,
+    and the exported graph is byte-for-byte the same (tests/test_export.py). Where the exporter's
+    internals differ from what this expects, exports simply build their own registry.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_cls = _registration.ONNXRegistry
+        original = registry_cls.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(cls: Any, opset_version: int = DEFAULT_OPSET) -> Any:
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = build(cls, opset_version=opset_version)
+        return _REGISTRIES[opset_version]
+
+    registry_cls.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_cls.from_torchlib = original
 
 
 @contextlib.contextmanager
@@ -62,7 +97,7 @@ def export_onnx(
     if dynamic_batch:
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     try:
-        with _quiet_exporter(), torch.no_grad():
+        with _quiet_exporter(), _shared_torchlib_registry(), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 (example_input,),

@@ -16,6 +16,7 @@ from typing import Any
 
 from nvit.errors import BackendError
 from nvit.profiler.base import Precision, Workload
+from nvit.profiler.onnx_store import content_key, default_store
 
 logger = logging.getLogger(__name__)
 
@@ -98,27 +99,37 @@ class OnnxCache:
     """ONNX exports of workloads for one backend session, in a temporary directory removed by ``close``.
 
     Exports use :func:`nvit.export.onnx.export_onnx` (the exporter ``nvit export`` uses) with a static
-    batch; the module is cast to the table's precision before export, so fp16/bf16 graphs carry their own
-    types (what strongly typed TensorRT networks and onnxruntime CUDA need).
+    batch; one already in the machine's content-addressed store (:mod:`nvit.profiler.onnx_store`) is
+    reused from there, and every new one is added to it. The module is cast to the table's precision
+    before export, so fp16/bf16 graphs carry their own types (what strongly typed TensorRT networks and
+    onnxruntime CUDA need).
     """
 
     def __init__(self, prefix: str) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix=f"nvit-{prefix}-"))
         self._paths: dict[str, Path] = {}
+        self._store = default_store()
 
     def path(self, workload: Workload, precision: Precision) -> Path:
         if workload.onnx_path is not None:  # made elsewhere (an upload to the service): used as it is
             return Path(workload.onnx_path)
         key = workload_key(workload, precision)
         if key not in self._paths:
-            from nvit.export.onnx import export_onnx
+            from nvit.export.onnx import DEFAULT_OPSET, export_onnx
 
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in workload.name)[:60]
-            path = self._dir / f"{safe}-{key}.onnx"
             module = module_copy(workload, precision)
-            export_onnx(module, example_input(workload, precision), path, dynamic_batch=False)
-            logger.info("exported %s (%s) to %s", workload.name, Precision(precision).value, path)
-            self._paths[key] = path
+            stored = None
+            if self._store is not None:
+                content = content_key(module, workload.input_shape, Precision(precision).value, DEFAULT_OPSET)
+                stored = self._store.get(content)
+            if stored is None:
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in workload.name)[:60]
+                path = self._dir / f"{safe}-{key}.onnx"
+                export_onnx(module, example_input(workload, precision), path, dynamic_batch=False)
+                logger.info("exported %s (%s) to %s", workload.name, Precision(precision).value, path)
+                if self._store is not None:
+                    stored = self._store.put(content, path)
+            self._paths[key] = stored or path
         return self._paths[key]
 
     def close(self) -> None:
