@@ -37,6 +37,7 @@ class DemoConfig:
     group_size: int = 8  # the vit_test table's smallest QK/V/MLP widths
     min_embed_dim: int = 32
     calibration_models: int = 4
+    check_models: int = 4  # held-out whole models the table checks itself on (nvit lut show prints them)
     profile_passes: int = 2  # each row (and calibration model) keeps its fastest pass: survives a stalled host
     reduced_space: bool = False
     threads: int = 1  # intra-op threads of ONNX Runtime and torch: one is steadiest on a shared CPU
@@ -47,7 +48,8 @@ class DemoConfig:
     def quick(cls, out_dir: Path) -> DemoConfig:
         # Only the work shrinks; the timing protocol stays the full one: at vit_test's size a model's latency
         # is mostly per-call overhead, and a briefly timed table can put a 0.7 target out of reach.
-        return cls(out_dir=out_dir, train_epochs=6, finetune_epochs=1, prune_interval=4, reduced_space=True)
+        return cls(out_dir=out_dir, train_epochs=6, finetune_epochs=1, prune_interval=4, reduced_space=True,
+                   check_models=2)
 
 
 class Reporter:
@@ -72,6 +74,7 @@ def demo_space(config: DemoConfig) -> Any:
 
 
 def profile_stage(config: DemoConfig, report: Reporter) -> Any:
+    from nvit.lut.accuracy import summary_line
     from nvit.profiler.base import DeviceKind, Precision, get_backend
     from nvit.profiler.device import fingerprint
     from nvit.profiler.sweep import SweepOptions, run_sweep
@@ -92,9 +95,12 @@ def profile_stage(config: DemoConfig, report: Reporter) -> Any:
         # constant to the sum of parts: an offset-only calibration models it exactly.
         result = run_sweep(space, backend, config.out_dir / "lut.parquet", device=device, progress=on_progress,
                            options=SweepOptions(seed=config.seed, calibration_models=config.calibration_models,
-                                                fit_scale=False, passes=config.profile_passes))
+                                                fit_scale=False, passes=config.profile_passes,
+                                                check_models=config.check_models))
     how = "reused" if result.already_complete else "measured"
-    report.note(f"latency table: {len(result.table)} configurations ({how})")
+    check = result.table.meta.self_check
+    accuracy = f"; self-check {summary_line(check)}" if check else ""
+    report.note(f"latency table: {len(result.table)} configurations ({how}){accuracy}")
     return result.table
 
 

@@ -14,7 +14,7 @@ from lut_fakes import FakeBackend, fake_device, tiny_space
 from nvit.arch import BlockSpec, preset, save_arch
 from nvit.errors import LutError
 from nvit.lut import load_predictor, load_table
-from nvit.lut.table import COLUMNS, META_KEY, LatencyTable, LutMeta, check_compatible, merge_tables
+from nvit.lut.table import COLUMNS, LUT_SCHEMA_VERSION, META_KEY, LatencyTable, LutMeta, check_compatible, merge_tables
 from nvit.profiler.base import DeviceKind, Precision
 from nvit.profiler.sweep import SweepOptions, run_sweep
 
@@ -55,7 +55,8 @@ def test_round_trip_keeps_rows_types_and_metadata(lut_path, tmp_path) -> None:
     assert meta.device_identity == fake_device().identity() and meta.device["cpu"]["model_name"] == "Test CPU 9000"
     assert meta.versions["fake"] == "1.0" and meta.settings["batch_size"] == 1
     assert meta.protocol["sentinel"] == "block/e64/h4/q16/v16/m256" and meta.sentinel
-    assert meta.calibration["method"] == "scale_offset" and meta.schema_version == 1 and meta.created_at
+    assert meta.calibration["method"] == "scale_offset" and meta.created_at
+    assert meta.schema_version == LUT_SCHEMA_VERSION
     copy = tmp_path / "copy.parquet"
     table.save(copy)
     back = LatencyTable.load(copy)

@@ -23,8 +23,10 @@ from nvit.profiler.space import PartConfig, PartKind, save_space
 from nvit.profiler.sweep import JOURNAL_KIND, Journal, Phase, SweepOptions, journal_path, run_sweep
 
 TESTS = Path(__file__).parent
-OPTIONS = SweepOptions(sentinel_every=5, calibration_models=3)
+OPTIONS = SweepOptions(sentinel_every=5, calibration_models=3, check_models=2)
 N_PARTS = 16 + 6 + 4 + 2  # tiny_space: attn, mlp, block, fixed
+MODELS = 3 + 2  # calibration, then held-out check
+WHOLE = ("cal-", "check-")
 
 
 def sweep(out, backend=None, **kwargs):
@@ -55,18 +57,24 @@ def test_a_sweep_measures_every_configuration_once_in_random_order(tmp_path) -> 
     result = sweep(tmp_path / "t.parquet", backend, progress=events.append)
     table = result.table
     check_complete(table)
-    assert result.measured == N_PARTS + 3 and result.resumed == 0 and not result.already_complete
+    assert result.measured == N_PARTS + MODELS and result.resumed == 0 and not result.already_complete
     order = table.rows.sort_values("sweep_index")["kind"].tolist()
     assert sorted(table.rows["sweep_index"]) == list(range(N_PARTS))
     assert order != sorted(order, key=["attn", "mlp", "block", "fixed"].index)  # shuffled, not canonical
     # Sentinel first, after every 5 parts and at the end: 1 + 5 (after 5..25 parts) + 1.
     parts = [e for e in events if e.phase is Phase.PART]
     assert len(parts) == N_PARTS and [e.done for e in parts] == list(range(1, N_PARTS + 1))
-    assert all(e.total == N_PARTS + 3 for e in events)
+    assert all(e.total == N_PARTS + MODELS for e in events)
     assert [e.phase for e in events].count(Phase.SENTINEL) == len(table.meta.sentinel) == 7
-    assert [e.phase for e in events][-3:] == [Phase.CALIBRATION] * 3 and events[-1].done == N_PARTS + 3
-    assert len(backend.calls) == N_PARTS + 7 + 3
+    assert [e.phase for e in events][-5:] == [Phase.CALIBRATION] * 3 + [Phase.CHECK] * 2
+    assert events[-1].done == N_PARTS + MODELS
+    assert len(backend.calls) == N_PARTS + 7 + MODELS
     assert table.meta.calibration["method"] == "scale_offset"
+    # The fake is exactly what the predictor models, so the held-out check finds no error.
+    check = table.meta.self_check
+    assert check["n"] == 2 and check["seed"] == OPTIONS.check_seed and check["mape_pct"] < 1e-6
+    assert [m["name"] for m in check["models"]] == ["check-pruned00", "check-random00"]
+    assert {m["name"] for m in check["models"]}.isdisjoint(m["name"] for m in table.meta.calibration["models"])
     assert (tmp_path / "t.parquet").exists() and not journal_path(tmp_path / "t.parquet").exists()
 
 
@@ -90,13 +98,14 @@ def test_sentinel_drift_is_recorded(tmp_path) -> None:
 
 
 def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> None:
-    options = SweepOptions(sentinel_every=5, calibration_models=3, passes=2)
+    options = SweepOptions(sentinel_every=5, calibration_models=3, check_models=2, passes=2)
     backend = fk.FakeBackend(drift_per_call=0.01)  # every call slower than the one before
     table = sweep(tmp_path / "t.parquet", backend, options=options).table
     sentinel = "block/e64/h4/q16/v16/m256"
-    parts = [c for c in backend.calls if c != sentinel and not c.startswith("cal-")]
+    parts = [c for c in backend.calls if c != sentinel and not c.startswith(WHOLE)]
     assert len(parts) == 2 * (N_PARTS - 1) and len(set(parts)) == N_PARTS - 1  # the sentinel is in the space
     assert sum(c.startswith("cal-") for c in backend.calls) == 2 * 3
+    assert sum(c.startswith("check-") for c in backend.calls) == 2 * 2
     first_call = {}
     for i, name in enumerate(backend.calls):
         first_call.setdefault(name, i)
@@ -113,7 +122,7 @@ def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> No
     assert {r["pass"] for r in done} == {0, 1}
     backend = fk.FakeBackend()
     result = sweep(out, backend, options=options)
-    remeasured = [c for c in backend.calls if c != sentinel and not c.startswith("cal-")]
+    remeasured = [c for c in backend.calls if c != sentinel and not c.startswith(WHOLE)]
     done_here = sum(PartConfig(**r["config"]).key != sentinel for r in done)
     assert len(remeasured) == 2 * (N_PARTS - 1) - done_here
     assert result.resumed == len(done)
@@ -131,7 +140,7 @@ def test_resume_after_a_crash_measures_only_the_rest(tmp_path) -> None:
     backend = fk.FakeBackend()
     events = []
     result = sweep(out, backend, progress=events.append)
-    assert result.resumed == len(done) and result.measured == N_PARTS - len(done) + 3
+    assert result.resumed == len(done) and result.measured == N_PARTS - len(done) + MODELS
     assert events[0].resumed == len(done)
     measured_again = {c for c in backend.calls if c.startswith(("attn", "mlp", "fixed"))}
     assert not measured_again & {PartConfig(**r["config"]).key for r in done}
@@ -148,7 +157,7 @@ def test_sigkill_loses_at_most_the_configuration_in_flight(tmp_path) -> None:
         "from nvit.profiler.sweep import SweepOptions, run_sweep\n"
         "with fk.FakeBackend(sleep_s=0.05) as b:\n"
         "    run_sweep(fk.tiny_space(), b, sys.argv[2], device=fk.fake_device(),\n"
-        "              options=SweepOptions(sentinel_every=5, calibration_models=3))\n"
+        "              options=SweepOptions(sentinel_every=5, calibration_models=3, check_models=2))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(TESTS), str(out)])
     try:
@@ -168,7 +177,7 @@ def test_sigkill_loses_at_most_the_configuration_in_flight(tmp_path) -> None:
     backend = fk.FakeBackend()
     result = sweep(out, backend)
     assert result.resumed == len(done)
-    parts_now = [c for c in backend.calls if not c.startswith(("block/e64/h4/q16/v16/m256", "cal-"))]
+    parts_now = [c for c in backend.calls if not c.startswith(("block/e64/h4/q16/v16/m256", *WHOLE))]
     assert not set(parts_now) & done  # nothing measured twice (the sentinel aside)
     check_complete(result.table)
 
@@ -240,7 +249,7 @@ def test_a_complete_table_is_not_profiled_again(tmp_path) -> None:
     with pytest.raises(LutError, match="already exists and was profiled with other settings"):
         sweep(out, options=SweepOptions(seed=9, sentinel_every=5, calibration_models=3))
     backend = fk.FakeBackend()
-    assert sweep(out, backend, resume=False).measured == N_PARTS + 3 and backend.calls
+    assert sweep(out, backend, resume=False).measured == N_PARTS + MODELS and backend.calls
 
 
 def test_bad_requests(tmp_path) -> None:
@@ -251,6 +260,10 @@ def test_bad_requests(tmp_path) -> None:
         SweepOptions(sentinel_every=0)
     with pytest.raises(LutError, match="calibration_models"):
         SweepOptions(calibration_models=-1)
+    with pytest.raises(LutError, match="check_models"):
+        SweepOptions(check_models=-1)
+    with pytest.raises(LutError, match="its own seed"):
+        SweepOptions(check_seed=1, calibration_seed=1)
     with pytest.raises(LutError, match="passes"):
         SweepOptions(passes=0)
 

@@ -58,6 +58,26 @@ def show(lut: Path = _LUT_ARG) -> None:
                       f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
     else:
         console.print("[yellow]uncalibrated[/]: predictions are the plain sum of parts")
+    console.print(self_check_line(meta.self_check))
+
+
+def self_check_line(check: dict[str, Any] | None) -> str:
+    """The table's own accuracy on held-out whole models, one line (rich markup)."""
+    if not check:
+        return ("[yellow]no self-check[/]: this table was never tested on whole models it was not fitted to "
+                "(run 'nvit lut check')")
+    return f"self-check on held-out whole models (seed {check['seed']}, measured {check['measured_at']}): " + (
+        check_figures(check))
+
+
+def check_figures(check: dict[str, Any]) -> str:
+    from nvit.lut.accuracy import summary_line
+
+    colour = "green" if check["mape_pct"] <= 5 and check["within_10pct"] >= 0.9 else "yellow"
+    text = f"[{colour}]{summary_line(check)}[/]"
+    if check.get("pruned_shapes"):
+        text += f"; pruned shapes alone: {summary_line(check['pruned_shapes'])}"
+    return text
 
 
 @lut_app.command("validate")
@@ -106,6 +126,45 @@ def merge(
                   + ("" if merged.meta.calibration else "; uncalibrated"))
     for gap in merged.problems():
         console.print(f"[yellow]not yet usable for prediction:[/] {gap}")
+
+
+@lut_app.command("check")
+def check(
+    lut: Path = _LUT_ARG,
+    models: int = typer.Option(6, "--models", help="Held-out whole models to measure now."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the models (default: the table's own check "
+                                    "seed, so the same models are measured again)."),
+    passes: int = typer.Option(2, "--passes", help="Passes over the models; each keeps its fastest."),
+    save: bool = typer.Option(False, "--save", help="Store the result as the table's self-check."),
+) -> None:
+    """Measure held-out whole models now and report the table's accuracy on them (tables age: clocks,
+    drivers, load). Run it on the table's device, with the machine otherwise idle."""
+    from nvit.export.compare import backend_for_table, check_same_device
+    from nvit.lut.table import LatencyTable
+    from nvit.profiler.selfcheck import DEFAULT_CHECK_SEED, recheck
+
+    table = LatencyTable.load(lut)
+    table.validate()
+    before = table.meta.self_check
+    if seed is None:
+        seed = int(table.meta.protocol.get("check_seed", DEFAULT_CHECK_SEED))
+    console = Console()
+    backend = backend_for_table(table.meta)
+    with backend:
+        check_same_device(table.meta, backend)
+        console.print(f"measuring {models} held-out models (seed {seed}, {passes} passes) with {backend.name}")
+        report = recheck(table, backend, count=models, seed=seed, passes=passes,
+                         on_timing=lambda t: console.print(f"  {t.name}: {t.latency_ms:.4f} ms", highlight=False))
+    out = Table("model", "measured ms", "predicted ms", "error", title=f"{lut}: predicted vs measured now")
+    for m in report["models"]:
+        out.add_row(m["name"], f"{m['measured_ms']:.4f}", f"{m['predicted_ms']:.4f}", f"{m['error_pct']:+.2f}%")
+    console.print(out)
+    console.print(f"now:    {check_figures(report)}")
+    if before:
+        console.print(f"stored: {check_figures(before)} (measured {before['measured_at']})")
+    if save:
+        table.with_meta(self_check=report).save(lut)
+        console.print(f"stored as the self-check of {lut}")
 
 
 def predict(

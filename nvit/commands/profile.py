@@ -11,7 +11,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from nvit.commands.lut import self_check_line
 from nvit.errors import NvitError
+
+# SweepOptions' defaults (kept literal here so the CLI starts without numpy; tests/test_cli.py compares them)
+DEFAULT_CALIBRATION_MODELS = 4
+DEFAULT_CHECK_MODELS = 6
 
 
 def parse_backend_options(items: list[str], threads: int | None) -> dict[str, Any]:
@@ -58,6 +63,7 @@ def summary_table(result: Any) -> Table:
                      f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
     else:
         lines.append("uncalibrated (no whole-model measurements)")
+    lines.append(self_check_line(meta.self_check))
     n = len(table)
     lines.append(f"this run: {result.measured} measured, {result.resumed} resumed, {result.seconds:.0f} s; "
                  f"profiling time in table {meta.profile_seconds_total:.0f} s "
@@ -70,8 +76,14 @@ def profile(
     gpu: bool = typer.Option(False, "--gpu", help="Profile the CUDA device (default backend: tensorrt)."),
     backend: str | None = typer.Option(None, "--backend", help="tensorrt | onnxruntime | torch "
                                        "(default: tensorrt with --gpu, else onnxruntime on the CPU)."),
-    space: str = typer.Option("deit_small", "--space", help="A space preset (vit_test, deit_tiny, deit_small, "
-                              "deit_base, and their _distilled variants) or a JSON space file."),
+    space: str | None = typer.Option(None, "--space", help="A space preset (vit_test, deit_tiny, deit_small, "
+                                     "deit_base, and their _distilled variants) or a JSON space file "
+                                     "(default: deit_small)."),
+    arch: str | None = typer.Option(None, "--arch", help="Derive the space from any ViT instead: an arch.json, "
+                                    "a preset name, a variant folder or a checkpoint file (every width from "
+                                    "--group-size up to the model's own)."),
+    group_size: int = typer.Option(8, "--group-size", help="With --arch: the pruning group size, the grid's "
+                                   "smallest width and its alignment."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: the space's, 1)."),
     precision: str | None = typer.Option(None, "--precision", help="fp32 | fp16 | bf16 (default: the space's, fp32)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output Parquet file "
@@ -79,7 +91,10 @@ def profile(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run (default)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomised measurement order."),
     sentinel_every: int = typer.Option(25, "--sentinel-every", help="Re-time the sentinel block every N configs."),
-    calibrate: int = typer.Option(4, "--calibrate", help="Whole models measured to fit the calibration (0: none)."),
+    calibrate: int = typer.Option(DEFAULT_CALIBRATION_MODELS, "--calibrate",
+                                  help="Whole models measured to fit the calibration (0: none)."),
+    check: int = typer.Option(DEFAULT_CHECK_MODELS, "--check", help="Held-out whole models measured after the fit, "
+                              "their accuracy stored in the table (0: no self-check)."),
     passes: int = typer.Option(1, "--passes", help="Measure everything N times, each pass in a new order, and keep "
                                "the fastest (2 on a CPU shared with other jobs)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of CPU backends "
@@ -97,7 +112,9 @@ def profile(
     if remote is not None:
         from nvit.commands.remote import profile_remotely
 
-        body = {"kind": "profile", "space": space, "device": "cuda" if gpu else "cpu", "backend": backend,
+        if arch is not None:
+            raise NvitError("--remote profiles a --space; derive one from --arch locally first")
+        body = {"kind": "profile", "space": space or "deit_small", "device": "cuda" if gpu else "cpu", "backend": backend,
                 "precision": precision, "batch_size": batch_size, "seed": seed, "sentinel_every": sentinel_every,
                 "calibrate": calibrate, "passes": passes,
                 "backend_options": parse_backend_options(backend_option, threads)}
@@ -107,12 +124,21 @@ def profile(
     from nvit.profiler.backends import default_backend
     from nvit.profiler.base import DeviceKind, get_backend
     from nvit.profiler.device import backend_fingerprint
-    from nvit.profiler.space import resolve_space
+    from nvit.profiler.space import arch_for_space, derived_space, resolve_space
     from nvit.profiler.sweep import SweepOptions, run_sweep
 
     device_kind = DeviceKind.CUDA if gpu else DeviceKind.CPU
-    the_space = resolve_space(space, batch_size=batch_size, precision=precision)
-    options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate, passes=passes)
+    if arch is not None:
+        if space is not None:
+            raise NvitError("give --space or --arch, not both")
+        the_space = derived_space(arch_for_space(arch), group_size=group_size, batch_size=batch_size or 1,
+                                  precision=precision or "fp32")
+        space = the_space.name
+    else:
+        space = space or "deit_small"
+        the_space = resolve_space(space, batch_size=batch_size, precision=precision)
+    options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate, passes=passes,
+                           check_models=check)
     backend_cls = get_backend(backend or default_backend(device_kind))
     be = backend_cls(device=device_kind, precision=the_space.precision, batch_size=the_space.batch_size,
                      **parse_backend_options(backend_option, threads))
@@ -122,7 +148,7 @@ def profile(
         path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size)
         counts = the_space.counts()
         console.print(f"profiling [bold]{the_space.name or space}[/] with {be.name} on {device.slug()}: "
-                      + ", ".join(f"{n} {k}" for k, n in counts.items()) + f", {calibrate} whole models"
+                      + ", ".join(f"{n} {k}" for k, n in counts.items()) + f", {calibrate} + {check} whole models"
                       + (f", {passes} passes" if passes > 1 else "") + f" → {path}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())

@@ -18,7 +18,8 @@ from nvit import __version__
 from nvit.errors import LutError
 from nvit.profiler.base import DeviceKind, Precision, TimingMode
 
-LUT_SCHEMA_VERSION = 1
+LUT_SCHEMA_VERSION = 2  # 2: self_check added
+READABLE_SCHEMA_VERSIONS = (1, 2)
 LUT_FILE_KIND = "nvit.lut"
 META_KEY = b"nvit.lut"
 
@@ -43,6 +44,7 @@ class LutMeta:
     protocol: dict[str, Any] = field(default_factory=dict)
     sentinel: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
+    self_check: dict[str, Any] | None = None  # held-out whole models, predicted vs measured (nvit.profiler.selfcheck)
     profile_seconds_total: float = 0.0
     created_at: str = ""
     nvit_version: str = __version__
@@ -98,14 +100,15 @@ class LutMeta:
         if data.get("kind") != LUT_FILE_KIND:
             raise LutError(f"not an nvit latency table (kind {data.get('kind')!r})")
         version = data.get("schema_version")
-        if version != LUT_SCHEMA_VERSION:
-            raise LutError(f"unsupported LUT schema_version {version!r} (this nvit reads {LUT_SCHEMA_VERSION})")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            readable = ", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)
+            raise LutError(f"unsupported LUT schema_version {version!r} (this nvit reads {readable})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise LutError(f"unknown LUT metadata key(s): {', '.join(unknown)}")
-        try:
-            return cls(**data)
+        try:  # an older version is a subset of this one: read as this one (saved again as this one)
+            return cls(**{**data, "schema_version": LUT_SCHEMA_VERSION})
         except TypeError as exc:
             raise LutError(f"LUT metadata is incomplete: {exc}") from None
 

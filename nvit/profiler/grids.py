@@ -51,3 +51,42 @@ def doubling_span(unit: int, hi: int) -> tuple[int, ...]:
     values = [unit * 2**k for k in range(int(math.log2(max(hi // unit, 1))) + 1) if unit * 2**k < hi]
     return (*values, hi)
 
+
+
+def low_dense_span(lo: int, hi: int, points: int, align: int) -> tuple[int, ...]:
+    """About ``points`` values from ``lo`` to ``hi`` (multiples of ``align``): geometric from ``lo`` up to a
+    quarter of ``hi``, then evenly spaced to ``hi``. Dense at the narrow end, where latency bends (fixed
+    per-operator cost) and pruned layers end; even at the wide end, where it is nearly linear in the width."""
+    if points <= 3 or lo * 4 >= hi:
+        return aligned_span(lo, hi, points, align)
+    linear = points // 2
+    knee = hi / 4
+    values = {max(align, round(x / align) * align) for x in np.geomspace(lo, knee, points - linear)}
+    values |= {max(align, round(x / align) * align) for x in np.linspace(knee, hi, linear + 1)[1:]}
+    return tuple(sorted(v for v in values if v <= hi))
+
+
+#: The generic recipe (:func:`derive_axes`): how many values per axis at most.
+MAX_EMBED_POINTS = 6
+MAX_HEAD_POINTS = 6
+MLP_POINTS = 7
+GENERIC_BLOCKS_PER_EMBED = 4
+
+
+def derive_axes(embed_dim: int, heads: int, qk_dim: int, v_dim: int, mlp_dim: int, *,
+                group_size: int = 8) -> dict[str, tuple[int, ...]]:
+    """Grid axes for any ViT's widths (the widest block's), every axis down to the pruning ``group_size``:
+    embedding widths evenly from the group size (4–6 values, by width), heads all (or 6 spread) from 1,
+    per-head Q/K and V widths doubling from the group size, MLP widths dense at the narrow end
+    (:func:`low_dense_span`). All widths are multiples of ``group_size``, up to the model's own."""
+    g = group_size
+    embed_points = 4 if embed_dim <= 8 * g else 5 if embed_dim < 32 * g else MAX_EMBED_POINTS
+    head_axis = (tuple(range(1, heads + 1)) if heads <= MAX_HEAD_POINTS
+                 else aligned_span(1, heads, MAX_HEAD_POINTS, 1))
+    return {
+        "embed_dims": aligned_span(min(g, embed_dim), embed_dim, embed_points, g),
+        "heads": head_axis,
+        "qk_dims": doubling_span(min(g, qk_dim), qk_dim),
+        "v_dims": doubling_span(min(g, v_dim), v_dim),
+        "mlp_dims": low_dense_span(min(g, mlp_dim), mlp_dim, MLP_POINTS, g),
+    }

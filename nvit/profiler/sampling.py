@@ -62,3 +62,36 @@ def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1) -> list[Arch
     rng = np.random.default_rng(seed)
     archs += [random_arch(base, rng, name=f"cal-random{i}") for i in range(max(0, count - 2))]
     return archs[:count]
+
+
+#: How the blocks of a pruned-shape model end (see :func:`pruned_arch`): probability of each fate.
+PRUNED_FATES = (("narrow", 0.4), ("mid", 0.3), ("wide", 0.3))
+
+
+def pruned_arch(base: ArchSpec, rng: np.random.Generator, *, align: int = 8, name: str = "") -> ArchSpec:
+    """A variant of ``base`` shaped like the end of a pruning run: each block independently ``narrow``
+    (1–2 heads, per-head Q/K and V widths of one or two groups, MLP of 1–4 groups: 8–32 at group size 8),
+    ``mid`` (heads, Q/K/V 25–75% and MLP 10–50% of dense) or ``wide`` (70–100%, MLP 60–100%); the embedding
+    width between 50% and 100% of dense. Widths are multiples of ``align`` and never exceed the base's."""
+    dense = base.blocks[0]
+    fates = [f for f, _ in PRUNED_FATES]
+    weights = np.array([w for _, w in PRUNED_FATES])
+
+    def narrow_width(full: int) -> int:
+        return min(full, align * int(rng.integers(1, 3)))
+
+    def block(fate: str) -> BlockSpec:
+        if fate == "narrow":
+            return BlockSpec(heads=int(rng.integers(1, min(2, dense.heads) + 1)), qk_dim=narrow_width(dense.qk_dim),
+                             v_dim=narrow_width(dense.v_dim),
+                             mlp_dim=min(dense.mlp_dim, align * int(rng.integers(1, 5))))
+        lo, hi, m_lo, m_hi = (0.25, 0.75, 0.1, 0.5) if fate == "mid" else (0.7, 1.0, 0.6, 1.0)
+        head_lo = max(1, math.ceil(lo * dense.heads))
+        return BlockSpec(heads=int(rng.integers(head_lo, max(head_lo, math.floor(hi * dense.heads)) + 1)),
+                         qk_dim=_aligned_width(rng, dense.qk_dim, lo, hi, align),
+                         v_dim=_aligned_width(rng, dense.v_dim, lo, hi, align),
+                         mlp_dim=_aligned_width(rng, dense.mlp_dim, m_lo, m_hi, align))
+
+    e = _aligned_width(rng, base.embed_dim, 0.5, 1.0, align)
+    blocks = tuple(block(fates[int(rng.choice(len(fates), p=weights))]) for _ in range(base.depth))
+    return replace(base, embed_dim=e, blocks=blocks, name=name or base.name)

@@ -31,13 +31,14 @@ from nvit.arch import ArchSpec, preset, preset_names
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
 from nvit.profiler.base import Precision
-from nvit.profiler.grids import RECIPES, GridRecipe, aligned_span, doubling_span
+from nvit.profiler.grids import GENERIC_BLOCKS_PER_EMBED, RECIPES, GridRecipe, aligned_span, derive_axes, doubling_span
 from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind, positive_int
 from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
 
 __all__ = [
     "CALIBRATION_LOW_FRACTION", "GRID_AXES", "KIND_FIELDS", "SPACE_FILE_KIND", "SPACE_SCHEMA_VERSION", "WIDTH_FIELDS",
-    "GridRecipe", "PartConfig", "PartKind", "SearchSpace", "aligned_span", "calibration_archs", "doubling_span",
+    "GridRecipe", "PartConfig", "PartKind", "SearchSpace", "aligned_span", "arch_for_space", "calibration_archs",
+    "derived_space", "doubling_span",
     "load_space", "preset_space", "random_arch", "resolve_space", "save_space", "space_preset_names",
     "uniform_arch",
 ]
@@ -237,6 +238,41 @@ def preset_space(name: str, *, batch_size: int = 1, precision: Precision | str =
         precision=Precision(precision),
         name=name,
     )
+
+
+def derived_space(base: ArchSpec, *, group_size: int = 8, batch_size: int = 1,
+                  precision: Precision | str = Precision.FP32, name: str = "") -> SearchSpace:
+    """A space for any ViT by the generic recipe (:func:`~nvit.profiler.grids.derive_axes`): every axis
+    from the pruning ``group_size`` up to the widest block's width."""
+    if not positive_int(group_size):
+        raise SpecError(f"group size must be a positive integer, got {group_size!r}")
+    widest = {f: max(getattr(b, f) for b in base.blocks) for f in ("heads", "qk_dim", "v_dim", "mlp_dim")}
+    axes = derive_axes(base.embed_dim, **widest, group_size=group_size)
+    return SearchSpace(base=base, **axes, blocks_per_embed=GENERIC_BLOCKS_PER_EMBED, batch_size=batch_size,
+                       precision=Precision(precision), name=name or f"{base.name or 'custom'}-derived")
+
+
+def arch_for_space(source: str) -> ArchSpec:
+    """The architecture a space is derived for: a preset name, an ``arch.json`` (or bare spec) file, a
+    variant folder (its ``arch.json``) or a checkpoint file (``.pth``/``.pt``/``.bin``/``.safetensors``,
+    the architecture inferred from its tensors)."""
+    from nvit.arch import load_arch_file
+
+    if source in preset_names():
+        return preset(source)
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "arch.json").is_file():
+            raise SpecError(f"{path} is a folder without arch.json (not an nvit variant)")
+        return load_arch_file(path / "arch.json")[0]
+    if path.suffix == ".json":
+        return load_arch_file(path)[0]
+    if path.is_file():
+        from nvit.models.checkpoint import infer_arch, read_state_dict
+
+        return infer_arch(read_state_dict(path), name=path.stem)
+    raise SpecError(f"{source!r} is neither an architecture preset ({', '.join(preset_names())}), an arch JSON "
+                    "file, a variant folder nor a checkpoint file")
 
 
 def resolve_space(name_or_path: str, *, batch_size: int | None = None,

@@ -39,8 +39,9 @@ from nvit.profiler.base import Backend
 from nvit.profiler.journal import JOURNAL_KIND, JOURNAL_SCHEMA_VERSION, Journal, journal_path
 from nvit.profiler.parts import PartConfig
 from nvit.profiler.sampling import calibration_archs
+from nvit.profiler.selfcheck import DEFAULT_CHECK_MODELS, DEFAULT_CHECK_SEED, check_archs
 from nvit.profiler.space import SearchSpace
-from nvit.profiler.workloads import model_workload, part_workload
+from nvit.profiler.workloads import part_workload
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class SweepOptions:
     calibration_seed: int = 1
     fit_scale: bool = True
     passes: int = 1  # each pass measures every configuration in a new order; a row keeps its fastest pass
+    check_models: int = DEFAULT_CHECK_MODELS  # held-out whole models measured after the fit (0: no self-check)
+    check_seed: int = DEFAULT_CHECK_SEED
 
     def __post_init__(self) -> None:
         if self.passes < 1:
@@ -64,12 +67,17 @@ class SweepOptions:
             raise LutError(f"sentinel_every must be >= 1, got {self.sentinel_every}")
         if self.calibration_models < 0:
             raise LutError(f"calibration_models must be >= 0, got {self.calibration_models}")
+        if self.check_models < 0:
+            raise LutError(f"check_models must be >= 0, got {self.check_models}")
+        if self.check_models and self.check_seed == self.calibration_seed:
+            raise LutError("the self-check needs its own seed (check_seed == calibration_seed)")
 
 
 class Phase(str, enum.Enum):
     PART = "part"
     SENTINEL = "sentinel"
     CALIBRATION = "calibration"
+    CHECK = "check"
 
 
 @dataclass(frozen=True)
@@ -131,21 +139,24 @@ class _Sweep:
         self.measured += 1
         self._report(Phase.PART, config.key, stats.latency_ms_median)
 
-    def models(self, archs: list[ArchSpec], pass_index: int) -> None:
-        have = {r["name"] for r in self.journal.of_type("model") if r["pass"] == pass_index}
-        todo = [a for a in archs if a.name not in have]
-        if not todo:
-            return
-        start = time.perf_counter()
-        workloads = [model_workload(a, self.space.batch_size, name=a.name) for a in todo]
-        stats = self.backend.measure_many(workloads)
-        seconds = (time.perf_counter() - start) / len(todo)
-        for arch, s in zip(todo, stats, strict=True):
-            self.journal.append({"type": "model", "name": arch.name, "arch": arch.to_dict(), "stats": s.as_dict(),
-                                 "seconds": seconds, "pass": pass_index, "measured_at": utc_now()})
+    def models(self, archs: list[ArchSpec], record_type: str, phase: Phase) -> None:
+        """Whole models (calibration or held-out check), every pass, journaled as ``record_type``."""
+        from nvit.profiler.selfcheck import measure_archs
+
+        by_name = {a.name: a for a in archs}
+        done = {(r["name"], r["pass"]): _median(r) for r in self.journal.of_type(record_type)
+                if r["name"] in by_name}
+
+        def on_timing(t: Any) -> None:
+            self.journal.append({"type": record_type, "name": t.name, "arch": by_name[t.name].to_dict(),
+                                 "stats": t.stats, "seconds": t.seconds, "pass": t.pass_index,
+                                 "measured_at": utc_now()})
             self.done += 1
             self.measured += 1
-            self._report(Phase.CALIBRATION, arch.name, s.latency_ms_median)
+            self._report(phase, t.name, t.latency_ms)
+
+        measure_archs(self.backend, archs, passes=self.options.passes, seed=self.options.seed, done=done,
+                      on_timing=on_timing)
 
 
 def sweep_header(space: SearchSpace, backend: Backend, device_identity: Mapping[str, Any],
@@ -211,10 +222,11 @@ def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepO
     """Sentinel, the parts not in the journal, the calibration models; then the table."""
     configs = space.configs()
     archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed)
+    checks = check_archs(space.base, options.check_models, seed=options.check_seed)
     done = {(PartConfig(**r["config"]).key, r["pass"]) for r in journal.of_type("part")}
-    names = {a.name for a in archs}
-    resumed = len(done) + sum(r["name"] in names for r in journal.of_type("model"))
-    total = options.passes * (len(configs) + len(archs))
+    names = {a.name for a in archs} | {a.name for a in checks}
+    resumed = len(done) + sum(r["name"] in names for r in journal.of_type("model") + journal.of_type("check"))
+    total = options.passes * (len(configs) + len(archs) + len(checks))
     sweep = _Sweep(space, backend, journal, options, progress, total, resumed)
 
     parts_done = len(done)
@@ -231,8 +243,8 @@ def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepO
         since_sentinel += 1
     if todo:
         sweep.sentinel(parts_done)
-    for pass_index in range(options.passes):
-        sweep.models(archs, pass_index)
+    sweep.models(archs, "model", Phase.CALIBRATION)
+    sweep.models(checks, "check", Phase.CHECK)
 
     return build_table(space, backend, device, journal, options, header), sweep
 
@@ -267,12 +279,8 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
                         "profile_seconds": sum(x["seconds"] for x in passes), "measured_at": r["measured_at"]})
     sentinel = [{"after": r["after"], "latency_ms": r["latency_ms"], "drift": r["drift"],
                  "measured_at": r["measured_at"]} for r in journal.of_type("sentinel")]
-    model_runs = journal.of_type("model")
-    fastest: dict[str, dict[str, Any]] = {}
-    for r in model_runs:
-        if r["name"] not in fastest or _median(r) < _median(fastest[r["name"]]):
-            fastest[r["name"]] = r
-    models = list(fastest.values())
+    model_runs, check_runs = journal.of_type("model"), journal.of_type("check")
+    models = _fastest(model_runs)
     meta = LutMeta(
         backend=backend.name, device_kind=backend.device, precision=space.precision,
         batch_size=space.batch_size, num_tokens=space.num_tokens, base_arch=space.base.to_dict(),
@@ -282,9 +290,10 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
                   "sentinel_every": options.sentinel_every,
                   "sentinel": space.sentinel().key, "space_fingerprint": space.fingerprint(),
                   "journal_header_fingerprint": _header_fingerprint(header),
-                  "calibration_models": options.calibration_models, "calibration_seed": options.calibration_seed},
+                  "calibration_models": options.calibration_models, "calibration_seed": options.calibration_seed,
+                  "check_models": options.check_models, "check_seed": options.check_seed},
         sentinel=sentinel,
-        profile_seconds_total=float(sum(r["seconds"] for r in parts) + sum(r["seconds"] for r in model_runs)),
+        profile_seconds_total=float(sum(r["seconds"] for r in parts + model_runs + check_runs)),
         nvit_version=__version__,
     )
     table = LatencyTable(rows_from_records(records), meta).validate()
@@ -296,4 +305,24 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
         for item, r in zip(calibration["models"], models, strict=True):
             item["arch"] = r["arch"]
         table = table.with_meta(calibration=calibration)
+    if check_runs:
+        from nvit.profiler.selfcheck import check_report
+
+        checks = _fastest(check_runs)
+        report = check_report(LatencyPredictor(table), [ArchSpec.from_dict(r["arch"]) for r in checks],
+                              {r["name"]: _median(r) for r in checks}, seed=options.check_seed,
+                              passes=options.passes, measured_at=max(r["measured_at"] for r in checks))
+        for item, r in zip(report["models"], checks, strict=True):
+            item["arch"] = r["arch"]  # as journaled (JSON types), like the calibration's
+        report["seconds"] = float(sum(r["seconds"] for r in check_runs))
+        table = table.with_meta(self_check=report)
     return table
+
+
+def _fastest(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model name, its run with the lowest median (first-seen order)."""
+    fastest: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if r["name"] not in fastest or _median(r) < _median(fastest[r["name"]]):
+            fastest[r["name"]] = r
+    return list(fastest.values())

@@ -1,0 +1,122 @@
+"""Whole models measured against a table's predictions: the held-out check every profiled table carries
+(and ``nvit lut check`` repeats), and the measurement loop it shares with the calibration and benchmarks.
+
+The check models are drawn with their own seed (never the calibration's), half of them shaped like the
+end of a pruning run (:func:`~nvit.profiler.sampling.pruned_arch`: narrow and wide blocks mixed), half
+random non-uniform (:func:`~nvit.profiler.sampling.random_arch`), so a table reports its accuracy where
+pruning will use it, on models it was not fitted to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nvit.arch import ArchSpec
+from nvit.profiler.sampling import pruned_arch, random_arch
+from nvit.profiler.workloads import model_workload
+
+DEFAULT_CHECK_MODELS = 6
+DEFAULT_CHECK_SEED = 1000  # calibration models use other seeds (SweepOptions.calibration_seed)
+GROUP_SIZE = 4  # whole models timed together (interleaved repeats); a handful, to bound memory
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    """One whole-model measurement: ``pass_index`` of the passes over the set."""
+
+    name: str
+    pass_index: int
+    latency_ms: float
+    stats: dict[str, Any]
+    seconds: float
+
+
+def check_archs(base: ArchSpec, count: int, *, seed: int = DEFAULT_CHECK_SEED) -> list[ArchSpec]:
+    """``count`` held-out models of ``base``: pruned shapes and random ones alternately (seeded)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        if i % 2 == 0:
+            out.append(pruned_arch(base, rng, name=f"check-pruned{i // 2:02d}"))
+        else:
+            out.append(random_arch(base, rng, name=f"check-random{i // 2:02d}"))
+    return out
+
+
+def measure_archs(
+    backend: Any,
+    archs: Sequence[ArchSpec],
+    *,
+    passes: int = 2,
+    seed: int = 0,
+    done: Mapping[tuple[str, int], float] | None = None,
+    on_timing: Callable[[ModelTiming], None] | None = None,
+) -> dict[str, float]:
+    """Measure every arch whole with ``backend`` (entered), ``passes`` times, each pass in a new random
+    order and grouping, a few models interleaved at a time; return each model's fastest median (ms).
+
+    ``done`` holds measurements already made (``(name, pass) -> ms``, e.g. from a journal): they are not
+    repeated. ``on_timing`` is called after every new measurement (to journal it).
+    """
+    best: dict[str, float] = {}
+    for (name, _), ms in (done or {}).items():
+        best[name] = min(ms, best.get(name, ms))
+    rng = np.random.default_rng(seed)
+    for p in range(passes):
+        order = [archs[i] for i in rng.permutation(len(archs))]
+        todo = [a for a in order if (a.name, p) not in (done or {})]
+        for start in range(0, len(todo), GROUP_SIZE):
+            group = todo[start:start + GROUP_SIZE]
+            t0 = time.perf_counter()
+            stats = backend.measure_many([model_workload(a, backend.batch_size, name=a.name) for a in group])
+            seconds = (time.perf_counter() - t0) / len(group)
+            for a, s in zip(group, stats, strict=True):
+                best[a.name] = min(s.latency_ms_median, best.get(a.name, s.latency_ms_median))
+                if on_timing is not None:
+                    on_timing(ModelTiming(a.name, p, s.latency_ms_median, s.as_dict(), seconds))
+    return best
+
+
+def check_report(predictor: Any, archs: Sequence[ArchSpec], measured_ms: Mapping[str, float], *,
+                 seed: int, passes: int, measured_at: str) -> dict[str, Any]:
+    """The stored self-check: per-model predicted vs measured, and the figures of
+    :func:`nvit.lut.accuracy.error_figures` over all models and over the pruned shapes alone."""
+    from nvit.lut.accuracy import error_figures
+
+    models = []
+    for a in archs:
+        predicted = predictor.predict_ms(a)
+        measured = measured_ms[a.name]
+        models.append({"name": a.name, "measured_ms": measured, "predicted_ms": predicted,
+                       "error_pct": (predicted - measured) / measured * 100.0, "arch": a.to_dict()})
+    figures = error_figures([m["measured_ms"] for m in models], [m["predicted_ms"] for m in models])
+    pruned = [m for m in models if "pruned" in m["name"]]
+    out = {"seed": seed, "passes": passes, "measured_at": measured_at, **figures, "models": models}
+    if pruned and len(pruned) < len(models):
+        out["pruned_shapes"] = error_figures([m["measured_ms"] for m in pruned], [m["predicted_ms"] for m in pruned])
+    return out
+
+
+def recheck(table: Any, backend: Any, *, count: int, seed: int, passes: int = 2,
+            on_timing: Callable[[ModelTiming], None] | None = None) -> dict[str, Any]:
+    """Measure ``count`` held-out models now with ``backend`` (entered, configured as the table's) and
+    report the table's accuracy on them (the same record as a profiled table's self-check)."""
+    from nvit.lut.meta import utc_now
+    from nvit.lut.predictor import LatencyPredictor
+
+    if count < 1:
+        from nvit.errors import LutError
+
+        raise LutError(f"a check needs at least one model, got {count}")
+    predictor = LatencyPredictor(table)
+    archs = check_archs(ArchSpec.from_dict(table.meta.base_arch), count, seed=seed)
+    start = time.perf_counter()
+    measured = measure_archs(backend, archs, passes=passes, seed=seed, on_timing=on_timing)
+    report = check_report(predictor, archs, measured, seed=seed, passes=passes, measured_at=utc_now())
+    report["seconds"] = time.perf_counter() - start
+    return report
