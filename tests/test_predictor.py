@@ -195,7 +195,9 @@ def test_calibrate_measures_whole_models_and_recovers_the_line(table) -> None:
     with fk.FakeBackend() as backend:
         offset_only = calibrate(bare, backend, archs, fit_scale=False).meta.calibration
     raw = LatencyPredictor(bare)
-    expected = np.mean([fk.model_ms(a) - raw.predict_ms(a) for a in archs])
+    y = np.array([fk.model_ms(a) for a in archs])
+    x = np.array([raw.predict_ms(a) for a in archs])
+    expected = np.sum((y - x) / y**2) / np.sum(1 / y**2)  # least squares on relative residuals
     assert offset_only["method"] == "offset" and offset_only["scale"] == 1.0
     assert offset_only["offset_ms"] == pytest.approx(expected)
     with fk.FakeBackend(batch_size=2) as backend, pytest.raises(LutError, match="batch size 1, but 2"):
@@ -208,7 +210,9 @@ def test_fit_calibration_falls_back_to_an_offset_when_a_slope_is_not_identifiabl
     one = fit_calibration(["a"], [2.0], [1.5])
     assert one["method"] == "offset" and one["offset_ms"] == pytest.approx(0.5)
     narrow = fit_calibration(["a", "b"], [2.0, 2.3], [1.9, 2.0])  # predictions within 25%
-    assert narrow["method"] == "offset" and narrow["offset_ms"] == pytest.approx(0.2)
+    # the offset minimising the relative residuals: sum((y - x) / y²) / sum(1 / y²)
+    assert narrow["method"] == "offset"
+    assert narrow["offset_ms"] == pytest.approx((0.1 / 4 + 0.3 / 2.3**2) / (1 / 4 + 1 / 2.3**2))
     wild = fit_calibration(["a", "b"], [1.0, 10.0], [1.0, 2.0])  # slope 9: not a calibration
     assert wild["method"] == "offset" and "implausible" in caplog.text
     line = fit_calibration(["a", "b", "c"], [2.1, 4.2, 8.4], [2.0, 4.0, 8.0])

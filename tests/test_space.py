@@ -188,9 +188,10 @@ def test_random_archs_stay_in_range_and_are_seeded() -> None:
 def test_calibration_archs_span_the_range() -> None:
     base = preset("deit_small")
     archs = calibration_archs(base, 4, seed=1)
-    assert [a.name for a in archs] == ["cal-dense", "cal-uniform", "cal-random0", "cal-random1"]
+    assert [a.name for a in archs] == ["cal-dense", "cal-uniform", "cal-pruned0", "cal-random0"]
     assert archs[0].blocks == base.blocks and archs[0].embed_dim == base.embed_dim
     assert archs[1].flops() < 0.3 * base.flops()
+    assert min(b.mlp_dim for b in archs[2].blocks) <= 32  # a pruned shape: some blocks narrow
     assert calibration_archs(base, 1) == archs[:1] and calibration_archs(base, 0) == []
 
 

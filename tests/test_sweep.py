@@ -26,6 +26,7 @@ TESTS = Path(__file__).parent
 OPTIONS = SweepOptions(sentinel_every=5, calibration_models=3, check_models=2)
 N_PARTS = 16 + 6 + 4 + 2  # tiny_space: attn, mlp, block, fixed
 MODELS = 3 + 2  # calibration, then held-out check
+ROUNDS = 2  # whole models are measured before the parts and after each pass (one here)
 WHOLE = ("cal-", "check-")
 
 
@@ -57,18 +58,19 @@ def test_a_sweep_measures_every_configuration_once_in_random_order(tmp_path) -> 
     result = sweep(tmp_path / "t.parquet", backend, progress=events.append)
     table = result.table
     check_complete(table)
-    assert result.measured == N_PARTS + MODELS and result.resumed == 0 and not result.already_complete
+    assert result.measured == N_PARTS + ROUNDS * MODELS and result.resumed == 0 and not result.already_complete
     order = table.rows.sort_values("sweep_index")["kind"].tolist()
     assert sorted(table.rows["sweep_index"]) == list(range(N_PARTS))
     assert order != sorted(order, key=["attn", "mlp", "block", "fixed"].index)  # shuffled, not canonical
     # Sentinel first, after every 5 parts and at the end: 1 + 5 (after 5..25 parts) + 1.
     parts = [e for e in events if e.phase is Phase.PART]
-    assert len(parts) == N_PARTS and [e.done for e in parts] == list(range(1, N_PARTS + 1))
-    assert all(e.total == N_PARTS + MODELS for e in events)
+    assert len(parts) == N_PARTS and [e.done for e in parts] == list(range(MODELS + 1, MODELS + N_PARTS + 1))
+    assert all(e.total == N_PARTS + ROUNDS * MODELS for e in events)
     assert [e.phase for e in events].count(Phase.SENTINEL) == len(table.meta.sentinel) == 7
-    assert [e.phase for e in events][-5:] == [Phase.CALIBRATION] * 3 + [Phase.CHECK] * 2
-    assert events[-1].done == N_PARTS + MODELS
-    assert len(backend.calls) == N_PARTS + 7 + MODELS
+    whole = [Phase.CALIBRATION] * 3 + [Phase.CHECK] * 2
+    assert [e.phase for e in events][:5] == whole and [e.phase for e in events][-5:] == whole
+    assert events[-1].done == N_PARTS + ROUNDS * MODELS
+    assert len(backend.calls) == N_PARTS + 7 + ROUNDS * MODELS
     assert table.meta.calibration["method"] == "scale_offset"
     # The fake is exactly what the predictor models, so the held-out check finds no error.
     check = table.meta.self_check
@@ -88,7 +90,8 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path) -> None:
 
 
 def test_sentinel_drift_is_recorded(tmp_path) -> None:
-    table = sweep(tmp_path / "t.parquet", fk.FakeBackend(drift_per_call=0.01)).table
+    options = SweepOptions(sentinel_every=5, calibration_models=0, check_models=0)
+    table = sweep(tmp_path / "t.parquet", fk.FakeBackend(drift_per_call=0.01), options=options).table
     drifts = [s["drift"] for s in table.meta.sentinel]
     assert drifts[0] == 0.0 and np.all(np.diff(drifts) > 0)
     # Call k is 1 + 0.01 k times slower; the sentinel is call 0, then call 6 after five parts.
@@ -104,8 +107,8 @@ def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> No
     sentinel = "block/e64/h4/q16/v16/m256"
     parts = [c for c in backend.calls if c != sentinel and not c.startswith(WHOLE)]
     assert len(parts) == 2 * (N_PARTS - 1) and len(set(parts)) == N_PARTS - 1  # the sentinel is in the space
-    assert sum(c.startswith("cal-") for c in backend.calls) == 2 * 3
-    assert sum(c.startswith("check-") for c in backend.calls) == 2 * 2
+    assert sum(c.startswith("cal-") for c in backend.calls) == (2 + 1) * 3  # before, after each pass
+    assert sum(c.startswith("check-") for c in backend.calls) == (2 + 1) * 2
     first_call = {}
     for i, name in enumerate(backend.calls):
         first_call.setdefault(name, i)
@@ -117,7 +120,7 @@ def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> No
 
     out = tmp_path / "resumed.parquet"
     with pytest.raises(fk.Killed):
-        sweep(out, fk.FakeBackend(kill_after=N_PARTS + 12), options=options)
+        sweep(out, fk.FakeBackend(kill_after=N_PARTS + 12 + 2 * MODELS), options=options)
     done = [r for r in journal_records(journal_path(out)) if r["type"] == "part"]
     assert {r["pass"] for r in done} == {0, 1}
     backend = fk.FakeBackend()
@@ -125,23 +128,23 @@ def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> No
     remeasured = [c for c in backend.calls if c != sentinel and not c.startswith(WHOLE)]
     done_here = sum(PartConfig(**r["config"]).key != sentinel for r in done)
     assert len(remeasured) == 2 * (N_PARTS - 1) - done_here
-    assert result.resumed == len(done)
+    assert result.resumed == len(done) + 2 * MODELS  # and the first two rounds of whole models
     check_complete(result.table)
 
 
 def test_resume_after_a_crash_measures_only_the_rest(tmp_path) -> None:
     out = tmp_path / "t.parquet"
     with pytest.raises(fk.Killed):
-        sweep(out, fk.FakeBackend(kill_after=12))
+        sweep(out, fk.FakeBackend(kill_after=MODELS + 12))
     jpath = journal_path(out)
     assert not out.exists() and jpath.exists()
     done = [r for r in journal_records(jpath) if r["type"] == "part"]
-    assert len(done) == 10  # 12 calls: the sentinel at the start and after 5 parts, then 10 parts
+    assert len(done) == 10  # MODELS + 12 calls: the first round of whole models, then S, 5 parts, S, 5 parts
     backend = fk.FakeBackend()
     events = []
     result = sweep(out, backend, progress=events.append)
-    assert result.resumed == len(done) and result.measured == N_PARTS - len(done) + MODELS
-    assert events[0].resumed == len(done)
+    assert result.resumed == len(done) + MODELS and result.measured == N_PARTS - len(done) + MODELS
+    assert events[0].resumed == len(done) + MODELS
     measured_again = {c for c in backend.calls if c.startswith(("attn", "mlp", "fixed"))}
     assert not measured_again & {PartConfig(**r["config"]).key for r in done}
     check_complete(result.table)
@@ -176,7 +179,7 @@ def test_sigkill_loses_at_most_the_configuration_in_flight(tmp_path) -> None:
     assert 6 <= len(done) < N_PARTS
     backend = fk.FakeBackend()
     result = sweep(out, backend)
-    assert result.resumed == len(done)
+    assert result.resumed == len(done) + MODELS  # and the first round of whole models
     parts_now = [c for c in backend.calls if not c.startswith(("block/e64/h4/q16/v16/m256", *WHOLE))]
     assert not set(parts_now) & done  # nothing measured twice (the sentinel aside)
     check_complete(result.table)
@@ -249,7 +252,7 @@ def test_a_complete_table_is_not_profiled_again(tmp_path) -> None:
     with pytest.raises(LutError, match="already exists and was profiled with other settings"):
         sweep(out, options=SweepOptions(seed=9, sentinel_every=5, calibration_models=3))
     backend = fk.FakeBackend()
-    assert sweep(out, backend, resume=False).measured == N_PARTS + MODELS and backend.calls
+    assert sweep(out, backend, resume=False).measured == N_PARTS + ROUNDS * MODELS and backend.calls
 
 
 def test_bad_requests(tmp_path) -> None:
@@ -291,7 +294,7 @@ def test_cli_profile_writes_a_table_and_resumes(tmp_path, capsys, fake_registere
     argv = ["profile", "--backend", "fake", "--space", str(space), "--out", str(out), "--calibrate", "3"]
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
-    assert "16 attn, 6 mlp, 4 block, 2 fixed, 3 whole models" in stdout
+    assert "16 attn, 6 mlp, 4 block, 2 fixed, 3 calibration + 6 check models" in stdout
     assert "scale_offset" in stdout and "28 rows" in stdout
     check_complete(load_table(out))
     code, stdout, _ = run_cli(argv, capsys)

@@ -222,17 +222,21 @@ class LatencyPredictor(Predictor):
 # ---- calibration ----------------------------------------------------------------------------------
 def fit_calibration(names: Sequence[str], measured_ms: Sequence[float], predicted_raw_ms: Sequence[float],
                     *, fit_scale: bool = True) -> dict[str, Any]:
-    """``measured ≈ scale · predicted_raw + offset`` by least squares (offset only when the predictions do
-    not spread enough to fix a slope, or ``fit_scale`` is False). Returns the calibration record."""
+    """``measured ≈ scale · predicted_raw + offset`` by least squares on relative residuals (offset only when
+    the predictions do not spread enough to fix a slope, or ``fit_scale`` is False). Returns the calibration
+    record."""
     y = np.asarray(measured_ms, dtype=np.float64)
     x = np.asarray(predicted_raw_ms, dtype=np.float64)
     if len(y) == 0 or len(y) != len(x) or len(names) != len(y):
         raise LutError("calibration needs at least one whole-model measurement and its prediction")
     if not (np.all(np.isfinite(y)) and np.all(y > 0) and np.all(np.isfinite(x)) and np.all(x > 0)):
         raise LutError("calibration measurements and predictions must be finite and positive")
-    method, scale, offset = "offset", 1.0, float(np.mean(y - x))
+    # Least squares on relative residuals (what a prediction is judged by): small models count as much as
+    # the dense one, so the line holds at the narrow end where pruning ends.
+    weight = 1.0 / y
+    method, scale, offset = "offset", 1.0, float(np.sum((y - x) * weight**2) / np.sum(weight**2))
     if fit_scale and len(y) >= 2 and x.max() / x.min() >= MIN_SCALE_SPREAD:
-        slope, intercept = np.polyfit(x, y, 1)
+        slope, intercept = np.polyfit(x, y, 1, w=weight)
         if SCALE_BOUNDS[0] <= slope <= SCALE_BOUNDS[1]:
             method, scale, offset = "scale_offset", float(slope), float(intercept)
         else:

@@ -54,13 +54,18 @@ CALIBRATION_LOW_FRACTION = 0.35
 
 
 def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1) -> list[ArchSpec]:
-    """Whole models for calibration: the dense base, a small uniform one, then random non-uniform ones
-    (seeded), so that the fitted line spans the range of models a pruned table is asked about."""
+    """Whole models for calibration: the dense base, a small uniform one, then pruned-shape models
+    (:func:`pruned_arch`: narrow and wide blocks mixed) and random non-uniform ones alternately (seeded), so
+    that the fitted line spans the models a pruned table is asked about, narrow end included."""
     archs = [replace(base, name="cal-dense")]
     if count >= 2:
         archs.append(uniform_arch(base, CALIBRATION_LOW_FRACTION, name="cal-uniform"))
     rng = np.random.default_rng(seed)
-    archs += [random_arch(base, rng, name=f"cal-random{i}") for i in range(max(0, count - 2))]
+    for i in range(max(0, count - 2)):
+        if i % 2 == 0:
+            archs.append(pruned_arch(base, rng, name=f"cal-pruned{i // 2}"))
+        else:
+            archs.append(random_arch(base, rng, name=f"cal-random{i // 2}"))
     return archs[:count]
 
 

@@ -53,12 +53,14 @@ def measure_archs(
     archs: Sequence[ArchSpec],
     *,
     passes: int = 2,
+    first_pass: int = 0,
     seed: int = 0,
     done: Mapping[tuple[str, int], float] | None = None,
     on_timing: Callable[[ModelTiming], None] | None = None,
 ) -> dict[str, float]:
-    """Measure every arch whole with ``backend`` (entered), ``passes`` times, each pass in a new random
-    order and grouping, a few models interleaved at a time; return each model's fastest median (ms).
+    """Measure every arch whole with ``backend`` (entered), ``passes`` times (numbered from ``first_pass``),
+    each pass in its own random order and grouping, a few models interleaved at a time; return each
+    model's fastest median (ms).
 
     ``done`` holds measurements already made (``(name, pass) -> ms``, e.g. from a journal): they are not
     repeated. ``on_timing`` is called after every new measurement (to journal it).
@@ -66,9 +68,8 @@ def measure_archs(
     best: dict[str, float] = {}
     for (name, _), ms in (done or {}).items():
         best[name] = min(ms, best.get(name, ms))
-    rng = np.random.default_rng(seed)
-    for p in range(passes):
-        order = [archs[i] for i in rng.permutation(len(archs))]
+    for p in range(first_pass, first_pass + passes):
+        order = [archs[i] for i in np.random.default_rng([seed, p]).permutation(len(archs))]
         todo = [a for a in order if (a.name, p) not in (done or {})]
         for start in range(0, len(todo), GROUP_SIZE):
             group = todo[start:start + GROUP_SIZE]

@@ -139,8 +139,8 @@ class _Sweep:
         self.measured += 1
         self._report(Phase.PART, config.key, stats.latency_ms_median)
 
-    def models(self, archs: list[ArchSpec], record_type: str, phase: Phase) -> None:
-        """Whole models (calibration or held-out check), every pass, journaled as ``record_type``."""
+    def models(self, archs: list[ArchSpec], record_type: str, phase: Phase, round_index: int) -> None:
+        """Whole models (calibration or held-out check), one round, journaled as ``record_type``."""
         from nvit.profiler.selfcheck import measure_archs
 
         by_name = {a.name: a for a in archs}
@@ -155,7 +155,7 @@ class _Sweep:
             self.measured += 1
             self._report(phase, t.name, t.latency_ms)
 
-        measure_archs(self.backend, archs, passes=self.options.passes, seed=self.options.seed, done=done,
+        measure_archs(self.backend, archs, passes=1, first_pass=round_index, seed=self.options.seed, done=done,
                       on_timing=on_timing)
 
 
@@ -219,22 +219,33 @@ def run_sweep(
 def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepOptions,
          progress: Callable[[SweepProgress], None] | None, device: Any,
          header: Mapping[str, Any]) -> tuple[Any, _Sweep]:
-    """Sentinel, the parts not in the journal, the calibration models; then the table."""
+    """Sentinel, the parts not in the journal and the whole models (calibration and check) in rounds spread
+    over the sweep; then the table."""
     configs = space.configs()
     archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed)
     checks = check_archs(space.base, options.check_models, seed=options.check_seed)
     done = {(PartConfig(**r["config"]).key, r["pass"]) for r in journal.of_type("part")}
     names = {a.name for a in archs} | {a.name for a in checks}
     resumed = len(done) + sum(r["name"] in names for r in journal.of_type("model") + journal.of_type("check"))
-    total = options.passes * (len(configs) + len(archs) + len(checks))
+    rounds = model_rounds(options)
+    total = options.passes * len(configs) + rounds * (len(archs) + len(checks))
     sweep = _Sweep(space, backend, journal, options, progress, total, resumed)
+
+    def whole_models(round_index: int) -> None:
+        sweep.models(archs, "model", Phase.CALIBRATION, round_index)
+        sweep.models(checks, "check", Phase.CHECK, round_index)
 
     parts_done = len(done)
     todo = [(p, configs[i]) for p in range(options.passes) for i in _order(options.seed, p, len(configs))
             if (configs[i].key, p) not in done]
     drift = journal.of_type("sentinel")[-1]["drift"] if journal.of_type("sentinel") else 0.0
     since_sentinel = options.sentinel_every  # (re)starting: time the sentinel first
+    whole_models(0)
+    current_pass = todo[0][0] if todo else None
     for pass_index, config in todo:
+        if pass_index != current_pass:
+            whole_models(pass_index)  # round k follows pass k - 1 of the parts
+            current_pass = pass_index
         if since_sentinel >= options.sentinel_every:
             drift = sweep.sentinel(parts_done)
             since_sentinel = 0
@@ -243,10 +254,17 @@ def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepO
         since_sentinel += 1
     if todo:
         sweep.sentinel(parts_done)
-    sweep.models(archs, "model", Phase.CALIBRATION)
-    sweep.models(checks, "check", Phase.CHECK)
+    for round_index in range(1, rounds):  # those already measured are skipped
+        whole_models(round_index)
 
     return build_table(space, backend, device, journal, options, header), sweep
+
+
+def model_rounds(options: SweepOptions) -> int:
+    """Whole models are measured ``passes + 1`` times: before the parts and after each pass of them. A model
+    keeps its fastest round: a whole model runs long enough that a busy spell of a shared machine inflates
+    it more than the short parts, and rounds minutes apart rarely all meet one."""
+    return options.passes + 1
 
 
 def _order(seed: int, pass_index: int, n: int) -> np.ndarray:
