@@ -31,7 +31,15 @@ from nvit.arch import ArchSpec, preset, preset_names
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
 from nvit.profiler.base import Precision
-from nvit.profiler.grids import GENERIC_BLOCKS_PER_EMBED, RECIPES, GridRecipe, aligned_span, derive_axes, doubling_span
+from nvit.profiler.grids import (
+    GENERIC_BLOCKS_PER_EMBED,
+    RECIPES,
+    GridRecipe,
+    aligned_span,
+    derive_axes,
+    doubling_span,
+    low_dense_span,
+)
 from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind, positive_int
 from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
 
@@ -225,14 +233,19 @@ def preset_space(name: str, *, batch_size: int = 1, precision: Precision | str =
     e = base.embed_dim
     heads = (tuple(range(1, dense.heads + 1)) if dense.heads <= recipe.max_head_points
              else aligned_span(1, dense.heads, recipe.max_head_points, 1))
-    mlp_lo = int(dense.mlp_dim * recipe.min_mlp_ratio)
+    if recipe.mlp_low_dense:
+        unit = recipe.head_dim_unit
+        mlp_dims = low_dense_span(unit, dense.mlp_dim, recipe.mlp_points, unit)
+    else:
+        mlp_dims = aligned_span(int(dense.mlp_dim * recipe.min_mlp_ratio), dense.mlp_dim, recipe.mlp_points,
+                                recipe.mlp_align)
     return SearchSpace(
         base=base,
         embed_dims=aligned_span(recipe.min_embed, e, recipe.embed_points, recipe.embed_align),
         heads=heads,
         qk_dims=doubling_span(recipe.head_dim_unit, dense.qk_dim),
         v_dims=doubling_span(recipe.head_dim_unit, dense.v_dim),
-        mlp_dims=aligned_span(mlp_lo, dense.mlp_dim, recipe.mlp_points, recipe.mlp_align),
+        mlp_dims=mlp_dims,
         blocks_per_embed=recipe.blocks_per_embed,
         batch_size=batch_size,
         precision=Precision(precision),
