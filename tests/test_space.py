@@ -87,18 +87,23 @@ def test_part_config_validates_widths_per_kind() -> None:
     assert PartConfig(**c.to_dict()) == c
 
 
-def test_block_sample_is_seeded_distinct_and_holds_the_largest_block() -> None:
+def test_block_sample_is_seeded_distinct_and_holds_the_largest_and_smallest_blocks() -> None:
     space = preset_space("deit_small")
     blocks = space.block_configs()
     assert len(blocks) == 4 * len(space.embed_dims) == len(set(blocks))
     for e in space.embed_dims:
-        assert space.largest_block(e) in blocks
+        assert space.largest_block(e) in blocks and space.smallest_block(e) in blocks
+        assert space.smallest_block(e).to_dict() == {"kind": "block", "embed_dim": e, "heads": 1, "qk_dim": 8,
+                                                      "v_dim": 8, "mlp_dim": 8}
     assert blocks == space.block_configs()
     other = SearchSpace(**{**space.__dict__, "sample_seed": 7}).block_configs()
     assert other != blocks
     small = SearchSpace(base=preset("vit_test"), embed_dims=(64,), heads=(1,), qk_dims=(8,), v_dims=(8,),
                         mlp_dims=(32, 64), blocks_per_embed=5)
     assert len(small.block_configs()) == 2  # never more than the grid holds
+    one = SearchSpace(base=preset("vit_test"), embed_dims=(64,), heads=(1, 2), qk_dims=(8,), v_dims=(8,),
+                      mlp_dims=(32, 64), blocks_per_embed=1)
+    assert one.block_configs() == [one.largest_block(64)]
 
 
 @pytest.mark.parametrize(

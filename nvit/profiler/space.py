@@ -51,7 +51,8 @@ __all__ = [
     "uniform_arch",
 ]
 
-SPACE_SCHEMA_VERSION = 1
+SPACE_SCHEMA_VERSION = 2  # 2: full blocks include the smallest corner (other configurations than 1)
+READABLE_SPACE_VERSIONS = (1, 2)
 SPACE_FILE_KIND = "nvit.space"
 GRID_AXES = ("embed_dims", "heads", "qk_dims", "v_dims", "mlp_dims")
 
@@ -113,13 +114,19 @@ class SearchSpace:
         return PartConfig(PartKind.BLOCK, embed_dim, heads=self.heads[-1], qk_dim=self.qk_dims[-1],
                           v_dim=self.v_dims[-1], mlp_dim=self.mlp_dims[-1])
 
+    def smallest_block(self, embed_dim: int) -> PartConfig:
+        return PartConfig(PartKind.BLOCK, embed_dim, heads=self.heads[0], qk_dim=self.qk_dims[0],
+                          v_dim=self.v_dims[0], mlp_dim=self.mlp_dims[0])
+
     def block_configs(self) -> list[PartConfig]:
-        """Per ``e``: the largest block, then distinct random grid blocks (seeded), ``blocks_per_embed`` in all."""
+        """Per ``e``: the largest and the smallest block (the two ends of the interaction's fit), then distinct
+        random grid blocks (seeded), ``blocks_per_embed`` in all."""
         rng = np.random.default_rng(self.sample_seed)
         grid_size = len(self.heads) * len(self.qk_dims) * len(self.v_dims) * len(self.mlp_dims)
         out: list[PartConfig] = []
         for e in self.embed_dims:
-            chosen = [self.largest_block(e)] if self.blocks_per_embed else []
+            corners = list(dict.fromkeys([self.largest_block(e), self.smallest_block(e)]))
+            chosen = corners[:self.blocks_per_embed]
             while len(chosen) < min(self.blocks_per_embed, grid_size):
                 c = PartConfig(PartKind.BLOCK, e, heads=int(rng.choice(self.heads)),
                                qk_dim=int(rng.choice(self.qk_dims)), v_dim=int(rng.choice(self.v_dims)),
@@ -174,9 +181,9 @@ class SearchSpace:
         if missing:
             raise SpecError(f"search space is missing key(s): {', '.join(missing)}")
         version = data.get("schema_version", SPACE_SCHEMA_VERSION)
-        if version != SPACE_SCHEMA_VERSION:
+        if version not in READABLE_SPACE_VERSIONS:  # a version-1 file is read as version 2 (same grids)
             raise SpecError(f"unsupported search space schema_version {version!r} "
-                            f"(this nvit reads {SPACE_SCHEMA_VERSION})")
+                            f"(this nvit reads {', '.join(map(str, READABLE_SPACE_VERSIONS))})")
         if data.get("kind", SPACE_FILE_KIND) != SPACE_FILE_KIND:
             raise SpecError(f"not a search space file (kind {data.get('kind')!r})")
         kwargs = {k: v for k, v in data.items() if k not in ("schema_version", "kind")}
