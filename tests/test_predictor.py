@@ -77,10 +77,36 @@ def test_exact_on_every_measured_point(table) -> None:
 
 def test_interaction_and_calibration_are_recovered(table) -> None:
     p = LatencyPredictor(table)
-    assert p.interaction_by_embed == pytest.approx({32: fk.RATIO, 64: fk.RATIO})
+    assert p.interaction.method == "affine" and p.interaction.blocks == 4
+    assert p.interaction.slope == pytest.approx(fk.RATIO)  # the fake's blocks are RATIO x their halves
+    assert p.interaction.overhead_ms == pytest.approx(0.0, abs=1e-12)
+    assert p.interaction.overhead_ms_per_embed == pytest.approx(0.0, abs=1e-12)
     assert p.scale == pytest.approx(fk.SCALE) and p.offset_ms() == pytest.approx(fk.OFFSET_MS)
     raw = LatencyPredictor(table, calibrated=False)
     assert raw.scale == 1.0 and raw.offset_ms() == 0.0 and not raw.calibrated
+
+
+def test_block_interaction_follows_block_size() -> None:
+    """Blocks cost slope x halves plus an overhead linear in e: recovered exactly; too few or same-sized
+    blocks fall back to the mean ratio; the floor keeps a tiny block positive."""
+    from nvit.lut.interaction import BlockInteraction
+
+    rng = np.random.default_rng(0)
+    e = rng.choice([64.0, 128.0, 192.0], 12)
+    halves = rng.uniform(0.05, 1.0, 12)
+    measured = 1.04 * halves - 0.003 - 5e-5 * e
+    fit = BlockInteraction.fit(e, halves, measured)
+    assert fit.method == "affine" and fit.slope == pytest.approx(1.04)
+    assert fit.overhead_ms == pytest.approx(-0.003) and fit.overhead_ms_per_embed == pytest.approx(-5e-5)
+    assert fit.residual_pct_mean_abs == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(fit(e, halves), measured)
+    # a narrow block's overhead is a larger share: one ratio would miss it
+    ratio = BlockInteraction.fit(e[:3], halves[:3], measured[:3])
+    assert ratio.method == "ratio" and ratio.slope == pytest.approx(np.mean(measured[:3] / halves[:3]))
+    same = BlockInteraction.fit(e, np.full(12, 0.5), np.full(12, 0.45))
+    assert same.method == "ratio" and same.slope == pytest.approx(0.9)
+    assert BlockInteraction.fit(e[:0], halves[:0], measured[:0]).slope == 1.0
+    assert fit(192.0, 1e-4) == pytest.approx(0.5e-4)  # floored at half the halves
 
 
 def test_multilinear_latency_is_reproduced_anywhere_even_beyond_the_grid(table) -> None:

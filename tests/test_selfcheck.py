@@ -84,11 +84,11 @@ def test_check_models_are_seeded_and_half_pruned_shapes() -> None:
 
 def test_the_table_stores_its_self_check_and_show_prints_it(checked_lut, capsys) -> None:
     check = LatencyTable.load(checked_lut).meta.self_check
-    assert check["n"] == 4 and check["seed"] == 1000 and check["mape_pct"] < 1e-6  # the fake is exact
+    assert check["n"] == 4 and check["seed"] == 500 and check["mape_pct"] < 1e-6  # the fake is exact
     assert check["pruned_shapes"]["n"] == 2 and {"kendall_tau", "within_5pct", "bias_pct"} <= set(check)
     code, out, _ = run_cli(["lut", "show", str(checked_lut)], capsys)
     assert code == 0
-    assert "self-check on held-out whole models (seed 1000" in out and "4 models: MAPE 0.00%" in out
+    assert "self-check on held-out whole models (seed 500" in out and "4 models: MAPE 0.00%" in out
     assert "100% within ±5%" in out and "pruned shapes alone: 2 models" in out
 
 
@@ -114,7 +114,7 @@ def test_lut_check_measures_now_and_saves(checked_lut, tmp_path, fake_backends, 
     code, out, err = run_cli(["lut", "check", str(aged), "--models", "2", "--passes", "1", "--save"], capsys)
     assert code == 0, err
     saved = LatencyTable.load(aged).meta.self_check
-    assert saved["n"] == 2 and saved["bias_pct"] == pytest.approx(expected) and saved["seed"] == 1000
+    assert saved["n"] == 2 and saved["bias_pct"] == pytest.approx(expected) and saved["seed"] == 500
     assert [m["name"] for m in saved["models"]] == ["check-pruned00", "check-random00"]
 
 

@@ -49,6 +49,10 @@ def show(lut: Path = _LUT_ARG) -> None:
         grid.add_row(kind.value, str(len(part)), desc, f"{lat.min():.4f}", f"{lat.median():.4f}",
                      f"{lat.max():.4f}", f"{part['cov'].mean():.3f}")
     console.print(grid)
+    if not table.problems():
+        from nvit.lut.predictor import LatencyPredictor
+
+        console.print(interaction_line(LatencyPredictor(table, calibrated=False).interaction))
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
     console.print(f"sentinel {meta.protocol.get('sentinel', '?')}: re-timed {len(meta.sentinel)}x, "
                   f"max drift {drift * 100:.1f}%; profiling time {meta.profile_seconds_total:.0f} s")
@@ -59,6 +63,19 @@ def show(lut: Path = _LUT_ARG) -> None:
     else:
         console.print("[yellow]uncalibrated[/]: predictions are the plain sum of parts")
     console.print(self_check_line(meta.self_check))
+
+
+def interaction_line(interaction: Any) -> str:
+    """How a full block relates to its halves (:class:`~nvit.lut.interaction.BlockInteraction`)."""
+    i = interaction
+    if i.method == "affine":
+        return (f"block = {i.slope:.3f} x halves {i.overhead_ms * 1e3:+.1f} us "
+                f"{i.overhead_ms_per_embed * 1e3:+.3f} us x e (fitted on {i.blocks} full blocks, "
+                f"mean residual {i.residual_pct_mean_abs:.1f}%)")
+    if i.method == "ratio":
+        return (f"block = {i.slope:.3f} x halves (mean ratio of {i.blocks} full blocks of too similar sizes for a "
+                f"size-dependent fit; mean residual {i.residual_pct_mean_abs:.1f}%)")
+    return "block = sum of halves (no full blocks measured)"
 
 
 def self_check_line(check: dict[str, Any] | None) -> str:

@@ -15,7 +15,7 @@ from nvit.commands.lut import self_check_line
 from nvit.errors import NvitError
 
 # SweepOptions' defaults (kept literal here so the CLI starts without numpy; tests/test_cli.py compares them)
-DEFAULT_CALIBRATION_MODELS = 4
+DEFAULT_CALIBRATION_MODELS = 8
 DEFAULT_CHECK_MODELS = 6
 
 

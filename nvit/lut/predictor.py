@@ -2,14 +2,13 @@
 
 Model of one block at embedding width ``e`` (all terms interpolated from the table)::
 
-    block(e, h, q, v, m) = ρ(e) · (attn(e, h, q, v) + mlp(e, m))
+    block(e, h, q, v, m) = slope · (attn(e, h, q, v) + mlp(e, m)) + overhead(e)
 
 ``attn`` and ``mlp`` are multilinear interpolations over the measured grids (exact on grid points, linear
 extrapolation outside, floored at 0). Multilinear is the natural choice: a block's FLOPs are multilinear
-in its widths, so the interpolation only has to absorb how efficiency changes with size. ``ρ(e)`` is the
-interaction measured on full blocks (a block is not exactly the sum of its halves: one call instead of
-two, cache reuse, fused residual + norm), the mean of ``measured / (attn + mlp)`` over the blocks
-measured at each ``e``, linear in ``e`` between them and constant beyond.
+in its widths, so the interpolation only has to absorb how efficiency changes with size. ``slope`` and
+``overhead(e)`` are the interaction measured on full blocks of every size (a block is one call instead of
+two, and its halves share the caches): :mod:`nvit.lut.interaction`.
 
 Whole model: ``scale · (Σ blocks + fixed(e)) + offset``. A block timed alone keeps its weights in cache
 and pays one call overhead of its own; in a whole model it does neither. ``scale`` and ``offset`` are fitted
@@ -21,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import LutError
 from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
 from nvit.lut.grid import GridReport, GridStatus, MeasuredGrid
+from nvit.lut.interaction import BlockInteraction
 from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible, utc_now
 from nvit.profiler.parts import PartKind
 
@@ -88,11 +88,6 @@ def _grid(rows: Any, axes: Sequence[str]) -> GridInterpolator:
     return GridInterpolator(grid_axes, values)
 
 
-def _piecewise(xs: np.ndarray, ys: np.ndarray) -> Callable[[Any], np.ndarray]:
-    """Linear in between the points, constant beyond (``np.interp``)."""
-    return lambda x: np.interp(np.asarray(x, dtype=np.float64), xs, ys)
-
-
 class LatencyPredictor(Predictor):
     """Latency of any architecture from a :class:`~nvit.lut.table.LatencyTable` (see the module doc).
 
@@ -110,19 +105,9 @@ class LatencyPredictor(Predictor):
         fixed = table.of_kind(PartKind.FIXED)
         self._fixed = GridInterpolator([fixed["embed_dim"].to_numpy()], fixed[LATENCY_COLUMN].to_numpy())
         blocks = rows[rows["kind"] == PartKind.BLOCK.value]
-        if len(blocks):
-            halves = self._halves(blocks["embed_dim"].to_numpy(), blocks["heads"].to_numpy(),
-                                  blocks["qk_dim"].to_numpy(), blocks["v_dim"].to_numpy(),
-                                  blocks["mlp_dim"].to_numpy())
-            measured = blocks[LATENCY_COLUMN].to_numpy(dtype=float)
-            ratio = np.divide(measured, halves, out=np.ones_like(measured), where=halves > 0)
-            per_e = {int(e): float(np.mean(ratio[blocks["embed_dim"].to_numpy() == e]))
-                     for e in np.unique(blocks["embed_dim"].to_numpy())}
-            self.interaction_by_embed = per_e
-            self._ratio = _piecewise(np.array(list(per_e)), np.array(list(per_e.values())))
-        else:
-            self.interaction_by_embed = {}
-            self._ratio = lambda x: np.ones(np.shape(x))
+        halves = self._halves(*(blocks[c].to_numpy() for c in ("embed_dim", "heads", "qk_dim", "v_dim", "mlp_dim")))
+        self.interaction = BlockInteraction.fit(blocks["embed_dim"].to_numpy(), halves,
+                                                blocks[LATENCY_COLUMN].to_numpy(dtype=float))
         self.grid = MeasuredGrid.from_table(table)
         self.warn_outside = True  # log extrapolation (a caller that reports the grid itself turns it off)
         self._warned: set[tuple[str, bool, bool]] = set()
@@ -143,7 +128,7 @@ class LatencyPredictor(Predictor):
 
     def blocks_ms(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
         """Calibrated latency of blocks given as broadcastable width arrays."""
-        return self.scale * self._ratio(e) * self._halves(e, h, q, v, m)
+        return self.scale * self.interaction(e, self._halves(e, h, q, v, m))
 
     def fixed_ms(self, e: Any) -> np.ndarray:
         return self.scale * np.maximum(self._fixed(e), 0.0)

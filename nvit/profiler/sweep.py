@@ -46,7 +46,7 @@ from nvit.profiler.workloads import part_workload
 logger = logging.getLogger(__name__)
 
 DEFAULT_SENTINEL_EVERY = 25
-DEFAULT_CALIBRATION_MODELS = 4
+DEFAULT_CALIBRATION_MODELS = 8  # dense, small uniform, then pruned shapes and random ones
 
 
 @dataclass(frozen=True)
