@@ -78,25 +78,20 @@ def measure(args: argparse.Namespace) -> int:
     done = {(t["name"], t["pass"]): t["latency_ms"] for t in doc["timings"]}
     deadline = time.monotonic() + args.budget_s
 
-    class OutOfTime(Exception):
-        pass
-
     def on_timing(t: Any) -> None:
         doc["timings"].append({"name": t.name, "pass": t.pass_index, "latency_ms": t.latency_ms,
                                "seconds": t.seconds, "stats": t.stats, "measured_at": utc_now()})
         atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        if time.monotonic() > deadline:
-            raise OutOfTime
 
     backend = backend_for_table(table.meta)
     with backend:
         check_same_device(table.meta, backend)
-        try:
-            measure_archs(backend, archs, passes=args.passes, seed=args.seed, done=done, on_timing=on_timing)
-        except OutOfTime:
-            left = args.passes * len(archs) - len(doc["timings"])
-            print(f"time budget spent: {len(doc['timings'])} measurements in {path}, {left} left; rerun to resume")
-            return 3
+        measure_archs(backend, archs, passes=args.passes, seed=args.seed, done=done, on_timing=on_timing,
+                      should_stop=lambda: time.monotonic() > deadline)
+    left = args.passes * len(archs) - len(doc["timings"])
+    if left:
+        print(f"time budget spent: {len(doc['timings'])} measurements in {path}, {left} left; rerun to resume")
+        return 3
     print(f"complete: {path}")
     return 0
 

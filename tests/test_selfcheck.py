@@ -184,3 +184,32 @@ def test_cli_profile_defaults_match_the_library() -> None:
 
 def test_check_record_is_json(checked_lut) -> None:
     json.dumps(LatencyTable.load(checked_lut).meta.self_check, allow_nan=False)
+
+
+def test_pruned_shapes_benchmark_measures_resumably_and_evaluates(checked_lut, tmp_path, fake_backends,
+                                                                  monkeypatch) -> None:
+    """benchmarks/lut_pruned_shapes.py on the fake backend: the oracle makes every LUT prediction exact, the
+    FLOPs baseline is not; a run cut by its time budget resumes where it stopped."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    sys.modules.pop("lut_pruned_shapes", None)
+    import lut_pruned_shapes as bench
+
+    measured = tmp_path / "m.json"
+    args = ["measure", "--lut", str(checked_lut), "--set", "pruned", "--models", "5", "--seed", "3",
+            "--out", str(measured)]
+    assert bench.main([*args, "--budget-s", "0"]) == 3 and not measured.exists()  # spent before any group
+    assert bench.main([*args, "--passes", "1"]) == 0
+    first = json.loads(measured.read_text())["timings"]
+    assert len(first) == 6 and {t["pass"] for t in first} == {0}
+    assert bench.main([*args, "--passes", "2"]) == 0  # resumes: only the second pass is measured
+    doc = json.loads(measured.read_text())
+    assert len(doc["timings"]) == 2 * 6 and {t["pass"] for t in doc["timings"]} == {0, 1}
+    out = tmp_path / "r.json"
+    assert bench.main(["evaluate", "--lut", str(checked_lut), "--label", "after", "--measured", str(measured),
+                       "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["sets"]["m"]["results"]
+    assert results["after"]["n"] == 5 and results["after"]["mape_pct"] < 1e-6
+    assert results["flops_proportional"]["mape_pct"] > 1.0

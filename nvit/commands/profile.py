@@ -114,9 +114,9 @@ def profile(
 
         if arch is not None:
             raise NvitError("--remote profiles a --space; derive one from --arch locally first")
-        body = {"kind": "profile", "space": space or "deit_small", "device": "cuda" if gpu else "cpu", "backend": backend,
-                "precision": precision, "batch_size": batch_size, "seed": seed, "sentinel_every": sentinel_every,
-                "calibrate": calibrate, "passes": passes,
+        body = {"kind": "profile", "space": space or "deit_small", "device": "cuda" if gpu else "cpu",
+                "backend": backend, "precision": precision, "batch_size": batch_size, "seed": seed,
+                "sentinel_every": sentinel_every, "calibrate": calibrate, "passes": passes,
                 "backend_options": parse_backend_options(backend_option, threads)}
         profile_remotely(remote, body, out, Console())
         return

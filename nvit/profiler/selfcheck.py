@@ -57,13 +57,15 @@ def measure_archs(
     seed: int = 0,
     done: Mapping[tuple[str, int], float] | None = None,
     on_timing: Callable[[ModelTiming], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Measure every arch whole with ``backend`` (entered), ``passes`` times (numbered from ``first_pass``),
     each pass in its own random order and grouping, a few models interleaved at a time; return each
     model's fastest median (ms).
 
     ``done`` holds measurements already made (``(name, pass) -> ms``, e.g. from a journal): they are not
-    repeated. ``on_timing`` is called after every new measurement (to journal it).
+    repeated. ``on_timing`` is called after every new measurement (to journal it); ``should_stop`` is asked
+    between groups (a budget), and ends the measuring early when it answers True.
     """
     best: dict[str, float] = {}
     for (name, _), ms in (done or {}).items():
@@ -72,6 +74,8 @@ def measure_archs(
         order = [archs[i] for i in np.random.default_rng([seed, p]).permutation(len(archs))]
         todo = [a for a in order if (a.name, p) not in (done or {})]
         for start in range(0, len(todo), GROUP_SIZE):
+            if should_stop is not None and should_stop():
+                return best
             group = todo[start:start + GROUP_SIZE]
             t0 = time.perf_counter()
             stats = backend.measure_many([model_workload(a, backend.batch_size, name=a.name) for a in group])
