@@ -27,6 +27,7 @@ OPTIONS = SweepOptions(sentinel_every=5, calibration_models=3, check_models=2)
 N_PARTS = 16 + 6 + 4 + 2  # tiny_space: attn, mlp, block, fixed
 MODELS = 3 + 2  # calibration, then held-out check
 ROUNDS = 2  # whole models are measured before the parts and after each pass (one here)
+RETIMES = (N_PARTS - 1) // 5  # and one of them with every sentinel after the first (sentinel_every=5)
 WHOLE = ("cal-", "check-")
 
 
@@ -58,19 +59,26 @@ def test_a_sweep_measures_every_configuration_once_in_random_order(tmp_path) -> 
     result = sweep(tmp_path / "t.parquet", backend, progress=events.append)
     table = result.table
     check_complete(table)
-    assert result.measured == N_PARTS + ROUNDS * MODELS and result.resumed == 0 and not result.already_complete
+    assert result.measured == N_PARTS + ROUNDS * MODELS + RETIMES and result.resumed == 0
+    assert not result.already_complete
     order = table.rows.sort_values("sweep_index")["kind"].tolist()
     assert sorted(table.rows["sweep_index"]) == list(range(N_PARTS))
     assert order != sorted(order, key=["attn", "mlp", "block", "fixed"].index)  # shuffled, not canonical
     # Sentinel first, after every 5 parts and at the end: 1 + 5 (after 5..25 parts) + 1.
     parts = [e for e in events if e.phase is Phase.PART]
-    assert len(parts) == N_PARTS and [e.done for e in parts] == list(range(MODELS + 1, MODELS + N_PARTS + 1))
-    assert all(e.total == N_PARTS + ROUNDS * MODELS for e in events)
+    assert len(parts) == N_PARTS and parts[0].done == MODELS + 1
+    assert all(e.total == N_PARTS + ROUNDS * MODELS + RETIMES for e in events)
+    # between the rounds: the sentinel, then every 5 parts the sentinel and one whole model, the sentinel last
+    between = [e.phase for e in events[MODELS:-MODELS] if e.phase is not Phase.PART]
+    assert between[0] is Phase.SENTINEL and between[-1] is Phase.SENTINEL and len(between) == 2 + 2 * RETIMES
+    assert between[1:-1:2] == [Phase.SENTINEL] * RETIMES
+    retimed = [e.name for e in events[MODELS:-MODELS] if e.phase in (Phase.CALIBRATION, Phase.CHECK)]
+    assert retimed == ["cal-dense", "cal-uniform", "cal-pruned0", "check-pruned00", "check-random00"]
     assert [e.phase for e in events].count(Phase.SENTINEL) == len(table.meta.sentinel) == 7
     whole = [Phase.CALIBRATION] * 3 + [Phase.CHECK] * 2
     assert [e.phase for e in events][:5] == whole and [e.phase for e in events][-5:] == whole
-    assert events[-1].done == N_PARTS + ROUNDS * MODELS
-    assert len(backend.calls) == N_PARTS + 7 + ROUNDS * MODELS
+    assert events[-1].done == N_PARTS + ROUNDS * MODELS + RETIMES
+    assert len(backend.calls) == N_PARTS + 7 + ROUNDS * MODELS + RETIMES
     assert table.meta.calibration["method"] == "scale_offset"
     # The fake is exactly what the predictor models, so the held-out check finds no error.
     check = table.meta.self_check
@@ -107,8 +115,9 @@ def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> No
     sentinel = "block/e64/h4/q16/v16/m256"
     parts = [c for c in backend.calls if c != sentinel and not c.startswith(WHOLE)]
     assert len(parts) == 2 * (N_PARTS - 1) and len(set(parts)) == N_PARTS - 1  # the sentinel is in the space
-    assert sum(c.startswith("cal-") for c in backend.calls) == (2 + 1) * 3  # before, after each pass
-    assert sum(c.startswith("check-") for c in backend.calls) == (2 + 1) * 2
+    slots = (2 * N_PARTS - 1) // 5  # one whole model with each sentinel, round-robin over the five
+    assert sum(c.startswith("cal-") for c in backend.calls) == (2 + 1) * 3 + sum(s % 5 < 3 for s in range(slots))
+    assert sum(c.startswith("check-") for c in backend.calls) == (2 + 1) * 2 + sum(s % 5 >= 3 for s in range(slots))
     first_call = {}
     for i, name in enumerate(backend.calls):
         first_call.setdefault(name, i)
@@ -122,29 +131,31 @@ def test_two_passes_keep_each_configurations_fastest_measurement(tmp_path) -> No
     with pytest.raises(fk.Killed):
         sweep(out, fk.FakeBackend(kill_after=N_PARTS + 12 + 2 * MODELS), options=options)
     done = [r for r in journal_records(journal_path(out)) if r["type"] == "part"]
+    whole = sum(1 for r in journal_records(journal_path(out)) if r["type"] in ("model", "check"))
     assert {r["pass"] for r in done} == {0, 1}
     backend = fk.FakeBackend()
     result = sweep(out, backend, options=options)
     remeasured = [c for c in backend.calls if c != sentinel and not c.startswith(WHOLE)]
     done_here = sum(PartConfig(**r["config"]).key != sentinel for r in done)
     assert len(remeasured) == 2 * (N_PARTS - 1) - done_here
-    assert result.resumed == len(done) + 2 * MODELS  # and the first two rounds of whole models
+    assert result.resumed == len(done) + whole  # and the whole models measured before the kill
     check_complete(result.table)
 
 
 def test_resume_after_a_crash_measures_only_the_rest(tmp_path) -> None:
     out = tmp_path / "t.parquet"
     with pytest.raises(fk.Killed):
-        sweep(out, fk.FakeBackend(kill_after=MODELS + 12))
+        sweep(out, fk.FakeBackend(kill_after=MODELS + 13))
     jpath = journal_path(out)
     assert not out.exists() and jpath.exists()
     done = [r for r in journal_records(jpath) if r["type"] == "part"]
-    assert len(done) == 10  # MODELS + 12 calls: the first round of whole models, then S, 5 parts, S, 5 parts
+    assert len(done) == 10  # MODELS + 13 calls: the first round of whole models, S, 5 parts, S, a model, 5 parts
     backend = fk.FakeBackend()
     events = []
     result = sweep(out, backend, progress=events.append)
-    assert result.resumed == len(done) + MODELS and result.measured == N_PARTS - len(done) + MODELS
-    assert events[0].resumed == len(done) + MODELS
+    assert result.resumed == len(done) + MODELS + 1
+    assert result.measured == N_PARTS - len(done) + MODELS + RETIMES - 1
+    assert events[0].resumed == len(done) + MODELS + 1
     measured_again = {c for c in backend.calls if c.startswith(("attn", "mlp", "fixed"))}
     assert not measured_again & {PartConfig(**r["config"]).key for r in done}
     check_complete(result.table)
@@ -178,8 +189,9 @@ def test_sigkill_loses_at_most_the_configuration_in_flight(tmp_path) -> None:
     done = {PartConfig(**r["config"]).key for r in journal_records(jpath) if r["type"] == "part"}
     assert 6 <= len(done) < N_PARTS
     backend = fk.FakeBackend()
+    whole = sum(1 for r in journal_records(jpath) if r["type"] in ("model", "check"))
     result = sweep(out, backend)
-    assert result.resumed == len(done) + MODELS  # and the first round of whole models
+    assert result.resumed == len(done) + whole
     parts_now = [c for c in backend.calls if not c.startswith(("block/e64/h4/q16/v16/m256", *WHOLE))]
     assert not set(parts_now) & done  # nothing measured twice (the sentinel aside)
     check_complete(result.table)
@@ -252,7 +264,7 @@ def test_a_complete_table_is_not_profiled_again(tmp_path) -> None:
     with pytest.raises(LutError, match="already exists and was profiled with other settings"):
         sweep(out, options=SweepOptions(seed=9, sentinel_every=5, calibration_models=3))
     backend = fk.FakeBackend()
-    assert sweep(out, backend, resume=False).measured == N_PARTS + ROUNDS * MODELS and backend.calls
+    assert sweep(out, backend, resume=False).measured == N_PARTS + ROUNDS * MODELS + RETIMES and backend.calls
 
 
 def test_bad_requests(tmp_path) -> None:
