@@ -21,6 +21,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,12 @@ def per_export_registry():
         onnx_export._shared_torchlib_registry = saved
 
 
+def seeded_configs(space: Any, count: int, seed: int) -> list[Any]:
+    """``count`` distinct configurations of ``space``, drawn with ``seed`` (shared with lut_export_worker.py)."""
+    everything = space.configs()
+    return [everything[i] for i in np.random.default_rng(seed).choice(len(everything), count, replace=False)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", default="deit_small")
@@ -56,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     space = resolve_space(args.space)
-    rng = np.random.default_rng(args.seed)
-    all_configs = space.configs()
-    configs = [all_configs[i] for i in rng.choice(len(all_configs), args.configs, replace=False)]
+    configs = seeded_configs(space, args.configs, args.seed)
     harness = HarnessConfig.cpu()
     warmup_s = harness.warmup_s + (harness.repeats - 1) * harness.rewarm_s
     folder = Path(tempfile.mkdtemp(prefix="nvit-cost-"))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lut_cost import seeded_configs
 
 from nvit.fileio import atomic_write_text
 from nvit.lut.table import utc_now
@@ -60,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     space = resolve_space(args.space)
-    rng = np.random.default_rng(args.seed)
-    configs = [space.configs()[i] for i in rng.choice(len(space.configs()), args.configs, replace=False)]
+    configs = seeded_configs(space, args.configs, args.seed)
     workloads = [part_workload(c, space.base, 1) for c in configs]
     runs: dict[str, list[list[float]]] = {"alone": [], "with_worker": []}
     exports_per_s = []
