@@ -7,10 +7,10 @@ fixed cost that grows with the embedding width, the second grows with the block'
     block(e, h, q, v, m) = slope · (attn + mlp) + overhead_ms + overhead_ms_per_embed · e
 
 One slope and one overhead line for the whole table, fitted by least squares on relative residuals over
-every measured full block (at least three, across sizes: the space samples the largest and the smallest
+every measured full block (at least four, across sizes: the space samples the largest and the smallest
 block of each embedding width and random ones between). A single ratio per embedding width, as earlier
 tables were read, cannot follow a narrow block, whose fixed cost is a larger share: on DeiT-Tiny on a CPU
-it over-predicts the narrow half of the blocks by 3% and under-predicts the wide half by 2%.
+it over-predicts the narrow half of the blocks by 3% and under-predicts the wide half by 2% (BENCHMARKS.md §1).
 
 Too few blocks, blocks of one size only, or an implausible fit fall back to the mean ratio
 ``block / (attn + mlp)`` (``slope`` = that ratio, no overhead); a table without full blocks uses 1.
@@ -76,8 +76,3 @@ class BlockInteraction:
 
         residual = float(np.mean(np.abs(self(e, x) / y - 1.0)) * 100.0)
         return replace(self, residual_pct_mean_abs=residual)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "slope": self.slope, "overhead_ms": self.overhead_ms,
-                "overhead_ms_per_embed": self.overhead_ms_per_embed, "blocks": self.blocks,
-                "residual_pct_mean_abs": self.residual_pct_mean_abs}

@@ -101,8 +101,6 @@ class OnnxStore:
     def __init__(self, root: str | os.PathLike[str], *, max_bytes: int) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
-        self.hits = 0
-        self.misses = 0
         self._puts = 0
 
     def _path(self, key: str) -> Path:
@@ -114,9 +112,7 @@ class OnnxStore:
         try:
             os.utime(path)
         except OSError:
-            self.misses += 1
             return None
-        self.hits += 1
         return path
 
     def put(self, key: str, source: Path) -> Path:

@@ -60,13 +60,16 @@ def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1) -> list[Arch
     archs = [replace(base, name="cal-dense")]
     if count >= 2:
         archs.append(uniform_arch(base, CALIBRATION_LOW_FRACTION, name="cal-uniform"))
-    rng = np.random.default_rng(seed)
-    for i in range(max(0, count - 2)):
-        if i % 2 == 0:
-            archs.append(pruned_arch(base, rng, name=f"cal-pruned{i // 2}"))
-        else:
-            archs.append(random_arch(base, rng, name=f"cal-random{i // 2}"))
+    archs += mixed_archs(base, max(0, count - 2), np.random.default_rng(seed), prefix="cal-", digits=1)
     return archs[:count]
+
+
+def mixed_archs(base: ArchSpec, count: int, rng: np.random.Generator, *, prefix: str,
+                digits: int = 2) -> list[ArchSpec]:
+    """``count`` variants of ``base``: a pruned shape (:func:`pruned_arch`) and a random one
+    (:func:`random_arch`) alternately, named ``<prefix>pruned<i>`` and ``<prefix>random<i>``."""
+    return [pruned_arch(base, rng, name=f"{prefix}pruned{i // 2:0{digits}d}") if i % 2 == 0
+            else random_arch(base, rng, name=f"{prefix}random{i // 2:0{digits}d}") for i in range(count)]
 
 
 #: How the blocks of a pruned-shape model end (see :func:`pruned_arch`): probability of each fate.

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nvit.arch import ArchSpec
-from nvit.profiler.sampling import pruned_arch, random_arch
+from nvit.profiler.sampling import mixed_archs
 from nvit.profiler.workloads import model_workload
 
 DEFAULT_CHECK_MODELS = 6
@@ -38,14 +38,7 @@ class ModelTiming:
 
 def check_archs(base: ArchSpec, count: int, *, seed: int = DEFAULT_CHECK_SEED) -> list[ArchSpec]:
     """``count`` held-out models of ``base``: pruned shapes and random ones alternately (seeded)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        if i % 2 == 0:
-            out.append(pruned_arch(base, rng, name=f"check-pruned{i // 2:02d}"))
-        else:
-            out.append(random_arch(base, rng, name=f"check-random{i // 2:02d}"))
-    return out
+    return mixed_archs(base, count, np.random.default_rng(seed), prefix="check-")
 
 
 def measure_archs(
