@@ -55,3 +55,16 @@ def test_debug_env_shows_traceback(tmp_path) -> None:
     )
     assert env_run.returncode != 0
     assert "Traceback" in env_run.stderr and "SpecError" in env_run.stderr
+
+
+def test_profile_defaults_agree_everywhere() -> None:
+    """The CLI and the service's profile job spell SweepOptions' defaults as literals: they must agree."""
+    from nvit.commands import profile
+    from nvit.profiler.sweep import SweepOptions
+    from nvit.service.jobspec import ProfileRequest
+
+    options = SweepOptions()
+    assert options.calibration_models == profile.DEFAULT_CALIBRATION_MODELS
+    assert options.check_models == profile.DEFAULT_CHECK_MODELS
+    job = ProfileRequest(kind="profile", space="vit_test")
+    assert (job.calibrate, job.check) == (options.calibration_models, options.check_models)

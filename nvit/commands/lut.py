@@ -156,6 +156,7 @@ def check(
 ) -> None:
     """Measure held-out whole models now and report the table's accuracy on them (tables age: clocks,
     drivers, load). Run it on the table's device, with the machine otherwise idle."""
+    from nvit.commands.remote import measuring_here
     from nvit.export.compare import backend_for_table, check_same_device
     from nvit.lut.table import LatencyTable
     from nvit.profiler.selfcheck import DEFAULT_CHECK_SEED, recheck
@@ -167,7 +168,7 @@ def check(
         seed = int(table.meta.protocol.get("check_seed", DEFAULT_CHECK_SEED))
     console = Console()
     backend = backend_for_table(table.meta)
-    with backend:
+    with measuring_here(table.meta.device_kind, console, "lut check", backend.cuda_index), backend:
         check_same_device(table.meta, backend)
         console.print(f"measuring {models} held-out models (seed {seed}, {passes} passes) with {backend.name}")
         report = recheck(table, backend, count=models, seed=seed, passes=passes,

@@ -14,7 +14,7 @@ from rich.table import Table
 from nvit.commands.lut import self_check_line
 from nvit.errors import NvitError
 
-# SweepOptions' defaults (kept literal here so the CLI starts without numpy; tests/test_cli.py compares them)
+# SweepOptions' defaults (literal so the CLI starts without numpy; tests/test_cli.py compares them)
 DEFAULT_CALIBRATION_MODELS = 8
 DEFAULT_CHECK_MODELS = 6
 
@@ -116,7 +116,7 @@ def profile(
             raise NvitError("--remote profiles a --space; derive one from --arch locally first")
         body = {"kind": "profile", "space": space or "deit_small", "device": "cuda" if gpu else "cpu",
                 "backend": backend, "precision": precision, "batch_size": batch_size, "seed": seed,
-                "sentinel_every": sentinel_every, "calibrate": calibrate, "passes": passes,
+                "sentinel_every": sentinel_every, "calibrate": calibrate, "check": check, "passes": passes,
                 "backend_options": parse_backend_options(backend_option, threads)}
         profile_remotely(remote, body, out, Console())
         return

@@ -40,7 +40,8 @@ class ProfileRequest(_Strict):
     backend_options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     sentinel_every: int = Field(25, ge=1)
-    calibrate: int = Field(4, ge=0, le=64)
+    calibrate: int = Field(8, ge=0, le=64, description="Whole models measured to fit the calibration.")
+    check: int = Field(6, ge=0, le=64, description="Held-out whole models measured after the fit (self-check).")
     passes: int = Field(1, ge=1, le=8)
     max_attempts: int | None = Field(None, ge=1, le=20)
 
@@ -98,7 +99,7 @@ def profile_job(req: ProfileRequest, *, max_attempts: int) -> NewJob:
         backend = req.backend or default_backend(req.device)
         _checked_backend(backend, req.device, space.precision.value, space.batch_size, req.backend_options)
         options = SweepOptions(seed=req.seed, sentinel_every=req.sentinel_every, calibration_models=req.calibrate,
-                               passes=req.passes)
+                               check_models=req.check, passes=req.passes)
     except NvitError as exc:
         raise unprocessable(str(exc)) from None
     spec = {"space": space.to_dict(), "space_fingerprint": space.fingerprint(), "backend": backend,
