@@ -309,11 +309,7 @@ def report_stage(args: argparse.Namespace, s: Settings) -> None:
            "cpu_seconds": {f"{m}/s{seed}": doc["cpu_seconds"] for (m, seed), doc in runs.items()},
            "measure_seconds": json.loads((args.work / "measured.json").read_text())["seconds"]}
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
-    for method, item in comparison["after"]["methods"].items():
-        vs = item.get("vs_reference_mean_top1")
-        extra = "" if vs is None else f"  vs saliency {100 * vs['mean']:+.2f} [{100 * vs['ci95'][0]:+.2f}, " \
-                                      f"{100 * vs['ci95'][1]:+.2f}]"
-        log(f"{method:10s} mean {split} top-1 {100 * item['mean_top1']:.2f}%{extra}")
+    print(st.markdown(doc))
     log(f"wrote {args.out}")
 
 

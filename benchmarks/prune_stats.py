@@ -92,3 +92,43 @@ def compare_methods(curves: Mapping[str, Mapping[int, Curve]], reference: str, *
                                        for i in range(points)]
         out["methods"][method] = item  # type: ignore[index]
     return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _ci(p: Mapping[str, object] | None) -> str:
+    if p is None:
+        return "—"
+    low, high = p["ci95"]  # type: ignore[misc]
+    return f"{100 * p['mean']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"  # type: ignore[operator]
+
+
+def markdown(doc: Mapping[str, object]) -> str:
+    """The benchmark's tables for BENCHMARKS.md, from the report JSON."""
+    comp = doc["comparison"]  # type: ignore[index]
+    after, before = comp["after"], comp["before"]  # type: ignore[index]
+    lo, hi = after["range_ms"]
+    split = doc["split"]
+    lines = [f"Mean {split} top-1 over the common measured range {lo:.4f}–{hi:.4f} ms (area under each curve), "
+             f"and the paired difference to `saliency` over seeds (mean [95% CI], points):", "",
+             "| method | after FT | Δ vs saliency | before FT | Δ vs saliency (before FT) |", "|---|---|---|---|---|"]
+    for method, item in after["methods"].items():
+        b = before["methods"][method]
+        lines.append(f"| {method} | {_pct(item['mean_top1'])} | {_ci(item.get('vs_reference_mean_top1'))} | "
+                     f"{_pct(b['mean_top1'])} | {_ci(b.get('vs_reference_mean_top1'))} |")
+    rows = doc["rows"]  # type: ignore[index]
+    ratios = sorted({r["target_ratio"] for r in rows}, reverse=True)  # type: ignore[index]
+    head = " | ".join(f"{r:g}" for r in ratios)
+    lines += ["", f"{split} top-1 after fine-tuning, mean ± sd over seeds (mean measured ms), per target ratio:", "",
+              f"| method | {head} |", "|---|" + "---|" * len(ratios)]
+    for method in sorted({r["method"] for r in rows}):  # type: ignore[index]
+        cells = []
+        for ratio in ratios:
+            sel = [r for r in rows if r["method"] == method and r["target_ratio"] == ratio]  # type: ignore[index]
+            acc = np.array([r[f"{split}_after"] for r in sel])
+            ms = np.mean([r["measured_ms"] for r in sel])
+            cells.append(f"{_pct(acc.mean())} ± {100 * acc.std():.2f} ({ms:.4f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
