@@ -302,4 +302,4 @@ def test_cli_defaults_are_the_library_defaults() -> None:
     defaults = {name: option.default for name, option in options.items()}
     assert defaults["ranking"] == c.DEFAULT_RANKING.value and defaults["pace"] == c.DEFAULT_PACE
     assert defaults["interval"] == c.DEFAULT_INTERVAL and defaults["saliency_ema"] == c.DEFAULT_EMA
-    assert f"(default {c.DEFAULT_LATENCY_WEIGHT})" in options["latency_weight"].help
+    assert f"(default {c.DEFAULT_LATENCY_WEIGHT}," in options["latency_weight"].help

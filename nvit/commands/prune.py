@@ -57,14 +57,16 @@ def prune(
     arch: str | None = typer.Option(None, "--arch", help="Preset or arch.json of --checkpoint (default: inferred)."),
     data: str = typer.Option("digits", "--data", help=DATA_HELP),
     augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
-    ranking: str = typer.Option("latency", "--ranking", help="How groups are chosen at each pruning step: latency "
-                                "(saliency − η·ΔLat from the table), saliency (saliency alone), flops "
-                                "(saliency − η·ΔFLOPs), knapsack (least saliency whose ΔLat meets the step's pace)."),
+    ranking: str = typer.Option("knapsack", "--ranking", help="How groups are chosen at each pruning step: knapsack "
+                                "(the least saliency whose ΔLat from the table meets the step's pace; measured best "
+                                "in BENCHMARKS.md §2), latency (saliency − η·ΔLat), saliency (saliency alone), "
+                                "flops (saliency − η·ΔFLOPs)."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Same as --ranking saliency: rank by saliency "
                                     "alone; the LUT still decides when each target is met."),
     latency_weight: float | None = typer.Option(None, "--latency-weight", help="Unit-free weight λ of the latency "
                                                 "term: η = λ·median(saliency)/median(ΔLat) over the groups of the "
-                                                "first pruning step, then fixed for the run (default 1.0)."),
+                                                "first pruning step, then fixed for the run (default 3.0, chosen "
+                                                "on validation in BENCHMARKS.md §2)."),
     interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps."),
     pace: float = typer.Option(0.001, "--pace", help="Fraction of the base model's predicted latency removed at "
                                "each pruning step (0.001 with --interval 100 is NViT's pace: about two groups per "
@@ -109,7 +111,7 @@ def prune(
     output_folder(out)
     if not target_latency and not target_ratio:
         raise NvitError("give at least one --target-latency (e.g. 5ms) or --target-ratio (e.g. 0.5)")
-    if no_latency and ranking not in ("latency", "saliency"):
+    if no_latency and ranking not in ("knapsack", "saliency"):
         raise NvitError(f"--no-latency and --ranking {ranking} contradict each other; choose one")
     method = _choice(RankingMethod, "saliency" if no_latency else ranking, "--ranking")
     if latency_weight is not None and method not in (RankingMethod.LATENCY, RankingMethod.FLOPS):
