@@ -22,9 +22,10 @@ def variant(tmp_path):
 
 
 def test_export_variant_writes_verified_onnx_and_metadata(variant, capsys) -> None:
-    code, stdout, err = run_cli(["export", str(variant), "--measure"], capsys)
+    code, stdout, err = run_cli(["export", str(variant), "--measure", "--threads", "1"], capsys)
     assert code == 0, err
     meta = json.loads((variant / "export" / "export.json").read_text())
+    assert meta["engine"]["timing_backend"]["intra_op_threads"] == 1, "timed with the threads asked for"
     assert meta["verify"]["passed"] and meta["verify"]["max_abs_error"] < 1e-4
     assert meta["onnx"]["opset"] >= 18 and meta["provenance"]["top1"] == 0.5
     assert meta["timing"]["latency_ms_median"] > 0

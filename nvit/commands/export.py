@@ -31,11 +31,17 @@ def export(
     backend: str = typer.Option(None, "--backend", help="Timing backend.",
                                  show_default="tensorrt with --trt, else onnxruntime"),
     gpu: bool = typer.Option(False, "--gpu", help="Time on the GPU (CUDA) instead of the CPU."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of CPU timing backends; give "
+                                       "the table's (nvit lut show) to time as it was profiled.",
+                                       show_default="every available core"),
+    backend_option: list[str] = typer.Option([], "--backend-option", help="Timing backend option KEY=VALUE "
+                                             "(repeatable), as in nvit profile."),
     remote: str = typer.Option(None, "--remote", help="With --measure: upload the ONNX file to this nvit service "
                                "and time it on its device."),
 ) -> None:
     """Export a model to ONNX (opset >= 18, dynamic batch), verify it numerically in ONNX Runtime, and
     optionally build a TensorRT engine with the profiler's builder settings and time it."""
+    from nvit.commands.profile import parse_backend_options
     from nvit.commands.remote import measuring_here
     from nvit.errors import NvitError
     from nvit.export.pipeline import ExportOptions, export_model
@@ -52,6 +58,7 @@ def export(
         out_dir=out_dir, opset=opset, verify=verify, trt=trt, precision=precision, tf32=tf32, batch_size=batch_size,
         measure_backend=timing_backend if measure and not remote else None,
         device=DeviceKind.CUDA if (gpu or trt) else DeviceKind.CPU,
+        backend_options=parse_backend_options(backend_option, threads),
     )
     lock = measuring_here(options.device, console, "export --measure") if options.measure_backend else nullcontext()
     with lock, console.status(f"exporting {model} to ONNX..."):

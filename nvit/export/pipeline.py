@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class ExportOptions:
     batch_size: int = 1
     measure_backend: str | None = None  # time the exported model with this backend (None: no timing)
     device: DeviceKind = DeviceKind.CPU
+    backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. intra_op_threads, as nvit profile's
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ def export_model(model: VisionTransformer, options: ExportOptions, provenance: d
 
 
 def timing_options(options: ExportOptions, backend: str) -> dict[str, Any]:
-    """Backend options the export's timing uses (TF32 follows --tf32/--no-tf32 where a backend has it)."""
-    return {"tf32": options.tf32} if backend in _TF32_BACKENDS else {}
+    """Backend options the export's timing uses: the ones given, and TF32 following --tf32/--no-tf32 where a
+    backend has it."""
+    return {**({"tf32": options.tf32} if backend in _TF32_BACKENDS else {}), **options.backend_options}
 
 
 def _write_meta(out: Path, model: VisionTransformer, options: ExportOptions, report: VerifyReport | None,
