@@ -37,6 +37,7 @@ from nvit.fileio import atomic_write_text
 from nvit.profiler.base import DeviceKind, Precision, get_backend
 from nvit.profiler.device import fingerprint
 from nvit.profiler.workloads import model_workload
+from nvit.service.procs import stop_process
 
 PASSES = 2  # as nvit compare
 POLL_S = 0.05
@@ -163,12 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['remote_wall_s_median']:.2f} s")
     finally:
         for proc in (agent, server):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            if proc is not None:
+                stop_process(proc, timeout_s=20)
     return 0
 
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +27,7 @@ import httpx
 from service_measure import start, wait_url
 
 from nvit.fileio import atomic_write_text
+from nvit.service.procs import stop_process
 from nvit.service.queue import JobKind, JobQueue, NewJob
 from nvit.service.store import Store, sqlite_url
 
@@ -128,12 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(doc, indent=2) + "\n")
     finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_process(server, timeout_s=20)
     return 0
 
 

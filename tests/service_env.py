@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from nvit.service.procs import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 #: A short timing protocol: these tests check plumbing, not latency figures.
@@ -46,13 +47,7 @@ def env_for(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def stop(proc: subprocess.Popen[Any], *, timeout_s: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, timeout_s=timeout_s)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from nvit.errors import NvitError
 from nvit.fileio import atomic_write_text
 from nvit.service.auth import Scope, is_loopback, new_token
 from nvit.service.config import ServiceContext, ServiceSettings
+from nvit.service.procs import stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,7 @@ def local_agent(url: str, state_dir: Path, token: str | None) -> Iterator[subpro
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def serve(settings: ServiceSettings, *, host: str, port: int, with_agent: bool = False,
