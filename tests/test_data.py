@@ -18,7 +18,8 @@ from nvit.data import (
     build_loader,
     start_epoch,
 )
-from nvit.data.digits import DigitsDataset, digits_dataset, shift, split_indices
+from nvit.data.base import split_indices
+from nvit.data.digits import DigitsDataset, digits_dataset
 from nvit.data.transforms import (
     EvalTransform,
     Interpolation,
@@ -26,6 +27,7 @@ from nvit.data.transforms import (
     TransformConfig,
     center_crop_box,
     random_resized_crop_box,
+    shift,
     shorter_side_size,
 )
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nvit.arch import ArchSpec
+from nvit.data.transforms import Augment, resolve_augment, shift_px_for
 from nvit.errors import NvitError
 
 _WORKER_HEADER = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.$")
@@ -89,3 +90,12 @@ def split_indices(labels: np.ndarray, *, val_fraction: float, seed: int) -> Spli
         val.append(members[:n_val])
         train.append(members[n_val:])
     return SplitIndices(train=np.sort(np.concatenate(train)), val=np.sort(np.concatenate(val)))
+
+
+def in_memory_shift_px(name: str, augment: Augment | str | bool, size_px: int, split: Split) -> int:
+    """The random shift (pixels) an in-memory data set of ``size_px`` images applies to ``split`` under the
+    ``augment`` preset: the preset's shift on the train split, none elsewhere; ``imagenet`` is refused."""
+    chosen = resolve_augment(augment, size_px)
+    if chosen is Augment.IMAGENET:
+        raise DataError(f"the imagenet augmentation applies to image folders; use shift or none for {name}")
+    return shift_px_for(size_px) if chosen is Augment.SHIFT and split is Split.TRAIN else 0

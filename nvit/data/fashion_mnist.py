@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from nvit.arch import ArchSpec
-from nvit.data.base import DataError, Split, check_image_shape, split_indices
-from nvit.data.transforms import Augment, random_shift, resolve_augment, shift_px_for
+from nvit.data.base import DataError, Split, check_image_shape, in_memory_shift_px, split_indices
+from nvit.data.transforms import Augment, random_shift
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,5 @@ def fashion_mnist_dataset(
     """The split of ``fashion-mnist[:folder]`` for ``arch``; ``auto`` augmentation is ``shift`` (2 px, train)."""
     check_image_shape(FASHION_MNIST_NAME, arch, channels=CHANNELS, size_px=SIZE_PX, num_classes=NUM_CLASSES)
     split = Split.parse(split)
-    chosen = resolve_augment(augment, SIZE_PX)
-    if chosen is Augment.IMAGENET:
-        raise DataError("the imagenet augmentation applies to image folders; use shift or none for fashion-mnist")
-    shift_px = shift_px_for(SIZE_PX) if chosen is Augment.SHIFT and split is Split.TRAIN else 0
+    shift_px = in_memory_shift_px(FASHION_MNIST_NAME, augment, SIZE_PX, split)
     return FashionMnistDataset(split, root=root_of(str(name)), shift_px=shift_px)

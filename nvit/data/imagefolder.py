@@ -107,12 +107,11 @@ def imagefolder_dataset(
     small = resolve_augment(Augment.AUTO, arch.img_size) is not Augment.IMAGENET
     config = TransformConfig(img_size=arch.img_size, in_chans=arch.in_chans, jitter=jitter)
     train = split is Split.TRAIN
+    shift_train = train and chosen is Augment.SHIFT
     if train and chosen is Augment.IMAGENET:
         transform = TrainTransform(config)
-    elif small:
-        transform = ShiftTransform(config, shift_px_for(arch.img_size) if train and chosen is Augment.SHIFT else 0)
-    elif train and chosen is Augment.SHIFT:
-        transform = ShiftTransform(config, shift_px_for(arch.img_size))
+    elif small or shift_train:
+        transform = ShiftTransform(config, shift_px_for(arch.img_size) if shift_train else 0)
     else:
         transform = EvalTransform(config)
     dataset = ImageFolderDataset(root, split, transform)
