@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,11 +165,15 @@ class GroupLayout:
             raise PruneError("the model's gates do not match the pruning layout (enable gates on the same arch)")
         return gates
 
+    def spec_at(self, gate_widths: Sequence[int] | np.ndarray) -> ArchSpec:
+        """The architecture with gate ``g`` at width ``gate_widths[g]`` (gates in this layout's order)."""
+        w = gate_widths
+        blocks = tuple(BlockSpec(*(int(x) for x in w[1 + 4 * i: 5 + 4 * i])) for i in range(self.spec.depth))
+        return _with_widths(self.spec, int(w[0]), blocks)
+
     def minimal_spec(self) -> ArchSpec:
         """The architecture with every gate at its minimum: the smallest latency pruning can reach."""
-        m = self.gate_min
-        blocks = tuple(BlockSpec(*(int(w) for w in m[1 + 4 * i: 5 + 4 * i])) for i in range(self.spec.depth))
-        return _with_widths(self.spec, int(m[0]), blocks)
+        return self.spec_at(self.gate_min)
 
 
 def _with_widths(spec: ArchSpec, embed_dim: int, blocks: tuple[BlockSpec, ...]) -> ArchSpec:
@@ -268,9 +273,7 @@ class PruneState:
 
     def spec(self) -> ArchSpec:
         """The architecture at the current widths (what the latency predictor is asked about)."""
-        w = self.widths
-        blocks = tuple(BlockSpec(*(int(x) for x in w[1 + 4 * i: 5 + 4 * i])) for i in range(self.layout.spec.depth))
-        return _with_widths(self.layout.spec, int(w[0]), blocks)
+        return self.layout.spec_at(self.widths)
 
     def keep_indices(self) -> KeepIndices:
         """Kept units of every gate, for :func:`nvit.models.slice_model`."""
