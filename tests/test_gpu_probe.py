@@ -139,6 +139,59 @@ def test_backend_fingerprint_uses_the_backend_device_index(gpu_machine):
     assert backend_fingerprint(backend, warm_up_s=0.0).gpu.index == 1 and calls[0] == "props1"
 
 
+CLOCK_READS = ("clock", "max_clock", "power", "temperature", "reasons", "driver")
+
+
+@pytest.mark.parametrize("mig", [False, True])
+def test_the_uuid_and_name_alone_are_those_gpu_info_reports_without_reading_clocks(gpu_machine, mig):
+    calls, install = gpu_machine
+    install(mig=mig)
+    info = gpu_probe.gpu_info(1, warm_up_s=0.0)
+    calls.clear()
+    assert gpu_probe.gpu_uuid(1) == info.uuid == f"{'MIG' if mig else 'GPU'}-{RAW_UUID}"
+    assert gpu_probe.gpu_name(1) == info.name
+    assert not any(c in CLOCK_READS or c.startswith("load") for c in calls)
+    assert calls.count("nvmlInit") == calls.count("nvmlShutdown") == 1
+
+
+@pytest.mark.parametrize("mig", [False, True])
+def test_without_nvml_the_uuid_takes_one_nvidia_smi_call_per_candidate_tried(gpu_machine, monkeypatch, mig):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    monkeypatch.setattr(gpu_probe.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    known = f"{'MIG' if mig else 'GPU'}-{RAW_UUID}"
+    smi_calls: list[list[str]] = []
+
+    def run(cmd, **kwargs):
+        smi_calls.append(cmd)
+        if cmd[-1] != known:
+            raise gpu_probe.subprocess.CalledProcessError(6, cmd)
+        out = "0x4" if "active" in cmd[1] else "570.86.15, 1980, 2619, 1980, 2619, 700.00, 41"
+        return types.SimpleNamespace(stdout=out + "\n")
+
+    monkeypatch.setattr(gpu_probe.subprocess, "run", run)
+    info = gpu_probe.gpu_info(0, warm_up_s=0.0)
+    smi_calls.clear()
+    assert gpu_probe.gpu_uuid(0) == info.uuid == known
+    assert len(smi_calls) == (2 if mig else 1)  # GPU- tried first, then MIG-; never the clock-reason fields
+    assert not any("active" in cmd[1] for cmd in smi_calls)
+
+
+def test_a_gpu_lock_is_named_by_the_uuid_gpu_info_reports(gpu_machine, monkeypatch, tmp_path):
+    from nvit.profiler import devicelock
+
+    calls, install = gpu_machine
+    install()
+    monkeypatch.setenv("NVIT_LOCK_DIR", str(tmp_path))
+    uuid = gpu_probe.gpu_info(1, warm_up_s=0.0).uuid
+    calls.clear()
+    devicelock._gpu_uuid.cache_clear()
+    try:
+        assert devicelock.lock_path(DeviceKind.CUDA, 1) == tmp_path / f"cuda-{uuid}.lock"
+    finally:
+        devicelock._gpu_uuid.cache_clear()
+    assert not any(c in CLOCK_READS or c.startswith("load") for c in calls)
+
+
 def test_reason_masks_and_uuid_forms():
     assert decode_clock_reasons(0) == ()
     assert decode_clock_reasons(0x1 | 0x40 | 0x800) == ("gpu_idle", "hw_thermal_slowdown", "0x800")

@@ -169,10 +169,13 @@ def backend_for_table(meta: Any) -> Any:
 def check_same_device(meta: Any, backend: Any) -> None:
     """Refuse to compare on another device than the table's (a LUT predicts one device only)."""
     from nvit.lut.table import check_compatible
-    from nvit.profiler.device import backend_fingerprint
+    from nvit.profiler.base import DeviceKind
+    from nvit.profiler.device import cpu_info
+    from nvit.profiler.gpu_probe import gpu_name
 
-    here = backend_fingerprint(backend, warm_up_s=0.0)  # the name is enough: no need to warm the GPU
-    name = here.gpu.name if here.gpu is not None else here.cpu.model_name
+    # the name its fingerprint records, without probing clocks or versions
+    cuda = DeviceKind(backend.device) is DeviceKind.CUDA
+    name = gpu_name(backend.cuda_index) if cuda else cpu_info().model_name
     check_compatible(meta, device=name, source="the latency table")
 
 

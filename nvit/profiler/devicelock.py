@@ -64,9 +64,9 @@ def lock_path(kind: DeviceKind | str, cuda_index: int = 0) -> Path:
 @functools.cache
 def _gpu_uuid(cuda_index: int) -> str:
     with contextlib.suppress(Exception):  # no torch/CUDA here: the index is the best name there is
-        from nvit.profiler.gpu_probe import gpu_info
+        from nvit.profiler.gpu_probe import gpu_uuid
 
-        return gpu_info(cuda_index, warm_up_s=0.0).uuid
+        return gpu_uuid(cuda_index)
     return ""
 
 

@@ -128,11 +128,9 @@ def _smi(smi: str, fields: tuple[str, ...], uuid: str) -> str | None:
         return None
 
 
-def smi_query(uuids: list[str]) -> tuple[str, str | None, GpuClocks] | None:
-    """``(uuid, driver, clocks)`` from nvidia-smi for the first UUID it knows, else None."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
+def _smi_find(smi: str, uuids: list[str]) -> tuple[str, str | None, GpuClocks] | None:
+    """``(uuid, driver, clocks)`` for the first UUID whose ``_SMI_FIELDS`` line nvidia-smi prints and
+    :func:`parse_nvidia_smi_csv` reads (one call per UUID tried; no clock-limit reasons), else None."""
     for uuid in uuids:
         line = _smi(smi, _SMI_FIELDS, uuid)
         if line is None:
@@ -142,14 +140,24 @@ def smi_query(uuids: list[str]) -> tuple[str, str | None, GpuClocks] | None:
         except BackendError as exc:
             logger.debug("%s", exc)
             continue
-        for field in _SMI_REASON_FIELDS:
-            mask = _smi(smi, (field,), uuid)
-            with contextlib.suppress(TypeError, ValueError):
-                reasons = decode_clock_reasons(int(mask.strip(), 16))  # type: ignore[union-attr]
-                clocks = GpuClocks(**{**clocks.__dict__, "clock_limit_reasons": reasons})
-                break
         return uuid, driver, clocks
     return None
+
+
+def smi_query(uuids: list[str]) -> tuple[str, str | None, GpuClocks] | None:
+    """``(uuid, driver, clocks)`` from nvidia-smi for the first UUID it knows, else None."""
+    smi = shutil.which("nvidia-smi")
+    found = _smi_find(smi, uuids) if smi is not None else None
+    if smi is None or found is None:
+        return None
+    uuid, driver, clocks = found
+    for field in _SMI_REASON_FIELDS:
+        mask = _smi(smi, (field,), uuid)
+        with contextlib.suppress(TypeError, ValueError):
+            reasons = decode_clock_reasons(int(mask.strip(), 16))  # type: ignore[union-attr]
+            clocks = GpuClocks(**{**clocks.__dict__, "clock_limit_reasons": reasons})
+            break
+    return uuid, driver, clocks
 
 
 # ---- NVML -----------------------------------------------------------------------------------------------
@@ -169,14 +177,42 @@ def _nvml_handle(nvml: Any, uuids: list[str]) -> tuple[str, Any, Any] | None:
     return None
 
 
-def nvml_query(uuids: list[str]) -> tuple[str, str | None, GpuClocks] | None:
-    """``(uuid, driver, clocks)`` from NVML for the first UUID it knows, else None. Never raises."""
+def _nvml_init() -> Any:
+    """pynvml, initialised (the caller shuts it down), or None where it is missing or fails to load."""
     try:
         import pynvml as nvml
 
         nvml.nvmlInit()
     except Exception as exc:  # missing, or a library that fails to load: any exception type
         logger.debug("NVML unavailable: %s", exc)
+        return None
+    return nvml
+
+
+def _nvml_shutdown(nvml: Any) -> None:
+    with contextlib.suppress(Exception):
+        nvml.nvmlShutdown()
+
+
+def nvml_uuid(uuids: list[str]) -> str | None:
+    """The first of ``uuids`` NVML knows (no clocks read), else None. Never raises."""
+    nvml = _nvml_init()
+    if nvml is None:
+        return None
+    try:
+        found = _nvml_handle(nvml, uuids)
+        return found[0] if found is not None else None
+    except Exception as exc:
+        logger.debug("NVML query failed: %s", exc)
+        return None
+    finally:
+        _nvml_shutdown(nvml)
+
+
+def nvml_query(uuids: list[str]) -> tuple[str, str | None, GpuClocks] | None:
+    """``(uuid, driver, clocks)`` from NVML for the first UUID it knows, else None. Never raises."""
+    nvml = _nvml_init()
+    if nvml is None:
         return None
     try:
         found = _nvml_handle(nvml, uuids)
@@ -214,8 +250,7 @@ def nvml_query(uuids: list[str]) -> tuple[str, str | None, GpuClocks] | None:
         logger.debug("NVML query failed: %s", exc)
         return None
     finally:
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
+        _nvml_shutdown(nvml)
 
 
 # ---- the device ---------------------------------------------------------------------------------------------
@@ -246,15 +281,48 @@ def under_load(index: int, seconds: float = WARM_UP_S) -> Iterator[None]:
             torch.cuda.synchronize(index)
 
 
-def gpu_info(index: int = 0, *, warm_up_s: float = WARM_UP_S) -> GpuInfo:
-    """Describe CUDA device ``index``; clocks are read under load after ``warm_up_s`` (0: as they are)."""
+def check_cuda_index(index: int) -> None:
+    """Refuse a CUDA device index this machine does not have."""
+    import torch
+
+    if not 0 <= index < torch.cuda.device_count():
+        raise BackendError(f"no CUDA device {index} (this machine has {torch.cuda.device_count()})")
+
+
+def _cuda_properties(index: int) -> Any:
     import torch
 
     if not torch.cuda.is_available():
         raise BackendError("a CUDA fingerprint needs a CUDA device but torch.cuda.is_available() is False")
-    if not 0 <= index < torch.cuda.device_count():
-        raise BackendError(f"no CUDA device {index} (this machine has {torch.cuda.device_count()})")
-    props = torch.cuda.get_device_properties(index)
+    check_cuda_index(index)
+    return torch.cuda.get_device_properties(index)
+
+
+def gpu_name(index: int = 0) -> str:
+    """The model name :func:`gpu_info` reports for CUDA device ``index`` (nothing else is probed)."""
+    return _cuda_properties(index).name
+
+
+def gpu_uuid(index: int = 0) -> str:
+    """The UUID :func:`gpu_info` reports for CUDA device ``index``, resolved the same way (the first candidate
+    NVML knows, else the first nvidia-smi describes, else the first candidate) without reading clocks or
+    clock-limit reasons: one nvidia-smi call per candidate tried, where NVML is missing. ``""`` when torch
+    reports no UUID."""
+    candidates = uuid_candidates(str(getattr(_cuda_properties(index), "uuid", "") or ""))
+    if not candidates:
+        return ""
+    found = nvml_uuid(candidates)
+    if found is None and (smi := shutil.which("nvidia-smi")) is not None:
+        described = _smi_find(smi, candidates)
+        found = described[0] if described is not None else None
+    return found if found is not None else candidates[0]
+
+
+def gpu_info(index: int = 0, *, warm_up_s: float = WARM_UP_S) -> GpuInfo:
+    """Describe CUDA device ``index``; clocks are read under load after ``warm_up_s`` (0: as they are)."""
+    import torch
+
+    props = _cuda_properties(index)
     candidates = uuid_candidates(str(getattr(props, "uuid", "") or ""))
     found = None
     if candidates and (importlib.util.find_spec("pynvml") is not None or shutil.which("nvidia-smi")):
