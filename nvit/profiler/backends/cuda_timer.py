@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from nvit.errors import BackendError
 from nvit.profiler.base import TimingMode
+from nvit.profiler.gpu_probe import check_cuda_index
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +254,7 @@ def open_cuda(preferred: str, index: int = 0) -> CudaApi:
     choice = select_cuda_api(preferred, **available_cuda_apis())
     if choice == "pycuda":
         return PycudaCuda(index)
-    import torch
-
-    if not 0 <= index < torch.cuda.device_count():
-        raise BackendError(f"no CUDA device {index} (this machine has {torch.cuda.device_count()})")
+    check_cuda_index(index)
     return TorchCuda(index)
 
 

@@ -24,6 +24,7 @@ from nvit.profiler.backends.common import example_input, module_copy, option, re
 from nvit.profiler.backends.cuda_timer import CudaTimer, TorchCuda, timing_mode
 from nvit.profiler.base import Backend, DeviceKind, Precision, PreparedWorkload, TimingMode, Workload
 from nvit.profiler.device import available_cores
+from nvit.profiler.gpu_probe import check_cuda_index
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ class TorchBackend(Backend):
 
         if self.device is DeviceKind.CUDA:
             require_cuda_torch()
-            if not 0 <= self.cuda_index < torch.cuda.device_count():
-                raise BackendError(f"no CUDA device {self.cuda_index} (this machine has {torch.cuda.device_count()})")
+            check_cuda_index(self.cuda_index)
             self._cuda = TorchCuda(self.cuda_index)
             self._set(torch.backends.cuda.matmul, "allow_tf32", self.tf32)
             self._set(torch.backends.cudnn, "allow_tf32", self.tf32)
