@@ -51,6 +51,11 @@ def aligned_span(lo: int, hi: int, points: int, align: int) -> tuple[int, ...]:
     return tuple(sorted(v for v in values if v <= hi))
 
 
+def head_span(heads: int, max_points: int) -> tuple[int, ...]:
+    """Head counts from 1 to ``heads``: all of them, or ``max_points`` spread evenly when there are more."""
+    return tuple(range(1, heads + 1)) if heads <= max_points else aligned_span(1, heads, max_points, 1)
+
+
 def doubling_span(unit: int, hi: int) -> tuple[int, ...]:
     """``unit, 2·unit, 4·unit, ...`` below ``hi``, then ``hi``."""
     values = [unit * 2**k for k in range(int(math.log2(max(hi // unit, 1))) + 1) if unit * 2**k < hi]
@@ -86,11 +91,9 @@ def derive_axes(embed_dim: int, heads: int, qk_dim: int, v_dim: int, mlp_dim: in
     (:func:`low_dense_span`). All widths are multiples of ``group_size``, up to the model's own."""
     g = group_size
     embed_points = 4 if embed_dim <= 8 * g else 5 if embed_dim < 32 * g else MAX_EMBED_POINTS
-    head_axis = (tuple(range(1, heads + 1)) if heads <= MAX_HEAD_POINTS
-                 else aligned_span(1, heads, MAX_HEAD_POINTS, 1))
     return {
         "embed_dims": aligned_span(min(g, embed_dim), embed_dim, embed_points, g),
-        "heads": head_axis,
+        "heads": head_span(heads, MAX_HEAD_POINTS),
         "qk_dims": doubling_span(min(g, qk_dim), qk_dim),
         "v_dims": doubling_span(min(g, v_dim), v_dim),
         "mlp_dims": low_dense_span(min(g, mlp_dim), mlp_dim, MLP_POINTS, g),

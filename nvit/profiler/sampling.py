@@ -18,6 +18,11 @@ def _aligned_width(rng: np.random.Generator, full: int, low: float, high: float,
     return int(rng.integers(lo // align, hi // align + 1)) * align
 
 
+def _head_count(rng: np.random.Generator, heads: int, low: float, high: float) -> int:
+    lo = max(1, math.ceil(low * heads))
+    return int(rng.integers(lo, max(lo, math.floor(high * heads)) + 1))
+
+
 def random_arch(base: ArchSpec, rng: np.random.Generator, *, low: float = 0.3, high: float = 1.0,
                 align: int = 8, name: str = "") -> ArchSpec:
     """A non-uniform variant of ``base``: every width drawn between ``low`` and ``high`` of the dense one
@@ -25,11 +30,9 @@ def random_arch(base: ArchSpec, rng: np.random.Generator, *, low: float = 0.3, h
     if not 0 < low <= high:
         raise SpecError(f"width fractions must satisfy 0 < low <= high, got {low} and {high}")
     dense = base.blocks[0]
-    head_lo = max(1, math.ceil(low * dense.heads))
-    head_hi = max(head_lo, math.floor(high * dense.heads))
     e = _aligned_width(rng, base.embed_dim, low, high, align)
     blocks = tuple(
-        BlockSpec(heads=int(rng.integers(head_lo, head_hi + 1)),
+        BlockSpec(heads=_head_count(rng, dense.heads, low, high),
                   qk_dim=_aligned_width(rng, dense.qk_dim, low, high, align),
                   v_dim=_aligned_width(rng, dense.v_dim, low, high, align),
                   mlp_dim=_aligned_width(rng, dense.mlp_dim, low, high, align))
@@ -94,8 +97,7 @@ def pruned_arch(base: ArchSpec, rng: np.random.Generator, *, align: int = 8, nam
                              v_dim=narrow_width(dense.v_dim),
                              mlp_dim=min(dense.mlp_dim, align * int(rng.integers(1, 5))))
         lo, hi, m_lo, m_hi = (0.25, 0.75, 0.1, 0.5) if fate == "mid" else (0.7, 1.0, 0.6, 1.0)
-        head_lo = max(1, math.ceil(lo * dense.heads))
-        return BlockSpec(heads=int(rng.integers(head_lo, max(head_lo, math.floor(hi * dense.heads)) + 1)),
+        return BlockSpec(heads=_head_count(rng, dense.heads, lo, hi),
                          qk_dim=_aligned_width(rng, dense.qk_dim, lo, hi, align),
                          v_dim=_aligned_width(rng, dense.v_dim, lo, hi, align),
                          mlp_dim=_aligned_width(rng, dense.mlp_dim, m_lo, m_hi, align))

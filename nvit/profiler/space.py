@@ -38,6 +38,7 @@ from nvit.profiler.grids import (
     aligned_span,
     derive_axes,
     doubling_span,
+    head_span,
     low_dense_span,
 )
 from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind, positive_int
@@ -238,8 +239,7 @@ def preset_space(name: str, *, batch_size: int = 1, precision: Precision | str =
     base = preset(name)
     dense = base.blocks[0]
     e = base.embed_dim
-    heads = (tuple(range(1, dense.heads + 1)) if dense.heads <= recipe.max_head_points
-             else aligned_span(1, dense.heads, recipe.max_head_points, 1))
+    heads = head_span(dense.heads, recipe.max_head_points)
     if recipe.mlp_low_dense:
         unit = recipe.head_dim_unit
         mlp_dims = low_dense_span(unit, dense.mlp_dim, recipe.mlp_points, unit)
