@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -42,8 +41,6 @@ from nvit.profiler.sampling import calibration_archs
 from nvit.profiler.selfcheck import DEFAULT_CHECK_MODELS, DEFAULT_CHECK_SEED, check_archs
 from nvit.profiler.space import SearchSpace
 from nvit.profiler.workloads import part_workload
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_SENTINEL_EVERY = 25
 DEFAULT_CALIBRATION_MODELS = 8  # dense, small uniform, then pruned shapes and random ones
