@@ -175,13 +175,6 @@ def test_cli_profile_arch_derives_the_grid(tmp_path, fake_backends, capsys) -> N
     assert code == 1 and "not both" in err
 
 
-def test_cli_profile_defaults_match_the_library() -> None:
-    from nvit.commands import profile
-
-    assert SweepOptions().calibration_models == profile.DEFAULT_CALIBRATION_MODELS
-    assert SweepOptions().check_models == profile.DEFAULT_CHECK_MODELS
-
-
 def test_check_record_is_json(checked_lut) -> None:
     json.dumps(LatencyTable.load(checked_lut).meta.self_check, allow_nan=False)
 
