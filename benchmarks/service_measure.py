@@ -32,12 +32,14 @@ from typing import Any
 import httpx
 
 from nvit.arch import preset
+from nvit.errors import NvitError
 from nvit.export.compare import measure_passes
 from nvit.fileio import atomic_write_text
 from nvit.profiler.base import DeviceKind, Precision, get_backend
 from nvit.profiler.device import fingerprint
 from nvit.profiler.workloads import model_workload
 from nvit.service.procs import stop_process
+from nvit.service.server import wait_for_server_url
 
 PASSES = 2  # as nvit compare
 POLL_S = 0.05
@@ -49,20 +51,10 @@ def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
 
 
 def wait_url(state: Path, proc: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"nvit serve exited with {proc.returncode}")
-        info = state / "server.json"
-        if info.exists():
-            url = json.loads(info.read_text())["url"]
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.1)
-    raise SystemExit("nvit serve did not start")
+    try:
+        return wait_for_server_url(state, proc, timeout_s=120, probe_timeout_s=2)
+    except NvitError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def measure_local(name: str, threads: int) -> tuple[dict[str, Any], float]:

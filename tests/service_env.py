@@ -6,7 +6,6 @@ Every context manager stops what it started (SIGTERM, then SIGKILL), even when t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -65,26 +64,21 @@ class Server:
 @contextlib.contextmanager
 def running_server(state: Path, env: dict[str, str], *args: str) -> Iterator[Server]:
     """``nvit serve --state STATE --port 0 ARGS`` until the block ends."""
+    # imported here: the server side needs the service extra, this module's other helpers do not
+    from nvit.errors import NvitError
+    from nvit.service.server import SERVER_FILE, wait_for_server_url
+
     state.mkdir(parents=True, exist_ok=True)
-    info = state / "server.json"
-    info.unlink(missing_ok=True)
+    (state / SERVER_FILE).unlink(missing_ok=True)
     log = state.parent / f"{state.name}-server.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nvit", "serve", "--state", str(state), "--port", "0", *args],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"nvit serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            if info.exists():
-                url = json.loads(info.read_text())["url"]
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                        break
-            if time.monotonic() > deadline:
-                pytest.fail(f"nvit serve did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+        try:
+            url = wait_for_server_url(state, proc, timeout_s=STARTUP_S, probe_timeout_s=5)
+        except NvitError as exc:
+            pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
         yield Server(url, proc, state, log)
     finally:
         stop(proc)

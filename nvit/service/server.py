@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from nvit.errors import NvitError
 from nvit.fileio import atomic_write_text
@@ -28,6 +30,28 @@ logger = logging.getLogger(__name__)
 
 SERVER_FILE = "server.json"
 _GRACEFUL_SHUTDOWN_S = 3
+
+
+def wait_for_server_url(state_dir: Path, proc: subprocess.Popen[Any], *, timeout_s: float,
+                        probe_timeout_s: float) -> str:
+    """The URL of ``nvit serve --state STATE_DIR`` running as PROC, once its ``/healthz`` answers 200.
+
+    Raises NvitError when PROC exits or TIMEOUT_S passes first."""
+    import httpx
+
+    info = Path(state_dir) / SERVER_FILE
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise NvitError(f"nvit serve exited with {proc.returncode}")
+        if info.exists():
+            url = json.loads(info.read_text())["url"]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/healthz", timeout=probe_timeout_s).status_code == 200:
+                    return url
+        if time.monotonic() > deadline:
+            raise NvitError("nvit serve did not start")
+        time.sleep(0.1)
 
 
 def bind(host: str, port: int) -> socket.socket:
