@@ -30,7 +30,6 @@ QUICK_BACKEND = {"intra_op_threads": 1, "harness": QUICK_HARNESS}
 #: A vit_test space of 12 configurations whose grid holds every width a --group-size 16 prune can reach.
 SPACE = {"base": "vit_test", "embed_dims": [32, 64], "heads": [1, 4], "qk_dims": [16], "v_dims": [16],
          "mlp_dims": [16, 256], "blocks_per_embed": 1, "name": "svc-test"}
-SPACE_CONFIGS = 4 + 4 + 2 + 2
 STARTUP_S = 60.0
 
 
@@ -43,10 +42,6 @@ def env_for(tmp: Path, **extra: str) -> dict[str, str]:
     env.pop("NVIT_TOKEN", None)
     env.update(extra)
     return env
-
-
-def stop(proc: subprocess.Popen[Any], *, timeout_s: float = 15.0) -> None:
-    stop_process(proc, timeout_s=timeout_s)
 
 
 @dataclass
@@ -81,7 +76,7 @@ def running_server(state: Path, env: dict[str, str], *args: str) -> Iterator[Ser
             pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
         yield Server(url, proc, state, log)
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -99,7 +94,7 @@ def running_agent(url: str, work_dir: Path, env: dict[str, str], name: str, *arg
     try:
         yield proc
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def wait_for(predicate: Any, *, timeout_s: float, what: str, every_s: float = 0.2) -> Any:
