@@ -43,12 +43,9 @@ def work(tmp_path_factory) -> Path:
     import lut_fakes as fk
 
     from nvit.models import build_model
-    from nvit.profiler.sweep import SweepOptions, run_sweep
 
     folder = tmp_path_factory.mktemp("torchrun")
-    with fk.FakeBackend() as backend:
-        run_sweep(fk.tiny_space(), backend, folder / "lut.parquet", device=fk.fake_device(),
-                  options=SweepOptions(calibration_models=2))
+    fk.tiny_table(folder / "lut.parquet")
     torch.save(build_model(SPEC, seed=0).state_dict(), folder / "base.pth")
     return folder
 
