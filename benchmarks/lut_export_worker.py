@@ -33,7 +33,6 @@ from nvit.profiler.workloads import part_workload
 
 def _exporter(space_name: str, stop: Any, count: Any) -> None:
     """Export configurations of the space one after another until told to stop (no store: real work)."""
-    os.environ["NVIT_ONNX_CACHE"] = "0"
     import tempfile
 
     from nvit.export.onnx import export_onnx
