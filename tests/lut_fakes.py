@@ -98,6 +98,14 @@ class FakeBackend(Backend):
         return {"fake": "1.0"}
 
 
+def register_fake(monkeypatch: Any, name: str = "fake", cls: type[Backend] = FakeBackend) -> None:
+    """Register ``cls`` as backend ``name`` until the test ends (the registry is global)."""
+    from nvit.profiler import base
+
+    base.get_backend("onnxruntime")  # load the built-in backends first
+    monkeypatch.setitem(base._REGISTRY, name, lambda: cls)
+
+
 def fake_device(cpu: str = "Test CPU 9000") -> DeviceFingerprint:
     info = CpuInfo(model_name=cpu, logical_cores=2, available_cores=2, threads_used=1, platform="test",
                    machine="x86_64", python_version="3.11")

@@ -10,15 +10,13 @@ from cli_run import run_cli
 
 from nvit.arch import ArchSpec, BlockSpec, preset
 from nvit.models import build_model, save_variant
-from nvit.profiler import base as backend_registry
 from nvit.profiler.sweep import SweepOptions, run_sweep
 
 
 @pytest.fixture(autouse=True)
 def fake_registered(monkeypatch):
     """The fake backend under its name for these tests only (the registry is global)."""
-    backend_registry.get_backend("onnxruntime")  # load the built-in backends first
-    monkeypatch.setitem(backend_registry._REGISTRY, "fake", lambda: fk.FakeBackend)
+    fk.register_fake(monkeypatch)
 
 
 @pytest.fixture(scope="module")

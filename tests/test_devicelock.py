@@ -75,9 +75,6 @@ def test_a_killed_holder_releases_the_device(lock_dir) -> None:
 
 def test_nvit_profile_waits_while_another_measurement_holds_the_device(lock_dir, tmp_path, capsys,
                                                                        monkeypatch) -> None:
-    from nvit.profiler import base
-
-    base.get_backend("onnxruntime")
     calls: list[float] = []
 
     class TimedFake(fk.FakeBackend):
@@ -85,7 +82,7 @@ def test_nvit_profile_waits_while_another_measurement_holds_the_device(lock_dir,
             calls.append(time.time())
             return super()._measure_impl(workload)
 
-    monkeypatch.setitem(base._REGISTRY, "fake", lambda: TimedFake)
+    fk.register_fake(monkeypatch, cls=TimedFake)
     space = save_space(fk.tiny_space(), tmp_path / "space.json")
     held, released = threading.Event(), []
 

@@ -257,12 +257,10 @@ def test_the_benchmarks_run_end_to_end_with_a_fake_backend(tmp_path, monkeypatch
     import sys
     from pathlib import Path
 
-    from nvit.profiler import base
     from nvit.profiler.space import save_space
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
-    base.get_backend("onnxruntime")  # load the built-in backends first
-    monkeypatch.setitem(base._REGISTRY, "fake", lambda: fk.FakeBackend)  # undone after the test
+    fk.register_fake(monkeypatch)
     for name in ("lut_interpolation", "lut_end_to_end"):
         sys.modules.pop(name, None)
     import lut_end_to_end

@@ -15,7 +15,6 @@ from cli_run import run_cli
 from nvit.arch import ArchSpec, BlockSpec, preset, save_arch
 from nvit.lut.accuracy import error_figures
 from nvit.lut.table import LatencyTable
-from nvit.profiler import base as backend_registry
 from nvit.profiler.base import DeviceKind
 from nvit.profiler.device import fingerprint
 from nvit.profiler.sampling import pruned_arch
@@ -36,8 +35,8 @@ class AgedBackend(fk.FakeBackend):
 
 @pytest.fixture
 def fake_backends(monkeypatch):
-    monkeypatch.setitem(backend_registry._REGISTRY, "fake", lambda: fk.FakeBackend)
-    monkeypatch.setitem(backend_registry._REGISTRY, "aged", lambda: AgedBackend)
+    fk.register_fake(monkeypatch)
+    fk.register_fake(monkeypatch, "aged", AgedBackend)
 
 
 @pytest.fixture(scope="module")

@@ -293,10 +293,7 @@ def test_uncalibrated_sweep(tmp_path) -> None:
 @pytest.fixture
 def fake_registered(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    from nvit.profiler import base
-
-    base.get_backend("onnxruntime")  # load the built-in backends first
-    monkeypatch.setitem(base._REGISTRY, "fake", lambda: fk.FakeBackend)  # undone after the test
+    fk.register_fake(monkeypatch)
 
 
 
