@@ -254,15 +254,10 @@ def test_the_benchmarks_run_end_to_end_with_a_fake_backend(tmp_path, monkeypatch
     """The issue's benchmark scripts, on a tiny space and the fake backend: the oracle makes every
     LUT prediction exact, and the FLOPs baseline is not."""
     import json
-    import sys
-    from pathlib import Path
 
     from nvit.profiler.space import save_space
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
     fk.register_fake(monkeypatch)
-    for name in ("lut_interpolation", "lut_end_to_end"):
-        sys.modules.pop(name, None)
     import lut_end_to_end
     import lut_interpolation
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
+import prune_methods as pm
+import prune_stats as st
 import pytest
 import torch
 
@@ -13,10 +12,6 @@ from nvit.arch import preset
 from nvit.lut.base import FlopsPredictor
 from nvit.models import build_model
 from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneState
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-import prune_methods as pm
-import prune_stats as st
 
 SPEC = preset("vit_test")
 

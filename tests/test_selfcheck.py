@@ -178,15 +178,9 @@ def test_check_record_is_json(checked_lut) -> None:
     json.dumps(LatencyTable.load(checked_lut).meta.self_check, allow_nan=False)
 
 
-def test_pruned_shapes_benchmark_measures_resumably_and_evaluates(checked_lut, tmp_path, fake_backends,
-                                                                  monkeypatch) -> None:
+def test_pruned_shapes_benchmark_measures_resumably_and_evaluates(checked_lut, tmp_path, fake_backends) -> None:
     """benchmarks/lut_pruned_shapes.py on the fake backend: the oracle makes every LUT prediction exact, the
     FLOPs baseline is not; a run cut by its time budget resumes where it stopped."""
-    import sys
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
-    sys.modules.pop("lut_pruned_shapes", None)
     import lut_pruned_shapes as bench
 
     measured = tmp_path / "m.json"
