@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import pytest
+import service_env as se
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Subset
@@ -33,12 +33,6 @@ GLOBAL_BATCH = 32
 STEPS = 4
 SEED = 11
 CONFIG = TrainConfig(epochs=1, batch_size=GLOBAL_BATCH // WORLD, lr=2e-3, seed=SEED)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sgd(model: torch.nn.Module) -> torch.optim.SGD:
@@ -73,7 +67,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(se.free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key  # replicas stay identical

@@ -271,13 +271,10 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_prune_like_one_process_with_the_global_batch(tmp_path) -> None:
-    import socket
-
+    import service_env as se
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = se.free_port()
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for key, value in ranks[0]["state"].items():

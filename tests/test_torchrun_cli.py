@@ -126,13 +126,10 @@ def _lost_peer_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_a_rank_that_dies_ends_the_others_with_one_line_not_a_hang(tmp_path: Path) -> None:
-    import socket
-
+    import service_env as se
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = se.free_port()
     out = tmp_path / "rank0.txt"
     ctx = mp.start_processes(_lost_peer_worker, args=(port, str(out)), nprocs=WORLD, join=False, start_method="spawn")
     for p in ctx.processes:
