@@ -328,11 +328,9 @@ def load_base_eval(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
 
 def space_stage(args: argparse.Namespace, s: Settings) -> None:
     """The table's search space for the base: every width down to one group (so pruning stays on the grid)."""
-    from nvit.arch import resolve_arch
-    from nvit.models import load_variant
-    from nvit.profiler.space import SearchSpace, aligned_span, save_space
+    from nvit.profiler.space import SearchSpace, aligned_span, arch_for_space, save_space
 
-    spec = resolve_arch(str(args.base)) if args.base.is_file() else load_variant(args.base).spec
+    spec = arch_for_space(str(args.base))
     b, g = spec.blocks[0], s.group_size
     space = SearchSpace(base=spec, embed_dims=aligned_span(2 * g, spec.embed_dim, 4, 2 * g),
                         heads=tuple(range(1, b.heads + 1)), qk_dims=tuple(range(g, b.qk_dim + 1, g)),
