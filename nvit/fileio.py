@@ -1,14 +1,34 @@
-"""Atomic file writes: a reader never sees a half-written artifact, whatever kills the writer."""
+"""Atomic file writes (a reader never sees a half-written artifact, whatever kills the writer), file hashes
+and the cache folder."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from nvit.errors import OutputError
+
+CACHE_ENV = "NVIT_CACHE_DIR"
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def nvit_cache_dir() -> Path:
+    """Where nvit keeps caches: ``$NVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/nvit`` (~/.cache/nvit)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvit"
 
 
 @contextlib.contextmanager

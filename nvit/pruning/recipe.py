@@ -6,7 +6,6 @@ Shared by ``nvit prune`` and the benchmarks so that both record the same provena
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -15,13 +14,13 @@ from typing import Any
 
 from nvit.arch import ArchSpec, resolve_arch
 from nvit.errors import NvitError
+from nvit.fileio import file_sha256
 from nvit.lut.base import FlopsPredictor, Predictor
 from nvit.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
 FLOPS_LUT = "flops"  # --lut flops: latency proportional to FLOPs, for ratio targets only
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 class RecipeError(NvitError):
@@ -32,14 +31,6 @@ class RecipeError(NvitError):
 class LoadedBase:
     model: VisionTransformer
     provenance: dict[str, Any]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_base(

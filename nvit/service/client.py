@@ -23,11 +23,10 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import httpx
 
 from nvit.errors import LutError
-from nvit.fileio import atomic_path
+from nvit.fileio import atomic_path, file_sha256, nvit_cache_dir
 from nvit.service.errors import ServiceError, error_line
 
 TOKEN_ENV = "NVIT_TOKEN"
-CACHE_ENV = "NVIT_CACHE_DIR"
 DEFAULT_TIMEOUT_S = 30.0
 _SUBMIT_TRIES = 3
 _CHUNK_BYTES = 1 << 20
@@ -36,20 +35,6 @@ _LUT_PATH = re.compile(r"^(?P<prefix>.*?)/v1/luts(?:/(?P<sha>[0-9a-f]{64}))?/?$"
 
 def is_url(value: str | os.PathLike[str]) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvit"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ServiceClient:
@@ -190,7 +175,7 @@ def split_lut_url(url: str) -> tuple[str, str | None, dict[str, str]]:
 
 
 def cached_lut_path(sha256: str) -> Path:
-    return cache_dir() / "luts" / f"{sha256}.parquet"
+    return nvit_cache_dir() / "luts" / f"{sha256}.parquet"
 
 
 def fetch_lut(url: str, *, token: str | None = None) -> Path:

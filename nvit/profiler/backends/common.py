@@ -7,7 +7,6 @@ import copy
 import hashlib
 import importlib
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,22 +14,15 @@ from types import ModuleType
 from typing import Any
 
 from nvit.errors import BackendError
+from nvit.fileio import nvit_cache_dir as nvit_cache_dir  # where backends keep build caches
 from nvit.profiler.base import Precision, Workload
 from nvit.profiler.onnx_store import content_key, default_store
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "NVIT_CACHE_DIR"
 INPUT_SEED = 0  # inputs are random normal with this seed: timing must not depend on the run
 NO_CUDA = "--gpu needs a CUDA device but torch.cuda.is_available() is False"
 _TORCH_DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
-
-
-def nvit_cache_dir() -> Path:
-    """Where backends keep build caches: ``$NVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/nvit`` (~/.cache/nvit)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvit"
 
 
 def require(module: str, fix: str) -> ModuleType:
