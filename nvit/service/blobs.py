@@ -20,7 +20,6 @@ from pathlib import Path
 from nvit.service.errors import bad_request, too_large
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK_BYTES = 1 << 20
 
 
 def check_sha256(value: str) -> str:
@@ -96,24 +95,6 @@ class BlobStore:
         else:
             os.replace(received.path, target)
         return target
-
-    def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
-        """Store a file the server made itself (a merged table); returns its sha256 and size."""
-        digest = hashlib.sha256()
-        tmp = self.temp_path()
-        size = 0
-        try:
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(_CHUNK_BYTES):
-                    digest.update(chunk)
-                    dst.write(chunk)
-                    size += len(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            self.accept(ReceivedBlob(tmp, digest.hexdigest(), size))
-        finally:
-            tmp.unlink(missing_ok=True)
-        return digest.hexdigest(), size
 
     @staticmethod
     def discard(received: ReceivedBlob) -> None:

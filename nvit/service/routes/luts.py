@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -12,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from nvit.errors import NvitError
+from nvit.fileio import file_sha256
 from nvit.service.blobs import ReceivedBlob, check_sha256
 from nvit.service.config import ServiceContext
 from nvit.service.errors import not_found, unprocessable
@@ -53,6 +52,12 @@ def register_table(ctx: ServiceContext, received: ReceivedBlob, *, source: str,
     except BaseException:
         ctx.blobs.discard(received)
         raise
+    return _record(ctx, received, info, source=source)
+
+
+def _record(ctx: ServiceContext, received: ReceivedBlob, info: dict[str, Any], *,
+            source: str) -> tuple[dict[str, Any], bool]:
+    """Move a checked table into place and register it; ``(view, created)``."""
     ctx.blobs.accept(received)
     now = ctx.now()
     ctx.store.add_blob(received.sha256, "lut", received.size_bytes, {"rows": info["rows"]}, now)
@@ -114,21 +119,22 @@ def merge_luts(body: MergeRequest, request: Request, _: Submitter, response: Res
     ctx = context(request)
     for sha in body.luts:
         stored_lut(ctx, sha)
+    path = ctx.blobs.temp_path(".parquet")
     try:
-        merged = merge_tables([LatencyTable.load(ctx.blobs.path(sha)) for sha in body.luts])
-        problems = merged.problems(coverage=False)
-        if problems:
-            raise unprocessable(f"the merged table would be invalid: {problems[0]}")
-        with tempfile.TemporaryDirectory(dir=ctx.blobs.root / "tmp") as tmp:
-            path = merged.save(Path(tmp) / "merged.parquet")
-            sha, size = ctx.blobs.put_file(path)
-    except NvitError as exc:
-        raise unprocessable(str(exc)) from None
-    now = ctx.now()
+        try:
+            merged = merge_tables([LatencyTable.load(ctx.blobs.path(sha)) for sha in body.luts])
+            problems = merged.problems(coverage=False)
+            if problems:
+                raise unprocessable(f"the merged table would be invalid: {problems[0]}")
+            merged.save(path)
+        except NvitError as exc:
+            raise unprocessable(str(exc)) from None
+        received = ReceivedBlob(path, file_sha256(path), path.stat().st_size)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     info = {"meta": merged.meta.to_dict(), "rows": len(merged)}
-    ctx.store.add_blob(sha, "lut", size, {"rows": len(merged)}, now)
-    created = ctx.store.add_lut(lut_row(sha, info, source="merge", now=now))
+    view, created = _record(ctx, received, info, source="merge")
     response.status_code = 201 if created else 200
-    view = lut_view(ctx.store.lut(sha))
     response.headers["Location"] = view["url"]
     return view
