@@ -49,6 +49,8 @@ def test_the_lock_is_exclusive_across_processes_and_names_its_holder(lock_dir) -
         assert read_holder(lock_dir / "cpu.lock") == f"test holder (pid {proc.pid})"
         with pytest.raises(DeviceBusyError, match="busy with test holder"), device_lock("cpu", timeout_s=0.3):
             pass
+        with pytest.raises(DeviceBusyError, match="stopped waiting"), device_lock("cpu", stop=lambda: True):
+            pass
         waits = []
         with device_lock("cpu", holder="second", on_wait=waits.append) as info:
             released = float(proc.stdout.readline())

@@ -97,11 +97,13 @@ def device_lock(
     holder: str = "",
     timeout_s: float | None = None,
     on_wait: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[DeviceLockInfo]:
     """Hold the exclusive lock of a device for the ``with`` block.
 
     Waits until the device is free (``timeout_s``: at most that long, then :class:`DeviceBusyError`);
-    ``on_wait`` is called once, with the holder's description, when the device is busy.
+    ``on_wait`` is called once, with the holder's description, when the device is busy. While waiting,
+    ``stop`` returning True ends the wait with :class:`DeviceBusyError` too.
     """
     path = lock_path(kind, cuda_index)
     fd = _open_lock_file(path)
@@ -122,6 +124,9 @@ def device_lock(
                 if timeout_s is not None and time.monotonic() - start >= timeout_s:
                     raise DeviceBusyError(f"the device is busy with {current} (lock {path}); "
                                           f"gave up after {timeout_s:g} s") from None
+                if stop is not None and stop():
+                    raise DeviceBusyError(f"the device is busy with {current} (lock {path}); "
+                                          "stopped waiting") from None
                 time.sleep(_POLL_S)
         info = DeviceLockInfo(path=path, acquired_at=time.time(), waited_s=time.monotonic() - start)
         text = f"{holder or 'nvit'} (pid {os.getpid()})\n".encode()

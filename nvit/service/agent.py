@@ -40,7 +40,6 @@ from nvit.service.worker import JOB_FILE, PARENT_ENV, TABLE_FILE
 logger = logging.getLogger(__name__)
 
 _RETRY_S = 2.0
-_LOCK_POLL_S = 0.5
 _STDERR_TAIL = 20
 _UPLOAD_TRIES = 5
 _REPORT_TRIES = 8
@@ -225,18 +224,12 @@ class _JobRun:
         self._beat.start()
         opts = self.agent.options
         holder = f"nvit agent {self.agent.name} job {self.job['id']}"
-        told = False
-        while True:
-            if self.lost.is_set():
-                raise _Lost(self.lost_reason)
-            try:
-                with device_lock(opts.device, cuda_index=opts.cuda_index, holder=holder, timeout_s=_LOCK_POLL_S,
-                                 on_wait=None if told else self._waiting) as lock:
-                    told = True
-                    self._run_locked(lock.acquired_at)
-                    return
-            except DeviceBusyError:
-                told = True
+        try:
+            with device_lock(opts.device, cuda_index=opts.cuda_index, holder=holder, on_wait=self._waiting,
+                             stop=self.lost.is_set) as lock:
+                self._run_locked(lock.acquired_at)
+        except DeviceBusyError:
+            raise _Lost(self.lost_reason) from None
 
     def _waiting(self, holder: str) -> None:
         logger.info("job %s waits for the device (busy with %s)", self.job["id"], holder)
