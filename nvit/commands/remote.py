@@ -13,9 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 def local_lut(value: str) -> str:
     """A ``--lut`` value as a local file: table URLs are downloaded once into the cache (sha256 checked)."""
-    from nvit.service.client import is_url, resolve_lut
+    if not value.startswith(("http://", "https://")):  # a local file: the service client (httpx) is not loaded
+        return value
+    from nvit.service.client import resolve_lut
 
-    return resolve_lut(value) if is_url(value) else value
+    return resolve_lut(value)
 
 
 @contextlib.contextmanager
