@@ -268,10 +268,7 @@ class _JobRun:
         wanted = [("lut", spec["lut"], "/v1/luts/")] if spec.get("lut") else []
         wanted += [(m["onnx"], m["onnx"], "/v1/models/") for m in spec.get("models", []) if "onnx" in m]
         for key, sha, route in wanted:
-            path = cache / sha
-            if not (path.is_file() and file_sha256(path) == sha):
-                self.client.download(route + sha, path, sha256=sha)
-            files[key] = str(path)
+            files[key] = str(self.client.download_cached(route + sha, cache / sha, sha))
         if self.job["kind"] == "profile":
             from nvit.profiler.journal import journal_path
 

@@ -68,11 +68,7 @@ class ServiceClient:
         except httpx.TransportError as exc:
             raise self._unreachable(exc, method, path) from None
         if response.status_code >= 400 and response.status_code not in ok:
-            try:
-                body: Any = response.json()
-            except ValueError:
-                body = response.text
-            raise ServiceError(error_line(response.status_code, body, f"{method} {url}"), status=response.status_code)
+            raise _refusal(response, method, url)
         return response
 
     def _unreachable(self, exc: httpx.TransportError, method: str, path: str) -> ServiceError:
@@ -106,12 +102,7 @@ class ServiceClient:
                 with self._http.stream("GET", path) as response, open(tmp, "wb") as fh:
                     if response.status_code >= 400:
                         response.read()
-                        try:
-                            body: Any = response.json()
-                        except ValueError:
-                            body = response.text
-                        raise ServiceError(error_line(response.status_code, body, f"GET {url}"),
-                                           status=response.status_code)
+                        raise _refusal(response, "GET", url)
                     for chunk in response.iter_bytes(_CHUNK_BYTES):
                         digest.update(chunk)
                         fh.write(chunk)
@@ -121,6 +112,12 @@ class ServiceClient:
                 raise LutError(f"{url} sent content whose sha256 is {digest.hexdigest()}, not {sha256}; "
                                "nothing was saved")
         return Path(dest)
+
+    def download_cached(self, path: str, dest: Path, sha256: str) -> Path:
+        """``dest`` if it already holds the content with that sha256, else :meth:`download` it there."""
+        if dest.is_file() and file_sha256(dest) == sha256:
+            return dest
+        return self.download(path, dest, sha256=sha256)
 
     # ---- jobs ---------------------------------------------------------------------------------------
     def submit_job(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,6 +155,15 @@ class ServiceClient:
             self.request("DELETE", f"/v1/jobs/{job_id}")
 
 
+def _refusal(response: httpx.Response, method: str, url: str) -> ServiceError:
+    """The one-line error of an error status, from the JSON body or else the text."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    return ServiceError(error_line(response.status_code, body, f"{method} {url}"), status=response.status_code)
+
+
 # ---- tables ---------------------------------------------------------------------------------------------
 def split_lut_url(url: str) -> tuple[str, str | None, dict[str, str]]:
     """``(service base URL, sha256 or None, query)`` of a table URL; anything else is a ServiceError."""
@@ -181,10 +187,6 @@ def cached_lut_path(sha256: str) -> Path:
 def fetch_lut(url: str, *, token: str | None = None) -> Path:
     """The local copy of a remote table (downloaded once, sha256 checked)."""
     base, sha, query = split_lut_url(url)
-    if sha is not None:
-        path = cached_lut_path(sha)
-        if path.is_file() and file_sha256(path) == sha:
-            return path
     with ServiceClient(base, token=token) as client:
         if sha is None:
             found = client.get_json("/v1/luts", params={**query, "limit": 1})
@@ -192,10 +194,7 @@ def fetch_lut(url: str, *, token: str | None = None) -> Path:
                 what = "&".join(f"{k}={v}" for k, v in query.items())
                 raise ServiceError(f"no table on {base} matches {what}")
             sha = found[0]["sha256"]
-            path = cached_lut_path(sha)
-            if path.is_file() and file_sha256(path) == sha:
-                return path
-        return client.download(f"/v1/luts/{sha}", cached_lut_path(sha), sha256=sha)
+        return client.download_cached(f"/v1/luts/{sha}", cached_lut_path(sha), sha)
 
 
 def resolve_lut(value: str | os.PathLike[str]) -> str:
