@@ -80,20 +80,19 @@ class _Lost(Exception):
 
 
 class Agent:
-    def __init__(self, options: AgentOptions, client: ServiceClient | None = None) -> None:
+    def __init__(self, options: AgentOptions) -> None:
         self.options = options
-        self.client = client or ServiceClient(options.server, token=options.token,
-                                              timeout_s=max(30.0, options.poll_s + 15.0))
+        self.client = ServiceClient(options.server, token=options.token, timeout_s=max(30.0, options.poll_s + 15.0))
         self.name = options.name or f"{socket.gethostname()}-{os.getpid()}"
         self.agent_id: str | None = None
         self.jobs_done = 0
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def run(self, *, max_jobs: int | None = None) -> int:
-        """Serve jobs until stopped (or ``max_jobs`` are done); returns the number of jobs run."""
+    def run(self) -> int:
+        """Serve jobs until stopped; returns the number of jobs run."""
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
         try:
-            while max_jobs is None or self.jobs_done < max_jobs:
+            while True:
                 if self.agent_id is None:
                     self._register()
                 leased = self._lease()

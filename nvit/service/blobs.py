@@ -52,9 +52,6 @@ class BlobStore:
         check_sha256(sha256)
         return self._blobs / sha256[:2] / sha256
 
-    def has(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
-
     def temp_path(self, suffix: str = "") -> Path:
         fd, name = tempfile.mkstemp(dir=self._tmp, suffix=suffix)
         os.close(fd)

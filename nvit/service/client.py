@@ -28,6 +28,8 @@ from nvit.service.errors import ServiceError, error_line
 
 TOKEN_ENV = "NVIT_TOKEN"
 DEFAULT_TIMEOUT_S = 30.0
+_UPLOAD_TIMEOUT_S = 600.0
+_WAIT_POLL_S = 0.5
 _SUBMIT_TRIES = 3
 _CHUNK_BYTES = 1 << 20
 _LUT_PATH = re.compile(r"^(?P<prefix>.*?)/v1/luts(?:/(?P<sha>[0-9a-f]{64}))?/?$")
@@ -40,15 +42,14 @@ def is_url(value: str | os.PathLike[str]) -> bool:
 class ServiceClient:
     """A connection to one service: ``base_url`` is ``http(s)://host:port`` (plus any path prefix)."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, base_url: str, *, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ServiceError(f"{base_url!r} is not an http(s) URL of an nvit service")
         self.base_url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()
@@ -85,13 +86,12 @@ class ServiceClient:
         response = self.request("POST", path, json=dict(body or {}), **kwargs)
         return response.json() if response.content else None
 
-    def upload(self, path: str, file: str | os.PathLike[str], *, params: Mapping[str, Any] | None = None,
-               timeout_s: float | None = None) -> Any:
+    def upload(self, path: str, file: str | os.PathLike[str], *, params: Mapping[str, Any] | None = None) -> Any:
         """POST a file as the raw body (streamed, with its length)."""
         with open(file, "rb") as fh:
             return self.request("POST", path, content=fh, params=params,
                                 headers={"Content-Type": "application/octet-stream"},
-                                timeout=timeout_s or max(DEFAULT_TIMEOUT_S, 600.0)).json()
+                                timeout=_UPLOAD_TIMEOUT_S).json()
 
     def download(self, path: str, dest: str | os.PathLike[str], *, sha256: str | None = None) -> Path:
         """Stream ``path`` into ``dest`` atomically; with ``sha256`` the content must have that hash."""
@@ -132,10 +132,8 @@ class ServiceClient:
                 time.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def wait_job(self, job_id: int, *, on_update: Callable[[dict[str, Any]], None] | None = None,
-                 poll_s: float = 0.5, timeout_s: float | None = None) -> dict[str, Any]:
+    def wait_job(self, job_id: int, *, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Follow a job until it finishes; its final state, or a ServiceError if it failed or was cancelled."""
-        start = time.monotonic()
         while True:
             job = self.get_json(f"/v1/jobs/{job_id}")
             if on_update is not None:
@@ -145,10 +143,7 @@ class ServiceClient:
             if job["state"] in ("failed", "cancelled"):
                 why = f": {job['error']}" if job.get("error") else ""
                 raise ServiceError(f"job {job_id} on {self.base_url} {job['state']}{why}")
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise ServiceError(f"job {job_id} on {self.base_url} did not finish in {timeout_s:g} s "
-                                   f"(it is {job['state']})")
-            time.sleep(poll_s)
+            time.sleep(_WAIT_POLL_S)
 
     def cancel_job(self, job_id: int) -> None:
         with contextlib.suppress(ServiceError):
@@ -184,10 +179,10 @@ def cached_lut_path(sha256: str) -> Path:
     return nvit_cache_dir() / "luts" / f"{sha256}.parquet"
 
 
-def fetch_lut(url: str, *, token: str | None = None) -> Path:
+def fetch_lut(url: str) -> Path:
     """The local copy of a remote table (downloaded once, sha256 checked)."""
     base, sha, query = split_lut_url(url)
-    with ServiceClient(base, token=token) as client:
+    with ServiceClient(base) as client:
         if sha is None:
             found = client.get_json("/v1/luts", params={**query, "limit": 1})
             if not found:

@@ -17,7 +17,6 @@ from nvit.service.queue import JobQueue
 from nvit.service.store import Store, sqlite_url
 
 MIB = 1 << 20
-DEFAULT_PORT = 8787
 
 
 @dataclass(frozen=True)
