@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,9 @@ from nvit.errors import NvitError
 from nvit.service.errors import unprocessable
 from nvit.service.queue import JobKind, NewJob
 from nvit.service.store import Store
+
+if TYPE_CHECKING:
+    from nvit.arch import ArchSpec
 
 MAX_MODELS = 32
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -108,21 +111,20 @@ def profile_job(req: ProfileRequest, *, max_attempts: int) -> NewJob:
                   max_attempts=req.max_attempts or max_attempts)
 
 
-def arch_dict(value: dict[str, Any] | str, name: str) -> dict[str, Any]:
+def arch_spec(value: dict[str, Any] | str, name: str) -> ArchSpec:
     from nvit.arch import ArchSpec, preset, preset_names
 
     if isinstance(value, str):
         if value not in preset_names():
             raise unprocessable(f"model {name!r}: unknown preset {value!r}; send an arch.json object instead")
-        return preset(value).to_dict()
+        return preset(value)
     try:
-        return ArchSpec.from_dict(value).to_dict()
+        return ArchSpec.from_dict(value)
     except NvitError as exc:
         raise unprocessable(f"model {name!r}: {exc}") from None
 
 
 def measure_job(req: MeasureRequest, store: Store, *, max_attempts: int) -> NewJob:
-    from nvit.arch import ArchSpec
     from nvit.profiler.backends import default_backend
 
     names = [m.name for m in req.models]
@@ -152,8 +154,9 @@ def measure_job(req: MeasureRequest, store: Store, *, max_attempts: int) -> NewJ
             raise unprocessable(f"model {m.name!r} needs an arch, an onnx sha256, or both")
         item: dict[str, Any] = {"name": m.name}
         if m.arch is not None:
-            item["arch"] = arch_dict(m.arch, m.name)
-            tokens = ArchSpec.from_dict(item["arch"]).num_tokens
+            arch = arch_spec(m.arch, m.name)
+            item["arch"] = arch.to_dict()
+            tokens = arch.num_tokens
             if num_tokens is not None and tokens != num_tokens:
                 raise unprocessable(f"model {m.name!r} has {tokens} tokens, the table was measured at {num_tokens}")
         if m.onnx is not None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from nvit.errors import NvitError
 from nvit.service.config import ServiceContext
 from nvit.service.errors import unprocessable
-from nvit.service.jobspec import Sha256, arch_dict
+from nvit.service.jobspec import Sha256, arch_spec
 from nvit.service.routes import Reader, context
 from nvit.service.routes.luts import stored_lut
 
@@ -45,16 +45,12 @@ def _predictor(ctx: ServiceContext, sha256: str) -> Any:
 
 @router.post("/predict", summary="Per-block and total predicted latency of an architecture.")
 def predict(body: PredictRequest, request: Request, _: Reader) -> dict[str, Any]:
-    from nvit.arch import ArchSpec
-
     ctx = context(request)
     stored_lut(ctx, body.lut)
-    spec = ArchSpec.from_dict(arch_dict(body.arch, "arch"))
+    spec = arch_spec(body.arch, "arch")
     try:
         predictor = _predictor(ctx, body.lut)
-        check = getattr(predictor, "check_spec", None)
-        if check is not None:
-            check(spec)
+        predictor.check_spec(spec)
         blocks = predictor.block_latencies_ms(spec)
         return {"lut": body.lut, "arch": spec.name, "blocks_ms": blocks,
                 "fixed_ms": predictor.fixed_latency_ms(spec.embed_dim), "offset_ms": predictor.offset_ms(),
