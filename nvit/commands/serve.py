@@ -6,12 +6,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from nvit.errors import NvitError
+
+if TYPE_CHECKING:
+    from nvit.service.config import ServiceSettings
 
 serve_app = typer.Typer(help="Run the latency service: tables, profile and measure jobs for agents on target "
                              "devices (FastAPI + SQLite, or PostgreSQL with --db).", no_args_is_help=False)
@@ -40,6 +44,12 @@ def _require_service_extra() -> None:
         raise NvitError(f"{SERVICE_EXTRA} (missing: {', '.join(missing)})")
 
 
+def _settings(state: Path | None, db: str | None, **kwargs: Any) -> ServiceSettings:
+    from nvit.service.config import ServiceSettings
+
+    return ServiceSettings(state_dir=(state or default_state_dir()).expanduser(), db_url=db, **kwargs)
+
+
 def _log_service_progress() -> None:
     logger = logging.getLogger("nvit.service")
     if logger.getEffectiveLevel() > logging.INFO:
@@ -66,17 +76,16 @@ def serve(
     if ctx.invoked_subcommand is not None:
         return
     _require_service_extra()
-    from nvit.service.config import MIB, ServiceSettings
+    from nvit.service.config import MIB
     from nvit.service.server import serve as run_server
 
-    state_dir = (state or default_state_dir()).expanduser()
-    settings = ServiceSettings(state_dir=state_dir, db_url=db, lease_s=lease_s, max_model_bytes=max_model_mb * MIB,
-                               max_table_bytes=max_table_mb * MIB, require_auth=require_auth)
+    settings = _settings(state, db, lease_s=lease_s, max_model_bytes=max_model_mb * MIB,
+                         max_table_bytes=max_table_mb * MIB, require_auth=require_auth)
     console = Console(stderr=True)
     _log_service_progress()
 
     def ready(url: str) -> None:
-        console.print(f"nvit service on [bold]{url}[/] (API docs {url}/docs); state in {state_dir}"
+        console.print(f"nvit service on [bold]{url}[/] (API docs {url}/docs); state in {settings.state_dir}"
                       + (" with a local agent" if local_agent else ""), highlight=False)
 
     run_server(settings, host=host, port=port, with_agent=local_agent, on_ready=ready)
@@ -84,11 +93,11 @@ def serve(
 
 def _store(state: Path | None, db: str | None):
     _require_service_extra()
-    from nvit.service.store import Store, sqlite_url
+    from nvit.service.store import Store
 
-    state_dir = (state or default_state_dir()).expanduser()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    return Store.open(db or sqlite_url(state_dir))
+    settings = _settings(state, db)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return Store.open(settings.database_url)
 
 
 @token_app.command("create")
