@@ -33,7 +33,7 @@ from typing import Any
 from nvit.errors import NvitError
 from nvit.profiler.base import DeviceKind
 from nvit.profiler.devicelock import DeviceBusyError, device_lock
-from nvit.service.client import ServiceClient, file_sha256
+from nvit.service.client import ServiceClient
 from nvit.service.errors import ServiceError
 from nvit.service.worker import JOB_FILE, PARENT_ENV, TABLE_FILE
 
@@ -251,7 +251,7 @@ class _JobRun:
                 table = self.jobdir / TABLE_FILE
                 view = self.client.upload(f"/v1/jobs/{self.job['id']}/table", table,
                                           params={"agent_id": self.agent.agent_id})
-                result |= {"lut": view["sha256"], "lut_url": view["url"], "table_sha256": file_sha256(table)}
+                result |= {"lut": view["sha256"], "lut_url": view["url"], "table_sha256": view["sha256"]}
             if self.call("complete", {"result": result}, tries=_REPORT_TRIES) is None:
                 raise ServiceError(f"could not report job {self.job['id']}: the server did not answer")
             logger.info("job %s succeeded", self.job["id"])
