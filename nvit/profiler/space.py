@@ -49,7 +49,7 @@ __all__ = [
     "GridRecipe", "PartConfig", "PartKind", "SearchSpace", "aligned_span", "arch_for_space", "calibration_archs",
     "derived_space", "doubling_span",
     "load_space", "preset_space", "random_arch", "resolve_space", "save_space", "space_preset_names",
-    "uniform_arch",
+    "uniform_arch", "with_overrides",
 ]
 
 SPACE_SCHEMA_VERSION = 2  # 2: full blocks include the smallest corner (other configurations than 1)
@@ -306,6 +306,12 @@ def resolve_space(name_or_path: str, *, batch_size: int | None = None,
         raise SpecError(
             f"{name_or_path!r} is neither a space preset ({', '.join(space_preset_names())}) nor a JSON file"
         )
+    return with_overrides(space, batch_size=batch_size, precision=precision)
+
+
+def with_overrides(space: SearchSpace, *, batch_size: int | None = None,
+                   precision: Precision | str | None = None) -> SearchSpace:
+    """``space`` with ``batch_size``/``precision`` replaced where given."""
     changes: dict[str, Any] = {}
     if batch_size is not None:
         changes["batch_size"] = batch_size

@@ -82,7 +82,7 @@ def _checked_backend(name: str, device: str, precision: str, batch_size: int, op
 
 def profile_job(req: ProfileRequest, *, max_attempts: int) -> NewJob:
     from nvit.profiler.backends import default_backend
-    from nvit.profiler.space import SearchSpace, preset_space, space_preset_names
+    from nvit.profiler.space import SearchSpace, preset_space, space_preset_names, with_overrides
     from nvit.profiler.sweep import SweepOptions
 
     try:
@@ -93,12 +93,7 @@ def profile_job(req: ProfileRequest, *, max_attempts: int) -> NewJob:
             space = preset_space(req.space)
         else:
             space = SearchSpace.from_dict(req.space)
-        changes: dict[str, Any] = {}
-        if req.batch_size is not None:
-            changes["batch_size"] = req.batch_size
-        if req.precision is not None:
-            changes["precision"] = req.precision
-        space = dataclasses.replace(space, **changes)
+        space = with_overrides(space, batch_size=req.batch_size, precision=req.precision)
         backend = req.backend or default_backend(req.device)
         _checked_backend(backend, req.device, space.precision.value, space.batch_size, req.backend_options)
         options = SweepOptions(seed=req.seed, sentinel_every=req.sentinel_every, calibration_models=req.calibrate,
