@@ -57,6 +57,16 @@ def test_second_session_reuses_the_stored_export(tmp_path, monkeypatch) -> None:
     third.close()
 
 
+def test_the_store_lives_in_the_cache_folder_every_nvit_cache_shares(tmp_path, monkeypatch) -> None:
+    from nvit.fileio import nvit_cache_dir
+
+    monkeypatch.delenv("NVIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_store().root == tmp_path / "xdg" / "nvit" / "onnx" == nvit_cache_dir() / "onnx"
+    monkeypatch.setenv("NVIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_store().root == tmp_path / "mine" / "onnx"
+
+
 def test_least_recently_used_entries_are_evicted(tmp_path) -> None:
     store = OnnxStore(tmp_path, max_bytes=250)
     src = tmp_path / "src.bin"

@@ -8,8 +8,9 @@ shape, bytes), the source of the classes it is made of, the input shape, the pre
 torch / onnx / onnxscript versions. Entries are written atomically; the least recently used ones are
 removed when the store grows past its size limit.
 
-Location: ``$NVIT_CACHE_DIR/onnx`` (default ``~/.cache/nvit/onnx``); ``NVIT_ONNX_CACHE=0`` turns it off,
-``NVIT_ONNX_CACHE_MAX_GB`` sets the limit (default 4).
+Location: ``onnx/`` in nvit's cache folder (:func:`nvit.fileio.nvit_cache_dir`: ``$NVIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/nvit``, else ``~/.cache/nvit``); ``NVIT_ONNX_CACHE=0`` turns it off, ``NVIT_ONNX_CACHE_MAX_GB``
+sets the limit (default 4).
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nvit.fileio import atomic_path
+from nvit.fileio import atomic_path, nvit_cache_dir
 
 logger = logging.getLogger(__name__)
 
-ENV_DIR = "NVIT_CACHE_DIR"
 ENV_SWITCH = "NVIT_ONNX_CACHE"
 ENV_MAX_GB = "NVIT_ONNX_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 4.0
@@ -42,7 +42,7 @@ def default_store() -> OnnxStore | None:
     """The machine's store, or ``None`` when ``NVIT_ONNX_CACHE`` is ``0``/``off``/``false``."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in {"0", "off", "false", "no"}:
         return None
-    root = Path(os.environ.get(ENV_DIR) or Path.home() / ".cache" / "nvit") / "onnx"
+    root = nvit_cache_dir() / "onnx"
     try:
         max_gb = float(os.environ.get(ENV_MAX_GB, DEFAULT_MAX_GB))
     except ValueError:
