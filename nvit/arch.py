@@ -16,13 +16,19 @@ from typing import Any
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
 
-ARCH_SCHEMA_VERSION = 1
+ARCH_SCHEMA_VERSION = 2  # 2: a block's attention or MLP may be absent (width 0)
+READABLE_ARCH_VERSIONS = (1, 2)
 ARCH_FILE_KIND = "nvit.arch"
 
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """Widths of one transformer block: ``heads`` heads of ``qk_dim``/``v_dim`` channels and an MLP."""
+    """Widths of one transformer block: ``heads`` heads of ``qk_dim``/``v_dim`` channels and an MLP.
+
+    A block may lack one of its two sub-layers: ``heads = qk_dim = v_dim = 0`` means the attention (with its
+    LayerNorm and residual add) is absent, ``mlp_dim = 0`` that the MLP is. A block with neither is not a
+    block: the architecture simply has one block fewer.
+    """
 
     heads: int
     qk_dim: int
@@ -32,8 +38,35 @@ class BlockSpec:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SpecError(f"block {f.name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SpecError(f"block {f.name} must be a non-negative integer, got {value!r}")
+        attn = (self.heads, self.qk_dim, self.v_dim)
+        if 0 in attn and any(attn):
+            raise SpecError(f"block heads, qk_dim and v_dim must all be positive (attention) or all 0 (no "
+                            f"attention), got {self.heads}, {self.qk_dim}, {self.v_dim}")
+        if not self.has_attn and not self.has_mlp:
+            raise SpecError("a block needs an attention or an MLP (drop the block instead)")
+
+    @property
+    def has_attn(self) -> bool:
+        return self.heads > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.mlp_dim > 0
+
+    def without_attn(self) -> BlockSpec | None:
+        """This block with its attention removed (``None``: nothing would be left)."""
+        return BlockSpec(0, 0, 0, self.mlp_dim) if self.has_mlp else None
+
+    def without_mlp(self) -> BlockSpec | None:
+        """This block with its MLP removed (``None``: nothing would be left)."""
+        return BlockSpec(self.heads, self.qk_dim, self.v_dim, 0) if self.has_attn else None
+
+    def describe(self) -> str:
+        """``h4 q16 v16 m256``, with ``attn removed`` / ``mlp removed`` for an absent sub-layer."""
+        attn = f"h{self.heads} q{self.qk_dim} v{self.v_dim}" if self.has_attn else "attn removed"
+        return f"{attn} " + (f"m{self.mlp_dim}" if self.has_mlp else "mlp removed")
 
     @property
     def qk_width(self) -> int:
@@ -100,7 +133,20 @@ class ArchSpec:
         return self.num_patches + self.num_prefix_tokens
 
     def block_scale(self, index: int) -> float:
-        return self.qk_scale if self.qk_scale is not None else self.blocks[index].qk_dim ** -0.5
+        """The attention scale of block ``index`` (1.0 for a block without attention: never used)."""
+        if self.qk_scale is not None:
+            return self.qk_scale
+        block = self.blocks[index]
+        return block.qk_dim ** -0.5 if block.has_attn else 1.0
+
+    def attention_scales(self) -> set[float]:
+        """The default attention scales of the blocks that have attention."""
+        return {self.block_scale(i) for i, b in enumerate(self.blocks) if b.has_attn}
+
+    @property
+    def removed_sublayers(self) -> dict[str, int]:
+        """How many blocks lack their attention and their MLP."""
+        return {"attn": sum(not b.has_attn for b in self.blocks), "mlp": sum(not b.has_mlp for b in self.blocks)}
 
     @property
     def is_uniform(self) -> bool:
@@ -172,10 +218,13 @@ class ArchSpec:
 
 
 def block_params(embed_dim: int, block: BlockSpec) -> int:
-    """Parameters of one block: two LayerNorms, fused QKV, projection, two MLP layers (with biases)."""
+    """Parameters of one block: per present sub-layer its LayerNorm, then fused QKV and projection, or the two
+    MLP layers (with biases)."""
     e, h, q, v, m = embed_dim, block.heads, block.qk_dim, block.v_dim, block.mlp_dim
     qkv_out = h * (2 * q + v)
-    return 4 * e + (e * qkv_out + qkv_out) + (h * v * e + e) + (e * m + m) + (m * e + e)
+    attn = 2 * e + (e * qkv_out + qkv_out) + (h * v * e + e) if block.has_attn else 0
+    mlp = 2 * e + (e * m + m) + (m * e + e) if block.has_mlp else 0
+    return attn + mlp
 
 
 def block_flops(embed_dim: int, block: BlockSpec, num_tokens: int) -> int:
@@ -260,8 +309,9 @@ def load_arch_file(path: str | os.PathLike[str]) -> tuple[ArchSpec, dict[str, An
     if "arch" not in doc:  # a bare spec, as a user may write by hand
         return _from_dict_in(doc, path), {}
     version = doc.get("schema_version")
-    if version != ARCH_SCHEMA_VERSION:
-        raise SpecError(f"{path}: unsupported arch schema_version {version!r} (this nvit reads {ARCH_SCHEMA_VERSION})")
+    if version not in READABLE_ARCH_VERSIONS:
+        raise SpecError(f"{path}: unsupported arch schema_version {version!r} (this nvit reads "
+                        f"{', '.join(map(str, READABLE_ARCH_VERSIONS))})")
     unknown = sorted(set(doc) - {"schema_version", "kind", "arch", "summary", "provenance"})
     if unknown:
         raise SpecError(f"{path}: unknown top-level key(s): {', '.join(unknown)}")

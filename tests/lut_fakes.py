@@ -1,7 +1,8 @@
 """A fake latency backend whose latency is a known function of the widths: the oracle for LUT tests.
 
 Attention and MLP halves are multilinear in their widths (like their FLOPs), a block is ``RATIO`` times
-the sum of its halves, and a whole model is ``SCALE · (Σ blocks + fixed) + OFFSET``, so a correct
+the sum of its halves, a block that kept one sub-layer ``ONE_HALF_RATIO`` times that half, and a whole
+model is ``SCALE · (Σ blocks + fixed) + OFFSET``, so a correct
 sweep + predictor + calibration reproduces every latency exactly.
 """
 
@@ -15,6 +16,7 @@ from nvit.profiler.device import CpuInfo, DeviceFingerprint
 from nvit.profiler.space import PartConfig, PartKind, SearchSpace
 
 RATIO = 0.95  # block / (attn + mlp)
+ONE_HALF_RATIO = 0.98  # attention-only block / attn, MLP-only block / mlp
 SCALE = 1.05  # whole model / sum of parts
 OFFSET_MS = -0.02
 
@@ -32,7 +34,10 @@ def fixed_ms(e: float) -> float:
 
 
 def block_ms(e: float, h: float, q: float, v: float, m: float) -> float:
-    return RATIO * (attn_ms(e, h, q, v) + mlp_ms(e, m))
+    """A block; ``h = 0`` (no attention) or ``m = 0`` (no MLP) is a one-half block."""
+    if h and m:
+        return RATIO * (attn_ms(e, h, q, v) + mlp_ms(e, m))
+    return ONE_HALF_RATIO * (attn_ms(e, h, q, v) if h else mlp_ms(e, m))
 
 
 def model_ms(spec: ArchSpec) -> float:
@@ -46,7 +51,7 @@ def config_ms(c: PartConfig) -> float:
         return attn_ms(c.embed_dim, c.heads, c.qk_dim, c.v_dim)
     if c.kind is PartKind.MLP:
         return mlp_ms(c.embed_dim, c.mlp_dim)
-    if c.kind is PartKind.BLOCK:
+    if c.kind in (PartKind.BLOCK, PartKind.ATTN_BLOCK, PartKind.MLP_BLOCK):
         return block_ms(c.embed_dim, c.heads, c.qk_dim, c.v_dim, c.mlp_dim)
     return fixed_ms(c.embed_dim)
 
@@ -113,11 +118,13 @@ def fake_device(cpu: str = "Test CPU 9000") -> DeviceFingerprint:
 
 
 def tiny_space(**changes: Any) -> SearchSpace:
-    """A small space on ``vit_test`` (17 tokens): 2 x 2 x 2 x 2 attention, 2 x 3 MLP."""
+    """A small space on ``vit_test`` (17 tokens): 2 x 2 x 2 x 2 attention, 2 x 3 MLP; no one-half blocks unless
+    ``half_blocks_per_embed`` is given (a width-only table, as tables were before sub-layer removal)."""
     from nvit.arch import preset
 
     kwargs: dict[str, Any] = dict(base=preset("vit_test"), embed_dims=(32, 64), heads=(2, 4), qk_dims=(8, 16),
-                                  v_dims=(8, 16), mlp_dims=(64, 128, 256), blocks_per_embed=2, name="tiny")
+                                  v_dims=(8, 16), mlp_dims=(64, 128, 256), blocks_per_embed=2,
+                                  half_blocks_per_embed=0, name="tiny")
     kwargs.update(changes)
     return SearchSpace(**kwargs)
 

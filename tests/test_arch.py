@@ -102,14 +102,15 @@ def _write(tmp_path, doc) -> str:
     ("mutate", "message"),
     [
         (lambda d: d.update(colour="red"), "unknown architecture key"),
-        (lambda d: d["blocks"][0].update(heads=0), "heads must be a positive integer"),
-        (lambda d: d["blocks"][1].update(mlp_dim=-4), "mlp_dim must be a positive integer"),
+        (lambda d: d["blocks"][0].update(heads=0), "all be positive .attention. or all 0"),
+        (lambda d: d["blocks"][1].update(heads=0, qk_dim=0, v_dim=0, mlp_dim=0), "drop the block instead"),
+        (lambda d: d["blocks"][1].update(mlp_dim=-4), "mlp_dim must be a non-negative integer"),
         (lambda d: d["blocks"][0].update(extra=1), "unknown keys"),
         (lambda d: d.update(blocks=[]), "at least one block"),
         (lambda d: d.update(embed_dim=0), "embed_dim must be a positive integer"),
         (lambda d: d.update(img_size=9), "not a multiple of patch_size"),
         (lambda d: d.pop("embed_dim"), "missing key"),
-        (lambda d: d["blocks"][0].update(qk_dim=2.5), "qk_dim must be a positive integer"),
+        (lambda d: d["blocks"][0].update(qk_dim=2.5), "qk_dim must be a non-negative integer"),
     ],
 )
 def test_bad_specs_raise_one_clear_error(tmp_path, mutate, message) -> None:

@@ -143,6 +143,10 @@ def _smooth(c) -> float:
         return _smooth_mlp(c)
     if c.kind is PartKind.FIXED:
         return 0.02 + 1e-4 * c.embed_dim
+    if c.kind is PartKind.ATTN_BLOCK:
+        return _smooth_attn(replace(c, kind=PartKind.ATTN))
+    if c.kind is PartKind.MLP_BLOCK:
+        return _smooth_mlp(replace(c, kind=PartKind.MLP))
     attn = replace(c, kind=PartKind.ATTN, mlp_dim=0)
     mlp = replace(c, kind=PartKind.MLP, heads=0, qk_dim=0, v_dim=0)
     return 0.9 * (_smooth_attn(attn) + _smooth_mlp(mlp))

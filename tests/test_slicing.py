@@ -92,9 +92,12 @@ def test_bad_keep_indices_are_errors() -> None:
     bad_emb = KeepIndices(emb=(0, spec.embed_dim), blocks=full.blocks)
     with pytest.raises(SpecError, match="embedding channels"):
         bad_emb.validated(spec)
-    empty_heads = KeepIndices(emb=full.emb, blocks=(replace(full.blocks[0], heads=()), *full.blocks[1:]))
-    with pytest.raises(SpecError, match="block 0 heads: at least one"):
-        empty_heads.validated(spec)
+    empty_qk = KeepIndices(emb=full.emb, blocks=(replace(full.blocks[0], qk=()), *full.blocks[1:]))
+    with pytest.raises(SpecError, match="block 0 qk channels: at least one"):
+        empty_qk.validated(spec)
+    nothing = KeepIndices(emb=full.emb, blocks=tuple(replace(b, heads=(), mlp=()) for b in full.blocks))
+    with pytest.raises(SpecError, match="remove every block"):
+        nothing.validated(spec)
 
 
 def test_slicing_qk_with_per_block_default_scales_is_refused() -> None:

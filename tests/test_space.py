@@ -35,9 +35,12 @@ def test_vit_test_preset_counts_and_grids() -> None:
     assert space.embed_dims == (16, 32, 48, 64)
     assert space.heads == (1, 2, 3, 4) and space.qk_dims == (8, 16) and space.v_dims == (8, 16)
     assert space.mlp_dims == (8, 56, 104, 160, 208, 256)  # down to the pruning group size
-    assert space.counts() == {"attn": 64, "mlp": 24, "block": 8, "fixed": 4}
-    assert len(space.configs()) == 100
-    assert len({c.key for c in space.configs()}) == 100  # keys are unique
+    assert space.counts() == {"attn": 64, "mlp": 24, "block": 8, "fixed": 4, "attn_block": 8, "mlp_block": 8}
+    assert len(space.configs()) == 116
+    assert len({c.key for c in space.configs()}) == 116  # keys are unique
+    halves = space.one_half_block_configs()  # per e: the smallest and the largest of each half's grid
+    assert [c.key for c in halves[:4]] == ["attn_block/e16/h1/q8/v8", "attn_block/e16/h4/q16/v16",
+                                           "mlp_block/e16/m8", "mlp_block/e16/m256"]
 
 
 @pytest.mark.parametrize("name", ["deit_tiny", "deit_small", "deit_base"])
@@ -140,7 +143,7 @@ def test_hand_written_json_with_preset_base(tmp_path) -> None:
                                 "v_dims": [16], "mlp_dims": [128, 256], "precision": "fp16"}))
     space = resolve_space(str(path), batch_size=8)
     assert space.base == preset("vit_test") and space.batch_size == 8 and space.precision is Precision.FP16
-    assert space.counts() == {"attn": 4, "mlp": 4, "block": 6, "fixed": 2}
+    assert space.counts() == {"attn": 4, "mlp": 4, "block": 6, "fixed": 2, "attn_block": 4, "mlp_block": 4}
 
 
 @pytest.mark.parametrize(

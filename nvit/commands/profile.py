@@ -148,7 +148,7 @@ def profile(
         path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size)
         counts = the_space.counts()
         console.print(f"profiling [bold]{the_space.name or space}[/] with {be.name} on {device.slug()}: "
-                      + ", ".join(f"{n} {k}" for k, n in counts.items())
+                      + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
                       + f", {calibrate} calibration + {check} check models"
                       + (f", {passes} passes" if passes > 1 else "") + f" → {path}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -45,8 +45,19 @@ def _shrunk(block: BlockSpec, field: str, step: int) -> BlockSpec | None:
     return replace(block, **{field: width}) if width > 0 else None
 
 
+@dataclass(frozen=True)
+class SublayerDeltas:
+    """Latency saved (ms) by removing each block's whole attention and whole MLP (``nan`` where absent)."""
+
+    attn_ms: np.ndarray
+    mlp_ms: np.ndarray
+
+
 class Predictor:
     """Latency model of whole architectures, in milliseconds."""
+
+    #: Why this predictor cannot price a removed sub-layer (``None``: it can).
+    removal_unavailable: str | None = None
 
     def block_latency_ms(self, embed_dim: int, block: BlockSpec) -> float:
         raise NotImplementedError
@@ -64,6 +75,18 @@ class Predictor:
 
     def predict_ms(self, spec: ArchSpec) -> float:
         return sum(self.block_latencies_ms(spec)) + self.fixed_latency_ms(spec.embed_dim) + self.offset_ms()
+
+    def sublayer_deltas_ms(self, embed_dim: int, blocks: tuple[BlockSpec, ...]) -> SublayerDeltas:
+        """Per block, ``block − block without its attention`` and ``block − block without its MLP`` (a block
+        left with nothing is dropped: its whole latency). Removal keeps the embedding width, so the fixed
+        parts and the offset do not change."""
+        out = np.full((2, len(blocks)), np.nan)
+        for i, b in enumerate(blocks):
+            full = self.block_latency_ms(embed_dim, b)
+            for row, present, smaller in ((0, b.has_attn, b.without_attn()), (1, b.has_mlp, b.without_mlp())):
+                if present:
+                    out[row, i] = full - (self.block_latency_ms(embed_dim, smaller) if smaller else 0.0)
+        return SublayerDeltas(attn_ms=out[0], mlp_ms=out[1])
 
     def delta_ms(self, spec: ArchSpec, step: UnitStep = UnitStep()) -> LatencyDeltas:
         e = spec.embed_dim

@@ -211,7 +211,7 @@ class MeasuredGrid:
         """Where ``spec``'s widths lie relative to the grid, per axis."""
         widths = _spec_widths(spec)
         return GridReport(tuple(a.locate(float(np.min(widths[a.name])), float(np.max(widths[a.name])))
-                                for a in self.axes))
+                                if widths[a.name].size else a.locate(a.smallest, a.smallest) for a in self.axes))
 
     def check(self, spec: ArchSpec, *, what: str = "the architecture") -> GridReport:
         """:meth:`locate`, raising :class:`LutError` when ``spec`` lies far outside."""
@@ -224,9 +224,11 @@ class MeasuredGrid:
 
 
 def _spec_widths(spec: ArchSpec) -> dict[str, np.ndarray]:
+    """Widths per axis over the blocks that have the sub-layer (a removed one has no width to locate)."""
     out = {"embed_dim": np.array([spec.embed_dim], dtype=np.float64)}
     for name in AXES[1:]:
-        out[name] = np.array([getattr(b, name) for b in spec.blocks], dtype=np.float64)
+        present = (lambda b: b.has_mlp) if name == "mlp_dim" else (lambda b: b.has_attn)
+        out[name] = np.array([getattr(b, name) for b in spec.blocks if present(b)], dtype=np.float64)
     return out
 
 

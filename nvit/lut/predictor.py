@@ -10,6 +10,13 @@ in its widths, so the interpolation only has to absorb how efficiency changes wi
 ``overhead(e)`` are the interaction measured on full blocks of every size (a block is one call instead of
 two, and its halves share the caches): :mod:`nvit.lut.interaction`.
 
+A block that kept one sub-layer only (pruning removed the other) is priced from the table's measured
+one-half blocks (``attn_block`` / ``mlp_block`` rows): ``one_half = slope' · half + overhead'(e)``, one such
+interaction per sub-layer fitted like the full-block one, so the price of removing a sub-layer is the
+measured drop ``block − one_half``, never an extrapolation of the half to zero width. A table without those
+rows predicts width-only architectures as before and refuses one with a removed sub-layer
+(:attr:`LatencyPredictor.removal_unavailable`). A block with neither sub-layer is not in the architecture.
+
 Whole model: ``scale · (Σ blocks + fixed(e)) + offset``. A block timed alone keeps its weights in cache
 and pays one call overhead of its own; in a whole model it does neither. ``scale`` and ``offset`` are fitted
 by least squares on a few whole-model measurements (:func:`calibrate`) and stored in the table; an
@@ -31,7 +38,7 @@ from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
 from nvit.lut.grid import GridReport, GridStatus, MeasuredGrid
 from nvit.lut.interaction import BlockInteraction
 from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible, utc_now
-from nvit.profiler.parts import PartKind
+from nvit.profiler.parts import ONE_HALF_BLOCKS, PartKind
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +115,14 @@ class LatencyPredictor(Predictor):
         halves = self._halves(*(blocks[c].to_numpy() for c in ("embed_dim", "heads", "qk_dim", "v_dim", "mlp_dim")))
         self.interaction = BlockInteraction.fit(blocks["embed_dim"].to_numpy(), halves,
                                                 blocks[LATENCY_COLUMN].to_numpy(dtype=float))
+        self.one_half: dict[PartKind, BlockInteraction] = {}
+        for kind, half in ONE_HALF_BLOCKS.items():
+            part = table.of_kind(kind)
+            if len(part):
+                e = part["embed_dim"].to_numpy()
+                half_ms = (self.attn_ms(e, *(part[c].to_numpy() for c in ("heads", "qk_dim", "v_dim")))
+                           if half is PartKind.ATTN else self.mlp_ms(e, part["mlp_dim"].to_numpy()))
+                self.one_half[kind] = BlockInteraction.fit(e, half_ms, part[LATENCY_COLUMN].to_numpy(dtype=float))
         self.grid = MeasuredGrid.from_table(table)
         self.warn_outside = True  # log extrapolation (a caller that reports the grid itself turns it off)
         self._warned: set[tuple[str, bool, bool]] = set()
@@ -126,9 +141,30 @@ class LatencyPredictor(Predictor):
     def _halves(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
         return self.attn_ms(e, h, q, v) + self.mlp_ms(e, m)
 
+    @property
+    def removal_unavailable(self) -> str | None:
+        """Why this table cannot price a removed sub-layer (``None``: it can)."""
+        lacking = [k.value for k in ONE_HALF_BLOCKS if k not in self.one_half]
+        if not lacking:
+            return None
+        return (f"the latency table has no measured one-half blocks ({' or '.join(lacking)} rows), so it cannot "
+                "price removing a whole attention or MLP; profile a new table (its space measures them) to "
+                "remove sub-layers, or prune widths only (--remove none)")
+
     def blocks_ms(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
-        """Calibrated latency of blocks given as broadcastable width arrays."""
-        return self.scale * self.interaction(e, self._halves(e, h, q, v, m))
+        """Calibrated latency of blocks given as broadcastable width arrays (``h = 0``: no attention, ``m = 0``:
+        no MLP; a one-half block the table cannot price is NaN)."""
+        e, h, q, v, m = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (e, h, q, v, m)))
+        has_attn, has_mlp = h > 0, m > 0
+        attn = np.where(has_attn, self.attn_ms(e, h, q, v), 0.0)
+        mlp = np.where(has_mlp, self.mlp_ms(e, m), 0.0)
+        out = np.where(has_attn & has_mlp, self.interaction(e, attn + mlp), 0.0)
+        for kind, present, half in ((PartKind.ATTN_BLOCK, has_attn & ~has_mlp, attn),
+                                    (PartKind.MLP_BLOCK, has_mlp & ~has_attn, mlp)):
+            if present.any():
+                fit = self.one_half.get(kind)
+                out = np.where(present, fit(e, half) if fit is not None else np.nan, out)
+        return self.scale * out
 
     def fixed_ms(self, e: Any) -> np.ndarray:
         return self.scale * np.maximum(self._fixed(e), 0.0)
@@ -157,6 +193,8 @@ class LatencyPredictor(Predictor):
             if key in base and base[key] != getattr(spec, key):
                 raise LutError(f"the latency table's fixed parts were measured with {key}={base[key]!r}, "
                                f"the architecture has {getattr(spec, key)!r}")
+        if any(n for n in spec.removed_sublayers.values()) and self.removal_unavailable:
+            raise LutError(self.removal_unavailable)
         report = self.grid.check(spec, what=f"architecture {spec.name!r}" if spec.name else "the architecture")
         for extent in report.outside():
             key = (extent.axis, extent.steps_below > 0, extent.steps_above > 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nvit.arch import ArchSpec, BlockSpec
-from nvit.errors import CheckpointError
+from nvit.errors import CheckpointError, SpecError
 from nvit.models.vit import VisionTransformer
 
 # Wrapper keys used by training scripts (DeiT stores {"model": ...}; others use these).
@@ -110,15 +110,21 @@ def infer_arch(state: Mapping[str, torch.Tensor], *, head_dim: int = 64, name: s
         raise CheckpointError(f"pos_embed has {num_tokens} tokens, which is not a square patch grid")
     blocks = []
     i = 0
-    while f"blocks.{i}.attn.qkv.weight" in state:
-        qkv_out = state[f"blocks.{i}.attn.qkv.weight"].shape[0]
-        mlp_dim = state[f"blocks.{i}.mlp.fc1.weight"].shape[0]
+    while any(k.startswith(f"blocks.{i}.") for k in state):  # a block may lack its attention or its MLP
+        qkv = state.get(f"blocks.{i}.attn.qkv.weight")
+        fc1 = state.get(f"blocks.{i}.mlp.fc1.weight")
+        qkv_out = 0 if qkv is None else qkv.shape[0]
         if qkv_out % (3 * head_dim):
             raise CheckpointError(f"block {i}: qkv width {qkv_out} is not 3 x heads x {head_dim}")
-        blocks.append(BlockSpec(heads=qkv_out // (3 * head_dim), qk_dim=head_dim, v_dim=head_dim, mlp_dim=mlp_dim))
+        dim = head_dim if qkv_out else 0
+        try:
+            blocks.append(BlockSpec(heads=qkv_out // (3 * head_dim), qk_dim=dim, v_dim=dim,
+                                    mlp_dim=0 if fc1 is None else fc1.shape[0]))
+        except SpecError as exc:
+            raise CheckpointError(f"cannot infer the architecture: block {i}: {exc}") from None
         i += 1
     if not blocks:
-        raise CheckpointError("cannot infer the architecture: no 'blocks.N.attn.qkv.weight' tensors")
+        raise CheckpointError("cannot infer the architecture: no 'blocks.N.' tensors")
     return ArchSpec(
         embed_dim=int(embed_dim), blocks=tuple(blocks), img_size=side * int(patch), patch_size=int(patch),
         in_chans=int(in_chans), num_classes=int(num_classes), distilled=distilled, name=name,

@@ -16,9 +16,11 @@ from nvit.errors import SpecError
 from nvit.models.vit import VisionTransformer
 
 
-def _as_index(values: Sequence[int], size: int, what: str) -> tuple[int, ...]:
+def _as_index(values: Sequence[int], size: int, what: str, *, may_be_empty: bool = False) -> tuple[int, ...]:
     idx = tuple(sorted(int(v) for v in values))
     if not idx:
+        if may_be_empty:
+            return idx
         raise SpecError(f"{what}: at least one unit must be kept")
     if len(set(idx)) != len(idx) or idx[0] < 0 or idx[-1] >= size:
         raise SpecError(f"{what}: kept indices must be distinct and within 0..{size - 1}")
@@ -27,12 +29,24 @@ def _as_index(values: Sequence[int], size: int, what: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class BlockKeep:
-    """Kept units of one block: head indices, QK/V channel indices within a head, MLP neurons."""
+    """Kept units of one block: head indices, QK/V channel indices within a head, MLP neurons.
+
+    No heads kept (and then no QK/V channels) removes the attention sub-layer, no neurons the MLP; a block
+    that keeps neither is dropped from the sliced model.
+    """
 
     heads: tuple[int, ...]
     qk: tuple[int, ...]
     v: tuple[int, ...]
     mlp: tuple[int, ...]
+
+    @property
+    def has_attn(self) -> bool:
+        return bool(self.heads)
+
+    @property
+    def kept(self) -> bool:
+        return bool(self.heads) or bool(self.mlp)
 
 
 @dataclass(frozen=True)
@@ -55,53 +69,59 @@ class KeepIndices:
     def validated(self, spec: ArchSpec) -> KeepIndices:
         if len(self.blocks) != spec.depth:
             raise SpecError(f"keep indices describe {len(self.blocks)} blocks, the model has {spec.depth}")
-        return KeepIndices(
-            emb=_as_index(self.emb, spec.embed_dim, "embedding channels"),
-            blocks=tuple(
-                BlockKeep(
-                    _as_index(k.heads, b.heads, f"block {i} heads"),
-                    _as_index(k.qk, b.qk_dim, f"block {i} qk channels"),
-                    _as_index(k.v, b.v_dim, f"block {i} v channels"),
-                    _as_index(k.mlp, b.mlp_dim, f"block {i} mlp neurons"),
-                )
-                for i, (k, b) in enumerate(zip(self.blocks, spec.blocks, strict=True))
-            ),
-        )
+        blocks = []
+        for i, (k, b) in enumerate(zip(self.blocks, spec.blocks, strict=True)):
+            heads = _as_index(k.heads, b.heads, f"block {i} heads", may_be_empty=True)
+            attn = bool(heads)
+            keep = BlockKeep(
+                heads,
+                _as_index(k.qk, b.qk_dim, f"block {i} qk channels", may_be_empty=not attn) if attn else (),
+                _as_index(k.v, b.v_dim, f"block {i} v channels", may_be_empty=not attn) if attn else (),
+                _as_index(k.mlp, b.mlp_dim, f"block {i} mlp neurons", may_be_empty=True),
+            )
+            blocks.append(keep)
+        if not any(k.kept for k in blocks):
+            raise SpecError("the keep indices remove every block")
+        return KeepIndices(emb=_as_index(self.emb, spec.embed_dim, "embedding channels"), blocks=tuple(blocks))
 
     def sliced_spec(self, spec: ArchSpec) -> ArchSpec:
-        blocks = tuple(BlockSpec(len(k.heads), len(k.qk), len(k.v), len(k.mlp)) for k in self.blocks)
+        blocks = tuple(BlockSpec(len(k.heads), len(k.qk), len(k.v), len(k.mlp)) for k in self.blocks if k.kept)
         qk_scale = spec.qk_scale
         if qk_scale is None:
-            scales = {spec.block_scale(i) for i in range(spec.depth)}
+            scales = spec.attention_scales()
             if len(scales) == 1:
                 qk_scale = scales.pop()
-            elif any(len(k.qk) != b.qk_dim for k, b in zip(self.blocks, spec.blocks, strict=True)):
+            elif any(k.has_attn and len(k.qk) != b.qk_dim for k, b in zip(self.blocks, spec.blocks, strict=True)):
                 raise SpecError("cannot slice QK channels of a model with per-block default scales; set qk_scale")
         return spec.with_blocks(blocks, embed_dim=len(self.emb), qk_scale=qk_scale)
 
 
 def keep_from_gates(model: VisionTransformer) -> KeepIndices:
-    """Kept indices = units whose gate is non-zero (all units where gates are disabled)."""
+    """Kept indices = units whose gate is non-zero (all units where gates are disabled); a sub-layer whose
+    branch gate is zero keeps nothing."""
     def nz(gate: torch.Tensor | None, size: int) -> tuple[int, ...]:
         if gate is None:
             return tuple(range(size))
         return tuple(int(i) for i in torch.nonzero(gate.detach() != 0).flatten())
 
+    def off(branch_gate: torch.Tensor | None) -> bool:
+        return branch_gate is not None and bool((branch_gate.detach() == 0).all())
+
     spec = model.spec
-    return KeepIndices(
-        emb=nz(model.emb_gate, spec.embed_dim),
-        blocks=tuple(
-            BlockKeep(
-                nz(blk.attn.head_gate, b.heads), nz(blk.attn.qk_gate, b.qk_dim),
-                nz(blk.attn.v_gate, b.v_dim), nz(blk.mlp.gate, b.mlp_dim),
-            )
-            for blk, b in zip(model.blocks, spec.blocks, strict=True)
-        ),
-    )
+    blocks = []
+    for blk, b in zip(model.blocks, spec.blocks, strict=True):
+        if blk.attn is None or off(blk.attn_gate):
+            attn: tuple[tuple[int, ...], ...] = ((), (), ())
+        else:
+            attn = (nz(blk.attn.head_gate, b.heads), nz(blk.attn.qk_gate, b.qk_dim), nz(blk.attn.v_gate, b.v_dim))
+        mlp = () if blk.mlp is None or off(blk.mlp_gate) else nz(blk.mlp.gate, b.mlp_dim)
+        blocks.append(BlockKeep(*attn, mlp))
+    return KeepIndices(emb=nz(model.emb_gate, spec.embed_dim), blocks=tuple(blocks))
 
 
 def apply_keep_as_gates(model: VisionTransformer, keep: KeepIndices) -> None:
-    """Enable gates (if needed) and set them to 1 on kept units, 0 elsewhere."""
+    """Enable gates (if needed) and set them to 1 on kept units, 0 elsewhere (a removed sub-layer's branch
+    gate and all its unit gates 0)."""
     keep = keep.validated(model.spec)
     if model.emb_gate is None:
         model.enable_gates()
@@ -113,10 +133,14 @@ def apply_keep_as_gates(model: VisionTransformer, keep: KeepIndices) -> None:
 
     set_gate(model.emb_gate, keep.emb)
     for blk, k in zip(model.blocks, keep.blocks, strict=True):
-        set_gate(blk.attn.head_gate, k.heads)
-        set_gate(blk.attn.qk_gate, k.qk)
-        set_gate(blk.attn.v_gate, k.v)
-        set_gate(blk.mlp.gate, k.mlp)
+        if blk.attn is not None:
+            set_gate(blk.attn.head_gate, k.heads)
+            set_gate(blk.attn.qk_gate, k.qk)
+            set_gate(blk.attn.v_gate, k.v)
+            set_gate(blk.attn_gate, (0,) if k.heads else ())
+        if blk.mlp is not None:
+            set_gate(blk.mlp.gate, k.mlp)
+            set_gate(blk.mlp_gate, (0,) if k.mlp else ())
 
 
 def _qkv_rows(k: BlockKeep, b: BlockSpec) -> torch.Tensor:
@@ -137,35 +161,40 @@ def slice_model(model: VisionTransformer, keep: KeepIndices | None = None) -> Vi
     src = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
 
-    def take(name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    def take(name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+             to: str | None = None) -> None:
         t = src[name].detach()
         if rows is not None:
             t = t.index_select(0, rows)
         if cols is not None:
             t = t.index_select(1, cols)
-        out[name] = t
+        out[to or name] = t
 
     take("patch_embed.proj.weight", rows=e)
     take("patch_embed.proj.bias", rows=e)
     for name in ("cls_token", "dist_token", "pos_embed"):
         if name in src:
             out[name] = src[name].detach().index_select(2, e)
-    for i, (k, b) in enumerate(zip(keep.blocks, spec.blocks, strict=True)):
-        p = f"blocks.{i}."
-        rows = _qkv_rows(k, b)
-        v_cols = (torch.tensor(k.heads)[:, None] * b.v_dim + torch.tensor(k.v)[None, :]).flatten()
-        mlp = torch.tensor(k.mlp)
-        for norm in ("norm1", "norm2"):
-            take(p + norm + ".weight", rows=e)
-            take(p + norm + ".bias", rows=e)
-        take(p + "attn.qkv.weight", rows=rows, cols=e)
-        take(p + "attn.qkv.bias", rows=rows)
-        take(p + "attn.proj.weight", rows=e, cols=v_cols)
-        take(p + "attn.proj.bias", rows=e)
-        take(p + "mlp.fc1.weight", rows=mlp, cols=e)
-        take(p + "mlp.fc1.bias", rows=mlp)
-        take(p + "mlp.fc2.weight", rows=e, cols=mlp)
-        take(p + "mlp.fc2.bias", rows=e)
+    kept_blocks = [(i, k, b) for i, (k, b) in enumerate(zip(keep.blocks, spec.blocks, strict=True)) if k.kept]
+    for j, (i, k, b) in enumerate(kept_blocks):  # a dropped block's successors move up
+        p, q = f"blocks.{i}.", f"blocks.{j}."
+        if k.has_attn:
+            rows = _qkv_rows(k, b)
+            v_cols = (torch.tensor(k.heads)[:, None] * b.v_dim + torch.tensor(k.v)[None, :]).flatten()
+            take(p + "norm1.weight", rows=e, to=q + "norm1.weight")
+            take(p + "norm1.bias", rows=e, to=q + "norm1.bias")
+            take(p + "attn.qkv.weight", rows=rows, cols=e, to=q + "attn.qkv.weight")
+            take(p + "attn.qkv.bias", rows=rows, to=q + "attn.qkv.bias")
+            take(p + "attn.proj.weight", rows=e, cols=v_cols, to=q + "attn.proj.weight")
+            take(p + "attn.proj.bias", rows=e, to=q + "attn.proj.bias")
+        if k.mlp:
+            mlp = torch.tensor(k.mlp)
+            take(p + "norm2.weight", rows=e, to=q + "norm2.weight")
+            take(p + "norm2.bias", rows=e, to=q + "norm2.bias")
+            take(p + "mlp.fc1.weight", rows=mlp, cols=e, to=q + "mlp.fc1.weight")
+            take(p + "mlp.fc1.bias", rows=mlp, to=q + "mlp.fc1.bias")
+            take(p + "mlp.fc2.weight", rows=e, cols=mlp, to=q + "mlp.fc2.weight")
+            take(p + "mlp.fc2.bias", rows=e, to=q + "mlp.fc2.bias")
     take("norm.weight", rows=e)
     take("norm.bias", rows=e)
     for head in ("head", "head_dist"):

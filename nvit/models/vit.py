@@ -5,7 +5,8 @@ checkpoints map onto it key by key. The fused ``qkv`` layer has explicit split s
 ``[heads*qk_dim, heads*qk_dim, heads*v_dim]`` (head-major inside each part), so Q/K and V widths may differ.
 
 Gates (created by :meth:`VisionTransformer.enable_gates`) multiply one unit of each prunable group:
-heads, QK channels, V channels and MLP neurons per block, and embedding channels globally. A gate of zero
+heads, QK channels, V channels and MLP neurons per block, each whole sub-layer's residual branch, and
+embedding channels globally. A gate of zero
 is exactly equivalent to removing the unit (LayerNorm statistics are taken over live embedding channels
 only), which is what lets :func:`nvit.models.slicing.slice_model` be checked against a masked model.
 """
@@ -85,21 +86,38 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    """``x + attn(norm1(x))`` then ``+ mlp(norm2(x))``; either sub-layer may be absent (``attn``/``mlp`` is
+    ``None`` and so is its norm), as :class:`~nvit.arch.BlockSpec` allows.
+
+    With gates enabled each present sub-layer also has a one-unit gate on its residual branch
+    (``attn_gate``, ``mlp_gate``): at 0 the block computes exactly what it computes without that sub-layer,
+    and its gradient is the Hessian-aware estimate of removing the whole sub-layer.
+    """
+
     def __init__(self, *, embed_dim: int, spec: BlockSpec, scale: float, eps: float) -> None:
         super().__init__()
         self.spec = spec
-        self.norm1 = nn.LayerNorm(embed_dim, eps=eps)
+        self.norm1 = nn.LayerNorm(embed_dim, eps=eps) if spec.has_attn else None
         self.attn = Attention(
             embed_dim=embed_dim, heads=spec.heads, qk_dim=spec.qk_dim, v_dim=spec.v_dim, scale=scale
-        )
-        self.norm2 = nn.LayerNorm(embed_dim, eps=eps)
-        self.mlp = Mlp(embed_dim=embed_dim, mlp_dim=spec.mlp_dim)
+        ) if spec.has_attn else None
+        self.norm2 = nn.LayerNorm(embed_dim, eps=eps) if spec.has_mlp else None
+        self.mlp = Mlp(embed_dim=embed_dim, mlp_dim=spec.mlp_dim) if spec.has_mlp else None
+        self.attn_gate: nn.Parameter | None = None
+        self.mlp_gate: nn.Parameter | None = None
+
+    @staticmethod
+    def _branch(out: torch.Tensor, branch_gate: torch.Tensor | None, emb_gate: torch.Tensor | None) -> torch.Tensor:
+        if branch_gate is not None:
+            out = out * branch_gate
+        return out if emb_gate is None else out * emb_gate
 
     def forward(self, x: torch.Tensor, emb_gate: torch.Tensor | None = None) -> torch.Tensor:
-        attn_out = self.attn(masked_layer_norm(x, self.norm1, emb_gate))
-        mlp_in = x + (attn_out if emb_gate is None else attn_out * emb_gate)
-        mlp_out = self.mlp(masked_layer_norm(mlp_in, self.norm2, emb_gate))
-        return mlp_in + (mlp_out if emb_gate is None else mlp_out * emb_gate)
+        if self.attn is not None:
+            x = x + self._branch(self.attn(masked_layer_norm(x, self.norm1, emb_gate)), self.attn_gate, emb_gate)
+        if self.mlp is not None:
+            x = x + self._branch(self.mlp(masked_layer_norm(x, self.norm2, emb_gate)), self.mlp_gate, emb_gate)
+        return x
 
 
 class VisionTransformer(nn.Module):
@@ -145,20 +163,33 @@ class VisionTransformer(nn.Module):
         ones = lambda n: nn.Parameter(torch.ones(n, device=p.device, dtype=p.dtype))  # noqa: E731
         self.emb_gate = ones(self.spec.embed_dim)
         for block in self.blocks:
-            a = block.attn
-            a.head_gate, a.qk_gate, a.v_gate = ones(a.heads), ones(a.qk_dim), ones(a.v_dim)
-            block.mlp.gate = ones(block.mlp.fc1.out_features)
+            if block.attn is not None:
+                a = block.attn
+                a.head_gate, a.qk_gate, a.v_gate = ones(a.heads), ones(a.qk_dim), ones(a.v_dim)
+                block.attn_gate = ones(1)
+            if block.mlp is not None:
+                block.mlp.gate = ones(block.mlp.fc1.out_features)
+                block.mlp_gate = ones(1)
 
     def disable_gates(self) -> None:
         self.emb_gate = None
         for block in self.blocks:
-            block.attn.head_gate = block.attn.qk_gate = block.attn.v_gate = None
-            block.mlp.gate = None
+            if block.attn is not None:
+                block.attn.head_gate = block.attn.qk_gate = block.attn.v_gate = None
+            if block.mlp is not None:
+                block.mlp.gate = None
+            block.attn_gate = block.mlp_gate = None
 
     def gate_parameters(self) -> list[nn.Parameter]:
+        """The gates in the pruning layout's order: ``emb``, then per block ``head``, ``qk``, ``v`` (with
+        attention), ``mlp`` (with an MLP), the attention branch and the MLP branch gate."""
         gates = [self.emb_gate]
         for block in self.blocks:
-            gates += [block.attn.head_gate, block.attn.qk_gate, block.attn.v_gate, block.mlp.gate]
+            a, m = block.attn, block.mlp
+            gates += [a.head_gate, a.qk_gate, a.v_gate] if a is not None else []
+            gates += [m.gate] if m is not None else []
+            gates += [block.attn_gate] if a is not None else []
+            gates += [block.mlp_gate] if m is not None else []
         return [g for g in gates if g is not None]
 
     def weight_parameters(self) -> list[nn.Parameter]:

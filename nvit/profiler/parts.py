@@ -18,6 +18,8 @@ class PartKind(str, enum.Enum):
     MLP = "mlp"  # x + mlp(norm2(x))
     BLOCK = "block"  # a whole block
     FIXED = "fixed"  # patch embedding, tokens, final norm, head(s)
+    ATTN_BLOCK = "attn_block"  # a block whose MLP was removed (the price of removing a sub-layer)
+    MLP_BLOCK = "mlp_block"  # a block whose attention was removed
 
 
 #: The width fields each kind uses; the others are 0.
@@ -26,7 +28,11 @@ KIND_FIELDS: dict[PartKind, tuple[str, ...]] = {
     PartKind.MLP: ("mlp_dim",),
     PartKind.BLOCK: ("heads", "qk_dim", "v_dim", "mlp_dim"),
     PartKind.FIXED: (),
+    PartKind.ATTN_BLOCK: ("heads", "qk_dim", "v_dim"),
+    PartKind.MLP_BLOCK: ("mlp_dim",),
 }
+#: The one-half blocks and the half each one is: a block that kept only that sub-layer.
+ONE_HALF_BLOCKS: dict[PartKind, PartKind] = {PartKind.ATTN_BLOCK: PartKind.ATTN, PartKind.MLP_BLOCK: PartKind.MLP}
 WIDTH_FIELDS = ("heads", "qk_dim", "v_dim", "mlp_dim")
 
 

@@ -56,23 +56,55 @@ def uniform_arch(base: ArchSpec, fraction: float, *, align: int = 8, name: str =
 CALIBRATION_LOW_FRACTION = 0.35
 
 
-def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1) -> list[ArchSpec]:
+def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1, removed: bool = False) -> list[ArchSpec]:
     """Whole models for calibration: the dense base, a small uniform one, then pruned-shape models
     (:func:`pruned_arch`: narrow and wide blocks mixed) and random non-uniform ones alternately (seeded), so
-    that the fitted line spans the models a pruned table is asked about, narrow end included."""
+    that the fitted line spans the models a pruned table is asked about, narrow end included. With
+    ``removed``, every second of those lacks whole sub-layers and blocks (:func:`removed_arch`)."""
     archs = [replace(base, name="cal-dense")]
     if count >= 2:
         archs.append(uniform_arch(base, CALIBRATION_LOW_FRACTION, name="cal-uniform"))
-    archs += mixed_archs(base, max(0, count - 2), np.random.default_rng(seed), prefix="cal-", digits=1)
+    archs += mixed_archs(base, max(0, count - 2), np.random.default_rng(seed), prefix="cal-", digits=1,
+                         removed=removed)
     return archs[:count]
 
 
 def mixed_archs(base: ArchSpec, count: int, rng: np.random.Generator, *, prefix: str,
-                digits: int = 2) -> list[ArchSpec]:
+                digits: int = 2, removed: bool = False) -> list[ArchSpec]:
     """``count`` variants of ``base``: a pruned shape (:func:`pruned_arch`) and a random one
-    (:func:`random_arch`) alternately, named ``<prefix>pruned<i>`` and ``<prefix>random<i>``."""
-    return [pruned_arch(base, rng, name=f"{prefix}pruned{i // 2:0{digits}d}") if i % 2 == 0
-            else random_arch(base, rng, name=f"{prefix}random{i // 2:0{digits}d}") for i in range(count)]
+    (:func:`random_arch`) alternately, named ``<prefix>pruned<i>`` and ``<prefix>random<i>``; with
+    ``removed``, a pruned shape with removed sub-layers (:func:`removed_arch`, ``<prefix>removed<i>``) between
+    the two."""
+    makers = [("pruned", pruned_arch), ("removed", removed_arch), ("random", random_arch)][::1 if removed else 2]
+    out = []
+    for i in range(count):
+        label, make = makers[i % len(makers)]
+        out.append(make(base, rng, name=f"{prefix}{label}{i // len(makers):0{digits}d}"))
+    return out
+
+
+#: How often a :func:`removed_arch` block loses its attention, its MLP, or both (the block is dropped).
+REMOVED_FATES = (("attn", 0.25), ("mlp", 0.2), ("block", 0.1))
+
+
+def removed_arch(base: ArchSpec, rng: np.random.Generator, *, align: int = 8, name: str = "") -> ArchSpec:
+    """A :func:`pruned_arch` whose blocks may also have lost their whole attention, their whole MLP or both
+    (:data:`REMOVED_FATES`), as a pruning run that removes sub-layers ends; at least one block keeps its
+    attention, and at least one sub-layer is removed."""
+    shape = pruned_arch(base, rng, align=align, name=name)
+    fates = rng.random(shape.depth)
+    edges = np.cumsum([p for _, p in REMOVED_FATES])
+    blocks: list[BlockSpec | None] = []
+    for b, u in zip(shape.blocks, fates, strict=True):
+        fate = next((f for (f, _), edge in zip(REMOVED_FATES, edges, strict=True) if u < edge), None)
+        blocks.append({"attn": b.without_attn(), "mlp": b.without_mlp(), "block": None}.get(fate, b)
+                      if fate else b)
+    if all(b is None or not b.has_attn for b in blocks):  # keep one attention: the first block as drawn
+        blocks[0] = shape.blocks[0]
+    if all(b == o for b, o in zip(blocks, shape.blocks, strict=True)):  # remove one: the last block's MLP
+        blocks[-1] = shape.blocks[-1].without_mlp()
+    kept = tuple(b for b in blocks if b is not None)
+    return replace(shape, blocks=kept, name=name or base.name)
 
 
 #: How the blocks of a pruned-shape model end (see :func:`pruned_arch`): probability of each fate.

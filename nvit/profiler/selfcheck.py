@@ -36,9 +36,11 @@ class ModelTiming:
     seconds: float
 
 
-def check_archs(base: ArchSpec, count: int, *, seed: int = DEFAULT_CHECK_SEED) -> list[ArchSpec]:
-    """``count`` held-out models of ``base``: pruned shapes and random ones alternately (seeded)."""
-    return mixed_archs(base, count, np.random.default_rng(seed), prefix="check-")
+def check_archs(base: ArchSpec, count: int, *, seed: int = DEFAULT_CHECK_SEED,
+                removed: bool = False) -> list[ArchSpec]:
+    """``count`` held-out models of ``base``: pruned shapes and random ones alternately (seeded), and with
+    ``removed`` pruned shapes that lack whole sub-layers and blocks between them."""
+    return mixed_archs(base, count, np.random.default_rng(seed), prefix="check-", removed=removed)
 
 
 def measure_archs(
@@ -93,10 +95,11 @@ def check_report(predictor: Any, archs: Sequence[ArchSpec], measured_ms: Mapping
         models.append({"name": a.name, "measured_ms": measured, "predicted_ms": predicted,
                        "error_pct": (predicted - measured) / measured * 100.0, "arch": a.to_dict()})
     figures = error_figures([m["measured_ms"] for m in models], [m["predicted_ms"] for m in models])
-    pruned = [m for m in models if "pruned" in m["name"]]
     out = {"seed": seed, "passes": passes, "measured_at": measured_at, **figures, "models": models}
-    if pruned and len(pruned) < len(models):
-        out["pruned_shapes"] = error_figures([m["measured_ms"] for m in pruned], [m["predicted_ms"] for m in pruned])
+    for label, key in (("pruned", "pruned_shapes"), ("removed", "removed_shapes")):
+        some = [m for m in models if label in m["name"]]
+        if some and len(some) < len(models):
+            out[key] = error_figures([m["measured_ms"] for m in some], [m["predicted_ms"] for m in some])
     return out
 
 
@@ -112,7 +115,8 @@ def recheck(table: Any, backend: Any, *, count: int, seed: int, passes: int = 2,
 
         raise LutError(f"a check needs at least one model, got {count}")
     predictor = LatencyPredictor(table)
-    archs = check_archs(ArchSpec.from_dict(table.meta.base_arch), count, seed=seed)
+    archs = check_archs(ArchSpec.from_dict(table.meta.base_arch), count, seed=seed,
+                        removed=predictor.removal_unavailable is None)
     start = time.perf_counter()
     measured = measure_archs(backend, archs, passes=passes, seed=seed, on_timing=on_timing)
     report = check_report(predictor, archs, measured, seed=seed, passes=passes, measured_at=utc_now())

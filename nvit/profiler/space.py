@@ -8,6 +8,9 @@ and a precision. It expands into separable sub-tables (DESIGN.md §4):
 - ``mlp``: the MLP half on the ``e × m`` grid;
 - ``block``: a few full blocks per ``e`` (the largest widths plus a seeded random sample of grid points),
   which measure how far a block is from the sum of its halves;
+- ``attn_block`` / ``mlp_block``: per ``e``, a few blocks that kept only their attention or only their MLP
+  (the smallest and the largest of the half's grid, then random ones): what a block costs once a pruning
+  run has removed one of its sub-layers, measured rather than extrapolated to zero width;
 - ``fixed``: patch embedding + tokens + final norm + head(s), once per ``e``.
 
 Presets are derived from the architecture presets (recipes in :mod:`nvit.profiler.grids`); custom spaces
@@ -52,8 +55,10 @@ __all__ = [
     "uniform_arch", "with_overrides",
 ]
 
-SPACE_SCHEMA_VERSION = 2  # 2: full blocks include the smallest corner (other configurations than 1)
-READABLE_SPACE_VERSIONS = (1, 2)
+SPACE_SCHEMA_VERSION = 3  # 3: one-half blocks (half_blocks_per_embed); 2: full blocks' smallest corner
+READABLE_SPACE_VERSIONS = (1, 2, 3)
+#: One-half blocks per embedding width and sub-layer in a new space (spaces older than version 3 have none).
+DEFAULT_HALF_BLOCKS_PER_EMBED = 2
 SPACE_FILE_KIND = "nvit.space"
 GRID_AXES = ("embed_dims", "heads", "qk_dims", "v_dims", "mlp_dims")
 
@@ -69,6 +74,7 @@ class SearchSpace:
     v_dims: tuple[int, ...]
     mlp_dims: tuple[int, ...]
     blocks_per_embed: int = 3
+    half_blocks_per_embed: int = DEFAULT_HALF_BLOCKS_PER_EMBED
     sample_seed: int = 0
     batch_size: int = 1
     precision: Precision = Precision.FP32
@@ -84,7 +90,7 @@ class SearchSpace:
             if list(values) != sorted(set(values)):
                 raise SpecError(f"space {axis} must be strictly increasing, got {list(values)}")
             object.__setattr__(self, axis, tuple(int(v) for v in values))
-        for key in ("blocks_per_embed", "sample_seed"):
+        for key in ("blocks_per_embed", "half_blocks_per_embed", "sample_seed"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SpecError(f"space {key} must be a non-negative integer, got {value!r}")
@@ -137,14 +143,49 @@ class SearchSpace:
             out += chosen
         return out
 
+    def one_half_block_configs(self) -> list[PartConfig]:
+        """Per ``e`` and sub-layer, ``half_blocks_per_embed`` blocks that kept only that sub-layer: the
+        smallest and the largest of its grid first, then distinct random grid points (seeded)."""
+        rng = np.random.default_rng([self.sample_seed, 3])
+        out: list[PartConfig] = []
+        n = self.half_blocks_per_embed
+        for e in self.embed_dims:
+            attn = [PartConfig(PartKind.ATTN_BLOCK, e, heads=h, qk_dim=q, v_dim=v)
+                    for h, q, v in ((self.heads[0], self.qk_dims[0], self.v_dims[0]),
+                                    (self.heads[-1], self.qk_dims[-1], self.v_dims[-1]))]
+            mlp = [PartConfig(PartKind.MLP_BLOCK, e, mlp_dim=m) for m in (self.mlp_dims[0], self.mlp_dims[-1])]
+            for corners, grid_size, draw in (
+                (attn, len(self.heads) * len(self.qk_dims) * len(self.v_dims),
+                 lambda e=e: PartConfig(PartKind.ATTN_BLOCK, e, heads=int(rng.choice(self.heads)),
+                                        qk_dim=int(rng.choice(self.qk_dims)), v_dim=int(rng.choice(self.v_dims)))),
+                (mlp, len(self.mlp_dims), lambda e=e: PartConfig(PartKind.MLP_BLOCK, e,
+                                                                 mlp_dim=int(rng.choice(self.mlp_dims)))),
+            ):
+                chosen = list(dict.fromkeys(corners))[:n]
+                while len(chosen) < min(n, grid_size):
+                    c = draw()
+                    if c not in chosen:
+                        chosen.append(c)
+                out += chosen
+        return out
+
+    @property
+    def has_one_half_blocks(self) -> bool:
+        """Whether tables of this space can price removing a whole sub-layer."""
+        return self.half_blocks_per_embed > 0
+
     def configs(self) -> list[PartConfig]:
         """Every configuration of the space, in a canonical order (the sweep shuffles it)."""
-        return self.attn_configs() + self.mlp_configs() + self.block_configs() + self.fixed_configs()
+        return (self.attn_configs() + self.mlp_configs() + self.block_configs() + self.fixed_configs()
+                + self.one_half_block_configs())
 
     def counts(self) -> dict[str, int]:
+        halves = self.one_half_block_configs()
         return {
             PartKind.ATTN.value: len(self.attn_configs()), PartKind.MLP.value: len(self.mlp_configs()),
             PartKind.BLOCK.value: len(self.block_configs()), PartKind.FIXED.value: len(self.fixed_configs()),
+            PartKind.ATTN_BLOCK.value: sum(c.kind is PartKind.ATTN_BLOCK for c in halves),
+            PartKind.MLP_BLOCK.value: sum(c.kind is PartKind.MLP_BLOCK for c in halves),
         }
 
     def sentinel(self) -> PartConfig:
@@ -188,6 +229,8 @@ class SearchSpace:
         if data.get("kind", SPACE_FILE_KIND) != SPACE_FILE_KIND:
             raise SpecError(f"not a search space file (kind {data.get('kind')!r})")
         kwargs = {k: v for k, v in data.items() if k not in ("schema_version", "kind")}
+        if version < 3:  # older spaces measured no one-half blocks; reading one must not change what it measures
+            kwargs.setdefault("half_blocks_per_embed", 0)
         base = kwargs["base"]
         if isinstance(base, str):
             if base not in preset_names():

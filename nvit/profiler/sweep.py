@@ -219,8 +219,10 @@ def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepO
     """Sentinel, the parts not in the journal and the whole models (calibration and check) in rounds spread
     over the sweep; then the table."""
     configs = space.configs()
-    archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed)
-    checks = check_archs(space.base, options.check_models, seed=options.check_seed)
+    removed = space.has_one_half_blocks  # models with removed sub-layers where the table can price them
+    archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed,
+                              removed=removed)
+    checks = check_archs(space.base, options.check_models, seed=options.check_seed, removed=removed)
     done = {(PartConfig(**r["config"]).key, r["pass"]) for r in journal.of_type("part")}
     names = {a.name for a in archs} | {a.name for a in checks}
     resumed = len(done) + sum(r["name"] in names for r in journal.of_type("model") + journal.of_type("check"))

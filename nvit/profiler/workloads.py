@@ -5,7 +5,8 @@ the exact modules of :class:`~nvit.models.vit.VisionTransformer`:
 
 - attention half of a block: ``x + attn(norm1(x))``;
 - MLP half of a block: ``x + mlp(norm2(x))``;
-- a full block (:class:`~nvit.models.vit.Block`);
+- a full block (:class:`~nvit.models.vit.Block`), and a block that kept only its attention or only its
+  MLP (the same class with the other sub-layer absent: what a pruned model with a removed sub-layer runs);
 - fixed parts: the whole ViT with its block list emptied (patch embedding, class/distillation tokens,
   position embedding, final norm and head(s)), fed images;
 - a whole model, for calibration and end-to-end checks.
@@ -79,10 +80,11 @@ def build_part_module(config: PartConfig, base: ArchSpec, *, seed: int = WEIGHT_
                                     v_dim=config.v_dim, eps=eps)
         elif config.kind is PartKind.MLP:
             module = mlp_part(embed_dim=config.embed_dim, mlp_dim=config.mlp_dim, eps=eps)
-        elif config.kind is PartKind.BLOCK:
+        elif config.kind in (PartKind.BLOCK, PartKind.ATTN_BLOCK, PartKind.MLP_BLOCK):
             spec = BlockSpec(heads=config.heads, qk_dim=config.qk_dim, v_dim=config.v_dim,
                              mlp_dim=config.mlp_dim)
-            module = vit.Block(embed_dim=config.embed_dim, spec=spec, scale=config.qk_dim**-0.5, eps=eps)
+            scale = config.qk_dim**-0.5 if spec.has_attn else 1.0
+            module = vit.Block(embed_dim=config.embed_dim, spec=spec, scale=scale, eps=eps)
         else:
             module = vit.VisionTransformer(fixed_parts_spec(base, config.embed_dim))
             module.blocks = torch.nn.ModuleList()
