@@ -36,19 +36,25 @@ def l1_unit_scores(model: VisionTransformer, layout: GroupLayout) -> np.ndarray:
         parts = []
         for i, blk in enumerate(model.blocks):
             q = f"blocks.{i}."
-            a = blk.attn
-            h, dq, dv = a.heads, a.qk_dim, a.v_dim
-            emb = emb + sum(p[q + n] for n in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
-                                                "attn.proj.bias", "mlp.fc2.bias"))
-            emb = emb + p[q + "attn.qkv.weight"].sum(0) + p[q + "attn.proj.weight"].sum(1)
-            emb = emb + p[q + "mlp.fc1.weight"].sum(0) + p[q + "mlp.fc2.weight"].sum(1)
-            rows = p[q + "attn.qkv.weight"].sum(1) + p[q + "attn.qkv.bias"]
-            qr, kr = rows[: h * dq].view(h, dq), rows[h * dq : 2 * h * dq].view(h, dq)
-            vr = rows[2 * h * dq :].view(h, dv)
-            proj = p[q + "attn.proj.weight"].sum(0).view(h, dv)
-            mlp = p[q + "mlp.fc1.weight"].sum(1) + p[q + "mlp.fc1.bias"] + p[q + "mlp.fc2.weight"].sum(0)
-            parts += [qr.sum(1) + kr.sum(1) + vr.sum(1) + proj.sum(1), qr.sum(0) + kr.sum(0),
-                      vr.sum(0) + proj.sum(0), mlp]
+            layers = []
+            if blk.attn is not None:
+                a = blk.attn
+                h, dq, dv = a.heads, a.qk_dim, a.v_dim
+                emb = emb + sum(p[q + n] for n in ("norm1.weight", "norm1.bias", "attn.proj.bias"))
+                emb = emb + p[q + "attn.qkv.weight"].sum(0) + p[q + "attn.proj.weight"].sum(1)
+                rows = p[q + "attn.qkv.weight"].sum(1) + p[q + "attn.qkv.bias"]
+                qr, kr = rows[: h * dq].view(h, dq), rows[h * dq : 2 * h * dq].view(h, dq)
+                vr = rows[2 * h * dq :].view(h, dv)
+                proj = p[q + "attn.proj.weight"].sum(0).view(h, dv)
+                parts += [qr.sum(1) + kr.sum(1) + vr.sum(1) + proj.sum(1), qr.sum(0) + kr.sum(0),
+                          vr.sum(0) + proj.sum(0)]
+                layers.append((p[q + "attn.proj.weight"].sum() + p[q + "attn.proj.bias"].sum()).reshape(1))
+            if blk.mlp is not None:
+                emb = emb + sum(p[q + n] for n in ("norm2.weight", "norm2.bias", "mlp.fc2.bias"))
+                emb = emb + p[q + "mlp.fc1.weight"].sum(0) + p[q + "mlp.fc2.weight"].sum(1)
+                parts.append(p[q + "mlp.fc1.weight"].sum(1) + p[q + "mlp.fc1.bias"] + p[q + "mlp.fc2.weight"].sum(0))
+                layers.append((p[q + "mlp.fc2.weight"].sum() + p[q + "mlp.fc2.bias"].sum()).reshape(1))
+            parts += layers  # a whole sub-layer: its output projection's weights
         emb = emb + p["norm.weight"] + p["norm.bias"] + p["head.weight"].sum(0)
         if "head_dist.weight" in p:
             emb = emb + p["head_dist.weight"].sum(0)

@@ -42,7 +42,7 @@ def test_bad_spec_file_gives_one_line_and_exit_1(tmp_path, capsys) -> None:
     code, _, err = run(["arch", "show", str(bad)], capsys)
     assert code == 1
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "heads must be a positive integer" in lines[0]
+    assert len(lines) == 1 and "must all be positive (attention) or all 0 (no attention)" in lines[0]
     assert "Traceback" not in err
 
 

@@ -17,15 +17,17 @@ def layout(group_size: int = 8, min_embed: int = 16) -> GroupLayout:
 
 def test_layout_gates_units_and_flat_order() -> None:
     lay = layout()
-    # vit_test: e=64, 4 blocks of 4 heads x 16 (q and v), mlp 256: 1 + 4 x 4 gates, 64 + 4 x 292 units
-    assert len(lay.gates) == 17 and lay.num_units == 64 + 4 * (4 + 16 + 16 + 256)
-    assert [lay.gates[j].name for j in (0, 1, 2, 3, 4, 5)] == [
-        "emb", "block 0 head", "block 0 qk", "block 0 v", "block 0 mlp", "block 1 head"]
+    # vit_test: e=64, 4 blocks of 4 heads x 16 (q and v), mlp 256, and each block's two sub-layer gates:
+    # 1 + 4 x 6 gates, 64 + 4 x 294 units
+    assert len(lay.gates) == 25 and lay.num_units == 64 + 4 * (4 + 16 + 16 + 256 + 2)
+    assert [lay.gates[j].name for j in range(8)] == [
+        "emb", "block 0 head", "block 0 qk", "block 0 v", "block 0 mlp", "block 0 attn_layer", "block 0 mlp_layer",
+        "block 1 head"]
     assert lay.unit_name(64 + 4 + 16 + 16 + 17) == "block 0 mlp 17"
     model = build_model(preset("vit_test"), seed=0)
     model.enable_gates()
     assert lay.gate_sizes == tuple(g.numel() for g in model.gate_parameters())
-    assert list(lay.gate_group) == [8] + [1, 8, 8, 8] * 4
+    assert list(lay.gate_group) == [8] + [1, 8, 8, 8, 1, 1] * 4
     assert (np.bincount(lay.unit_gate) == lay.gate_sizes).all() and (np.diff(lay.unit_gate) >= 0).all()
 
 
@@ -100,7 +102,8 @@ def test_removal_updates_widths_and_respects_every_minimum() -> None:
         state.remove(heads[:1])  # already pruned
     mlp = lay.units_of(lay.gates_of(GroupKind.MLP, block=3)[0])
     assert not state.can_remove(mlp[:7]) and not state.can_remove(np.concatenate([mlp[:4], qk[[0, 2, 4, 6]]]))
-    assert state.removed_by_kind() == {"emb": 16, "head": 3, "qk": 8, "v": 0, "mlp": 0}
+    assert state.removed_by_kind() == {"emb": 16, "head": 3, "qk": 8, "v": 0, "mlp": 0, "attn_layer": 0,
+                                       "mlp_layer": 0}
     assert state.num_pruned == 27
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lut_fakes as fk
 import pytest
 import torch
@@ -46,8 +48,10 @@ def test_minimums_come_from_the_tables_smallest_measured_widths(table_path) -> N
     assert raw.attn_ms(32, 2, 8, 8) > 0 and raw.mlp_ms(32, 64) > 0
     assert predictor.predict_ms(smallest) > 0.5 * predictor.predict_ms(SPEC)
     # without a table (FLOPs stand-in) only the group size bounds the widths
-    flops = pruning_layout(SPEC, config, FlopsPredictor(SPEC, reference_ms=1.0))
+    flops = pruning_layout(SPEC, replace(config, remove=()), FlopsPredictor(SPEC, reference_ms=1.0))
     assert flops.minimal_spec().blocks[0] == BlockSpec(1, 8, 8, 8) and measured_grid(FlopsPredictor(SPEC, 1.0)) is None
+    # the FLOPs stand-in prices removed sub-layers, so by default all but one attention may go
+    assert pruning_layout(SPEC, config, FlopsPredictor(SPEC, 1.0)).minimal_spec().blocks == (BlockSpec(1, 8, 8, 0),)
 
 
 def test_a_model_outside_the_grid_is_refused(table_path) -> None:

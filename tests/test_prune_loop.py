@@ -11,7 +11,7 @@ import torch
 from cli_run import run_cli as cli
 from torch.utils.data import TensorDataset
 
-from nvit.arch import load_arch_file, preset
+from nvit.arch import ArchSpec, load_arch_file, preset
 from nvit.errors import TargetError
 from nvit.lut.base import FlopsPredictor
 from nvit.models import build_model, load_variant
@@ -35,8 +35,9 @@ def digits_batches(batch_size: int = 16) -> StepBatches:
 
 
 def config(*targets: Target, **changes) -> PruneConfig:
+    """Width-only pruning unless ``remove`` is given (tests/test_sublayer_pruning.py covers removal)."""
     kwargs = dict(targets=targets, interval=3, pace=0.06, saliency_window=2, min_embed_dim=MIN_EMBED,
-                  lr=1e-3, batch_size=16, seed=0)
+                  lr=1e-3, batch_size=16, seed=0, remove=())
     kwargs.update(changes)
     return PruneConfig(**kwargs)
 
@@ -248,7 +249,22 @@ def test_cli_prunes_to_latency_and_ratio_targets(cli_inputs, tmp_path, capsys) -
 WORLD = 2
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def _ddp_setup(table: str | None) -> tuple[object, PruneConfig]:
+    """The predictor and config of the data-parallel test: FLOPs and widths only, or (``table``) the fake
+    table with one-half blocks and a target that only removing whole sub-layers reaches."""
+    if table is None:
+        return FlopsPredictor(SPEC, reference_ms=DENSE_MS), config(Target.ratio(0.6), batch_size=8)
+    from test_sublayer_pruning import BASE, below_the_width_only_floor
+
+    from nvit.lut import load_predictor
+    from nvit.pruning.config import Sublayer
+
+    predictor = load_predictor(table)
+    target = below_the_width_only_floor(predictor, BASE)
+    return predictor, config(target, batch_size=8, remove=(Sublayer.ATTN, Sublayer.MLP), min_embed_dim=None)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str, table: str | None) -> None:
     import os
 
     from nvit.pruning.distributed import init_distributed, shutdown
@@ -258,35 +274,55 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
     try:
-        cfg = config(Target.ratio(0.6), batch_size=8)
+        predictor, cfg = _ddp_setup(table)
         source = digits_batches()
         data = StepBatches(source.dataset, batch_size=8, seed=0, rank=rank, world_size=WORLD)
-        model = build_model(SPEC, seed=0 if rank == 0 else 1)  # DDP broadcasts rank 0's weights
-        result = prune(model, config=cfg, predictor=FlopsPredictor(SPEC, reference_ms=DENSE_MS), data=data,
-                       out_dir=f"{out_dir}/run", distributed=ctx)
+        spec = SPEC if table is None else SPEC.with_blocks(SPEC.blocks, qk_scale=0.25)
+        model = build_model(spec, seed=0 if rank == 0 else 1)  # DDP broadcasts rank 0's weights
+        result = prune(model, config=cfg, predictor=predictor, data=data, out_dir=f"{out_dir}/run", distributed=ctx)
         torch.save({"state": model.state_dict(), "arch": result.variants[0].arch.to_dict(), "steps": result.steps},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         shutdown()
 
 
-def test_two_gloo_ranks_prune_like_one_process_with_the_global_batch(tmp_path) -> None:
+@pytest.mark.parametrize("sublayers", [False, True], ids=["widths", "sublayers"])
+def test_two_gloo_ranks_prune_like_one_process_with_the_global_batch(tmp_path, sublayers) -> None:
+    from dataclasses import replace
+
     import service_env as se
     import torch.multiprocessing as mp
 
+    table = str(fk_table(tmp_path)) if sublayers else None
     port = se.free_port()
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path), table), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key  # same weights and the same gates everywhere
     assert ranks[0]["arch"] == ranks[1]["arch"] and ranks[0]["steps"] == ranks[1]["steps"]
     # one process seeing each step's global batch (2 x 8) takes the same pruning decisions
-    _, _, single = run(tmp_path / "single", config(Target.ratio(0.6), batch_size=16))
+    predictor, cfg = _ddp_setup(table)
+    spec = SPEC if table is None else SPEC.with_blocks(SPEC.blocks, qk_scale=0.25)
+    single = prune(build_model(spec, seed=0), config=replace(cfg, batch_size=16), predictor=predictor,
+                   data=digits_batches(16), out_dir=tmp_path / "single")
+    if sublayers:
+        assert any(ArchSpec.from_dict(ranks[0]["arch"]).removed_sublayers.values())
     assert single.steps == ranks[0]["steps"] and single.variants[0].arch.to_dict() == ranks[0]["arch"]
     ddp_log, one_log = pd.read_parquet(tmp_path / "run" / "prune_log.parquet"), pd.read_parquet(single.log_path)
     np.testing.assert_allclose(ddp_log["loss"], one_log["loss"], rtol=1e-4)  # loss reduced over ranks
     np.testing.assert_array_equal(ddp_log["pruned_groups"], one_log["pruned_groups"])
-    assert (tmp_path / "run" / "ratio_0.6" / "arch.json").is_file()
+    assert (tmp_path / "run" / single.variants[0].label / "arch.json").is_file()
+
+
+def fk_table(folder):
+    """The fake backend's table of a tiny space with one-half blocks (sub-layer removal priced)."""
+    import lut_fakes as fk
+
+    from nvit.profiler.sweep import SweepOptions, run_sweep
+
+    with fk.FakeBackend() as backend:
+        return run_sweep(fk.tiny_space(half_blocks_per_embed=2), backend, folder / "halves.parquet",
+                         device=fk.fake_device(), options=SweepOptions(calibration_models=3)).path
 
 
 def test_cli_defaults_are_the_library_defaults() -> None:
@@ -300,3 +336,5 @@ def test_cli_defaults_are_the_library_defaults() -> None:
     assert defaults["ranking"] == c.DEFAULT_RANKING.value and defaults["pace"] == c.DEFAULT_PACE
     assert defaults["interval"] == c.DEFAULT_INTERVAL and defaults["saliency_ema"] == c.DEFAULT_EMA
     assert f"(default {c.DEFAULT_LATENCY_WEIGHT}," in options["latency_weight"].help
+    assert defaults["remove"] is None
+    assert "Default: " + ",".join(r.value for r in c.DEFAULT_REMOVE) in options["remove"].help

@@ -33,7 +33,7 @@ def test_gate_deltas_equal_whole_model_predictions_at_current_widths() -> None:
     lay = layout()
     predictor = FlopsPredictor(SPEC, reference_ms=4.0)
     state = pruned_state(lay, 40, seed=0)
-    deltas = gate_latency_deltas_ms(lay, predictor, state.spec())
+    deltas = gate_latency_deltas_ms(lay, predictor, state.widths)
     now = predictor.predict_ms(state.spec())
     cand = state.candidates(np.zeros(lay.num_units))
     for pos in range(len(cand)):
@@ -54,7 +54,7 @@ def test_eta_is_unit_free() -> None:
     state = PruneState(lay)
     scores = rng.lognormal(size=lay.num_units)
     cand = state.candidates(scores)
-    deltas = gate_latency_deltas_ms(lay, FlopsPredictor(SPEC, reference_ms=4.0), state.spec())
+    deltas = gate_latency_deltas_ms(lay, FlopsPredictor(SPEC, reference_ms=4.0), state.widths)
     base = rank(lay, cand, delta_ms=deltas, tradeoff=LatencyTradeoff(1.0)).order()
     # the loss in other units and latency in seconds instead of ms: the same ranking
     rescaled = state.candidates(scores * 1e3)
@@ -76,7 +76,7 @@ def test_eta_does_not_jump_when_the_mix_of_candidate_types_changes() -> None:
     mixes, etas, stepwise = [], [], []
     for _ in range(2):
         cand = state.candidates(scores)
-        deltas = gate_latency_deltas_ms(lay, predictor, state.spec())
+        deltas = gate_latency_deltas_ms(lay, predictor, state.widths)
         etas.append(rank(lay, cand, delta_ms=deltas, tradeoff=tradeoff).eta)
         stepwise.append(unit_free_eta(cand.saliency, deltas[cand.gate], 1.0))
         mixes.append(np.bincount(lay.gate_kind[cand.gate], minlength=5) / len(cand))
@@ -94,7 +94,7 @@ def test_regularizer_prunes_latency_expensive_groups_first() -> None:
     predictor = FlopsPredictor(SPEC, reference_ms=4.0)
     state = PruneState(lay)
     cand = state.candidates(np.random.default_rng(2).lognormal(size=lay.num_units))
-    deltas = gate_latency_deltas_ms(lay, predictor, state.spec())
+    deltas = gate_latency_deltas_ms(lay, predictor, state.widths)
 
     def first_k(weight: float, k: int = 20) -> tuple[float, float]:
         order = rank(lay, cand, delta_ms=deltas, tradeoff=LatencyTradeoff(weight)).order()
@@ -127,7 +127,7 @@ def test_knapsack_removes_the_least_saliency_that_meets_the_quota() -> None:
     rng = np.random.default_rng(3)
     scores = rng.lognormal(size=lay.num_units)
     cand = state.candidates(scores)
-    gate_deltas = gate_latency_deltas_ms(lay, FlopsPredictor(SPEC, reference_ms=4.0), state.spec())
+    gate_deltas = gate_latency_deltas_ms(lay, FlopsPredictor(SPEC, reference_ms=4.0), state.widths)
     # a small problem to brute-force: three gates, up to three groups each
     gates = [lay.gates_of(GroupKind.MLP, block=0)[0], lay.gates_of(GroupKind.HEAD, block=1)[0], 0]
     keep = np.flatnonzero(np.isin(cand.gate, gates) & (cand.rank < 3))

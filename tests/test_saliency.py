@@ -146,7 +146,7 @@ def test_normalisation_across_types_is_explicit() -> None:
     assert set(kind_scales(SaliencyNorm.NONE, 4).values()) == {1.0}
     scales = kind_scales(SaliencyNorm.TENSOR_COUNT, 4)
     assert scales == {GroupKind.EMB: 0.25, GroupKind.HEAD: 0.25, GroupKind.QK: 0.5, GroupKind.V: 0.5,
-                      GroupKind.MLP: 0.5}
+                      GroupKind.MLP: 0.5, GroupKind.ATTN_LAYER: 0.5, GroupKind.MLP_LAYER: 0.5}
     raw = np.arange(1, lay.num_units + 1, dtype=np.float64)
     np.testing.assert_array_equal(normalise(raw, lay, SaliencyNorm.NONE), raw)
     out = normalise(raw, lay, SaliencyNorm.TENSOR_COUNT)

@@ -18,14 +18,18 @@ def arch_table(spec: ArchSpec) -> Table:
     for col in ("block", "heads", "qk_dim", "v_dim", "mlp_dim", "params (M)", "GMACs"):
         table.add_column(col, justify="right")
     for i, b in enumerate(spec.blocks):
+        attn = [str(b.heads), str(b.qk_dim), str(b.v_dim)] if b.has_attn else ["attn removed", "–", "–"]
         table.add_row(
-            str(i), str(b.heads), str(b.qk_dim), str(b.v_dim), str(b.mlp_dim),
+            str(i), *attn, str(b.mlp_dim) if b.has_mlp else "mlp removed",
             f"{block_params(spec.embed_dim, b) / 1e6:.3f}", f"{spec.block_flops(i) / 2e9:.3f}",
         )
+    removed = spec.removed_sublayers
     table.caption = (
         f"total: {spec.num_params() / 1e6:.2f} M params, {spec.macs() / 1e9:.2f} GMACs "
         f"({spec.flops() / 1e9:.2f} GFLOPs), image {spec.img_size}px/patch {spec.patch_size}"
         + (", distilled" if spec.distilled else "")
+        + (f"; removed: {removed['attn']} attention, {removed['mlp']} MLP sub-layer(s)" if any(removed.values())
+           else "")
     )
     return table
 
@@ -37,11 +41,27 @@ def show(
 ) -> None:
     """Per-block widths, parameter count and FLOPs of an architecture."""
     spec = resolve_arch(arch)
+    dropped = _dropped_blocks(arch)
     if as_json:
         summary = {"params": spec.num_params(), "flops": spec.flops(), "macs": spec.macs()}
         typer.echo(json.dumps({"arch": spec.to_dict(), "summary": summary}, indent=2))
         return
-    Console().print(arch_table(spec))
+    table = arch_table(spec)
+    if dropped:
+        table.caption += f"; blocks dropped (the base's numbering): {', '.join(map(str, dropped))}"
+    Console().print(table)
+
+
+def _dropped_blocks(arch: str) -> list[int]:
+    """The base's blocks a pruned variant dropped, from its arch.json provenance (empty for anything else)."""
+    from pathlib import Path
+
+    from nvit.arch import load_arch_file
+
+    path = Path(arch) / "arch.json" if Path(arch).is_dir() else Path(arch)
+    if path.suffix != ".json" or not path.is_file():
+        return []
+    return [int(i) for i in load_arch_file(path)[1].get("dropped_blocks", [])]
 
 
 @arch_app.command("list")

@@ -52,7 +52,14 @@ def show(lut: Path = _LUT_ARG) -> None:
     if not table.problems():
         from nvit.lut.predictor import LatencyPredictor
 
-        console.print(interaction_line(LatencyPredictor(table, calibrated=False).interaction))
+        raw = LatencyPredictor(table, calibrated=False)
+        console.print(interaction_line(raw.interaction))
+        for kind, fit in raw.one_half.items():
+            half = "attention half" if kind is PartKind.ATTN_BLOCK else "MLP half"
+            console.print(interaction_line(fit, block=f"{half}-only block", halves=half,
+                                           rows=f"{kind.value} rows"))
+        if raw.removal_unavailable:
+            console.print(f"[yellow]sub-layer removal unavailable:[/] {raw.removal_unavailable}")
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
     console.print(f"sentinel {meta.protocol.get('sentinel', '?')}: re-timed {len(meta.sentinel)}x, "
                   f"max drift {drift * 100:.1f}%; profiling time {meta.profile_seconds_total:.0f} s")
@@ -65,17 +72,19 @@ def show(lut: Path = _LUT_ARG) -> None:
     console.print(self_check_line(meta.self_check))
 
 
-def interaction_line(interaction: Any) -> str:
-    """How a full block relates to its halves (:class:`~nvit.lut.interaction.BlockInteraction`)."""
+def interaction_line(interaction: Any, *, block: str = "block", halves: str = "halves",
+                     rows: str = "full blocks") -> str:
+    """How a full block relates to its halves (:class:`~nvit.lut.interaction.BlockInteraction`), or a one-half
+    block to its half."""
     i = interaction
     if i.method == "affine":
-        return (f"block = {i.slope:.3f} x halves {i.overhead_ms * 1e3:+.1f} us "
-                f"{i.overhead_ms_per_embed * 1e3:+.3f} us x e (fitted on {i.blocks} full blocks, "
+        return (f"{block} = {i.slope:.3f} x {halves} {i.overhead_ms * 1e3:+.1f} us "
+                f"{i.overhead_ms_per_embed * 1e3:+.3f} us x e (fitted on {i.blocks} {rows}, "
                 f"mean residual {i.residual_pct_mean_abs:.1f}%)")
     if i.method == "ratio":
-        return (f"block = {i.slope:.3f} x halves (mean ratio of {i.blocks} full blocks of too similar sizes for a "
+        return (f"{block} = {i.slope:.3f} x {halves} (mean ratio of {i.blocks} {rows} of too similar sizes for a "
                 f"size-dependent fit; mean residual {i.residual_pct_mean_abs:.1f}%)")
-    return "block = sum of halves (no full blocks measured)"
+    return f"{block} = sum of {halves} (no {rows} measured)"
 
 
 def self_check_line(check: dict[str, Any] | None) -> str:
@@ -219,7 +228,8 @@ def predict(
     for col in ("block", "heads", "qk_dim", "v_dim", "mlp_dim", "latency ms"):
         table.add_column(col, justify="right")
     for i, (b, ms) in enumerate(zip(spec.blocks, blocks, strict=True)):
-        table.add_row(str(i), str(b.heads), str(b.qk_dim), str(b.v_dim), str(b.mlp_dim), f"{ms:.4f}")
+        attn = [str(b.heads), str(b.qk_dim), str(b.v_dim)] if b.has_attn else ["attn removed", "–", "–"]
+        table.add_row(str(i), *attn, str(b.mlp_dim) if b.has_mlp else "mlp removed", f"{ms:.4f}")
     table.add_row("fixed", "", "", "", f"e={spec.embed_dim}", f"{fixed:.4f}")
     table.add_row("offset", "", "", "", "", f"{offset:+.4f}")
     table.add_row("[bold]total", "", "", "", "", f"[bold]{total:.4f}")

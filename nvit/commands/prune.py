@@ -79,6 +79,11 @@ def prune(
                                        "steps (NViT: 0.9; 0: each window alone)."),
     saliency_norm: str = typer.Option("none", "--saliency-norm", help="Normalisation across structure types: "
                                       "none | tensor-count (divide by the tensors a unit spans; not NViT's)."),
+    remove: str | None = typer.Option(None, "--remove", help="Whole sub-layers pruning may remove, priced by the "
+                                      "table's measured attention-only and MLP-only blocks: attn,mlp | attn | mlp | "
+                                      "none (widths only). A block that loses both is dropped; one attention is always "
+                                      "kept. Default: attn,mlp where the table measured those blocks (BENCHMARKS.md "
+                                      "§2b), widths only with a table that did not."),
     min_heads: int = typer.Option(1, "--min-heads", help="Fewest heads a block may keep (at least the table's "
                                   "smallest measured)."),
     min_embed_dim: int | None = typer.Option(None, "--min-embed-dim", help="Narrowest embedding width pruning may "
@@ -103,7 +108,7 @@ def prune(
     saving one sliced variant per target."""
     from nvit.commands.remote import local_lut
     from nvit.data import build_dataset
-    from nvit.pruning.config import DEFAULT_LATENCY_WEIGHT, PruneConfig, RankingMethod, Target
+    from nvit.pruning.config import DEFAULT_LATENCY_WEIGHT, PruneConfig, RankingMethod, Target, parse_remove
     from nvit.pruning.distributed import collective_errors, init_distributed, shutdown
     from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1, top1
     from nvit.pruning.saliency import SaliencyNorm
@@ -129,7 +134,8 @@ def prune(
         targets=tuple(targets), group_size=group_size, interval=interval, pace=pace,
         saliency_window=saliency_window, ranking=method, saliency_ema=saliency_ema,
         latency_weight=DEFAULT_LATENCY_WEIGHT if latency_weight is None else latency_weight, saliency_norm=norm,
-        min_heads=min_heads, min_embed_dim=min_embed_dim, batch_size=batch_size, lr=lr,
+        min_heads=min_heads, min_embed_dim=min_embed_dim, remove=None if remove is None else parse_remove(remove),
+        batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed,
         extra={"kd_weight": kd_weight, "kd_temperature": kd_temperature, "data": data,
                "augment": augment_choice(augment, False)},

@@ -43,6 +43,28 @@ DEFAULT_RANKING = RankingMethod.KNAPSACK
 DEFAULT_LATENCY_WEIGHT = 3.0
 
 
+class Sublayer(enum.Enum):
+    """A whole sub-layer pruning may remove (``--remove``)."""
+
+    ATTN = "attn"
+    MLP = "mlp"
+
+
+#: What may go when ``remove`` is not given, where the latency table can price it (BENCHMARKS.md §2b).
+DEFAULT_REMOVE: tuple[Sublayer, ...] = (Sublayer.ATTN, Sublayer.MLP)
+
+
+def parse_remove(text: str) -> tuple[Sublayer, ...]:
+    """``attn,mlp``, ``attn``, ``mlp`` or ``none``."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if words == ["none"]:
+        return ()
+    if not words or "none" in words:
+        raise ConfigError(f"--remove takes 'none' or a comma-separated list of attn, mlp; got {text!r}")
+    out = tuple(dict.fromkeys(_enum(Sublayer, w, "sub-layer to remove") for w in words))
+    return tuple(sorted(out, key=list(Sublayer).index))
+
+
 class TargetKind(enum.Enum):
     LATENCY_MS = "latency_ms"  # predicted latency in the LUT's unit (ms)
     RATIO = "ratio"  # fraction of the starting model's predicted latency
@@ -113,6 +135,7 @@ class PruneConfig:
     saliency_ema: float = DEFAULT_EMA  # momentum of the unit scores across pruning steps (0: off)
     min_heads: int = 1
     min_embed_dim: int | None = None  # None: the table's smallest measured width (or one group)
+    remove: tuple[Sublayer, ...] | None = None  # whole sub-layers that may go; None: DEFAULT_REMOVE if priced
     batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -151,6 +174,10 @@ class PruneConfig:
             raise ConfigError(f"saliency_norm must be a SaliencyNorm, got {self.saliency_norm!r}")
         if not isinstance(self.extra, Mapping):
             raise ConfigError("extra must be an object")
+        if self.remove is not None:
+            if isinstance(self.remove, str) or not all(isinstance(r, Sublayer) for r in self.remove):
+                raise ConfigError(f"remove must be a list of sub-layers (attn, mlp), got {self.remove!r}")
+            object.__setattr__(self, "remove", tuple(sorted(set(self.remove), key=list(Sublayer).index)))
 
     @property
     def window(self) -> int:
@@ -177,6 +204,8 @@ class PruneConfig:
                 value = [t.to_dict() for t in value]
             elif isinstance(value, enum.Enum):
                 value = value.value
+            elif f.name == "remove":
+                value = None if value is None else [r.value for r in value]
             elif f.name == "extra":
                 value = dict(value)
             data[f.name] = value
@@ -203,6 +232,10 @@ class PruneConfig:
             data["saliency_norm"] = _enum(SaliencyNorm, data["saliency_norm"], "saliency_norm")
         if "ranking" in data:
             data["ranking"] = _enum(RankingMethod, data["ranking"], "ranking")
+        if data.get("remove") is not None:
+            if not isinstance(data["remove"], list | tuple):
+                raise ConfigError("'remove' must be a list of sub-layers (attn, mlp) or null")
+            data["remove"] = tuple(_enum(Sublayer, r, "sub-layer to remove") for r in data["remove"])
         return cls(**data)
 
 

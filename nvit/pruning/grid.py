@@ -5,18 +5,23 @@ extrapolates (and floors at 0 ms), so pruning would count savings that do not ex
 of every structure type is at least the smallest width the table measured for it
 (:class:`~nvit.lut.grid.MeasuredGrid`, read from the predictor), and a base model wider (or narrower) than
 the table is refused before any work. Between grid points the predictor interpolates, which is what the
-table is for. Predictors without a table (the FLOPs stand-in) bound nothing.
+table is for. Predictors without a table (the FLOPs stand-in) bound nothing. Likewise a whole sub-layer
+may only be removed where the table measured what a block costs without it (:func:`removable_sublayers`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
 from nvit.arch import ArchSpec
 from nvit.errors import LutError
 from nvit.lut.base import Predictor
+from nvit.pruning.config import DEFAULT_REMOVE, PruneConfig, Sublayer
 from nvit.pruning.groups import BLOCK_KINDS, WIDTH_FIELDS, GroupKind, Minimums
+
+log = logging.getLogger(__name__)
 
 
 def measured_grid(predictor: Predictor) -> Any:
@@ -30,7 +35,8 @@ def check_within(spec: ArchSpec, grid: Any) -> None:
         return
     where = [(GroupKind.EMB, "", spec.embed_dim)]
     for i, b in enumerate(spec.blocks):
-        where += [(kind, f"block {i} ", getattr(b, WIDTH_FIELDS[kind])) for kind in BLOCK_KINDS]
+        where += [(kind, f"block {i} ", getattr(b, WIDTH_FIELDS[kind])) for kind in BLOCK_KINDS
+                  if (b.has_mlp if kind is GroupKind.MLP else b.has_attn)]  # a removed sub-layer has no width
     for kind, prefix, width in where:
         axis = WIDTH_FIELDS[kind]
         lo, hi = grid.smallest(axis), grid.largest(axis)
@@ -47,7 +53,21 @@ def grid_minimums(minimums: Minimums, grid: Any) -> Minimums:
     if grid is None:
         return minimums
     changes = {}
-    for kind in GroupKind:
+    for kind in (GroupKind.EMB, *BLOCK_KINDS):
         field = WIDTH_FIELDS[kind]
         changes[field] = max(getattr(minimums, field) or 0, grid.smallest(field))
     return replace(minimums, **changes)
+
+
+def removable_sublayers(config: PruneConfig, predictor: Predictor) -> frozenset[GroupKind]:
+    """The layer-gate kinds pruning may remove: ``config.remove``, or :data:`DEFAULT_REMOVE` when not given.
+    A table that cannot price a removed sub-layer refuses an explicit request in one line, and turns the
+    default into width-only pruning with a warning that says why."""
+    wanted = DEFAULT_REMOVE if config.remove is None else config.remove
+    reason = predictor.removal_unavailable
+    if wanted and reason:
+        if config.remove is not None:
+            raise LutError(reason)
+        log.warning("pruning widths only: %s", reason)
+        return frozenset()
+    return frozenset({Sublayer.ATTN: GroupKind.ATTN_LAYER, Sublayer.MLP: GroupKind.MLP_LAYER}[w] for w in wanted)

@@ -1,11 +1,18 @@
 """Prunable units, their gates, per-type minimums, dynamic groups, and conversion of masks to a sliced model.
 
 A *gate* is one prunable dimension of the model: the embedding channels (EMB, global), or per block the
-heads (HEAD), the QK channels shared by all heads (QK), the V channels shared by all heads (V) and the MLP
-neurons (MLP). Its *units* are its channels (heads for HEAD). The flat unit vector is the concatenation of
-the model's gates in :meth:`~nvit.models.VisionTransformer.gate_parameters` order ``[emb, block0 head,
-block0 qk, block0 v, block0 mlp, block1 head, ...]``, so saliency is one vector over units and the mask of
-a whole model one boolean array (:class:`PruneState`).
+heads (HEAD), the QK channels shared by all heads (QK), the V channels shared by all heads (V), the MLP
+neurons (MLP), and the whole attention (ATTN_LAYER) and the whole MLP (MLP_LAYER), one unit each: the gate
+on the sub-layer's residual branch. Its *units* are its channels (heads for HEAD). The flat unit vector is
+the concatenation of the model's gates in :meth:`~nvit.models.VisionTransformer.gate_parameters` order
+``[emb, block0 head, block0 qk, block0 v, block0 mlp, block0 attn_layer, block0 mlp_layer, block1 head,
+...]`` (a sub-layer the model lacks has no gates), so saliency is one vector over units and the mask of a
+whole model one boolean array (:class:`PruneState`).
+
+**Sub-layers.** Removing a whole sub-layer is one group of its layer gate, allowed only for the kinds the
+layout is told are ``removable`` (``--remove``). Once a sub-layer is gone its width gates are no longer
+candidates, the architecture shows it absent (width 0), and a block that lost both is dropped. At least
+one block keeps its attention.
 
 **Dynamic groups** (NViT). The pruning loop removes a *group*: ``group_size`` units of one gate (one head
 for HEAD). Groups are not fixed chunks: at every pruning step the alive units of each gate are sorted by
@@ -46,9 +53,16 @@ class GroupKind(enum.Enum):
     QK = "qk"
     V = "v"
     MLP = "mlp"
+    ATTN_LAYER = "attn_layer"  # a block's whole attention (its residual branch)
+    MLP_LAYER = "mlp_layer"  # a block's whole MLP
 
 
 BLOCK_KINDS: tuple[GroupKind, ...] = (GroupKind.HEAD, GroupKind.QK, GroupKind.V, GroupKind.MLP)
+SUBLAYER_KINDS: tuple[GroupKind, ...] = (GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER)
+#: The width gates each layer gate switches off with it.
+LAYER_WIDTHS: dict[GroupKind, tuple[GroupKind, ...]] = {
+    GroupKind.ATTN_LAYER: (GroupKind.HEAD, GroupKind.QK, GroupKind.V), GroupKind.MLP_LAYER: (GroupKind.MLP,)}
+LAYER_OF: dict[GroupKind, GroupKind] = {w: layer for layer, ws in LAYER_WIDTHS.items() for w in ws}
 KIND_CODES: dict[GroupKind, int] = {k: i for i, k in enumerate(GroupKind)}
 WIDTH_FIELDS: dict[GroupKind, str] = {GroupKind.EMB: "embed_dim", GroupKind.HEAD: "heads", GroupKind.QK: "qk_dim",
                                       GroupKind.V: "v_dim", GroupKind.MLP: "mlp_dim"}
@@ -97,12 +111,21 @@ class Gate:
 
 
 class GroupLayout:
-    """The gates of one architecture, how many units form a group, and the minimum width of every gate."""
+    """The gates of one architecture, how many units form a group, and the minimum width of every gate.
 
-    def __init__(self, spec: ArchSpec, *, group_size: int, minimums: Minimums = Minimums()) -> None:
+    ``removable`` holds the sub-layer kinds (:data:`SUBLAYER_KINDS`) that pruning may remove whole; the
+    others' layer gates stay at their one unit.
+    """
+
+    def __init__(self, spec: ArchSpec, *, group_size: int, minimums: Minimums = Minimums(),
+                 removable: frozenset[GroupKind] | set[GroupKind] = frozenset()) -> None:
         if not isinstance(group_size, int) or group_size < 1:
             raise PruneError(f"group_size must be a positive integer, got {group_size!r}")
+        unknown = set(removable) - set(SUBLAYER_KINDS)
+        if unknown:
+            raise PruneError(f"only whole sub-layers can be removable, not {sorted(k.value for k in unknown)}")
         self.spec, self.group_size, self.minimums = spec, group_size, minimums
+        self.removable = frozenset(removable)
         widths = [("embed_dim", spec.embed_dim)]
         for i, b in enumerate(spec.blocks):
             widths += [(f"block {i} {name}", getattr(b, name)) for name in ("qk_dim", "v_dim", "mlp_dim")]
@@ -110,25 +133,34 @@ class GroupLayout:
             if width % group_size:
                 raise PruneError(f"{what} {width} is not a multiple of group_size {group_size}")
         gates: list[Gate] = []
+        mins: list[int] = []
 
         def add(kind: GroupKind, block: int, width: int) -> None:
-            minimum = minimums.of(kind, group_size)
+            minimum = int(kind not in self.removable) if kind in SUBLAYER_KINDS else minimums.of(kind, group_size)
             if minimum > width:
                 where = "the model's" if kind is GroupKind.EMB else f"block {block}'s"
                 raise PruneError(f"minimum {WIDTH_FIELDS[kind]} {minimum} exceeds {where} {WIDTH_FIELDS[kind]} "
                                  f"{width}")
             gates.append(Gate(kind, block, width, sum(g.width for g in gates)))
+            mins.append(minimum)
 
         add(GroupKind.EMB, NO_BLOCK, spec.embed_dim)
         for i, b in enumerate(spec.blocks):
-            for kind in BLOCK_KINDS:
-                add(kind, i, getattr(b, WIDTH_FIELDS[kind]))
+            kinds = [k for k in BLOCK_KINDS if (b.has_mlp if k is GroupKind.MLP else b.has_attn)]
+            kinds += [k for k, present in zip(SUBLAYER_KINDS, (b.has_attn, b.has_mlp), strict=True) if present]
+            for kind in kinds:
+                add(kind, i, 1 if kind in SUBLAYER_KINDS else getattr(b, WIDTH_FIELDS[kind]))
         self.gates: tuple[Gate, ...] = tuple(gates)
+        self.gate_index: dict[tuple[GroupKind, int], int] = {(g.kind, g.block): j for j, g in enumerate(gates)}
         self.gate_sizes: tuple[int, ...] = tuple(g.width for g in gates)
         self.gate_kind = np.array([KIND_CODES[g.kind] for g in gates], dtype=np.int64)
         self.gate_block = np.array([g.block for g in gates], dtype=np.int64)
-        self.gate_group = np.array([1 if g.kind is GroupKind.HEAD else group_size for g in gates], dtype=np.int64)
-        self.gate_min = np.array([minimums.of(g.kind, group_size) for g in gates], dtype=np.int64)
+        self.gate_group = np.array([1 if g.kind is GroupKind.HEAD or g.kind in SUBLAYER_KINDS else group_size
+                                    for g in gates], dtype=np.int64)
+        self.gate_min = np.array(mins, dtype=np.int64)
+        #: per gate, the layer gate that switches it off with its sub-layer (-1: none, EMB and layer gates)
+        self.gate_layer = np.array([self.gate_index.get((LAYER_OF[g.kind], g.block), -1) if g.kind in LAYER_OF
+                                    else -1 for g in gates], dtype=np.int64)
         self.unit_gate = np.repeat(np.arange(len(gates)), self.gate_sizes)
         self.unit_kind = self.gate_kind[self.unit_gate]
         _with_widths(spec, spec.embed_dim, spec.blocks)  # fails early if the attention scale cannot be fixed
@@ -165,25 +197,50 @@ class GroupLayout:
             raise PruneError("the model's gates do not match the pruning layout (enable gates on the same arch)")
         return gates
 
+    def block_specs(self, gate_widths: Sequence[int] | np.ndarray) -> list[BlockSpec | None]:
+        """Per block of the layout's architecture, its widths at ``gate_widths`` (``None``: dropped)."""
+        out: list[BlockSpec | None] = []
+        for i in range(self.spec.depth):
+            def width(kind: GroupKind, i: int = i) -> int:
+                j = self.gate_index.get((kind, i))
+                return 0 if j is None else int(gate_widths[j])
+
+            attn = width(GroupKind.ATTN_LAYER) > 0
+            mlp = width(GroupKind.MLP_LAYER) > 0
+            widths = [width(k) if attn else 0 for k in (GroupKind.HEAD, GroupKind.QK, GroupKind.V)]
+            out.append(BlockSpec(*widths, width(GroupKind.MLP) if mlp else 0) if attn or mlp else None)
+        return out
+
     def spec_at(self, gate_widths: Sequence[int] | np.ndarray) -> ArchSpec:
-        """The architecture with gate ``g`` at width ``gate_widths[g]`` (gates in this layout's order)."""
-        w = gate_widths
-        blocks = tuple(BlockSpec(*(int(x) for x in w[1 + 4 * i: 5 + 4 * i])) for i in range(self.spec.depth))
-        return _with_widths(self.spec, int(w[0]), blocks)
+        """The architecture with gate ``g`` at width ``gate_widths[g]`` (gates in this layout's order): a removed
+        sub-layer has width 0, a block without either is dropped."""
+        blocks = tuple(b for b in self.block_specs(gate_widths) if b is not None)
+        if not blocks:
+            raise PruneError("the widths remove every block")
+        return _with_widths(self.spec, int(gate_widths[0]), blocks)
+
+    def minimal_widths(self) -> np.ndarray:
+        """Every gate at its minimum, except that the first block with attention keeps it."""
+        widths = self.gate_min.copy()
+        if GroupKind.ATTN_LAYER in self.removable:
+            attn = self.gates_of(GroupKind.ATTN_LAYER)
+            if attn.size:
+                widths[attn[0]] = 1
+        return widths
 
     def minimal_spec(self) -> ArchSpec:
         """The architecture with every gate at its minimum: the smallest latency pruning can reach."""
-        return self.spec_at(self.gate_min)
+        return self.spec_at(self.minimal_widths())
 
 
 def _with_widths(spec: ArchSpec, embed_dim: int, blocks: tuple[BlockSpec, ...]) -> ArchSpec:
     """``spec`` at other widths with the attention scale fixed exactly as slicing fixes it."""
     qk_scale = spec.qk_scale
     if qk_scale is None:
-        scales = {spec.block_scale(i) for i in range(spec.depth)}
-        if len(scales) != 1:
+        scales = spec.attention_scales()
+        if len(scales) > 1:
             raise PruneError("blocks have different default attention scales; set qk_scale in the arch to prune")
-        qk_scale = scales.pop()
+        qk_scale = scales.pop() if scales else None
     return spec.with_blocks(blocks, embed_dim=embed_dim, qk_scale=qk_scale)
 
 
@@ -223,10 +280,21 @@ class PruneState:
         """Units removed so far."""
         return int((~self.alive).sum())
 
+    def live_gates(self) -> np.ndarray:
+        """Per gate, whether its sub-layer is still there (EMB and the layer gates themselves: always)."""
+        layer = self.layout.gate_layer
+        return np.where(layer >= 0, self.widths[np.maximum(layer, 0)] > 0, True)
+
     def removable_groups(self) -> np.ndarray:
-        """Per gate, how many more groups may be removed before it reaches its minimum."""
+        """Per gate, how many more groups may be removed before it reaches its minimum (none for the gates of a
+        removed sub-layer, and none for the last attention left)."""
         lay = self.layout
-        return np.maximum(0, (self.widths - lay.gate_min) // lay.gate_group)
+        count = np.maximum(0, (self.widths - lay.gate_min) // lay.gate_group)
+        count[~self.live_gates()] = 0
+        attn = lay.gates_of(GroupKind.ATTN_LAYER)
+        if attn.size and int(self.widths[attn].sum()) <= 1:
+            count[attn] = 0
+        return count
 
     def candidates(self, unit_scores: np.ndarray) -> Candidates:
         """Dynamic groups of every gate that can shrink: its alive units by ascending score (ties by index),
@@ -259,8 +327,8 @@ class PruneState:
             return False
         gate = self.layout.unit_gate[units]
         j = int(gate[0])
-        return (gate == j).all() and units.size == self.layout.gate_group[j] and \
-            self.widths[j] - units.size >= self.layout.gate_min[j]
+        return bool((gate == j).all() and units.size == self.layout.gate_group[j]
+                    and self.removable_groups()[j] > 0)
 
     def remove(self, units: np.ndarray) -> None:
         units = np.asarray(units, dtype=np.int64)
@@ -276,11 +344,17 @@ class PruneState:
         return self.layout.spec_at(self.widths)
 
     def keep_indices(self) -> KeepIndices:
-        """Kept units of every gate, for :func:`nvit.models.slice_model`."""
+        """Kept units of every gate, for :func:`nvit.models.slice_model` (nothing of a removed sub-layer)."""
         lay = self.layout
-        kept = [tuple(int(u) for u in np.flatnonzero(self.alive[g.offset:g.offset + g.width])) for g in lay.gates]
-        blocks = tuple(BlockKeep(*kept[1 + 4 * i: 5 + 4 * i]) for i in range(lay.spec.depth))
-        return KeepIndices(emb=kept[0], blocks=blocks)
+        live = self.live_gates() & (self.widths > 0)
+        kept = {(g.kind, g.block): tuple(int(u) for u in np.flatnonzero(self.alive[g.offset:g.offset + g.width]))
+                if live[j] else () for j, g in enumerate(lay.gates)}
+        blocks = tuple(BlockKeep(*(kept.get((k, i), ()) for k in BLOCK_KINDS)) for i in range(lay.spec.depth))
+        return KeepIndices(emb=kept[(GroupKind.EMB, NO_BLOCK)], blocks=blocks)
+
+    def block_specs(self) -> list[BlockSpec | None]:
+        """Per block of the base architecture, its current widths (``None``: dropped)."""
+        return self.layout.block_specs(self.widths)
 
     def apply(self, model: VisionTransformer) -> None:
         """Set the model's gates: 1 on alive units, 0 on pruned ones (gates enabled if needed)."""
@@ -288,15 +362,24 @@ class PruneState:
         self.layout.check_model(model)
 
     def removed_by_kind(self) -> dict[str, int]:
-        """Units removed so far per type (``emb``, ``head``, ``qk``, ``v``, ``mlp``)."""
+        """Units removed so far per type (``emb``, ``head``, ``qk``, ``v``, ``mlp``, and whole sub-layers
+        ``attn_layer``, ``mlp_layer``); the widths of a removed sub-layer count under the layer only."""
         lay = self.layout
         removed = np.array(lay.gate_sizes) - self.widths
         return {k.value: int(removed[lay.gate_kind == KIND_CODES[k]].sum()) for k in GroupKind}
 
 
-def widths_row(spec: ArchSpec) -> dict[str, int]:
-    """Flat per-block widths (``b0_heads``, ``b0_qk_dim``, ...) plus ``embed_dim``, for logs and reports."""
-    row = {"embed_dim": spec.embed_dim}
-    for i, b in enumerate(spec.blocks):
-        row.update({f"b{i}_{name}": getattr(b, name) for name in ("heads", "qk_dim", "v_dim", "mlp_dim")})
+def widths_row(spec: ArchSpec | list[BlockSpec | None], embed_dim: int | None = None) -> dict[str, int]:
+    """Flat per-block widths (``b0_heads``, ``b0_qk_dim``, ...) plus ``embed_dim``, for logs and reports; given
+    the blocks of :meth:`PruneState.block_specs`, a removed sub-layer or dropped block logs width 0 under its
+    original index, so every row of a run has the same columns."""
+    if isinstance(spec, ArchSpec):
+        blocks: list[BlockSpec | None] = list(spec.blocks)
+        embed_dim = spec.embed_dim
+    else:
+        blocks = spec
+    row = {"embed_dim": int(embed_dim or 0)}
+    for i, b in enumerate(blocks):
+        row.update({f"b{i}_{name}": getattr(b, name) if b is not None else 0
+                    for name in ("heads", "qk_dim", "v_dim", "mlp_dim")})
     return row

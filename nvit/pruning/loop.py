@@ -37,7 +37,7 @@ from nvit.pruning.batches import BatchSource
 from nvit.pruning.config import PruneConfig, RankingMethod, Target, TargetKind
 from nvit.pruning.distill import ClassificationLoss, LossFn
 from nvit.pruning.distributed import DistContext, all_reduce_scalars, barrier, current_context, wrap_ddp
-from nvit.pruning.grid import check_within, grid_minimums, measured_grid
+from nvit.pruning.grid import check_within, grid_minimums, measured_grid, removable_sublayers
 from nvit.pruning.groups import GroupLayout, PruneError, PruneState, widths_row
 from nvit.pruning.knapsack import knapsack_order
 from nvit.pruning.regularizer import LatencyTradeoff, checked_deltas, gate_latency_deltas_ms, rank
@@ -52,7 +52,8 @@ def pruning_layout(spec: ArchSpec, config: PruneConfig, predictor: Predictor) ->
     the table's grid is refused (:mod:`nvit.pruning.grid`)."""
     grid = measured_grid(predictor)
     check_within(spec, grid)
-    return GroupLayout(spec, group_size=config.group_size, minimums=grid_minimums(config.minimums(), grid))
+    return GroupLayout(spec, group_size=config.group_size, minimums=grid_minimums(config.minimums(), grid),
+                       removable=removable_sublayers(config, predictor))
 
 
 @dataclass(frozen=True)
@@ -285,12 +286,12 @@ class _Run:
         if len(cand) == 0:
             raise PruneError("no group can be removed any more, yet a target is not met")
         goal_ms = max(self.pending()[0].latency_ms, self.latency_ms - cfg.pace * self.dense_ms)
-        spec = state.spec()
         if cfg.ranking is RankingMethod.KNAPSACK:
-            deltas = checked_deltas(lay, cand, gate_latency_deltas_ms(lay, self.predictor, spec))
+            deltas = checked_deltas(lay, cand, gate_latency_deltas_ms(lay, self.predictor, state.widths))
             order, eta = knapsack_order(cand, deltas, self.latency_ms - goal_ms), math.nan
         else:
-            gate_d = gate_latency_deltas_ms(lay, self.rank_predictor, spec) if cfg.uses_latency_term else None
+            gate_d = (gate_latency_deltas_ms(lay, self.rank_predictor, state.widths) if cfg.uses_latency_term
+                      else None)
             ranking = rank(lay, cand, delta_ms=gate_d, tradeoff=self.tradeoff)
             order, eta = ranking.order(), ranking.eta
         removed = 0
@@ -332,6 +333,9 @@ class _Run:
             "pruned_groups": self.groups_removed,
             "pruned_units": self.state.num_pruned,
             "prune_config": self.config.to_dict(),
+            "removable_sublayers": sorted(k.value for k in self.layout.removable),
+            "removed_sublayers": spec.removed_sublayers,
+            "dropped_blocks": [i for i, b in enumerate(self.state.block_specs()) if b is None],
             "nvit_version": __version__,
         }
         if self.ctx.is_main:
@@ -351,7 +355,8 @@ class _Run:
             "lr": stats.lr, "predicted_latency_ms": self.latency_ms,
             "next_target_ms": math.nan if next_ms is None else next_ms, "pruned_groups": self.groups_removed,
             "pruned_units": self.state.num_pruned, "pruned_now": pruned_now, "eta": eta,
-            "prune_wall_ms": prune_ms, "saved": saved or "", **widths_row(self.state.spec()),
+            "prune_wall_ms": prune_ms, "saved": saved or "",
+            **widths_row(self.state.block_specs(), int(self.state.widths[0])),
             **{f"removed_{kind}": n for kind, n in self.state.removed_by_kind().items()},
         })
         return StepReport(self.step, loss, accuracy, self.latency_ms, next_ms, self.groups_removed, pruned_now,

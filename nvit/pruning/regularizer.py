@@ -2,7 +2,8 @@
 
 ``ΔLat(S)`` is the latency (ms) saved by removing one group of S's gate from the architecture at its
 *current* widths, from :meth:`nvit.lut.base.Predictor.delta_ms` (for EMB: the whole model, every block and
-the fixed parts). All groups of one gate share it.
+the fixed parts; for a whole sub-layer: the measured drop to the block without it). All groups of one gate
+share it.
 
 **η is unit-free and fixed for the whole run.** Saliency has loss units and ΔLat has milliseconds of one
 device, so a raw η means nothing across models, data sets and devices. nvit takes a unit-free
@@ -26,20 +27,39 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nvit.arch import ArchSpec
 from nvit.lut.base import Predictor
-from nvit.pruning.groups import BLOCK_KINDS, KIND_CODES, Candidates, GroupKind, GroupLayout, PruneError
+from nvit.pruning.groups import (
+    BLOCK_KINDS,
+    KIND_CODES,
+    SUBLAYER_KINDS,
+    Candidates,
+    GroupKind,
+    GroupLayout,
+    PruneError,
+)
 
 log = logging.getLogger(__name__)
 
 
-def gate_latency_deltas_ms(layout: GroupLayout, predictor: Predictor, spec: ArchSpec) -> np.ndarray:
-    """ΔLat (ms) of removing one group of each gate from ``spec`` (the current widths), one entry per gate."""
+def gate_latency_deltas_ms(layout: GroupLayout, predictor: Predictor, widths: np.ndarray) -> np.ndarray:
+    """ΔLat (ms) of removing one group of each gate at the gate widths ``widths`` (a
+    :attr:`~nvit.pruning.groups.PruneState.widths`), one entry per gate: for a width gate one group's
+    saving, for a layer gate the whole sub-layer's (:meth:`~nvit.lut.base.Predictor.sublayer_deltas_ms`:
+    the measured one-half block, or the whole block when it is the last sub-layer); NaN for the gates of a
+    removed sub-layer or dropped block."""
+    blocks = layout.block_specs(widths)
+    alive = [i for i, b in enumerate(blocks) if b is not None]
+    spec = layout.spec_at(widths)
     d = predictor.delta_ms(spec, layout.unit_step())
-    per_block = np.stack([np.asarray(d.heads_ms), np.asarray(d.qk_ms), np.asarray(d.v_ms), np.asarray(d.mlp_ms)], 1)
-    if per_block.shape != (layout.spec.depth, len(BLOCK_KINDS)):
-        raise PruneError(f"the latency predictor returned deltas for {per_block.shape[0]} blocks, expected "
-                         f"{layout.spec.depth}")
+    per_block = np.full((layout.spec.depth, len(BLOCK_KINDS) + len(SUBLAYER_KINDS)), np.nan)
+    width_d = np.stack([np.asarray(d.heads_ms), np.asarray(d.qk_ms), np.asarray(d.v_ms), np.asarray(d.mlp_ms)], 1)
+    if width_d.shape != (len(alive), len(BLOCK_KINDS)):
+        raise PruneError(f"the latency predictor returned deltas for {width_d.shape[0]} blocks, expected {len(alive)}")
+    per_block[alive, :len(BLOCK_KINDS)] = width_d
+    if any(k in layout.removable for k in SUBLAYER_KINDS):
+        sub = predictor.sublayer_deltas_ms(spec.embed_dim, tuple(blocks[i] for i in alive))
+        per_block[alive, len(BLOCK_KINDS)] = sub.attn_ms
+        per_block[alive, len(BLOCK_KINDS) + 1] = sub.mlp_ms
     out = np.empty(len(layout.gates), dtype=np.float64)
     is_emb = layout.gate_kind == KIND_CODES[GroupKind.EMB]
     out[is_emb] = float(d.emb_ms)

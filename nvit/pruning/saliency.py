@@ -9,6 +9,11 @@ produce or consume the gated activation linearly (:func:`parameter_unit_sums` sp
 - QK c: the Q rows and biases of channel c in every head (equivalently the K rows: q·k is bilinear);
 - V c: the ``attn.proj`` columns of channel c in every head (equivalently the V rows and biases);
 - MLP u: the ``mlp.fc2`` column u (the gate sits after GELU);
+- ATTN_LAYER / MLP_LAYER (a whole sub-layer): every weight and bias of ``attn.proj`` / ``mlp.fc2``, since
+  the gate scales the branch's whole output. It is the same Hessian-aware estimate as the width groups',
+  for the group "all of it at once": with the projection's bias at zero, its gate gradient is exactly the
+  sum of the sub-layer's head (or neuron) gate gradients, and its score the square of that sum (the full
+  Fisher form of removing them together, where the width groups' sum their units' diagonal terms);
 - EMB c: patch-embedding row and bias, class/distillation token and position-embedding channel, every
   LayerNorm's weight and bias, every ``attn.proj`` and ``mlp.fc2`` row and bias — *plus* a term the
   parameter form lacks: the masked LayerNorm takes its mean and variance over live channels weighted by
@@ -65,6 +70,8 @@ TENSORS_SPANNED: dict[GroupKind, str | int] = {
     GroupKind.QK: 2,  # Q and K rows
     GroupKind.V: 2,  # V rows and proj columns
     GroupKind.MLP: 2,  # fc1 row and fc2 column
+    GroupKind.ATTN_LAYER: 2,  # proj weight and bias
+    GroupKind.MLP_LAYER: 2,  # fc2 weight and bias
 }
 
 
@@ -115,14 +122,23 @@ def parameter_unit_sums(model: VisionTransformer, layout: GroupLayout) -> torch.
     parts: list[torch.Tensor] = []
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
-        for name in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.proj.bias", "mlp.fc2.bias"):
-            emb = emb + wg[p + name]
-        emb = emb + wg[p + "attn.proj.weight"].sum(1) + wg[p + "mlp.fc2.weight"].sum(1)
-        a = block.attn
-        q_rows = (wg[p + "attn.qkv.weight"].sum(1) + wg[p + "attn.qkv.bias"])[: a.heads * a.qk_dim]
-        proj_cols = wg[p + "attn.proj.weight"].sum(0).view(a.heads, a.v_dim)
-        parts += [proj_cols.sum(1), q_rows.view(a.heads, a.qk_dim).sum(0), proj_cols.sum(0),
-                  wg[p + "mlp.fc2.weight"].sum(0)]
+        layers: list[torch.Tensor] = []
+        if block.attn is not None:
+            for name in ("norm1.weight", "norm1.bias", "attn.proj.bias"):
+                emb = emb + wg[p + name]
+            emb = emb + wg[p + "attn.proj.weight"].sum(1)
+            a = block.attn
+            q_rows = (wg[p + "attn.qkv.weight"].sum(1) + wg[p + "attn.qkv.bias"])[: a.heads * a.qk_dim]
+            proj_cols = wg[p + "attn.proj.weight"].sum(0).view(a.heads, a.v_dim)
+            parts += [proj_cols.sum(1), q_rows.view(a.heads, a.qk_dim).sum(0), proj_cols.sum(0)]
+            layers.append((wg[p + "attn.proj.weight"].sum() + wg[p + "attn.proj.bias"].sum()).reshape(1))
+        if block.mlp is not None:
+            for name in ("norm2.weight", "norm2.bias", "mlp.fc2.bias"):
+                emb = emb + wg[p + name]
+            emb = emb + wg[p + "mlp.fc2.weight"].sum(1)
+            parts.append(wg[p + "mlp.fc2.weight"].sum(0))
+            layers.append((wg[p + "mlp.fc2.weight"].sum() + wg[p + "mlp.fc2.bias"].sum()).reshape(1))
+        parts += layers
     emb = emb + wg["norm.weight"] + wg["norm.bias"]
     return _flat(torch.cat([emb, *parts]))
 
