@@ -20,6 +20,7 @@ from nvit.redistribute import (
     build_arch,
     embed_candidates,
     fit_shares,
+    published_shares,
     relative_positions,
     round_to_step,
     scale_to_latency,
@@ -174,3 +175,15 @@ def test_a_design_the_table_cannot_price_is_refused(predictor) -> None:
 
     with pytest.raises(LutError, match="cannot price the design"):
         scale_to_latency(build, predictor, 10.0)
+
+
+def test_published_rule_as_shares_rebuilds_revit_on_a_deit_base() -> None:
+    rule = published_shares(12)
+    assert rule.values[H][0] == pytest.approx(10 / 2.75) and rule.values[Q][1] == pytest.approx(8 / 64)
+    assert rule.values[M] == pytest.approx((0.75,) * 3 + (1.5,) * 6 + (0.75,) * 3) and rule.values[V] == (1.0,) * 12
+    deit = preset("deit_tiny")
+    assert build_arch(rule, Reference.of(deit), 176, deit).blocks == preset("revit_tiny").blocks
+    # on the 4-block vit_test base (16-channel heads): the stretched pattern [edge, middle, middle, edge]
+    small = build_arch(published_shares(4), REF, 64, BASE)
+    assert [(b.heads, b.qk_dim, b.v_dim, b.mlp_dim) for b in small.blocks] == [
+        (14, 8, 16, 192), (6, 8, 16, 384), (6, 8, 16, 384), (14, 8, 16, 192)]
