@@ -345,8 +345,10 @@ def apply_overrides(s: Any, items: list[str]) -> Any:
     for item in items:
         key, _, value = item.partition("=")
         current = getattr(s, key)
-        parsed = tuple(type(current[0])(v) for v in value.split(",")) if isinstance(current, tuple) else \
-            type(current)(value)
+        if isinstance(current, tuple):  # an empty tuple default holds numbers
+            parsed: Any = tuple((type(current[0]) if current else float)(v) for v in value.split(",") if v)
+        else:
+            parsed = type(current)(value)
         s = replace(s, **{key: parsed})
     return s
 

@@ -4,8 +4,8 @@ Four designs at one latency, the mean measured latency of §2's pruned-and-fine-
 ``target_ratio`` (from ``results/prune_fashion.json``, re-measured here in the same session):
 - ``uniform``: §2's base shape (every share 1) at the embedding whose measured latency is nearest;
 - ``published``: NViT's rule read as shares (:func:`nvit.redistribute.published_shares`) on the same base;
-- ``learned``: the rule fitted on §2's ``nvit`` variants (every target and seed; ``nvit arch redistribute``'s
-  library path), on the same base;
+- ``learned``: the rule fitted on §2's ``nvit`` variants (every seed, every target unless ``rule_ratios``;
+  ``nvit arch redistribute``'s library path), on the same base;
 - ``pruned``: §2's variants themselves (pruned from the trained base, then fine-tuned): the reference.
 The first three are trained from scratch with §2's base recipe (AdamW, cosine, the ``auto`` augmentation,
 ``epochs`` each) for every seed; test top-1 is reported with 95% t-intervals, and per seed against uniform.
@@ -50,9 +50,10 @@ class Settings:
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
     embed_min: int = 16
-    embed_max: int = 128
+    embed_max: int = 160
     embed_step: int = 8
     bandwidth: float = 0.15
+    rule_ratios: tuple[float, ...] = ()  # the targets whose variants the learned rule is fitted on (empty: all)
     eval_batch: int = 500
     threads: int = 1
     passes: int = 2  # every model is timed this many times (each pass interleaved); the fastest pass is kept
@@ -110,7 +111,8 @@ def rules(prune: dict[str, Any], s: Settings) -> tuple[Any, Any, dict[str, Any]]
     ref = Reference.of(base)
     method = nvit_method(prune)
     family = [variant_shares(Shape.of(ArchSpec.from_dict(r["arch"]), f"{method}/s{r['seed']}/{r['target_ratio']:g}"),
-                             ref) for r in prune["rows"] if r["method"] == method]
+                             ref) for r in prune["rows"] if r["method"] == method
+              and (not s.rule_ratios or any(abs(r["target_ratio"] - x) < 1e-9 for x in s.rule_ratios))]
     uniform = Shares("uniform", tuple(relative_positions(base.depth).tolist()), {k: (1.0,) * base.depth for k in KINDS})
     return base, ref, {"uniform": uniform, "published": published_shares(base.depth),
                        "learned": fit_shares(family, base.depth, s.bandwidth)}
