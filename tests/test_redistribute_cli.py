@@ -122,3 +122,18 @@ def test_a_variant_without_base_provenance_needs_base(family, tmp_path, capsys) 
                             "--out", str(out)], capsys)
     assert code == 0, err
     assert json.loads(out.read_text())["provenance"]["base"]["found"] == "--base vit_test"
+
+
+def test_redistribute_to_another_depth(family, tmp_path, capsys) -> None:
+    out = tmp_path / "deep.json"
+    code, _, err = run_cli(["arch", "redistribute", str(family / "run" / "ratio_0.7"), "--embed", "64", "--depth", "7",
+                            "--bandwidth", "0", "--out", str(out)], capsys)
+    assert code == 0, err
+    spec, prov = load_arch_file(out)
+    assert spec.depth == 7 and prov["depth"] == 7 and len(prov["shares"]["heads"]) == 7
+    # bandwidth 0 on one 4-block variant: positions j/6 against 0, 1/3, 2/3, 1; odd j lie midway (mean of two)
+    variant = load_family([family / "run" / "ratio_0.7"])[0].spec
+    share = [b.mlp_dim / (256 * variant.embed_dim / 64) for b in variant.blocks]
+    expected = [share[0], (share[0] + share[1]) / 2, share[1], (share[1] + share[2]) / 2, share[2],
+                (share[2] + share[3]) / 2, share[3]]
+    assert prov["shares"]["mlp_dim"] == pytest.approx(expected)
