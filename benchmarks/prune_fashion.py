@@ -340,6 +340,19 @@ def space_stage(args: argparse.Namespace, s: Settings) -> None:
     log(f"wrote {path}: {space.counts()}")
 
 
+def apply_overrides(s: Any, items: list[str]) -> Any:
+    """``KEY=VALUE`` overrides of a settings dataclass (tuples as comma-separated values)."""
+    for item in items:
+        key, _, value = item.partition("=")
+        current = getattr(s, key)
+        if isinstance(current, tuple):  # an empty tuple default holds numbers
+            parsed: Any = tuple((type(current[0]) if current else float)(v) for v in value.split(",") if v)
+        else:
+            parsed = type(current)(value)
+        s = replace(s, **{key: parsed})
+    return s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("space", "run", "measure", "report"))
@@ -352,13 +365,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny budgets on digits: a smoke run.")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    s = QUICK if args.quick else Settings()
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        current = getattr(s, key)
-        parsed = tuple(type(current[0])(v) for v in value.split(",")) if isinstance(current, tuple) else \
-            type(current)(value)
-        s = replace(s, **{key: parsed})
+    s = apply_overrides(QUICK if args.quick else Settings(), args.overrides)
     args.work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
     {"space": space_stage, "run": run_stage, "measure": measure_stage, "report": report_stage}[args.stage](args, s)

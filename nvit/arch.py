@@ -15,6 +15,7 @@ from typing import Any
 
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
+from nvit.revit import PATTERN_DEPTH, REVIT_PRESETS, revit_widths
 
 ARCH_SCHEMA_VERSION = 2  # 2: a block's attention or MLP may be absent (width 0)
 READABLE_ARCH_VERSIONS = (1, 2)
@@ -255,25 +256,40 @@ _PRESETS: dict[str, _Preset] = {
 }
 
 
+def _distillable(name: str) -> bool:
+    return name.startswith(("deit_", "revit_"))
+
+
 def preset_names() -> list[str]:
     names = []
-    for name in _PRESETS:
+    for name in (*_PRESETS, *REVIT_PRESETS):
         names.append(name)
-        if name.startswith("deit_"):
+        if _distillable(name):
             names.append(f"{name}_distilled")
     return names
 
 
 def preset(name: str, **overrides: Any) -> ArchSpec:
-    """A uniform architecture by name, e.g. ``deit_base`` or ``deit_small_distilled``."""
+    """An architecture by name: uniform (``deit_base``, ``deit_small_distilled``) or NViT's redistributed
+    ReViT (``revit_tiny``, ``revit_small``: :mod:`nvit.revit`)."""
     base_name = name.removesuffix("_distilled")
     distilled = name.endswith("_distilled")
-    if base_name not in _PRESETS or (distilled and not base_name.startswith("deit_")):
+    if base_name not in {*_PRESETS, *REVIT_PRESETS} or (distilled and not _distillable(base_name)):
         raise SpecError(f"unknown architecture preset {name!r}; known: {', '.join(preset_names())}")
+    if base_name in REVIT_PRESETS:
+        return revit_spec(REVIT_PRESETS[base_name], **{"name": name, "distilled": distilled, **overrides})
     p = _PRESETS[base_name]
     block = BlockSpec(heads=p.heads, qk_dim=p.head_dim, v_dim=p.head_dim, mlp_dim=p.embed_dim * p.mlp_ratio)
     kwargs: dict[str, Any] = {"name": name, "distilled": distilled, **p.extra, **overrides}
     return ArchSpec(embed_dim=p.embed_dim, blocks=(block,) * p.depth, **kwargs)
+
+
+def revit_spec(embed_dim: int, depth: int = PATTERN_DEPTH, *, name: str | None = None, **arch: Any) -> ArchSpec:
+    """NViT's published redistribution rule (:mod:`nvit.revit`) at ``embed_dim`` as an architecture
+    (ImageNet defaults: 224 px, 16 px patches, 1000 classes)."""
+    blocks = tuple(BlockSpec(heads=h, qk_dim=q, v_dim=v, mlp_dim=m) for h, q, v, m in revit_widths(embed_dim, depth))
+    label = name if name is not None else f"revit_e{embed_dim}" + (f"_d{depth}" if depth != PATTERN_DEPTH else "")
+    return ArchSpec(embed_dim=embed_dim, blocks=blocks, name=label, **arch)
 
 
 # ---- files ----------------------------------------------------------------------------------------

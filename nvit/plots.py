@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from nvit.arch import ArchSpec
 from nvit.export.compare import CompareReport
@@ -76,27 +77,57 @@ def save_compare(report: CompareReport, folder: str | os.PathLike[str]) -> dict[
     return paths
 
 
-def plot_widths(base: ArchSpec, variants: Sequence[tuple[str, ArchSpec]], path: str | os.PathLike[str]) -> Path:
-    """Per-block widths (heads, QK width, V width, MLP width) of each variant against the dense base."""
+#: (label, per-block values per panel, bar colour or None for the next one in the cycle)
+Series = tuple[str, Sequence[Sequence[float]], str | None]
+
+
+def plot_per_block(panels: Sequence[str], series: Sequence[Series], path: str | os.PathLike[str], *, title: str,
+                   ylabel: str = "", reference_line: float | None = None) -> Path:
+    """One panel per width kind, one group of bars per block, one bar per series: the drawing behind
+    :func:`plot_widths` and :func:`plot_shares`. Series may differ in depth (each draws its own blocks)."""
     plt = _pyplot()
-    fields = (("heads", "heads"), ("qk_width", "QK width (heads × qk_dim)"),
-              ("v_width", "V width (heads × v_dim)"), ("mlp_dim", "MLP width"))
-    fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.6))
-    blocks = range(base.depth)
-    n = len(variants) + 1
-    width = 0.8 / n
-    for ax, (attr, label) in zip(axes, fields, strict=True):
-        ax.bar([i - 0.4 + width / 2 for i in blocks], [getattr(b, attr) for b in base.blocks], width,
-               color="0.75", label=f"{base.name or 'base'} (e={base.embed_dim})")
-        for j, (name, spec) in enumerate(variants, start=1):
-            ax.bar([i - 0.4 + width * (j + 0.5) for i in blocks], [getattr(b, attr) for b in spec.blocks], width,
-                   label=f"{name} (e={spec.embed_dim})")
-        ax.set(title=label, xlabel="block", xticks=list(blocks))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    depth = max(len(values[0]) for _, values, _ in series)
+    width = 0.8 / len(series)
+    for p, (ax, label) in enumerate(zip(axes[0], panels, strict=True)):
+        for j, (name, values, color) in enumerate(series):
+            xs = [i - 0.4 + width * (j + 0.5) for i in range(len(values[p]))]
+            ax.bar(xs, list(values[p]), width, color=color, label=name)
+        if reference_line is not None:
+            ax.axhline(reference_line, color="0.4", lw=0.8, ls="--")
+        ax.set(title=label, xlabel="block", xticks=list(range(depth)), ylabel=ylabel if p == 0 else "")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("widths per block: pruned variants against the dense base")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return _save(fig, path)
+
+
+def _absolute(spec: ArchSpec, attrs: Sequence[str]) -> list[list[float]]:
+    return [[float(getattr(b, a)) for b in spec.blocks] for a in attrs]
+
+
+def plot_widths(base: ArchSpec, variants: Sequence[tuple[str, ArchSpec]], path: str | os.PathLike[str]) -> Path:
+    """Per-block widths (heads, QK width, V width, MLP width) of each variant against the dense base."""
+    fields = (("heads", "heads"), ("qk_width", "QK width (heads × qk_dim)"),
+              ("v_width", "V width (heads × v_dim)"), ("mlp_dim", "MLP width"))
+    attrs = [a for a, _ in fields]
+    series: list[Series] = [(f"{base.name or 'base'} (e={base.embed_dim})", _absolute(base, attrs), "0.75")]
+    series += [(f"{name} (e={spec.embed_dim})", _absolute(spec, attrs), None) for name, spec in variants]
+    return plot_per_block([label for _, label in fields], series, path,
+                          title="widths per block: pruned variants against the dense base")
+
+
+def plot_shares(variants: Sequence[Any], rule: Any, path: str | os.PathLike[str]) -> Path:
+    """Per-block width shares (width / dense width at the same embedding: :mod:`nvit.redistribute`) of each
+    variant of a family (light) and of the rule derived from them (dark)."""
+    from nvit.redistribute import KINDS
+
+    panels = ("heads share", "QK per head share", "V per head share", "MLP share")
+    series: list[Series] = [(v.name, [v.values[k] for k in KINDS], None) for v in variants]
+    series.append((rule.name, [rule.values[k] for k in KINDS], "black"))
+    return plot_per_block(panels, series, path, ylabel="width / dense width", reference_line=1.0,
+                          title="widths per block relative to dense: pruned variants and the derived rule")
 
 
 def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | os.PathLike[str],

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from nvit.arch import ArchSpec, block_params, preset, preset_names, resolve_arch
+from nvit import __version__
+from nvit.arch import ArchSpec, block_params, preset, preset_names, resolve_arch, save_arch
+from nvit.errors import SpecError
+from nvit.fileio import output_file
+from nvit.redesign import resolve_base
+from nvit.redistribute import DEFAULT_BANDWIDTH
 
 arch_app = typer.Typer(help="Inspect architecture specs: presets and arch.json files.", no_args_is_help=True)
 
@@ -26,7 +33,7 @@ def arch_table(spec: ArchSpec) -> Table:
     removed = spec.removed_sublayers
     table.caption = (
         f"total: {spec.num_params() / 1e6:.2f} M params, {spec.macs() / 1e9:.2f} GMACs "
-        f"({spec.flops() / 1e9:.2f} GFLOPs), image {spec.img_size}px/patch {spec.patch_size}"
+        f"({spec.flops() / 1e9:.2f} GFLOPs)\nimage {spec.img_size}px/patch {spec.patch_size}"
         + (", distilled" if spec.distilled else "")
         + (f"; removed: {removed['attn']} attention, {removed['mlp']} MLP sub-layer(s)" if any(removed.values())
            else "")
@@ -70,9 +77,111 @@ def list_presets() -> None:
     table = Table("preset", "embed", "depth", "heads", "params (M)", "GMACs")
     for name in preset_names():
         s = preset(name)
-        table.add_row(name, str(s.embed_dim), str(s.depth), str(s.blocks[0].heads),
+        heads = sorted({b.heads for b in s.blocks})
+        table.add_row(name, str(s.embed_dim), str(s.depth), "-".join(map(str, (heads[0], heads[-1]) if len(heads) > 1
+                                                                           else heads)),
                       f"{s.num_params() / 1e6:.2f}", f"{s.macs() / 1e9:.2f}")
     Console().print(table)
+
+
+def _print_or_save(spec: ArchSpec, out: Path | None, as_json: bool, provenance: dict[str, Any]) -> None:
+    if out is not None:
+        save_arch(spec, output_file(out), provenance)
+    if as_json:
+        summary = {"params": spec.num_params(), "flops": spec.flops(), "macs": spec.macs()}
+        typer.echo(json.dumps({"arch": spec.to_dict(), "summary": summary}, indent=2))
+        return
+    Console().print(arch_table(spec))
+    if out is not None:
+        Console().print(f"wrote {out}")
+
+
+@arch_app.command("revit")
+def revit(
+    embed: int = typer.Option(..., "--embed", help="Embedding width E (the rule needs E > 100)."),
+    depth: int = typer.Option(12, "--depth", help="Blocks; other depths than 12 stretch the 12-block pattern."),
+    distilled: bool = typer.Option(False, "--distilled", help="With a distillation token (DeiT/NViT style)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the design as an arch.json here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the spec and its costs as JSON."),
+) -> None:
+    """NViT's published redistribution rule (ReViT) at embedding E: widths per block, params and MACs."""
+    from nvit.arch import revit_spec
+
+    if depth < 1:
+        raise SpecError(f"--depth must be at least 1, got {depth}")
+    spec = revit_spec(embed, depth, distilled=distilled)
+    _print_or_save(spec, out, as_json, {"kind": "nvit.revit", "rule": "published (NViT)", "embed_dim": embed,
+                                        "depth": depth, "nvit_version": __version__})
+
+
+@arch_app.command("redistribute")
+def redistribute(
+    variants: list[str] = typer.Argument(..., help="Pruned variants: arch.json files, variant folders or "
+                                         "'nvit prune' output folders (every variant of the run)."),
+    embed: int | None = typer.Option(None, "--embed", help="Build the rule at this embedding width."),
+    lut: str | None = typer.Option(None, "--lut", help="Latency table: with --target-latency, choose the "
+                                   "embedding; with --embed, print the predicted latency."),
+    target_latency: str | None = typer.Option(None, "--target-latency", help="Predicted latency to meet, e.g. "
+                                              "0.15ms: the largest embedding on the table's grid that meets it."),
+    base: str | None = typer.Option(None, "--base", help="The dense base (preset, arch.json or variant folder); "
+                                    "default: the one the variants' provenance names."),
+    depth: int | None = typer.Option(None, "--depth", help="Blocks of the design (default: the base's)."),
+    bandwidth: float = typer.Option(DEFAULT_BANDWIDTH, "--bandwidth", help="Smoothing over relative block "
+                                    "position (0: per-block means)."),
+    heads_step: int = typer.Option(2, "--heads-step", help="Heads are rounded to multiples of this (even)."),
+    width_step: int = typer.Option(8, "--width-step", help="QK/V per head, MLP and embedding step."),
+    name: str = typer.Option("", "--name", help="Name of the design (default: BASE-redistributed)."),
+    out: Path = typer.Option(Path("redistributed.json"), "--out", help="Where to write the design's arch.json."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw widths per block relative to dense (PNG)."),
+) -> None:
+    """Learn a redistribution rule from pruned variants (width shares per relative block position, smoothed,
+    rounded to hardware-friendly steps) and write the design it gives as an arch.json."""
+    from nvit.pruning.config import Target
+    from nvit.redesign import load_family
+    from nvit.redesign import redistribute as fit
+    from nvit.redistribute import Rounding
+
+    if depth is not None and depth < 1:
+        raise SpecError(f"--depth must be at least 1, got {depth}")
+    if target_latency is not None and lut is None:
+        raise SpecError("--target-latency needs --lut (a latency table)")
+    output_file(out)
+    if plot is not None:
+        output_file(plot, "--plot")
+    target_ms = None if target_latency is None else Target.latency(target_latency).value
+    family = load_family(variants)
+    base_spec, how = resolve_base(family, base)
+    predictor, lut_prov = _predictor(lut, base_spec)
+    rounding = Rounding(heads=heads_step, qk_dim=width_step, v_dim=width_step, mlp_dim=width_step,
+                        embed_dim=width_step)
+    design = fit(family, base=base_spec, base_how=how, embed_dim=embed, predictor=predictor, target_ms=target_ms,
+                 depth=depth, bandwidth=bandwidth, rounding=rounding, name=name, lut_provenance=lut_prov)
+    if plot is not None:
+        from nvit.plots import plot_shares
+
+        plot_shares(design.sources, design.rule, plot)
+    save_arch(design.spec, out, design.provenance)
+    console = Console()
+    console.print(arch_table(design.spec))
+    predicted = design.provenance.get("predicted_latency_ms")
+    base_line = f"base {base_spec.name or 'custom'} ({how}); {len(family)} variant(s)"
+    if predicted is not None:
+        target = "" if target_ms is None else f" (target {target_ms:.4g} ms)"
+        base_line += f"; predicted {predicted:.4g} ms{target}"
+    console.print(base_line)
+    console.print(f"wrote {out}" + (f" and {plot}" if plot is not None else ""))
+
+
+def _predictor(lut: str | None, base: ArchSpec) -> tuple[Any, dict[str, Any]]:
+    if lut is None:
+        return None, {}
+    from nvit.commands.remote import local_lut
+    from nvit.pruning.recipe import load_latency_predictor
+
+    loaded = load_latency_predictor(local_lut(lut), base)
+    if not loaded.has_time_unit:
+        raise SpecError("--lut flops has no time unit; give a latency table")
+    return loaded.predictor, loaded.provenance
 
 
 def register(app: typer.Typer) -> None:

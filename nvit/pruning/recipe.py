@@ -54,7 +54,8 @@ def load_base(
         spec = resolve_arch(arch) if arch is not None else None
         model = load_checkpoint(path, spec)
         prov = {"source": "checkpoint", "path": str(path), "sha256": file_sha256(path)}
-    prov |= {"arch_name": model.spec.name, "params": model.spec.num_params(), "macs": model.spec.macs()}
+    prov |= {"arch_name": model.spec.name, "params": model.spec.num_params(), "macs": model.spec.macs(),
+             "arch": model.spec.to_dict()}  # the dense widths: what nvit arch redistribute measures shares by
     return LoadedBase(model, prov)
 
 
