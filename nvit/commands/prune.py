@@ -95,7 +95,8 @@ def prune(
                                           "kind (cpu | gpu)."),
     precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
     lut_batch_size: int | None = typer.Option(None, "--lut-batch-size", help="Require a table of this batch size."),
-    num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes (default 0: augmentation "
+                                    "then runs in this process, seeded by the step, so --resume is exact)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Report val top-1 of each variant at the end."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
 ) -> None:
