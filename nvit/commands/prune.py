@@ -7,9 +7,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nvit.commands.prune_progress import PruneProgress, epochs_warning, plan_line
 from nvit.commands.train import AUGMENT_HELP, DATA_HELP, augment_choice
 from nvit.errors import NvitError
 from nvit.fileio import output_folder
@@ -169,6 +169,7 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     from nvit.pruning.batches import StepBatches
     from nvit.pruning.loop import prune as run_prune
     from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
+    from nvit.pruning.schedule import plan_schedule
 
     spec = base.model.spec
     train_set = build_dataset(data, "train", spec, augment=config.extra["augment"])
@@ -178,21 +179,16 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     loss_fn = distillation_loss_fn(teacher, weight=kd_weight, temperature=kd_temperature)
     unit = "ms" if loaded.has_time_unit else "x dense"
     provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data, "world_size": ctx.world_size}
-    console = Console(stderr=True)
-    columns = (TextColumn("[bold]prune"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False, disable=not ctx.is_main) as bar:
-        task = bar.add_task("prune", total=1.0, status="starting")
-
-        def on_step(r: Any) -> None:
-            target = "" if r.next_target_ms is None else f" → {r.next_target_ms:.4g}"
-            status = (f"step {r.step}  loss {r.loss:.3f}  acc {100 * r.accuracy:.1f}%  "
-                      f"pred {r.predicted_latency_ms:.4g}{target} {unit}  pruned {r.pruned_groups}")
-            bar.update(task, completed=r.progress, status=status)
-            if r.saved:
-                bar.console.print(f"saved [bold]{r.saved}[/] at step {r.step}: {r.predicted_latency_ms:.4g} {unit}")
-
+    console = Console(stderr=True, quiet=not ctx.is_main)
+    schedule = plan_schedule(spec, config, loaded.predictor, batches.steps_per_epoch)
+    console.print(plan_line(schedule, len(train_set), batch_size * ctx.world_size, unit))
+    warning = epochs_warning(schedule)
+    if warning:
+        console.print(f"[yellow]{warning}[/]")
+    with PruneProgress(schedule, console, unit, disable=not ctx.is_main) as bar:
         return run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
-                         loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=on_step, device=ctx.device,
+                         loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=bar.on_step,
+                         device=ctx.device,
                          distributed=ctx)
 
 
