@@ -31,6 +31,9 @@ def test_nvit_pace_to_two_ratios_is_fifty_thousand_steps_of_a_small_folder() -> 
     imagenet = PruneSchedule(10.0, (5.0,), 0.001, 100, steps_per_epoch(1_281_167, 128))
     assert imagenet.epochs == pytest.approx(4.996, abs=1e-3) and not imagenet.many_epochs
     assert PruneSchedule(10.0, (5.0,), 0.001, 100).epochs is None  # no data size: no epochs
+    # README's example for the same folder: 12 + 8 pruning steps of 10, 6.5 epochs
+    readme = PruneSchedule(10.0, (7.0, 5.0), pace=0.025, interval_steps=10, steps_per_epoch=per_epoch)
+    assert (readme.pruning_steps, readme.total_steps, round(readme.epochs, 1)) == (20, 200, 6.5)
 
 
 def test_targets_are_met_one_segment_at_a_time() -> None:

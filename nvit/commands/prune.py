@@ -67,10 +67,14 @@ def prune(
                                                 "term: η = λ·median(saliency)/median(ΔLat) over the groups of the "
                                                 "first pruning step, then fixed for the run (default 3.0, chosen "
                                                 "on validation in BENCHMARKS.md §2)."),
-    interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps."),
+    interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps: the recovery "
+                                 "training and the saliency window of each (small data sets: see README, 'How long "
+                                 "pruning takes')."),
     pace: float = typer.Option(0.001, "--pace", help="Fraction of the base model's predicted latency removed at "
                                "each pruning step (0.001 with --interval 100 is NViT's pace: about two groups per "
-                               "100 batches on DeiT-B). Reaching a ratio r takes about (1 − r)/pace pruning steps."),
+                               "100 batches on DeiT-B). Reaching a ratio r takes about (1 − r)/pace pruning steps; "
+                               "the run prints the training steps this implies, in epochs of the data, and its bar "
+                               "an ETA (both estimates)."),
     group_size: int = typer.Option(8, "--group-size", help="Channels per EMB/QK/V/MLP group (heads go one by one); "
                                    "groups are re-formed at every step from the lowest-scoring channels."),
     saliency_window: int | None = typer.Option(None, "--saliency-window", help="Steps before each pruning step "
