@@ -14,6 +14,7 @@ per pruning step so far.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from nvit.arch import ArchSpec
     from nvit.lut.base import Predictor
     from nvit.pruning.config import PruneConfig
+
+log = logging.getLogger(__name__)
 
 #: A plan longer than this many epochs of the training data is worth a warning.
 MANY_EPOCHS = 10.0
@@ -122,5 +125,8 @@ def plan_schedule(spec: ArchSpec, config: PruneConfig, predictor: Predictor,
     from nvit.pruning.loop import pruning_layout, resolve_targets
 
     resolved = resolve_targets(config.targets, predictor, pruning_layout(spec, config, predictor))
-    return PruneSchedule(predictor.predict_ms(spec), tuple(r.latency_ms for r in resolved), config.pace,
-                         config.interval, steps_per_epoch)
+    schedule = PruneSchedule(predictor.predict_ms(spec), tuple(r.latency_ms for r in resolved), config.pace,
+                             config.interval, steps_per_epoch)
+    log.info("the pace implies %d pruning steps, %d training steps (%s epochs)", schedule.pruning_steps,
+             schedule.total_steps, "?" if schedule.epochs is None else f"{schedule.epochs:.3g}")
+    return schedule
