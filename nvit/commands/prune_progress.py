@@ -41,6 +41,10 @@ def epochs_warning(schedule: PruneSchedule) -> str | None:
             f"epochs of this data set; for a small data set raise --pace or lower --interval ({README_SECTION})")
 
 
+def _steady() -> Column:
+    return Column(no_wrap=True)
+
+
 def _epochs(epochs: float) -> str:
     return f"{epochs:,.1f}" if epochs < 10 else f"{round(epochs):,}"
 
@@ -55,14 +59,11 @@ class PruneProgress:
         window = schedule.interval_steps * math.ceil(ETA_WINDOW_STEPS / schedule.interval_steps)
         self.clock = StepClock(window)
         self.eta_said = False
-        def fixed() -> Column:
-            return Column(no_wrap=True)
-
         # the bar, steps, ETA and clock keep their width (about 60 columns); the status gets the rest
         status = Column(no_wrap=True, overflow="ellipsis", max_width=max(10, console.width - STEADY_COLUMNS))
-        columns = (TextColumn("[bold]prune"), BarColumn(bar_width=16, table_column=fixed()),
-                   MofNCompleteColumn(table_column=fixed()), TextColumn("{task.fields[eta]}", table_column=fixed()),
-                   TimeElapsedColumn(table_column=fixed()), TextColumn("{task.fields[status]}", table_column=status))
+        columns = (TextColumn("[bold]prune"), BarColumn(bar_width=16, table_column=_steady()),
+                   MofNCompleteColumn(table_column=_steady()), TextColumn("{task.fields[eta]}", table_column=_steady()),
+                   TimeElapsedColumn(table_column=_steady()), TextColumn("{task.fields[status]}", table_column=status))
         self.bar = Progress(*columns, console=console, transient=False, disable=disable)
         self.task = self.bar.add_task("prune", total=schedule.total_steps, status="starting", eta="ETA …")
 
