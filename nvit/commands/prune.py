@@ -7,9 +7,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nvit.commands.prune_progress import PruneProgress, epochs_warning, plan_line
 from nvit.commands.train import AUGMENT_HELP, DATA_HELP, augment_choice
 from nvit.errors import NvitError
 from nvit.fileio import output_folder
@@ -67,10 +67,14 @@ def prune(
                                                 "term: η = λ·median(saliency)/median(ΔLat) over the groups of the "
                                                 "first pruning step, then fixed for the run (default 3.0, chosen "
                                                 "on validation in BENCHMARKS.md §2)."),
-    interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps."),
+    interval: int = typer.Option(100, "--interval", help="Training steps between pruning steps: the recovery "
+                                 "training and the saliency window of each (small data sets: see README, 'How long "
+                                 "pruning takes')."),
     pace: float = typer.Option(0.001, "--pace", help="Fraction of the base model's predicted latency removed at "
                                "each pruning step (0.001 with --interval 100 is NViT's pace: about two groups per "
-                               "100 batches on DeiT-B). Reaching a ratio r takes about (1 − r)/pace pruning steps."),
+                               "100 batches on DeiT-B). Reaching a ratio r takes about (1 − r)/pace pruning steps; "
+                               "the run prints the training steps this implies, in epochs of the data, and its bar "
+                               "an ETA (both estimates)."),
     group_size: int = typer.Option(8, "--group-size", help="Channels per EMB/QK/V/MLP group (heads go one by one); "
                                    "groups are re-formed at every step from the lowest-scoring channels."),
     saliency_window: int | None = typer.Option(None, "--saliency-window", help="Steps before each pruning step "
@@ -100,7 +104,8 @@ def prune(
                                           "kind (cpu | gpu)."),
     precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
     lut_batch_size: int | None = typer.Option(None, "--lut-batch-size", help="Require a table of this batch size."),
-    num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes (default 0: augmentation "
+                                    "then runs in this process, seeded by the step, so --resume is exact)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Report val top-1 of each variant at the end."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
 ) -> None:
@@ -174,6 +179,7 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     from nvit.pruning.batches import StepBatches
     from nvit.pruning.loop import prune as run_prune
     from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
+    from nvit.pruning.schedule import plan_schedule
 
     spec = base.model.spec
     train_set = build_dataset(data, "train", spec, augment=config.extra["augment"])
@@ -183,21 +189,16 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     loss_fn = distillation_loss_fn(teacher, weight=kd_weight, temperature=kd_temperature)
     unit = "ms" if loaded.has_time_unit else "x dense"
     provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data, "world_size": ctx.world_size}
-    console = Console(stderr=True)
-    columns = (TextColumn("[bold]prune"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False, disable=not ctx.is_main) as bar:
-        task = bar.add_task("prune", total=1.0, status="starting")
-
-        def on_step(r: Any) -> None:
-            target = "" if r.next_target_ms is None else f" → {r.next_target_ms:.4g}"
-            status = (f"step {r.step}  loss {r.loss:.3f}  acc {100 * r.accuracy:.1f}%  "
-                      f"pred {r.predicted_latency_ms:.4g}{target} {unit}  pruned {r.pruned_groups}")
-            bar.update(task, completed=r.progress, status=status)
-            if r.saved:
-                bar.console.print(f"saved [bold]{r.saved}[/] at step {r.step}: {r.predicted_latency_ms:.4g} {unit}")
-
+    console = Console(stderr=True, quiet=not ctx.is_main)
+    schedule = plan_schedule(spec, config, loaded.predictor, batches.steps_per_epoch)
+    console.print(plan_line(schedule, len(train_set), batch_size * ctx.world_size, unit))
+    warning = epochs_warning(schedule)
+    if warning:
+        console.print(f"[yellow]{warning}[/]")
+    with PruneProgress(schedule, console, unit, disable=not ctx.is_main) as bar:
         return run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
-                         loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=on_step, device=ctx.device,
+                         loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=bar.on_step,
+                         device=ctx.device,
                          distributed=ctx)
 
 

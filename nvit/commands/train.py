@@ -27,8 +27,11 @@ NO_AUGMENT_HELP = "Same as --augment none."
 CHECKPOINT_FILE = "train_checkpoint.pt"
 HISTORY_FILE = "train_log.csv"
 EVAL_BATCH_SIZE = 256
-FOLDER_WORKERS = 4
 
+# The rule is nvit.data.workers.default_workers (kept here: --help imports no torch).
+WORKERS_HELP = ("Data loading processes per training process (default: 0 for named data sets, held in memory; "
+                "for folders one fewer than the cores available to each process, at most 4: 1 on a 2-core "
+                "machine, 0 on one core).")
 DEVICE_HELP = "auto (cuda if available), cpu, cuda or cuda:N; under torchrun each rank takes its LOCAL_RANK GPU."
 
 
@@ -39,6 +42,7 @@ def _run(
 ) -> None:
     """Build data and loaders, train (resumably) with ``loss_factory(teacher)``, save the variant on rank 0."""
     from nvit.data import build_dataset, build_loader, in_memory
+    from nvit.data.workers import default_workers
     from nvit.models import save_variant
     from nvit.pruning.distributed import (
         configure_rank_logging,
@@ -59,7 +63,7 @@ def _run(
         spec = model.spec
         train_set = build_dataset(data, "train", spec, augment=augment)
         val_set = build_dataset(data, "val", spec, augment=False)
-        n_workers = workers if workers is not None else (0 if in_memory(data) else FOLDER_WORKERS)
+        n_workers = workers if workers is not None else (0 if in_memory(data) else default_workers())
         train_loader = build_loader(train_set, batch_size=batch_size, train=True, seed=seed, num_workers=n_workers)
         val_loader = build_loader(val_set, batch_size=EVAL_BATCH_SIZE, train=False, num_workers=n_workers)
         model = wrap_ddp(model, ctx)
@@ -138,8 +142,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, data order and augmentation."),
     augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
     no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
-    workers: int | None = typer.Option(None, "--workers", help="Data loading processes (default: 0 for named "
-                                       "data sets, 4 for folders)."),
+    workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint in --out and start again."),
 ) -> None:
@@ -175,8 +178,7 @@ def finetune(
     seed: int = typer.Option(0, "--seed", help="Seed of data order and augmentation."),
     augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
     no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
-    workers: int | None = typer.Option(None, "--workers", help="Data loading processes (default: 0 for named "
-                                       "data sets, 4 for folders)."),
+    workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint in --out and start again."),
 ) -> None:
