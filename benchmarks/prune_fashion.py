@@ -114,16 +114,37 @@ class Context:
                                     temperature=self.s.kd_temperature)
 
 
-def prune_config(s: Settings, method: str, seed: int) -> Any:
-    from nvit.pruning.config import PruneConfig, RankingMethod, Target
+def prune_config(s: Settings, method: str, seed: int, targets: tuple[float, ...] | None = None) -> Any:
+    """``method`` as a pruning config: ``<ranking>[_l<λ>][_rm]`` (``_rm``: whole sub-layers may go too; the
+    others prune widths only, as this benchmark's methods always did)."""
+    from nvit.pruning.config import PruneConfig, RankingMethod, Sublayer, Target
 
-    ranking, weight = method, 1.0
-    if method.startswith(("latency_l", "flops_l")):
-        ranking, _, weight_text = method.partition("_l")
+    name, removes = method.removesuffix("_rm"), method.endswith("_rm")
+    ranking, weight = name, 1.0
+    if name.startswith(("latency_l", "flops_l")):
+        ranking, _, weight_text = name.partition("_l")
         weight = float(weight_text)
-    return PruneConfig(targets=tuple(Target.ratio(r) for r in s.targets), group_size=s.group_size,
+    return PruneConfig(targets=tuple(Target.ratio(r) for r in (targets or s.targets)), group_size=s.group_size,
                        interval=s.interval, pace=s.pace, ranking=RankingMethod(ranking), latency_weight=weight,
-                       batch_size=s.batch_size, lr=s.prune_lr, seed=seed)
+                       batch_size=s.batch_size, lr=s.prune_lr, seed=seed,
+                       remove=(Sublayer.ATTN, Sublayer.MLP) if removes else ())
+
+
+def reachable(ctx: Context, method: str, seed: int) -> tuple[float, ...]:
+    """The target ratios the method can reach on the table (a width-only floor refuses the lower ones)."""
+    from nvit.pruning.loop import pruning_layout
+
+    as_ranking = {"depth": "saliency_rm", "uniform": "saliency", "l1": "saliency", "random": "saliency"}
+    config = prune_config(ctx.s, as_ranking.get(method, method), seed)
+    layout = pruning_layout(ctx.base.spec, config, ctx.predictor)
+    dense = ctx.predictor.predict_ms(ctx.base.spec)
+    if method == "depth":  # one whole block stays
+        import prune_methods as pm
+
+        floor = ctx.predictor.predict_ms(pm.depth_floor_spec(layout))
+    else:
+        floor = ctx.predictor.predict_ms(layout.minimal_spec())
+    return tuple(r for r in ctx.s.targets if r * dense >= floor)
 
 
 def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
@@ -137,6 +158,24 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
     from nvit.pruning.runstate import RUN_FILE, STATE_FILE, read_run_summary
 
     s = ctx.s
+    if method == "dense":
+        return [(1.0, load_variant(ctx.base_dir), 0)], []
+    targets = reachable(ctx, method, seed)
+    if method == "depth":
+        import prune_methods as pm
+
+        layout = pruning_layout(ctx.base.spec, prune_config(s, "saliency_rm", seed), ctx.predictor)
+        model = load_variant(ctx.base_dir)
+        batches = StepBatches(ctx.train, batch_size=s.batch_size, seed=seed).batches(0)
+        scores = pm.block_saliency(model, layout, batches, ctx.loss(), count=s.interval)
+        dense_ms = ctx.predictor.predict_ms(ctx.base.spec)
+        out = []
+        for ratio in targets:
+            state = pm.depth_to_target(layout, scores, ctx.predictor, ratio * dense_ms)
+            model = load_variant(ctx.base_dir)
+            state.apply(model)
+            out.append((ratio, slice_model(model), 0))
+        return out, [{"block_saliency": scores.tolist()}]
     if method in ("uniform", "l1", "random"):
         import prune_methods as pm
 
@@ -145,26 +184,24 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
                   else pm.l1_unit_scores(ctx.base, layout))
         dense_ms = ctx.predictor.predict_ms(ctx.base.spec)
         out = []
-        for ratio in s.targets:
+        for ratio in targets:
             make = pm.uniform_to_target if method == "uniform" else pm.greedy_to_target
             state = make(layout, scores, ctx.predictor, ratio * dense_ms)
             model = load_variant(ctx.base_dir)
             state.apply(model)
             out.append((ratio, slice_model(model), 0))
         return out, []
-    if method == "dense":
-        return [(1.0, load_variant(ctx.base_dir), 0)], []
     out_dir = folder / "prune"
     if not (out_dir / RUN_FILE).is_file():
         data = StepBatches(ctx.train, batch_size=s.batch_size, seed=seed)
-        prune(load_variant(ctx.base_dir), config=prune_config(s, method, seed), predictor=ctx.predictor, data=data,
-              out_dir=out_dir, loss_fn=ctx.loss(), resume=(out_dir / STATE_FILE).is_file())
+        prune(load_variant(ctx.base_dir), config=prune_config(s, method, seed, targets), predictor=ctx.predictor,
+              data=data, out_dir=out_dir, loss_fn=ctx.loss(), resume=(out_dir / STATE_FILE).is_file())
     summary = read_run_summary(out_dir)
     frame = pd.read_parquet(out_dir / "prune_log.parquet")
     steps = frame[frame["pruned_now"] > 0]
     keep = ["step", "predicted_latency_ms", "eta", "pruned_now"] + [c for c in frame if c.startswith("removed_")]
     step_log = steps[keep].to_dict("records")
-    ratios = sorted(s.targets, reverse=True)
+    ratios = sorted(targets, reverse=True)
     return [(r, load_variant(v["path"]), int(v["step"]) + 1)
             for r, v in zip(ratios, summary["variants"], strict=True)], step_log
 
@@ -205,8 +242,9 @@ def run_one(base_dir: str, lut: str, s: Settings, work: str, method: str, seed: 
         save_variant(model.eval(), ft, {"benchmark": "prune_fashion", "row": row})
         load_variant(ft)  # written completely
         rows.append(row)
+    reached = {r["target_ratio"] for r in rows}
     doc = {"method": method, "seed": seed, "settings": asdict(s), "rows": rows, "prune_steps_log": step_log,
-           "cpu_seconds": time.process_time() - started}
+           "unreachable": [t for t in s.targets if t not in reached], "cpu_seconds": time.process_time() - started}
     atomic_write_text(rows_path, json.dumps(doc, indent=1, default=float) + "\n")
     log(f"{method} seed {seed}: done in {doc['cpu_seconds']:.0f} CPU s")
     return str(rows_path)

@@ -7,7 +7,10 @@ as ``nvit prune`` (:func:`nvit.pruning.loop.pruning_layout`), then fine-tune lik
   target (the units kept in each gate are those of largest mean |w|);
 - ``l1``: global greedy removal of the group of smallest mean |w| (groups formed from the units of smallest
   mean |w| of each gate, re-formed after every removal), until the target is met;
-- ``random``: the same greedy removal in a seeded random unit order.
+- ``random``: the same greedy removal in a seeded random unit order;
+- ``depth``: whole blocks, least salient first (a block's saliency: the Fisher estimate of switching off both
+  of its residual branches at once, ``mean over batches of (∂L/∂g_attn + ∂L/∂g_mlp)²``), until the table
+  predicts the target; one block always stays.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from nvit.lut.base import Predictor
 from nvit.models.vit import VisionTransformer
 from nvit.pruning.batches import StepBatches
-from nvit.pruning.groups import GroupLayout, PruneState
+from nvit.pruning.groups import GroupKind, GroupLayout, PruneState
 from nvit.pruning.train import lr_factor, parameter_groups, train_step
 
 ALPHA_STEP = 0.01  # resolution of the uniform width factor
@@ -94,6 +97,57 @@ def uniform_to_target(layout: GroupLayout, unit_scores: np.ndarray, predictor: P
         if predictor.predict_ms(state.spec()) <= target_ms:
             return state
     raise RuntimeError("no uniform width factor meets the target")
+
+
+def block_saliency(model: VisionTransformer, layout: GroupLayout, batches: Any, loss: Any, *, count: int
+                   ) -> np.ndarray:
+    """Per block, ``mean over count batches of (∂L/∂g_attn + ∂L/∂g_mlp)²`` at the dense model (gates at 1)."""
+    from nvit.pruning.saliency import gate_unit_sums
+
+    model.enable_gates()
+    total = np.zeros(layout.spec.depth)
+    model.train()
+    for _ in range(count):
+        images, labels = next(batches)
+        model.zero_grad(set_to_none=True)
+        loss(images, model(images), labels).total.backward()
+        sums = gate_unit_sums(model, layout).numpy()
+        for i in range(layout.spec.depth):
+            branch = [sums[layout.units_of(j)[0]] for k in (GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER)
+                      for j in layout.gates_of(k, i)]
+            total[i] += float(np.sum(branch)) ** 2
+    model.disable_gates()
+    model.zero_grad(set_to_none=True)
+    return total / count
+
+
+def depth_floor_spec(layout: GroupLayout) -> Any:
+    """The shallowest architecture depth-only pruning reaches: the first block alone, whole."""
+    state = PruneState(layout)
+    for block in range(1, layout.spec.depth):
+        for k in (GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER):
+            for j in layout.gates_of(k, block):
+                state.remove(layout.units_of(j))
+    return state.spec()
+
+
+def depth_to_target(layout: GroupLayout, block_scores: np.ndarray, predictor: Predictor, target_ms: float
+                    ) -> PruneState:
+    """Drop whole blocks, least salient first, until the predicted latency meets the target (``layout`` must
+    allow removing both sub-layers)."""
+    state = PruneState(layout)
+    for block in np.argsort(block_scores, kind="stable"):
+        if predictor.predict_ms(state.spec()) <= target_ms:
+            return state
+        layers = [layout.units_of(j) for k in (GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER)
+                  for j in layout.gates_of(k, int(block))]
+        if not all(state.can_remove(u) for u in layers):
+            continue  # the last attention stays
+        for units in layers:
+            state.remove(units)
+    if predictor.predict_ms(state.spec()) <= target_ms:
+        return state
+    raise RuntimeError("dropping every block but one does not meet the target")
 
 
 def finetune(model: VisionTransformer, loss: Any, train_set: Any, *, steps: int, lr: float, batch_size: int,

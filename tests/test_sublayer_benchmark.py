@@ -1,0 +1,44 @@
+"""The sub-layer benchmark end to end in its quick mode: width-only methods stop at their floor, the
+sub-layer and depth methods go below it, and the report compares them at equal measured latency."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import lut_fakes as fk
+import prune_sublayers as ps
+
+from nvit.arch import ArchSpec, preset
+from nvit.models import build_model, save_variant
+
+
+def test_quick_run_measures_and_reports(tmp_path, monkeypatch) -> None:
+    from nvit.profiler.sweep import SweepOptions, run_sweep
+
+    fk.register_fake(monkeypatch)
+    base = tmp_path / "base"
+    spec = preset("vit_test", qk_scale=0.25)
+    save_variant(build_model(spec, seed=0).eval(), base)
+    with fk.FakeBackend() as backend:
+        lut = run_sweep(fk.tiny_space(half_blocks_per_embed=2), backend, tmp_path / "lut.parquet",
+                        options=SweepOptions(calibration_models=3)).path  # this machine: measure compares here
+    s = replace(ps.QUICK, seeds=(0,), targets=(0.85, 0.7, 0.3), total_steps=12, interval=2)  # width floor: 0.61
+    args = argparse.Namespace(base=base, lut=lut, work=tmp_path / "work", out=tmp_path / "out.json", jobs=1)
+    ps.run_stage(args, s)
+    ps.pf.measure_stage(args, s)
+    ps.report_stage(args, s)
+    doc = json.loads(args.out.read_text())
+    reached = doc["targets_reached"]
+    assert reached["saliency"] == [0.85, 0.7] and reached["knapsack"] == [0.85, 0.7]  # 0.3 is below the width floor
+    assert doc["unreachable"]["saliency/s0"] == [0.3]
+    assert 0.3 in reached["saliency_rm"] and 0.3 in reached["knapsack_rm"] and 0.3 in reached["depth"]
+    depth_rows = [r for r in doc["rows"] if r["method"] == "depth"]
+    assert all(r["blocks_dropped"] >= 1 and r["prune_steps"] == 0 for r in depth_rows)
+    for r in doc["rows"]:
+        assert r["measured_ms"] == fk.model_ms(ArchSpec.from_dict(r["arch"]))  # the fake's exact latency
+        assert r["prune_steps"] + r["finetune_steps"] == s.total_steps
+    assert set(doc["comparison"]["after"]["all_vs_saliency"]["methods"]) == set(ps.METHODS)
+    assert "saliency" not in doc["comparison"]["after"]["below_width_floor_vs_saliency_rm"]["methods"]
+    assert "lowest measured latency" in ps.markdown(doc)
