@@ -309,3 +309,39 @@ def test_cli_remove_flag(tables, tmp_path, capsys) -> None:
     assert code == 0, err  # ... the default removes whole sub-layers
     code, out, _ = run_cli(["arch", "show", str(tmp_path / "d" / target.label / "arch.json")], capsys)
     assert code == 0 and "removed" in out
+
+
+def test_removed_sublayers_round_trip_train_prune_finetune_export_compare(tables, tmp_path, capsys,
+                                                                         monkeypatch) -> None:
+    """A model with removed sub-layers trains, prunes further, fine-tunes, exports (verified) and compares."""
+    fk.register_fake(monkeypatch)
+    start = BASE.with_blocks((BlockSpec(4, 16, 16, 256), BlockSpec(4, 16, 16, 0), BlockSpec(0, 0, 0, 256),
+                              BlockSpec(4, 16, 16, 256)))
+    arch = save_arch(start, tmp_path / "start.json")
+    base = tmp_path / "base"
+    code, _, err = run_cli(["train", "--arch", str(arch), "--data", "digits", "--epochs", "1", "--batch-size", "32",
+                              "--lr", "1e-3", "--out", str(base), "--device", "cpu"], capsys)
+    assert code == 0, err
+    predictor = LatencyPredictor(LatencyTable.load(tables["with"]))
+    target = below_the_width_only_floor(predictor, start)
+    code, out, err = run_cli(["prune", "--variant", str(base), "--lut", str(tables["with"]), "--data", "digits",
+                              "--interval", "2", "--pace", "0.1", "--batch-size", "16", "--no-eval",
+                              "--target-ratio", str(target.value), "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    pruned = tmp_path / "run" / target.label
+    assert sum(load_variant(pruned).spec.removed_sublayers.values()) >= 2
+    tuned = tmp_path / "tuned"
+    code, out, err = run_cli(["finetune", "--variant", str(pruned), "--teacher", str(base), "--data", "digits",
+                              "--epochs", "1", "--batch-size", "32", "--out", str(tuned), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert load_variant(tuned).spec == load_variant(pruned).spec
+    code, out, err = run_cli(["export", str(tuned)], capsys)
+    assert code == 0, err
+    assert json.loads((tuned / "export" / "export.json").read_text())["verify"]["passed"]
+    code, _, err = run_cli(["compare", str(tuned), "--lut", str(tables["with"]), "--base", str(base),
+                              "--out", str(tmp_path / "report"), "--allow-other-device"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "report" / "compare.json").read_text())
+    row = next(m for m in report["results"] if m["name"] == "tuned")
+    assert row["measured_ms"] == pytest.approx(fk.model_ms(load_variant(tuned).spec), rel=1e-9)
+    assert row["predicted_ms"] == pytest.approx(row["measured_ms"], rel=1e-6)

@@ -103,6 +103,8 @@ def check_figures(check: dict[str, Any]) -> str:
     text = f"[{colour}]{summary_line(check)}[/]"
     if check.get("pruned_shapes"):
         text += f"; pruned shapes alone: {summary_line(check['pruned_shapes'])}"
+    if check.get("removed_shapes"):
+        text += f"; with removed sub-layers alone: {summary_line(check['removed_shapes'])}"
     return text
 
 
