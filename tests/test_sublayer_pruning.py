@@ -324,18 +324,18 @@ def test_removed_sublayers_round_trip_train_prune_finetune_export_compare(tables
     assert code == 0, err
     predictor = LatencyPredictor(LatencyTable.load(tables["with"]))
     target = below_the_width_only_floor(predictor, start)
-    code, out, err = run_cli(["prune", "--variant", str(base), "--lut", str(tables["with"]), "--data", "digits",
+    code, _, err = run_cli(["prune", "--variant", str(base), "--lut", str(tables["with"]), "--data", "digits",
                               "--interval", "2", "--pace", "0.1", "--batch-size", "16", "--no-eval",
                               "--target-ratio", str(target.value), "--out", str(tmp_path / "run")], capsys)
     assert code == 0, err
     pruned = tmp_path / "run" / target.label
     assert sum(load_variant(pruned).spec.removed_sublayers.values()) >= 2
     tuned = tmp_path / "tuned"
-    code, out, err = run_cli(["finetune", "--variant", str(pruned), "--teacher", str(base), "--data", "digits",
+    code, _, err = run_cli(["finetune", "--variant", str(pruned), "--teacher", str(base), "--data", "digits",
                               "--epochs", "1", "--batch-size", "32", "--out", str(tuned), "--device", "cpu"], capsys)
     assert code == 0, err
     assert load_variant(tuned).spec == load_variant(pruned).spec
-    code, out, err = run_cli(["export", str(tuned)], capsys)
+    code, _, err = run_cli(["export", str(tuned)], capsys)
     assert code == 0, err
     assert json.loads((tuned / "export" / "export.json").read_text())["verify"]["passed"]
     code, _, err = run_cli(["compare", str(tuned), "--lut", str(tables["with"]), "--base", str(base),
