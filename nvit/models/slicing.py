@@ -177,24 +177,18 @@ def slice_model(model: VisionTransformer, keep: KeepIndices | None = None) -> Vi
             out[name] = src[name].detach().index_select(2, e)
     kept_blocks = [(i, k, b) for i, (k, b) in enumerate(zip(keep.blocks, spec.blocks, strict=True)) if k.kept]
     for j, (i, k, b) in enumerate(kept_blocks):  # a dropped block's successors move up
-        p, q = f"blocks.{i}.", f"blocks.{j}."
+        layers: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []  # (layer, weight rows, weight cols)
         if k.has_attn:
             rows = _qkv_rows(k, b)
             v_cols = (torch.tensor(k.heads)[:, None] * b.v_dim + torch.tensor(k.v)[None, :]).flatten()
-            take(p + "norm1.weight", rows=e, to=q + "norm1.weight")
-            take(p + "norm1.bias", rows=e, to=q + "norm1.bias")
-            take(p + "attn.qkv.weight", rows=rows, cols=e, to=q + "attn.qkv.weight")
-            take(p + "attn.qkv.bias", rows=rows, to=q + "attn.qkv.bias")
-            take(p + "attn.proj.weight", rows=e, cols=v_cols, to=q + "attn.proj.weight")
-            take(p + "attn.proj.bias", rows=e, to=q + "attn.proj.bias")
+            layers += [("norm1", e, None), ("attn.qkv", rows, e), ("attn.proj", e, v_cols)]
         if k.mlp:
             mlp = torch.tensor(k.mlp)
-            take(p + "norm2.weight", rows=e, to=q + "norm2.weight")
-            take(p + "norm2.bias", rows=e, to=q + "norm2.bias")
-            take(p + "mlp.fc1.weight", rows=mlp, cols=e, to=q + "mlp.fc1.weight")
-            take(p + "mlp.fc1.bias", rows=mlp, to=q + "mlp.fc1.bias")
-            take(p + "mlp.fc2.weight", rows=e, cols=mlp, to=q + "mlp.fc2.weight")
-            take(p + "mlp.fc2.bias", rows=e, to=q + "mlp.fc2.bias")
+            layers += [("norm2", e, None), ("mlp.fc1", mlp, e), ("mlp.fc2", e, mlp)]
+        for layer, rows, cols in layers:
+            src_name, dst_name = f"blocks.{i}.{layer}", f"blocks.{j}.{layer}"
+            take(src_name + ".weight", rows=rows, cols=cols, to=dst_name + ".weight")
+            take(src_name + ".bias", rows=rows, to=dst_name + ".bias")
     take("norm.weight", rows=e)
     take("norm.bias", rows=e)
     for head in ("head", "head_dist"):
