@@ -13,8 +13,9 @@ import pytest
 from nvit.arch import BlockSpec, preset
 from nvit.errors import LutError
 from nvit.lut.base import Predictor, UnitStep
-from nvit.lut.predictor import GridInterpolator, LatencyPredictor, calibrate, fit_calibration
+from nvit.lut.predictor import GridInterpolator, LatencyPredictor, fit_calibration
 from nvit.lut.table import LatencyTable, LutMeta, rows_from_records
+from nvit.profiler.selfcheck import calibrate
 from nvit.profiler.space import PartConfig, PartKind, SearchSpace, calibration_archs, random_arch
 from nvit.profiler.sweep import SweepOptions, run_sweep
 

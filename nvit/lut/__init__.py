@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nvit.lut.predictor import LatencyPredictor
-    from nvit.profiler.base import DeviceKind, Precision
+    from nvit.vocab import DeviceKind, Precision
 
 __all__ = ["LatencyPredictor", "LatencyTable", "check_compatible", "load_predictor", "load_table"]
 

@@ -175,7 +175,7 @@ class MeasuredGrid:
     def from_table(cls, table: Any) -> MeasuredGrid:
         """From a :class:`~nvit.lut.table.LatencyTable` (its attention, MLP and fixed-part grids and base)."""
         from nvit.lut.rows import grid_axes
-        from nvit.profiler.parts import PartKind
+        from nvit.vocab import PartKind
 
         attn = grid_axes(table.rows, PartKind.ATTN)
         mlp = grid_axes(table.rows, PartKind.MLP)

@@ -16,7 +16,7 @@ from typing import Any
 
 from nvit import __version__
 from nvit.errors import LutError
-from nvit.profiler.base import DeviceKind, Precision, TimingMode
+from nvit.vocab import DeviceKind, Precision, TimingMode
 
 LUT_SCHEMA_VERSION = 2  # 2: self_check added
 READABLE_SCHEMA_VERSIONS = (1, 2)

@@ -19,7 +19,8 @@ rows predicts width-only architectures as before and refuses one with a removed 
 
 Whole model: ``scale · (Σ blocks + fixed(e)) + offset``. A block timed alone keeps its weights in cache
 and pays one call overhead of its own; in a whole model it does neither. ``scale`` and ``offset`` are fitted
-by least squares on a few whole-model measurements (:func:`calibrate`) and stored in the table; an
+by least squares on a few whole-model measurements (:func:`fit_calibration`; the profiler measures them:
+:func:`nvit.profiler.selfcheck.calibrate`) and stored in the table; an
 uncalibrated table uses 1 and 0.
 """
 
@@ -38,7 +39,7 @@ from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
 from nvit.lut.grid import GridReport, GridStatus, MeasuredGrid
 from nvit.lut.interaction import BlockInteraction
 from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible, utc_now
-from nvit.profiler.parts import ONE_HALF_BLOCKS, PartKind
+from nvit.vocab import ONE_HALF_BLOCKS, PartKind
 
 logger = logging.getLogger(__name__)
 
@@ -275,31 +276,3 @@ def fit_calibration(names: Sequence[str], measured_ms: Sequence[float], predicte
         "residual_pct_max_abs": float(np.max(np.abs(residual_pct))),
         "fitted_at": utc_now(),
     }
-
-
-def calibrate(table: LatencyTable, backend: Any, archs: Sequence[ArchSpec], *, fit_scale: bool = True,
-              names: Sequence[str] | None = None) -> LatencyTable:
-    """Measure ``archs`` whole with ``backend`` (an entered :class:`~nvit.profiler.base.Backend` of the
-    table's kind, interleaved so they share machine state) and return the table with a new calibration."""
-    from nvit.profiler.workloads import model_workload
-
-    meta = table.meta
-    check_compatible(meta, device=backend.device, precision=backend.precision, batch_size=backend.batch_size,
-                     backend=backend.name, source="the table to calibrate")
-    settings = backend.settings()
-    if meta.settings and settings != meta.settings:
-        diff = sorted(k for k in set(settings) | set(meta.settings) if settings.get(k) != meta.settings.get(k))
-        raise LutError(f"the backend's settings differ from the table's ({', '.join(diff)}); "
-                       "calibrate with the backend options the table was profiled with")
-    names = list(names) if names is not None else [a.name or f"model{i}" for i, a in enumerate(archs)]
-    raw = LatencyPredictor(table, calibrated=False)
-    predicted = [raw.predict_ms(a) for a in archs]
-    workloads = [model_workload(a, meta.batch_size, name=n) for a, n in zip(archs, names, strict=True)]
-    stats = backend.measure_many(workloads)
-    measured = [s.latency_ms_median for s in stats]
-    calibration = fit_calibration(names, measured, predicted, fit_scale=fit_scale)
-    for item, arch in zip(calibration["models"], archs, strict=True):
-        item["arch"] = arch.to_dict()
-    logger.info("calibrated %s: scale %.4f, offset %.4f ms", calibration["method"], calibration["scale"],
-                calibration["offset_ms"])
-    return table.with_meta(calibration=calibration)

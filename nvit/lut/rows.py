@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from nvit.errors import LutError
-from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind
+from nvit.vocab import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind
 
 if TYPE_CHECKING:
     from nvit.lut.meta import LutMeta

@@ -38,7 +38,7 @@ from nvit.lut.rows import (
     rows_from_records,
     validate_rows,
 )
-from nvit.profiler.parts import PartKind
+from nvit.vocab import PartKind
 
 __all__ = [
     "COLUMNS", "KEY_COLUMNS", "LATENCY_COLUMN", "LUT_FILE_KIND", "LUT_SCHEMA_VERSION", "META_KEY",

@@ -7,7 +7,6 @@ backend, never at import of this module.
 
 from __future__ import annotations
 
-import enum
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,28 +14,10 @@ from typing import Any, ClassVar
 
 from nvit.errors import BackendError
 from nvit.profiler.harness import HarnessConfig, TimingStats, measure_interleaved
+from nvit.vocab import DeviceKind, Precision, TimingMode
 
 __all__ = ["Backend", "DeviceKind", "Precision", "PreparedWorkload", "TimingMode", "TimingStats", "Workload",
            "backend_names", "get_backend", "register_backend"]
-
-
-class Precision(str, enum.Enum):
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-
-
-class DeviceKind(str, enum.Enum):
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-class TimingMode(str, enum.Enum):
-    """How a backend times one call. Part of a table's identity: the modes give different figures."""
-
-    HOST_CLOCK = "host_clock"  # the call waits for its result and is timed with the host clock
-    CUDA_GRAPH = "cuda_graph"  # one iteration captured in a CUDA graph, replayed K times between CUDA events
-    LAUNCH = "launch"  # the iteration enqueued K times between CUDA events
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Whole models measured against a table's predictions: the held-out check every profiled table carries
-(and ``nvit lut check`` repeats), and the measurement loop it shares with the calibration and benchmarks.
+(and ``nvit lut check`` repeats), the measurement loop it shares with the calibration and benchmarks, and
+:func:`calibrate` (measure whole models, fit the table's calibration).
 
 The check models are drawn with their own seed (never the calibration's), half of them shaped like the
 end of a pruning run (:func:`~nvit.profiler.sampling.pruned_arch`: narrow and wide blocks mixed), half
@@ -9,6 +10,7 @@ pruning will use it, on models it was not fitted to.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +19,11 @@ from typing import Any
 import numpy as np
 
 from nvit.arch import ArchSpec
+from nvit.errors import LutError
 from nvit.profiler.sampling import mixed_archs
 from nvit.profiler.workloads import model_workload
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHECK_MODELS = 6
 DEFAULT_CHECK_SEED = 500  # calibration models use other seeds (SweepOptions.calibration_seed)
@@ -111,8 +116,6 @@ def recheck(table: Any, backend: Any, *, count: int, seed: int, passes: int = 2,
     from nvit.lut.predictor import LatencyPredictor
 
     if count < 1:
-        from nvit.errors import LutError
-
         raise LutError(f"a check needs at least one model, got {count}")
     predictor = LatencyPredictor(table)
     archs = check_archs(ArchSpec.from_dict(table.meta.base_arch), count, seed=seed,
@@ -122,3 +125,34 @@ def recheck(table: Any, backend: Any, *, count: int, seed: int, passes: int = 2,
     report = check_report(predictor, archs, measured, seed=seed, passes=passes, measured_at=utc_now())
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def calibrate(table: Any, backend: Any, archs: Sequence[ArchSpec], *, fit_scale: bool = True,
+              names: Sequence[str] | None = None) -> Any:
+    """Measure ``archs`` whole with ``backend`` (an entered :class:`~nvit.profiler.base.Backend` of the
+    table's kind, interleaved so they share machine state) and return the
+    :class:`~nvit.lut.table.LatencyTable` with a new calibration."""
+    from nvit.lut.predictor import LatencyPredictor, fit_calibration
+    from nvit.lut.table import check_compatible
+    from nvit.profiler.workloads import model_workload
+
+    meta = table.meta
+    check_compatible(meta, device=backend.device, precision=backend.precision, batch_size=backend.batch_size,
+                     backend=backend.name, source="the table to calibrate")
+    settings = backend.settings()
+    if meta.settings and settings != meta.settings:
+        diff = sorted(k for k in set(settings) | set(meta.settings) if settings.get(k) != meta.settings.get(k))
+        raise LutError(f"the backend's settings differ from the table's ({', '.join(diff)}); "
+                       "calibrate with the backend options the table was profiled with")
+    names = list(names) if names is not None else [a.name or f"model{i}" for i, a in enumerate(archs)]
+    raw = LatencyPredictor(table, calibrated=False)
+    predicted = [raw.predict_ms(a) for a in archs]
+    workloads = [model_workload(a, meta.batch_size, name=n) for a, n in zip(archs, names, strict=True)]
+    stats = backend.measure_many(workloads)
+    measured = [s.latency_ms_median for s in stats]
+    calibration = fit_calibration(names, measured, predicted, fit_scale=fit_scale)
+    for item, arch in zip(calibration["models"], archs, strict=True):
+        item["arch"] = arch.to_dict()
+    log.info("calibrated %s: scale %.4f, offset %.4f ms", calibration["method"], calibration["scale"],
+             calibration["offset_ms"])
+    return table.with_meta(calibration=calibration)
