@@ -63,6 +63,7 @@ def create_app(settings: ServiceSettings, *, context: ServiceContext | None = No
     app = FastAPI(title="nvit latency service", version=__version__, openapi_tags=TAGS, lifespan=lifespan,
                   description="Latency tables, profile and measure jobs on target devices, predictions.")
     app.state.ctx = ctx
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(BrowserGuard, settings=settings)  # outermost: a refused page never sends its body
     for module in (devices, luts, models, jobs, predict):
@@ -100,6 +101,37 @@ def create_app(settings: ServiceSettings, *, context: ServiceContext | None = No
         return _problem_response(500, "internal server error", f"{type(exc).__name__}; see the server log")
 
     return app
+
+
+PROBLEM_SCHEMA = {
+    "title": "Problem", "type": "object", "description": "An RFC 9457 problem document.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                   "status": {"type": "integer", "minimum": 400, "maximum": 599}, "detail": {"type": "string"}},
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, with every refusal declared as what it is: a problem document (FastAPI would
+    declare its own validation-error shape, which this service never sends)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                          tags=app.openapi_tags)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas["Problem"] = PROBLEM_SCHEMA
+        refusal = {"description": "Refused: why, as an RFC 9457 problem document.",
+                   "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for operations in doc.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses["4XX"] = refusal
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 async def _expire_leases(ctx: ServiceContext) -> None:

@@ -105,7 +105,8 @@ def get_journal(job_id: JobIdPath, request: Request, _: Reader) -> dict[str, Any
 
 
 # ---- agents ----------------------------------------------------------------------------------------------
-@router.post("/agents/{agent_id}/lease", summary="Long-poll for a job this agent can run (204: none came).")
+@router.post("/agents/{agent_id}/lease", summary="Long-poll for a job this agent can run (204: none came).",
+             responses={204: {"description": "No job came while the request waited."}})
 async def lease_job(agent_id: AgentPath, request: Request, principal: AgentCaller,
                     wait_s: float = Query(20.0, ge=0.0, le=120.0, allow_inf_nan=False)) -> Any:
     ctx = context(request)
