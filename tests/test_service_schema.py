@@ -1,11 +1,12 @@
 """Property-based API testing: schemathesis generates requests from the service's own OpenAPI document and sends
-them to a real server on 127.0.0.1 (anonymous, SQLite). Checks: no response is a 5xx, and every response
-matches the schema (refusals are problem documents, as declared). Requests that follow the schema and
-requests that break it. Bounded: a fixed number of examples per operation and mode (a few hundred in all),
-derandomized, no example database."""
+them to a real server on 127.0.0.1 (anonymous; SQLite, and PostgreSQL where installed). Checks: no response is
+a 5xx, and every response matches the schema (refusals are problem documents, as declared). Requests that
+follow the schema and requests that break it. Bounded: a fixed number of examples per operation and mode (a
+few hundred in all), derandomized, no example database."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -38,11 +39,17 @@ SCHEMA = _schema()
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("schema")
-    with se.running_server(root / "state", se.env_for(root), "--max-table-mb", "1", "--max-model-mb", "1") as s:
-        yield s
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    """A server on SQLite, and one on PostgreSQL (skipped where it is not installed): a column that holds
+    less than the schema allows is a 500 on one engine only."""
+    root = tmp_path_factory.mktemp(f"schema-{request.param}")
+    limits = ("--max-table-mb", "1", "--max-model-mb", "1")
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql":
+            url = se.fresh_database(stack.enter_context(se.postgres_server()), "schema_api")
+            limits = (*limits, "--db", url)
+        yield stack.enter_context(se.running_server(root / "state", se.env_for(root), *limits))
 
 
 @pytest.mark.slow

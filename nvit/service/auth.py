@@ -78,6 +78,8 @@ def split_token(token: str) -> tuple[str, str] | None:
 
 def create_token(store: Store, name: str, scopes: Iterable[Scope], *, now: float | None = None) -> str:
     """Store a new token (hashed) and return it: the only time its secret is seen."""
+    if not name.strip() or len(name) > 200 or "\x00" in name:
+        raise NvitError("a token's name is 1 to 200 characters")
     token_id, secret, token = new_token()
     store.add_token(token_id, name, hash_secret(secret), [Scope(s).value for s in scopes],
                     time.time() if now is None else now)

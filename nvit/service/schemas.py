@@ -13,7 +13,16 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from nvit.service.errors import unprocessable
 
@@ -54,9 +63,11 @@ def json_problem(value: Any, where: str = "") -> str | None:
         elif isinstance(item, str):
             if len(item) > JSON_MAX_STRING:
                 return f"{path} is a string over {JSON_MAX_STRING} characters"
+            if "\x00" in item:
+                return f"{path} holds a NUL character"
         elif isinstance(item, Mapping):
             for k, v in item.items():
-                if not isinstance(k, str) or len(k) > 200:
+                if not isinstance(k, str) or len(k) > 200 or "\x00" in k:
                     return f"{path} has a key that is not a short string"
                 stack.append((v, f"{path}.{k}", depth + 1))
         elif isinstance(item, list | tuple):
@@ -78,9 +89,19 @@ JsonList = Annotated[list[Any], AfterValidator(_bounded)]
 
 
 class Strict(BaseModel):
-    """Unknown keys refused, no NaN or infinity, no silent coercion of strings into numbers."""
+    """Unknown keys refused, no NaN or infinity, no silent coercion of strings into numbers, no NUL
+    characters in text (no database column holds one)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> Strict:
+        for name, value in self:
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"{name} holds a NUL character")
+            if isinstance(value, list) and any(isinstance(v, str) and "\x00" in v for v in value):
+                raise ValueError(f"{name} holds a NUL character")
+        return self
 
 
 # ---- backend options of remote jobs --------------------------------------------------------------------
@@ -147,7 +168,7 @@ class Calibration(BaseModel):
 
 class SpaceInfo(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    name: Text = ""
+    name: Annotated[str, Field(max_length=200)] = ""
 
 
 class ProtocolInfo(BaseModel):

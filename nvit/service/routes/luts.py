@@ -25,7 +25,7 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Filter = Annotated[str | None, Query(max_length=300)]
+Filter = Annotated[str | None, Query(max_length=300, pattern=r"^[^\x00]*$")]
 
 
 class MergeRequest(Strict):
