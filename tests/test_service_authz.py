@@ -175,6 +175,16 @@ def test_agents_act_only_with_their_token_and_on_their_leases(tmp_path) -> None:
         state = c["submit-a"].get(f"/v1/jobs/{job}").json()
         assert state["state"] == "leased" and state["agent_id"] == a and state["error"] is None
         assert c["agent-a"].post(f"/v1/jobs/{job}/heartbeat", json={"agent_id": a}).status_code == 200
+        # a measure result must time the job's models on the leasing agent's device
+        models = [{"name": "m", "stats": {}}]
+        for result, text in [({"models": models, "device": fk.fake_device("Another CPU").to_dict()}, "Another CPU"),
+                             ({"models": models}, "not given"),
+                             ({"models": [], "device": fk.fake_device().to_dict()}, "one each: m")]:
+            response = c["agent-a"].post(f"/v1/jobs/{job}/complete", json={"agent_id": a, "result": result})
+            assert response.status_code == 422 and text in problem_of(response)["detail"], result
+        done = c["agent-a"].post(f"/v1/jobs/{job}/complete", json={"agent_id": a, "result": {
+            "models": models, "device": fk.fake_device().to_dict()}})
+        assert done.status_code == 200 and done.json()["state"] == "succeeded"
 
 
 def test_a_profile_jobs_table_must_be_what_the_job_asked_for_from_the_agents_device(tmp_path, tables) -> None:

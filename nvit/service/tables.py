@@ -1,9 +1,10 @@
-"""Whether a table an agent uploads for a profile job is what the job asked for, measured where it says.
+"""Whether what an agent reports for a job is what the job asked for, measured where it says.
 
 A latency table is a trust artifact: pruning decisions are made from it. So the table an agent uploads for a
 job must carry the device identity of the agent that leased the job (the fingerprint it registered with,
 thread count aside) and the job's backend, precision, batch size, token count and space fingerprint; and the
-job completes only with that table (:meth:`nvit.service.queue.JobQueue.complete`).
+job completes only with that table (:meth:`nvit.service.queue.JobQueue.complete`). A measure job's result
+times each of the job's models once, on the leasing agent's device.
 """
 
 from __future__ import annotations
@@ -38,6 +39,28 @@ def check_job_table(meta: TableMetaSchema, job: Mapping[str, Any], agent: Mappin
                 found, wanted = _name(identity), agent["device_name"]
             raise unprocessable(f"the table's {what} is {found}, job {job['id']} needs {wanted} (the device of "
                                 f"agent {agent['id']} that leased it, and the job's settings)")
+
+
+def check_measure_result(result: Mapping[str, Any], job: Mapping[str, Any], agent: Mapping[str, Any]) -> None:
+    """Refuse (422) a measure job's result that does not time each of the job's models once, or that was
+    measured on another device than the leasing agent's."""
+    from nvit.errors import NvitError
+    from nvit.profiler.device import DeviceFingerprint
+
+    models = result.get("models") if isinstance(result.get("models"), list) else []
+    wanted = sorted(m["name"] for m in job["spec"]["models"])
+    names = sorted(str(m.get("name")) if isinstance(m, dict) else "" for m in models)
+    if names != wanted:
+        raise unprocessable(f"a measure job's result lists its models, one each: {', '.join(wanted)}")
+    device = result.get("device")
+    try:
+        identity = DeviceFingerprint.from_dict(device).identity() if isinstance(device, dict) else None
+    except NvitError:
+        identity = None
+    if identity is None or device_key(identity) != agent["device_key"]:
+        found = _name(identity) if identity else "not given"
+        raise unprocessable(f"the result's device is {found}, job {job['id']} was leased by agent {agent['id']} on "
+                            f"{agent['device_name']}")
 
 
 def _name(identity: Mapping[str, Any]) -> str:

@@ -27,7 +27,7 @@ from nvit.service.routes import (
 )
 from nvit.service.routes.luts import register_table
 from nvit.service.schemas import INT64_MAX, AgentId, JsonObject, Strict, json_problem
-from nvit.service.tables import check_job_table
+from nvit.service.tables import check_job_table, check_measure_result
 
 router = APIRouter(tags=["jobs"])
 _MAX_JOURNAL_LINES = 10_000
@@ -175,7 +175,7 @@ async def upload_job_table(job_id: JobIdPath, request: Request, principal: Agent
 @router.post("/jobs/{job_id}/complete", summary="Finish a job with its result.")
 def complete_job(job_id: JobIdPath, body: Completion, request: Request, principal: AgentCaller) -> dict[str, Any]:
     ctx = context(request)
-    owned_agent(ctx, body.agent_id, principal)
+    agent = owned_agent(ctx, body.agent_id, principal)
     row = ctx.queue.get(job_id)
     sha = None
     if row["kind"] == JobKind.PROFILE.value:
@@ -183,11 +183,7 @@ def complete_job(job_id: JobIdPath, body: Completion, request: Request, principa
         if not isinstance(sha, str):
             raise unprocessable(f"a profile job's result names its uploaded table (lut), got {sha!r}")
     else:
-        models = body.result.get("models")
-        wanted = sorted(m["name"] for m in row["spec"]["models"])
-        if not isinstance(models, list) or sorted(str(m.get("name")) if isinstance(m, dict) else "" for m in models
-                                                  ) != wanted:
-            raise unprocessable(f"a measure job's result lists its models, one each: {', '.join(wanted)}")
+        check_measure_result(body.result, row, agent)
     return job_view(ctx.queue.complete(job_id, body.agent_id, body.result, now=ctx.now(), table_sha256=sha))
 
 
