@@ -28,7 +28,9 @@ MEASURE = {"kind": "measure", "models": [{"name": "m", "arch": "vit_test"}]}
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("bounds")
-    with se.running_server(root / "state", se.env_for(root), "--max-table-mb", "1") as server:
+    # the server's working folder holds the file a relative external-data reference names
+    (root / "weights.bin").write_bytes(b"\0" * 4)
+    with se.running_server(root / "state", se.env_for(root), "--max-table-mb", "1", cwd=root) as server:
         yield server
 
 
@@ -205,7 +207,7 @@ def test_onnx_external_data_is_found_wherever_it_hides(service, tmp_path) -> Non
         "deep": _model([nested, add], inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8]),
                                               cond]),
     }
-    (service.state.parent / "weights.bin").write_bytes(b"\0" * 4)  # would satisfy a lookup in the wrong folder
+    assert (service.state.parent / "weights.bin").is_file()  # the server's folder: never looked at
     before = stored(service)
     with service.client() as http:
         for name, body in cases.items():
