@@ -57,8 +57,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(state: Path, env: dict[str, str], *args: str) -> Iterator[Server]:
-    """``nvit serve --state STATE --port 0 ARGS`` until the block ends."""
+def running_server(state: Path, env: dict[str, str], *args: str, cwd: Path | None = None) -> Iterator[Server]:
+    """``nvit serve --state STATE --port 0 ARGS`` (in folder ``cwd``) until the block ends."""
     # imported here: the server side needs the service extra, this module's other helpers do not
     from nvit.errors import NvitError
     from nvit.service.server import SERVER_FILE, wait_for_server_url
@@ -68,7 +68,7 @@ def running_server(state: Path, env: dict[str, str], *args: str) -> Iterator[Ser
     log = state.parent / f"{state.name}-server.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nvit", "serve", "--state", str(state), "--port", "0", *args],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         try:
             url = wait_for_server_url(state, proc, timeout_s=STARTUP_S, probe_timeout_s=5)

@@ -193,3 +193,25 @@ def test_a_server_restart_with_queued_and_leased_jobs_loses_nothing(db_url, tmp_
             if len(again) == 3:
                 break
         assert sorted(again) == sorted(j["id"] for j in submitted)
+
+
+def test_a_version_1_database_is_upgraded_in_place_and_keeps_its_rows(db_url) -> None:
+    import sqlalchemy as sa
+
+    from nvit.service.store import SCHEMA_VERSION
+
+    store = Store.open(db_url)
+    queue = JobQueue(store, lease_s=10)
+    kept = queue.submit(job(7), now=1.0)[0]
+    with store.write() as conn:  # what nvit with schema 1 left: no agent owner, no job table
+        conn.execute(sa.text("ALTER TABLE agents DROP COLUMN registered_by"))
+        conn.execute(sa.text("ALTER TABLE jobs DROP COLUMN table_sha256"))
+        conn.execute(sa.text("UPDATE nvit_meta SET value = '1' WHERE key = 'schema_version'"))
+    store.close()
+    store = Store.open(db_url)
+    with store.read() as conn:
+        version = conn.execute(sa.text("SELECT value FROM nvit_meta WHERE key = 'schema_version'")).scalar()
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    assert version == str(SCHEMA_VERSION) == "2" and "table_sha256" in columns
+    assert JobQueue(store, lease_s=10).get(kept["id"])["spec"] == {"n": 7}
+    store.close()

@@ -70,7 +70,8 @@ def profile_remotely(url: str, body: dict[str, Any], out: Any, console: Console)
         except KeyboardInterrupt:
             console.print("stopped following; the job keeps running on the service (see /v1/jobs)")
             raise
-        result = job["result"]
+        result = client.expect(job["result"], {"lut": str, "lut_url": str, "rows": int, "agent": dict, "measured": int,
+                                               "resumed": int, "seconds": (int, float)}, f"job {job['id']}'s result")
         table_url = client.base_url + result["lut_url"]
         console.print(f"job {job['id']} profiled {result['rows']} configurations on {result['agent']['name']} "
                       f"({result['measured']} measured, {result['resumed']} resumed, {result['seconds']:.0f} s)")

@@ -93,10 +93,11 @@ def serve(
 
 def _store(state: Path | None, db: str | None):
     _require_service_extra()
+    from nvit.service.config import make_state_dir
     from nvit.service.store import Store
 
     settings = _settings(state, db)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(settings.state_dir)
     return Store.open(settings.database_url)
 
 

@@ -121,7 +121,7 @@ class Agent:
                     raise
                 logger.warning("%s (retrying in %.0f s)", exc, _RETRY_S)
                 time.sleep(_RETRY_S)
-        self.agent_id = answer["id"]
+        self.agent_id = self.client.expect(answer, {"id": str}, "the registration")["id"]
         logger.info("agent %s registered as %s on %s (%s), backends %s", self.name, self.agent_id,
                     fp.slug(), self.client.base_url, ", ".join(body["backends"]))
 
@@ -138,7 +138,13 @@ class Agent:
         if response.status_code == 404:  # the server forgot this agent (a new database): register again
             self.agent_id = None
             return None
-        return response.json() if response.status_code == 200 else None
+        if response.status_code != 200:
+            return None
+        leased = self.client.parse(response, "POST", "/v1/agents/.../lease")
+        self.client.expect(leased, {"job": dict, "lease": dict}, "a lease")
+        self.client.expect(leased["job"], {"id": int, "kind": str, "spec": dict}, "a leased job")
+        self.client.expect(leased["lease"], {"heartbeat_s": (int, float)}, "a lease")
+        return leased
 
     # ---- one job -------------------------------------------------------------------------------------
     def run_job(self, job: dict[str, Any], lease: dict[str, Any]) -> None:

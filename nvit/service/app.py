@@ -1,7 +1,8 @@
 """The FastAPI app factory: settings in, app out (no globals). OpenAPI at ``/docs``, one tag per resource.
 
 Every error leaves as RFC 9457 problem JSON (:mod:`nvit.service.errors`). Request bodies are limited while
-they stream: uploads by the limits of what they carry, everything else by ``max_json_bytes``.
+they stream: uploads by the limits of what they carry, everything else by ``max_json_bytes``; web pages
+are kept out (:mod:`nvit.service.middleware`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nvit import __version__
 from nvit.errors import NvitError
 from nvit.service.config import ServiceContext, ServiceSettings
 from nvit.service.errors import PROBLEM_MEDIA_TYPE, ApiError, problem
+from nvit.service.middleware import BodyLimit, BrowserGuard
 
 logger = logging.getLogger(__name__)
 
@@ -33,49 +35,11 @@ TAGS = [
     {"name": "jobs", "description": "Profile and measure jobs, and the agents' side of them."},
     {"name": "predict", "description": "Predicted latency from a stored table."},
 ]
-_UPLOAD_PATHS = ("/v1/luts", "/v1/models")  # (and a job's table) bodies that are files, limited per route
 
 
 def _problem_response(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(problem(status, title, detail), status_code=status, media_type=PROBLEM_MEDIA_TYPE,
                         headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse a body over its limit, by its Content-Length or while it streams."""
-
-    def __init__(self, app: Any, settings: ServiceSettings) -> None:
-        self.app, self.settings = app, settings
-
-    def limit(self, path: str) -> int:
-        if path in _UPLOAD_PATHS or (path.startswith("/v1/jobs/") and path.endswith("/table")):
-            return max(self.settings.max_model_bytes, self.settings.max_table_bytes)  # each route checks its own
-        return self.settings.max_json_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit(scope["path"])
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = _problem_response(413, "payload too large", f"a body of {int(declared)} bytes is over "
-                                         f"the limit of {limit} bytes for {scope['path']}")
-            await response(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise ApiError(413, "payload too large", f"the body is over the limit of {limit} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def create_app(settings: ServiceSettings, *, context: ServiceContext | None = None) -> FastAPI:
@@ -99,7 +63,9 @@ def create_app(settings: ServiceSettings, *, context: ServiceContext | None = No
     app = FastAPI(title="nvit latency service", version=__version__, openapi_tags=TAGS, lifespan=lifespan,
                   description="Latency tables, profile and measure jobs on target devices, predictions.")
     app.state.ctx = ctx
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(BrowserGuard, settings=settings)  # outermost: a refused page never sends its body
     for module in (devices, luts, models, jobs, predict):
         app.include_router(module.router, prefix=API_PREFIX)
 
@@ -135,6 +101,37 @@ def create_app(settings: ServiceSettings, *, context: ServiceContext | None = No
         return _problem_response(500, "internal server error", f"{type(exc).__name__}; see the server log")
 
     return app
+
+
+PROBLEM_SCHEMA = {
+    "title": "Problem", "type": "object", "description": "An RFC 9457 problem document.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                   "status": {"type": "integer", "minimum": 400, "maximum": 599}, "detail": {"type": "string"}},
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, with every refusal declared as what it is: a problem document (FastAPI would
+    declare its own validation-error shape, which this service never sends)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                          tags=app.openapi_tags)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas["Problem"] = PROBLEM_SCHEMA
+        refusal = {"description": "Refused: why, as an RFC 9457 problem document.",
+                   "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for operations in doc.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses["4XX"] = refusal
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 async def _expire_leases(ctx: ServiceContext) -> None:

@@ -2,9 +2,11 @@
 
 A token reads ``nvit_<id>_<secret>``: the id finds its row, the secret (32 random bytes) is stored only as
 its sha256 and compared in constant time. Scopes: ``read`` (list and download), ``submit`` (upload tables and
-models, submit and cancel jobs), ``agent`` (register, lease, report), ``admin`` (everything). Every scope may
-read. A server with no tokens accepts anonymous calls, and therefore only listens on a loopback address;
-once a token exists every call (except ``/healthz``) needs one.
+models, submit and cancel its own jobs), ``agent`` (register, lease, report on its own agents' jobs),
+``admin`` (everything, anyone's). Every scope may read. Anonymous calls are accepted only while no token is
+active *and* the server listens on a loopback address *and* the call arrived on one; this is decided on
+every request, so revoking the last token of a server on ``0.0.0.0`` locks it, never opens it. Otherwise
+every call (except ``/healthz``) needs a token.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def split_token(token: str) -> tuple[str, str] | None:
 
 def create_token(store: Store, name: str, scopes: Iterable[Scope], *, now: float | None = None) -> str:
     """Store a new token (hashed) and return it: the only time its secret is seen."""
+    if not name.strip() or len(name) > 200 or "\x00" in name:
+        raise NvitError("a token's name is 1 to 200 characters")
     token_id, secret, token = new_token()
     store.add_token(token_id, name, hash_secret(secret), [Scope(s).value for s in scopes],
                     time.time() if now is None else now)
@@ -93,11 +97,20 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who made a request: a token id and name (``anonymous`` on a server without tokens)."""
+    """Who made a request: a token id and name (``anonymous`` on a server without tokens). ``token_id``
+    owns the jobs it submits and the agents it registers."""
 
     token_id: str | None
     name: str
     scopes: frozenset[Scope]
+
+    @property
+    def is_admin(self) -> bool:
+        return Scope.ADMIN in self.scopes
+
+    def owns(self, owner: str | None) -> bool:
+        """Whether this caller may act on something submitted or registered by ``owner`` (a token id)."""
+        return self.is_admin or owner == self.token_id
 
 
 ANONYMOUS = Principal(None, "anonymous", frozenset(Scope))
@@ -107,10 +120,11 @@ class Authenticator:
     """Checks ``Authorization: Bearer`` headers against the store (and tokens held only in memory, such as
     the one ``nvit serve --local-agent`` gives its agent)."""
 
-    def __init__(self, store: Store, *, always: bool = False) -> None:
+    def __init__(self, store: Store, *, always: bool = False, listen_host: str = "127.0.0.1") -> None:
         self.store = store
         self.memory: dict[str, tuple[str, frozenset[Scope]]] = {}
         self.always = always
+        self.listen_loopback = is_loopback(listen_host)
         self._count = (0.0, 0)
         self._lock = threading.Lock()
 
@@ -118,8 +132,11 @@ class Authenticator:
         """Accept ``token`` until this process ends, without storing it."""
         self.memory[hash_secret(token)] = (name, frozenset(scopes))
 
-    def required(self) -> bool:
-        if self.always or self.memory:
+    def required(self, local_host: str | None = None) -> bool:
+        """Whether a call that arrived on ``local_host`` (the server's own address) needs a token."""
+        if self.always or self.memory or not self.listen_loopback:
+            return True
+        if local_host is not None and not is_loopback(local_host):
             return True
         with self._lock:
             checked, count = self._count
@@ -128,8 +145,8 @@ class Authenticator:
                 self._count = (time.monotonic(), count)
         return count > 0
 
-    def check(self, authorization: str | None, needed: Scope) -> Principal:
-        if not self.required():
+    def check(self, authorization: str | None, needed: Scope, *, local_host: str | None = None) -> Principal:
+        if not self.required(local_host):
             return ANONYMOUS
         principal = self._principal(authorization)
         if not allows(principal.scopes, needed):
@@ -143,9 +160,10 @@ class Authenticator:
             raise ApiError(401, "unauthorized", "this server needs a bearer token (Authorization: Bearer nvit_...)",
                            headers=challenge)
         token = token.strip()
-        found = self.memory.get(hash_secret(token))
+        hashed = hash_secret(token)
+        found = self.memory.get(hashed)
         if found is not None:
-            return Principal(None, found[0], found[1])
+            return Principal(f"memory-{hashed[:12]}", found[0], found[1])
         parts = split_token(token)
         row = self.store.token(parts[0]) if parts else None
         if (row is None or row["revoked_at"] is not None

@@ -32,6 +32,7 @@ _UPLOAD_TIMEOUT_S = 600.0
 _WAIT_POLL_S = 0.5
 _SUBMIT_TRIES = 3
 _CHUNK_BYTES = 1 << 20
+_JOB_SHAPE: dict[str, type | tuple[type, ...]] = {"id": int, "state": str}
 _LUT_PATH = re.compile(r"^(?P<prefix>.*?)/v1/luts(?:/(?P<sha>[0-9a-f]{64}))?/?$")
 
 
@@ -80,18 +81,37 @@ class ServiceClient:
                             "running there?")
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
-        return self.request("GET", path, **kwargs).json()
+        return self.parse(self.request("GET", path, **kwargs), "GET", path)
 
     def post_json(self, path: str, body: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
         response = self.request("POST", path, json=dict(body or {}), **kwargs)
-        return response.json() if response.content else None
+        return self.parse(response, "POST", path) if response.content else None
+
+    def parse(self, response: httpx.Response, method: str, path: str) -> Any:
+        """The JSON of an answer; an answer that is not JSON (an HTML page: not an nvit service) is a
+        ServiceError line."""
+        try:
+            return response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise ServiceError(f"{self.base_url} is not an nvit service: {method} {path} answered {kind}, not JSON",
+                               status=response.status_code) from None
+
+    def expect(self, doc: Any, shape: Mapping[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
+        """``doc`` as a JSON object with these keys of these types; anything else (JSON of another service)
+        is a ServiceError line."""
+        for key, kind in shape.items():
+            if not isinstance(doc, dict) or not isinstance(doc.get(key), kind):
+                raise ServiceError(f"{self.base_url} is not an nvit service (or another version): {what} has no "
+                                   f"{key!r} of the expected type", status=200)
+        return doc
 
     def upload(self, path: str, file: str | os.PathLike[str], *, params: Mapping[str, Any] | None = None) -> Any:
         """POST a file as the raw body (streamed, with its length)."""
         with open(file, "rb") as fh:
-            return self.request("POST", path, content=fh, params=params,
-                                headers={"Content-Type": "application/octet-stream"},
-                                timeout=_UPLOAD_TIMEOUT_S).json()
+            response = self.request("POST", path, content=fh, params=params,
+                                    headers={"Content-Type": "application/octet-stream"}, timeout=_UPLOAD_TIMEOUT_S)
+        return self.expect(self.parse(response, "POST", path), {"sha256": str, "url": str}, f"the answer to {path}")
 
     def download(self, path: str, dest: str | os.PathLike[str], *, sha256: str | None = None) -> Path:
         """Stream ``path`` into ``dest`` atomically; with ``sha256`` the content must have that hash."""
@@ -125,7 +145,8 @@ class ServiceClient:
         key = uuid.uuid4().hex
         for attempt in range(_SUBMIT_TRIES):
             try:
-                return self.post_json("/v1/jobs", body, headers={"Idempotency-Key": key})
+                job = self.post_json("/v1/jobs", body, headers={"Idempotency-Key": key})
+                return self.expect(job, _JOB_SHAPE, "a submitted job")
             except ServiceError as exc:
                 if exc.status is not None or attempt == _SUBMIT_TRIES - 1:  # refused, or out of tries
                     raise
@@ -135,10 +156,11 @@ class ServiceClient:
     def wait_job(self, job_id: int, *, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Follow a job until it finishes; its final state, or a ServiceError if it failed or was cancelled."""
         while True:
-            job = self.get_json(f"/v1/jobs/{job_id}")
+            job = self.expect(self.get_json(f"/v1/jobs/{job_id}"), _JOB_SHAPE, f"job {job_id}")
             if on_update is not None:
                 on_update(job)
             if job["state"] == "succeeded":
+                self.expect(job, {"result": dict}, f"job {job_id}")
                 return job
             if job["state"] in ("failed", "cancelled"):
                 why = f": {job['error']}" if job.get("error") else ""
@@ -185,10 +207,14 @@ def fetch_lut(url: str) -> Path:
     with ServiceClient(base) as client:
         if sha is None:
             found = client.get_json("/v1/luts", params={**query, "limit": 1})
+            if not isinstance(found, list):
+                raise ServiceError(f"{base} is not an nvit service (or another version): /v1/luts is not a list")
             if not found:
                 what = "&".join(f"{k}={v}" for k, v in query.items())
                 raise ServiceError(f"no table on {base} matches {what}")
-            sha = found[0]["sha256"]
+            sha = client.expect(found[0], {"sha256": str}, "a table")["sha256"]
+            if not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise ServiceError(f"{base} is not an nvit service: it names a table {sha[:80]!r}")
         return client.download_cached(f"/v1/luts/{sha}", cached_lut_path(sha), sha)
 
 

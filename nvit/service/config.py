@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nvit.errors import NvitError
 from nvit.service.auth import Authenticator
 from nvit.service.blobs import BlobStore
 from nvit.service.queue import JobQueue
@@ -31,10 +32,23 @@ class ServiceSettings:
     max_attempts: int = 3
     agent_offline_s: float = 120.0  # an agent not heard from for longer is listed as offline
     require_auth: bool = False
+    listen_host: str = "127.0.0.1"  # where the server listens: anonymous calls only ever on loopback
 
     @property
     def database_url(self) -> str:
         return self.db_url or sqlite_url(self.state_dir)
+
+
+def make_state_dir(path: Path) -> None:
+    """The state folder, created if missing; a file there or no permission is one NvitError line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NvitError(f"the service state {path} is a file, not a folder (use another --state)") from None
+    except OSError as exc:
+        raise NvitError(f"cannot use {path} as the service state folder: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise NvitError(f"the service state {path} is not a folder (use another --state)")
 
 
 class Notifier:
@@ -80,10 +94,11 @@ class ServiceContext:
 
     @classmethod
     def open(cls, settings: ServiceSettings) -> ServiceContext:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(settings.state_dir)
         store = Store.open(settings.database_url)
         return cls(settings=settings, store=store, queue=JobQueue(store, lease_s=settings.lease_s),
-                   blobs=BlobStore(settings.state_dir), auth=Authenticator(store, always=settings.require_auth),
+                   blobs=BlobStore(settings.state_dir), auth=Authenticator(store, always=settings.require_auth,
+                                                                   listen_host=settings.listen_host),
                    notifier=Notifier())
 
     @staticmethod

@@ -46,6 +46,10 @@ def unprocessable(detail: str) -> ApiError:
     return ApiError(422, "invalid input", detail)
 
 
+def forbidden(detail: str) -> ApiError:
+    return ApiError(403, "forbidden", detail)
+
+
 def not_found(detail: str) -> ApiError:
     return ApiError(404, "not found", detail)
 

@@ -14,63 +14,105 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, StrictBool, StrictInt, model_validator
 
 from nvit.errors import NvitError
 from nvit.service.errors import unprocessable
 from nvit.service.queue import JobKind, NewJob
+from nvit.service.schemas import LOCAL_OPTIONS, MAX_BATCH, MAX_TOKENS, BackendOptions, JsonObject, Strict
 from nvit.service.store import Store
 
 if TYPE_CHECKING:
     from nvit.arch import ArchSpec
 
 MAX_MODELS = 32
+MAX_SEED = 2**32 - 1
+MAX_WIDTH = 1 << 16  # any width of a block or an embedding
+MAX_DEPTH = 256
+MAX_IMAGE = 4096
+MAX_CLASSES = 1 << 20
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+BackendName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$",
+                                   description="Default: tensorrt on cuda, onnxruntime on cpu.")]
+ArchValue = JsonObject | Annotated[str, Field(min_length=1, max_length=100)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _JobRequest(Strict):
+    backend_options: BackendOptions = Field(default_factory=BackendOptions, description=(
+        "What is measured (timing protocol, threads, builder settings); never the agent's own folders or "
+        "GPU index."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_local_options(cls, data: Any) -> Any:
+        options = data.get("backend_options") if isinstance(data, dict) else None
+        if isinstance(options, dict):
+            local = sorted(set(options) & set(LOCAL_OPTIONS))
+            if local:
+                raise ValueError(f"backend option(s) {', '.join(local)} belong to the agent's machine (its folders, "
+                                 "its GPU index); a remote job cannot set them")
+            unknown = sorted(set(options) - set(BackendOptions.model_fields))
+            if unknown:
+                raise ValueError(f"backend option(s) {', '.join(unknown)} are not among those a remote job may set: "
+                                 f"{', '.join(sorted(BackendOptions.model_fields))}")
+        return data
 
 
-class ProfileRequest(_Strict):
+class ProfileRequest(_JobRequest):
     kind: Literal["profile"]
-    space: str | dict[str, Any] = Field(description="A space preset name, or a search space JSON object.")
+    space: JsonObject | Annotated[str, Field(min_length=1, max_length=100)] = Field(
+        description="A space preset name, or a search space JSON object.")
     device: Literal["cpu", "cuda"] = "cpu"
     device_name: str | None = Field(None, max_length=300, description="Only agents on this device (name).")
-    backend: str | None = Field(None, description="Default: tensorrt on cuda, onnxruntime on cpu.")
+    backend: BackendName | None = None
     precision: Literal["fp32", "fp16", "bf16"] | None = None
-    batch_size: int | None = Field(None, ge=1, le=4096)
-    backend_options: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 0
-    sentinel_every: int = Field(25, ge=1)
-    calibrate: int = Field(8, ge=0, le=64, description="Whole models measured to fit the calibration.")
-    check: int = Field(6, ge=0, le=64, description="Held-out whole models measured after the fit (self-check).")
-    passes: int = Field(1, ge=1, le=8)
-    max_attempts: int | None = Field(None, ge=1, le=20)
+    batch_size: StrictInt | None = Field(None, ge=1, le=MAX_BATCH)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
+    sentinel_every: StrictInt = Field(25, ge=1, le=100_000)
+    calibrate: StrictInt = Field(8, ge=0, le=64, description="Whole models measured to fit the calibration.")
+    check: StrictInt = Field(6, ge=0, le=64, description="Held-out whole models measured after the fit (self-check).")
+    passes: StrictInt = Field(1, ge=1, le=8)
+    max_attempts: StrictInt | None = Field(None, ge=1, le=20)
 
 
-class ModelRef(_Strict):
+class ModelRef(Strict):
     name: str = Field(min_length=1, max_length=100)
-    arch: dict[str, Any] | str | None = Field(None, description="An architecture (arch.json object) or preset.")
+    arch: ArchValue | None = Field(None, description="An architecture (arch.json object) or preset.")
     onnx: Sha256 | None = Field(None, description="An ONNX file uploaded with POST /v1/models.")
 
 
-class MeasureRequest(_Strict):
+class MeasureRequest(_JobRequest):
     kind: Literal["measure"]
     models: list[ModelRef] = Field(min_length=1, max_length=MAX_MODELS)
     lut: Sha256 | None = Field(None, description="Time like this stored table, and predict with it.")
-    same_device: bool = True
+    same_device: StrictBool = True
     device: Literal["cpu", "cuda"] = "cpu"
     device_name: str | None = Field(None, max_length=300)
-    backend: str | None = None
+    backend: BackendName | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    batch_size: int = Field(1, ge=1, le=4096)
-    backend_options: dict[str, Any] = Field(default_factory=dict)
-    passes: int = Field(2, ge=1, le=8)
-    max_attempts: int | None = Field(None, ge=1, le=20)
+    batch_size: StrictInt = Field(1, ge=1, le=MAX_BATCH)
+    passes: StrictInt = Field(2, ge=1, le=8)
+    max_attempts: StrictInt | None = Field(None, ge=1, le=20)
 
 
 JobRequest = Annotated[ProfileRequest | MeasureRequest, Field(discriminator="kind")]
+
+
+def check_arch_size(spec: ArchSpec, what: str) -> ArchSpec:
+    """Refuse an architecture too large for any device (it would be accepted, then kill the agent's worker)."""
+    widths = [spec.embed_dim] + [getattr(b, f) for b in spec.blocks for f in ("heads", "qk_dim", "v_dim", "mlp_dim")]
+    problems = []
+    if max(widths) > MAX_WIDTH:
+        problems.append(f"a width of {max(widths)} (at most {MAX_WIDTH})")
+    if spec.depth > MAX_DEPTH:
+        problems.append(f"{spec.depth} blocks (at most {MAX_DEPTH})")
+    if spec.img_size > MAX_IMAGE or spec.in_chans > 64 or spec.num_classes > MAX_CLASSES:
+        problems.append("an image, channel or class count beyond the service's bounds")
+    if spec.num_tokens > MAX_TOKENS:
+        problems.append(f"{spec.num_tokens} tokens (at most {MAX_TOKENS})")
+    if problems:
+        raise unprocessable(f"{what} has {'; '.join(problems)}")
+    return spec
 
 
 def _checked_backend(name: str, device: str, precision: str, batch_size: int, options: Mapping[str, Any]) -> None:
@@ -94,14 +136,20 @@ def profile_job(req: ProfileRequest, *, max_attempts: int) -> NewJob:
         else:
             space = SearchSpace.from_dict(req.space)
         space = with_overrides(space, batch_size=req.batch_size, precision=req.precision)
+        check_arch_size(space.base, "the space's base architecture")
+        widest = max(max(getattr(space, axis)) for axis in ("embed_dims", "heads", "qk_dims", "v_dims", "mlp_dims"))
+        if widest > MAX_WIDTH or space.batch_size > MAX_BATCH:
+            raise unprocessable(f"the space has a width or batch beyond the service's bounds ({MAX_WIDTH}, "
+                                f"{MAX_BATCH})")
         backend = req.backend or default_backend(req.device)
-        _checked_backend(backend, req.device, space.precision.value, space.batch_size, req.backend_options)
-        options = SweepOptions(seed=req.seed, sentinel_every=req.sentinel_every, calibration_models=req.calibrate,
-                               check_models=req.check, passes=req.passes)
-    except NvitError as exc:
-        raise unprocessable(str(exc)) from None
+        options = req.backend_options.as_options()
+        _checked_backend(backend, req.device, space.precision.value, space.batch_size, options)
+        sweep = SweepOptions(seed=req.seed, sentinel_every=req.sentinel_every, calibration_models=req.calibrate,
+                             check_models=req.check, passes=req.passes)
+    except (NvitError, TypeError, ValueError, KeyError, AttributeError) as exc:  # a space of the wrong shape
+        raise unprocessable(str(exc) if isinstance(exc, NvitError) else f"invalid space: {exc}") from None
     spec = {"space": space.to_dict(), "space_fingerprint": space.fingerprint(), "backend": backend,
-            "device": req.device, "backend_options": req.backend_options, "options": dataclasses.asdict(options)}
+            "device": req.device, "backend_options": options, "options": dataclasses.asdict(sweep)}
     return NewJob(JobKind.PROFILE, spec, device_kind=req.device, backend=backend, device_name=req.device_name,
                   max_attempts=req.max_attempts or max_attempts)
 
@@ -114,9 +162,10 @@ def arch_spec(value: dict[str, Any] | str, name: str) -> ArchSpec:
             raise unprocessable(f"model {name!r}: unknown preset {value!r}; send an arch.json object instead")
         return preset(value)
     try:
-        return ArchSpec.from_dict(value)
-    except NvitError as exc:
+        spec = ArchSpec.from_dict(value)
+    except (NvitError, TypeError) as exc:
         raise unprocessable(f"model {name!r}: {exc}") from None
+    return check_arch_size(spec, f"model {name!r}")
 
 
 def measure_job(req: MeasureRequest, store: Store, *, max_attempts: int) -> NewJob:
@@ -132,7 +181,7 @@ def measure_job(req: MeasureRequest, store: Store, *, max_attempts: int) -> NewJ
         backend, device, precision, batch_size = row["backend"], row["device_kind"], row["precision"], row["batch_size"]
         device_name = row["device_name"] if req.same_device else None
         num_tokens = row["num_tokens"]
-        if req.backend_options or req.backend or req.device_name:
+        if req.backend_options.as_options() or req.backend or req.device_name:
             raise unprocessable("a job with a table is timed with the table's backend and settings; "
                                 "leave backend, backend_options and device_name out")
     else:
@@ -140,7 +189,7 @@ def measure_job(req: MeasureRequest, store: Store, *, max_attempts: int) -> NewJ
         device, precision, batch_size, device_name = req.device, req.precision, req.batch_size, req.device_name
         num_tokens = None
         try:
-            _checked_backend(backend, device, precision, batch_size, req.backend_options)
+            _checked_backend(backend, device, precision, batch_size, req.backend_options.as_options())
         except NvitError as exc:
             raise unprocessable(str(exc)) from None
     models: list[dict[str, Any]] = []
@@ -169,7 +218,7 @@ def measure_job(req: MeasureRequest, store: Store, *, max_attempts: int) -> NewJ
             item["input_shape"] = [batch_size, *shape[1:]]
         models.append(item)
     spec = {"models": models, "lut": req.lut, "same_device": req.same_device, "backend": backend, "device": device,
-            "precision": precision, "batch_size": batch_size, "backend_options": req.backend_options,
+            "precision": precision, "batch_size": batch_size, "backend_options": req.backend_options.as_options(),
             "passes": req.passes}
     return NewJob(JobKind.MEASURE, spec, device_kind=device, backend=backend, device_name=device_name,
                   max_attempts=req.max_attempts or max_attempts)

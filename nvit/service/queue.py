@@ -26,7 +26,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from nvit.service.errors import ApiError, conflict, not_found
+from nvit.service.errors import ApiError, conflict, forbidden, not_found
+from nvit.service.schemas import DB_INT_MAX
 from nvit.service.store import Store, job_journal, jobs
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -79,14 +80,16 @@ class JobQueue:
     # ---- clients ------------------------------------------------------------------------------------
     def submit(self, new: NewJob, *, now: float, idempotency_key: str | None = None,
                submitted_by: str | None = None) -> tuple[Mapping[str, Any], bool]:
-        """Queue a job; with an ``idempotency_key`` already used for the same request, return that job
-        instead (``created`` False). The same key with a different request is refused."""
+        """Queue a job; with an ``idempotency_key`` this submitter already used for the same request, return
+        that job instead (``created`` False). The same key with a different request is refused. Keys are
+        the submitter's own: another token's key of the same name is another key."""
         spec_sha = new.spec_sha256()
+        stored_key = None if idempotency_key is None else scoped_key(submitted_by, idempotency_key)
         for _ in range(2):  # a concurrent submit with the same key (PostgreSQL) is found on the second round
             try:
                 with self.store.write() as conn:
-                    if idempotency_key is not None:
-                        found = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == idempotency_key)
+                    if stored_key is not None:
+                        found = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == stored_key)
                                              ).mappings().first()
                         if found is not None:
                             if found["spec_sha256"] != spec_sha:
@@ -96,7 +99,7 @@ class JobQueue:
                             return found, False
                     result = conn.execute(jobs.insert().values(
                         kind=new.kind.value, state=JobState.QUEUED.value, spec=new.spec, spec_sha256=spec_sha,
-                        idempotency_key=idempotency_key, device_kind=new.device_kind,
+                        idempotency_key=stored_key, device_kind=new.device_kind,
                         device_name=new.device_name.lower() if new.device_name else None, backend=new.backend,
                         submitted_by=submitted_by, created_at=now, updated_at=now, attempts=0,
                         max_attempts=new.max_attempts))
@@ -120,10 +123,14 @@ class JobQueue:
         with self.store.read() as conn:
             return list(conn.execute(query).mappings())
 
-    def cancel(self, job_id: int, *, now: float) -> Mapping[str, Any]:
-        """Cancel a job that has not finished; its agent learns at its next heartbeat and stops."""
+    def cancel(self, job_id: int, *, now: float, by: str | None = None, admin: bool = True) -> Mapping[str, Any]:
+        """Cancel a job that has not finished; its agent learns at its next heartbeat and stops. Only the
+        token that submitted it (``by``) or an ``admin`` may."""
         with self.store.write() as conn:
             row = _get(conn, job_id, for_update=True)
+            if not admin and row["submitted_by"] != by:
+                raise forbidden(f"job {job_id} was submitted by another token; only that token or an admin may "
+                                "cancel it")
             if JobState(row["state"]).terminal:
                 raise conflict(f"job {job_id} is already {row['state']}")
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(
@@ -198,8 +205,26 @@ class JobQueue:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
             return len(stored) + len(new)
 
-    def complete(self, job_id: int, agent_id: str, result: dict[str, Any], *, now: float) -> Mapping[str, Any]:
-        return self._finish(job_id, agent_id, now, state=JobState.SUCCEEDED, result=result)
+    def attach_table(self, job_id: int, agent_id: str, sha256: str, *, now: float) -> Mapping[str, Any]:
+        """Record the (checked) table the agent holding the lease uploaded for this profile job."""
+        with self.store.write() as conn:
+            _held(conn, job_id, agent_id)
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+                table_sha256=sha256, lease_expires_at=now + self.lease_s, updated_at=now))
+            return _get(conn, job_id)
+
+    def complete(self, job_id: int, agent_id: str, result: dict[str, Any], *, now: float,
+                 table_sha256: str | None = None) -> Mapping[str, Any]:
+        """Finish a job; a profile job only with the table its agent uploaded for it (``table_sha256``)."""
+        with self.store.write() as conn:
+            row = _held(conn, job_id, agent_id)
+            if row["kind"] == JobKind.PROFILE.value and (row["table_sha256"] is None
+                                                         or row["table_sha256"] != table_sha256):
+                raise ApiError(422, "invalid input", f"job {job_id} completes only with the table uploaded for it "
+                               f"(POST /v1/jobs/{job_id}/table), not {table_sha256!r}")
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+                state=JobState.SUCCEEDED.value, result=result, error=None, lease_expires_at=None, updated_at=now))
+            return _get(conn, job_id)
 
     def fail(self, job_id: int, agent_id: str, error: str, *, now: float) -> Mapping[str, Any]:
         return self._finish(job_id, agent_id, now, state=JobState.FAILED, error=error)
@@ -241,7 +266,14 @@ class JobQueue:
             return _get(conn, job_id)
 
 
+def scoped_key(submitter: str | None, key: str) -> str:
+    """The stored form of an Idempotency-Key: one submitter's key never meets another's."""
+    return hashlib.sha256(f"{submitter or 'anonymous'}\n{key}".encode()).hexdigest()
+
+
 def _get(conn: sa.Connection, job_id: int, *, for_update: bool = False) -> Mapping[str, Any]:
+    if not 1 <= job_id <= DB_INT_MAX:  # beyond what the id column holds: no such job
+        raise not_found(f"no job {job_id}")
     query = sa.select(jobs).where(jobs.c.id == job_id)
     if for_update:  # PostgreSQL: hold the row until the transaction ends (SQLite writers are serialised)
         query = query.with_for_update()

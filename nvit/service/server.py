@@ -2,12 +2,14 @@
 
 The socket is bound before the app starts, so ``--port 0`` works (the kernel picks a free port) and the URL
 is known at once: it is printed and written to ``STATE/server.json`` for scripts and tests. A non-loopback
-address is refused unless the server has tokens (anonymous access is for this machine only).
+address is refused unless the server has tokens (anonymous access is for this machine only, and the app
+checks that again on every request: see :mod:`nvit.service.auth`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -95,6 +97,7 @@ def serve(settings: ServiceSettings, *, host: str, port: int, with_agent: bool =
 
     from nvit.service.app import create_app
 
+    settings = dataclasses.replace(settings, listen_host=host)
     ctx = ServiceContext.open(settings)
     try:
         tokens = ctx.store.active_token_count()

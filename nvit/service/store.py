@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from nvit.errors import NvitError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: agents.registered_by, jobs.table_sha256
 SQLITE_FILE = "nvit.db"
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -53,6 +53,7 @@ agents = sa.Table(
     sa.Column("device_name", sa.String(300), nullable=False),
     sa.Column("fingerprint", sa.JSON, nullable=False),
     sa.Column("backends", sa.JSON, nullable=False),
+    sa.Column("registered_by", sa.String(32)),  # the token that registered it (NULL: anonymous)
     sa.Column("registered_at", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
 )
@@ -107,6 +108,7 @@ jobs = sa.Table(
     sa.Column("progress", sa.JSON),
     sa.Column("result", sa.JSON),
     sa.Column("error", sa.Text),
+    sa.Column("table_sha256", sa.String(64)),  # the table a profile job's agent uploaded (and checked) for it
 )
 
 job_journal = sa.Table(
@@ -115,6 +117,13 @@ job_journal = sa.Table(
     sa.Column("seq", sa.Integer, primary_key=True),
     sa.Column("line", sa.Text, nullable=False),
 )
+
+
+#: Schema versions this nvit upgrades in place (columns added; nothing rewritten): version → statements.
+_MIGRATIONS = {
+    "1": ("ALTER TABLE agents ADD COLUMN registered_by VARCHAR(32)",
+          "ALTER TABLE jobs ADD COLUMN table_sha256 VARCHAR(64)"),
+}
 
 
 class StoreError(NvitError):
@@ -168,10 +177,13 @@ class Store:
         store = cls(engine)
         try:
             store._init_schema()
-        except sa.exc.OperationalError as exc:
+        except sa.exc.DBAPIError as exc:  # unreachable, not a database (a corrupt file), no permission
             engine.dispose()
-            first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            first = (str(exc.orig).strip().splitlines() or ["?"])[0] if exc.orig else str(exc)
             raise StoreError(f"cannot open database {_redact(url)}: {first}") from None
+        except BaseException:
+            engine.dispose()
+            raise
         return store
 
     def _init_schema(self) -> None:
@@ -180,6 +192,11 @@ class Store:
             found = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar()
             if found is None:
                 conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif found in _MIGRATIONS:
+                for statement in _MIGRATIONS[found]:
+                    conn.execute(sa.text(statement))
+                conn.execute(meta_table.update().where(meta_table.c.key == "schema_version")
+                             .values(value=str(SCHEMA_VERSION)))
             elif found != str(SCHEMA_VERSION):
                 raise StoreError(f"the service database has schema version {found}; this nvit uses "
                                  f"{SCHEMA_VERSION} (use another --state or --db)")
@@ -254,11 +271,15 @@ class Store:
         with self.read() as conn:
             return conn.execute(sa.select(blobs).where(blobs.c.sha256 == sha256)).mappings().first()
 
-    def add_lut(self, row: dict[str, Any]) -> bool:
-        """Register a table (its blob must be recorded); False when it was already registered."""
+    def add_lut(self, row: dict[str, Any], *, size_bytes: int, info: dict[str, Any], now: float) -> bool:
+        """Record a table's blob and register the table, in one transaction (a refusal leaves neither);
+        False when it was already registered."""
         with self.write() as conn:
             if conn.execute(sa.select(luts.c.sha256).where(luts.c.sha256 == row["sha256"])).first() is not None:
                 return False
+            if conn.execute(sa.select(blobs.c.sha256).where(blobs.c.sha256 == row["sha256"])).first() is None:
+                conn.execute(blobs.insert().values(sha256=row["sha256"], kind="lut", size_bytes=size_bytes, info=info,
+                                                   created_at=now))
             conn.execute(luts.insert().values(**row))
             return True
 
@@ -272,10 +293,9 @@ class Store:
         """Tables matching every filter given, newest upload first. ``device`` matches a device key, a kind
         (cpu/cuda) or a device name (case-insensitive substring); ``space`` a space name or fingerprint."""
         query = sa.select(luts)
-        if device:
-            pattern = f"%{device.lower()}%"
+        if device:  # a substring, its % and _ matched as themselves
             query = query.where(sa.or_(luts.c.device_key == device, luts.c.device_kind == device.lower(),
-                                       sa.func.lower(luts.c.device_name).like(pattern)))
+                                       sa.func.lower(luts.c.device_name).contains(device.lower(), autoescape=True)))
         if backend:
             query = query.where(luts.c.backend == backend)
         if precision:

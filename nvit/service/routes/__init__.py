@@ -11,10 +11,11 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from nvit.service.auth import Principal, Scope
 from nvit.service.config import ServiceContext
+from nvit.service.errors import forbidden, not_found
 
 
 def context(request: Request) -> ServiceContext:
@@ -25,7 +26,9 @@ def need(scope: Scope) -> Any:
     """A dependency that admits callers holding ``scope`` (every call, on a server without tokens)."""
 
     def check(request: Request) -> Principal:
-        return context(request).auth.check(request.headers.get("authorization"), scope)
+        server = request.scope.get("server")
+        return context(request).auth.check(request.headers.get("authorization"), scope,
+                                           local_host=server[0] if server else None)
 
     return Depends(check)
 
@@ -33,6 +36,17 @@ def need(scope: Scope) -> Any:
 Reader = Annotated[Principal, need(Scope.READ)]
 Submitter = Annotated[Principal, need(Scope.SUBMIT)]
 AgentCaller = Annotated[Principal, need(Scope.AGENT)]
+AgentPath = Annotated[str, Path(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$", description="An agent id.")]
+
+
+def owned_agent(ctx: ServiceContext, agent_id: str, principal: Principal) -> Mapping[str, Any]:
+    """The agent, which the caller's token registered (or the caller is an admin); 404 or 403 otherwise."""
+    agent = ctx.store.agent(agent_id)
+    if agent is None:
+        raise not_found(f"no agent {agent_id}; register again")
+    if not principal.owns(agent["registered_by"]):
+        raise forbidden(f"agent {agent_id} was registered with another token; an agent acts only with its own")
+    return agent
 
 
 def content_length(request: Request) -> int | None:

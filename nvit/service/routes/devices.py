@@ -3,33 +3,47 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from nvit.errors import NvitError
 from nvit.service.errors import unprocessable
 from nvit.service.routes import AgentCaller, Reader, context, device_key, device_name, iso
+from nvit.service.schemas import JsonObject, Strict
 
 router = APIRouter(tags=["devices"])
 
 
-class AgentRegistration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def check_identity(identity: dict[str, Any]) -> None:
+    """A fingerprint's identity must be what a table's metadata may hold (the same strict schema)."""
+    from pydantic import ValidationError
+
+    from nvit.service.schemas import DeviceIdentity, first_error
+
+    try:
+        DeviceIdentity.model_validate(identity)
+    except ValidationError as exc:
+        raise NvitError(f"malformed device fingerprint: {first_error(exc)}") from None
+
+
+class AgentRegistration(Strict):
     name: str = Field(min_length=1, max_length=200)
     hostname: str = Field(min_length=1, max_length=200)
-    fingerprint: dict[str, Any]
-    backends: list[str] = Field(min_length=1, max_length=16)
+    fingerprint: JsonObject
+    backends: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]] = Field(min_length=1, max_length=16)
 
 
-@router.post("/agents", status_code=201, summary="Register an agent on a device (agent scope).")
-def register_agent(body: AgentRegistration, request: Request, _: AgentCaller) -> dict[str, Any]:
+@router.post("/agents", status_code=201, summary="Register an agent on a device (agent scope); the agent is "
+             "bound to the token that registers it.")
+def register_agent(body: AgentRegistration, request: Request, principal: AgentCaller) -> dict[str, Any]:
     from nvit.profiler.device import DeviceFingerprint
 
     ctx = context(request)
     try:
         fp = DeviceFingerprint.from_dict(body.fingerprint)
+        check_identity(fp.identity())
     except NvitError as exc:
         raise unprocessable(str(exc)) from None
     identity = fp.identity()
@@ -38,7 +52,8 @@ def register_agent(body: AgentRegistration, request: Request, _: AgentCaller) ->
     ctx.store.add_agent({
         "id": agent_id, "name": body.name, "hostname": body.hostname, "device_key": device_key(identity),
         "device_kind": fp.kind.value, "device_name": device_name(identity), "fingerprint": fp.to_dict(),
-        "backends": sorted(set(body.backends)), "registered_at": now, "last_seen": now,
+        "backends": sorted(set(body.backends)), "registered_by": principal.token_id, "registered_at": now,
+        "last_seen": now,
     })
     s = ctx.settings
     return {"id": agent_id, "device_key": device_key(identity), "lease_s": s.lease_s,

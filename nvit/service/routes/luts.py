@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from nvit.errors import NvitError
@@ -16,52 +17,65 @@ from nvit.service.config import ServiceContext
 from nvit.service.errors import not_found, unprocessable
 from nvit.service.inspect import inspect_upload
 from nvit.service.routes import Reader, Submitter, content_length, context, device_key, device_name, lut_view
+from nvit.service.schemas import DB_INT_MAX, Strict, TableMetaSchema, check_table_meta
 
 router = APIRouter(tags=["luts"])
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
-class MergeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    luts: list[str] = Field(min_length=2, max_length=64)
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Filter = Annotated[str | None, Query(max_length=300, pattern=r"^[^\x00]*$")]
 
 
-def lut_row(sha256: str, info: dict[str, Any], *, source: str, now: float) -> dict[str, Any]:
-    meta = info["meta"]
+class MergeRequest(Strict):
+    luts: list[Sha256] = Field(min_length=2, max_length=64)
+
+
+def lut_row(sha256: str, meta: dict[str, Any], checked: TableMetaSchema, rows: int, *, source: str,
+            now: float) -> dict[str, Any]:
     identity = meta["device_identity"]
     return {
-        "sha256": sha256, "device_key": device_key(identity), "device_kind": meta["device_kind"],
-        "device_name": device_name(identity), "backend": meta["backend"], "precision": meta["precision"],
-        "batch_size": meta["batch_size"], "num_tokens": meta["num_tokens"],
-        "space_name": str(meta.get("space", {}).get("name") or ""),
-        "space_fingerprint": str(meta.get("protocol", {}).get("space_fingerprint") or ""),
-        "rows": info["rows"], "calibrated": meta.get("calibration") is not None, "created_at": meta["created_at"],
-        "uploaded_at": now, "source": source, "meta": meta,
+        "sha256": sha256, "device_key": device_key(identity), "device_kind": checked.device_kind,
+        "device_name": device_name(identity)[:300], "backend": checked.backend, "precision": checked.precision,
+        "batch_size": checked.batch_size, "num_tokens": checked.num_tokens, "space_name": checked.space.name,
+        "space_fingerprint": checked.protocol.space_fingerprint, "rows": rows,
+        "calibrated": checked.calibration is not None, "created_at": checked.created_at, "uploaded_at": now,
+        "source": source, "meta": meta,
     }
 
 
 def register_table(ctx: ServiceContext, received: ReceivedBlob, *, source: str,
-                   space_fingerprint: str | None = None) -> tuple[dict[str, Any], bool]:
-    """Inspect an uploaded table in a child process, store and register it; ``(view, created)``."""
+                   expect: Callable[[TableMetaSchema], None] | None = None) -> tuple[dict[str, Any], bool]:
+    """Inspect an uploaded table in a child process, check its metadata (and ``expect`` of it), store and
+    register it; ``(view, created)``. A refusal stores nothing."""
     try:
         info = inspect_upload("lut", received.path, what="table upload")
-        found = info["meta"].get("protocol", {}).get("space_fingerprint")
-        if space_fingerprint is not None and found != space_fingerprint:
-            raise unprocessable(f"the table measures space {found}, the job asked for {space_fingerprint}")
-    except BaseException:
-        ctx.blobs.discard(received)
-        raise
-    return _record(ctx, received, info, source=source)
+        checked = check_table_meta(info.get("meta"))
+        if expect is not None:
+            expect(checked)
+        return _record(ctx, received, info, checked, source=source)
+    finally:
+        ctx.blobs.discard(received)  # accepted: already moved into place; refused: removed
 
 
-def _record(ctx: ServiceContext, received: ReceivedBlob, info: dict[str, Any], *,
+def _record(ctx: ServiceContext, received: ReceivedBlob, info: dict[str, Any], checked: TableMetaSchema, *,
             source: str) -> tuple[dict[str, Any], bool]:
-    """Move a checked table into place and register it; ``(view, created)``."""
+    """Move a checked table into place and register it (blob and table rows in one transaction; a file
+    placed for a transaction that failed is removed again); ``(view, created)``."""
+    rows = int(info["rows"])
+    if not 0 < rows <= DB_INT_MAX:
+        raise unprocessable(f"the table has {rows} rows")
+    placed = not ctx.blobs.path(received.sha256).exists()
     ctx.blobs.accept(received)
     now = ctx.now()
-    ctx.store.add_blob(received.sha256, "lut", received.size_bytes, {"rows": info["rows"]}, now)
-    created = ctx.store.add_lut(lut_row(received.sha256, info, source=source, now=now))
+    try:
+        created = ctx.store.add_lut(lut_row(received.sha256, info["meta"], checked, rows, source=source, now=now),
+                                    size_bytes=received.size_bytes, info={"rows": rows}, now=now)
+    except BaseException:
+        if placed and ctx.store.blob(received.sha256) is None:
+            ctx.blobs.path(received.sha256).unlink(missing_ok=True)
+        raise
     return lut_view(ctx.store.lut(received.sha256)), created
 
 
@@ -73,8 +87,8 @@ def stored_lut(ctx: ServiceContext, sha256: str) -> Any:
 
 
 @router.get("/luts", summary="Tables, newest first, filtered by device, backend, precision, batch, space.")
-def list_luts(request: Request, _: Reader, device: str | None = None, backend: str | None = None,
-              precision: str | None = None, batch: int | None = Query(None, ge=1), space: str | None = None,
+def list_luts(request: Request, _: Reader, device: Filter = None, backend: Filter = None, precision: Filter = None,
+              batch: int | None = Query(None, ge=1, le=DB_INT_MAX), space: Filter = None,
               limit: int = Query(50, ge=1, le=500)) -> list[dict[str, Any]]:
     rows = context(request).store.list_luts(device=device, backend=backend, precision=precision, batch_size=batch,
                                             space=space, limit=limit)
@@ -127,14 +141,14 @@ def merge_luts(body: MergeRequest, request: Request, _: Submitter, response: Res
             if problems:
                 raise unprocessable(f"the merged table would be invalid: {problems[0]}")
             merged.save(path)
-        except NvitError as exc:
-            raise unprocessable(str(exc)) from None
+        except (NvitError, KeyError, TypeError, ValueError) as exc:  # tables stored before the strict schema
+            raise unprocessable(str(exc) if isinstance(exc, NvitError) else f"cannot merge: {exc!r}") from None
         received = ReceivedBlob(path, file_sha256(path), path.stat().st_size)
-    except BaseException:
+        info = {"meta": merged.meta.to_dict(), "rows": len(merged)}
+        checked = check_table_meta(info["meta"])
+        view, created = _record(ctx, received, info, checked, source="merge")
+    finally:
         path.unlink(missing_ok=True)
-        raise
-    info = {"meta": merged.meta.to_dict(), "rows": len(merged)}
-    view, created = _record(ctx, received, info, source="merge")
     response.status_code = 201 if created else 200
     response.headers["Location"] = view["url"]
     return view

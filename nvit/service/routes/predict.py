@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from nvit.errors import NvitError
 from nvit.service.config import ServiceContext
 from nvit.service.errors import unprocessable
-from nvit.service.jobspec import Sha256, arch_spec
+from nvit.service.jobspec import ArchValue, Sha256, arch_spec
 from nvit.service.routes import Reader, context
 from nvit.service.routes.luts import stored_lut
+from nvit.service.schemas import Strict
 
 router = APIRouter(tags=["predict"])
 _CACHED_PREDICTORS = 8
 _lock = threading.Lock()
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PredictRequest(Strict):
     lut: Sha256
-    arch: dict[str, Any] | str = Field(description="An architecture (arch.json object) or a preset name.")
+    arch: ArchValue = Field(description="An architecture (arch.json object) or a preset name.")
 
 
 def _predictor(ctx: ServiceContext, sha256: str) -> Any:
@@ -52,8 +53,13 @@ def predict(body: PredictRequest, request: Request, _: Reader) -> dict[str, Any]
         predictor = _predictor(ctx, body.lut)
         predictor.check_spec(spec)
         blocks = predictor.block_latencies_ms(spec)
-        return {"lut": body.lut, "arch": spec.name, "blocks_ms": blocks,
-                "fixed_ms": predictor.fixed_latency_ms(spec.embed_dim), "offset_ms": predictor.offset_ms(),
-                "total_ms": predictor.predict_ms(spec), "calibrated": predictor.calibrated}
+        answer = {"lut": body.lut, "arch": spec.name, "blocks_ms": blocks,
+                  "fixed_ms": predictor.fixed_latency_ms(spec.embed_dim), "offset_ms": predictor.offset_ms(),
+                  "total_ms": predictor.predict_ms(spec), "calibrated": predictor.calibrated}
     except NvitError as exc:
         raise unprocessable(str(exc)) from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # a table stored before the strict schema
+        raise unprocessable(f"the table {body.lut} cannot predict: {exc!r}") from None
+    if not all(math.isfinite(x) for x in [*blocks, answer["fixed_ms"], answer["total_ms"]]):
+        raise unprocessable(f"the table {body.lut} predicts a non-finite latency for this architecture")
+    return answer
