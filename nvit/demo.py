@@ -14,7 +14,7 @@ from typing import Any
 
 from nvit.arch import preset
 from nvit.fileio import atomic_write_text
-from nvit.models import load_variant, save_variant
+from nvit.models import load_variant, save_variant, variant_provenance
 from nvit.models.vit import VisionTransformer, build_model
 
 logger = logging.getLogger(__name__)
@@ -208,8 +208,6 @@ def finetune_stage(config: DemoConfig, base: VisionTransformer, pruned: Any, rep
 
 
 def _provenance(folder: Path) -> dict[str, Any]:
-    from nvit.models import variant_provenance
-
     return dict(variant_provenance(folder))
 
 
@@ -272,7 +270,8 @@ def _run_stages(config: DemoConfig, report: Reporter, started: float) -> list[De
                                     progress=lambda m: report.advance(0.5, m))
     report_dir = config.out_dir / "report"
     save_compare(comparison, report_dir)
-    plot_widths(base.spec, [(v.name, v.spec) for v in variants[1:]], report_dir / "widths.png")
+    dropped = {label: variant_provenance(folder).get("dropped_blocks", []) for label, folder, _, _ in models}
+    plot_widths(base.spec, [(v.name, v.spec) for v in variants[1:]], report_dir / "widths.png", dropped=dropped)
     plot_pareto([(r.name, r.measured_ms, r.top1) for r in comparison.results], report_dir / "pareto.png")
 
     before = {label: b for label, _, b, _ in models}

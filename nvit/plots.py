@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +103,25 @@ def plot_per_block(panels: Sequence[str], series: Sequence[Series], path: str | 
     return _save(fig, path)
 
 
-def _absolute(spec: ArchSpec, attrs: Sequence[str]) -> list[list[float]]:
-    return [[float(getattr(b, a)) for b in spec.blocks] for a in attrs]
+def _absolute(spec: ArchSpec, attrs: Sequence[str], dropped: Sequence[int] = ()) -> list[list[float]]:
+    """Per-block values; a block the variant dropped (``dropped``: the base's numbering) is 0 in its place."""
+    values = [[float(getattr(b, a)) for b in spec.blocks] for a in attrs]
+    for i in sorted(dropped):
+        for row in values:
+            row.insert(i, 0.0)
+    return values
 
 
-def plot_widths(base: ArchSpec, variants: Sequence[tuple[str, ArchSpec]], path: str | os.PathLike[str]) -> Path:
-    """Per-block widths (heads, QK width, V width, MLP width) of each variant against the dense base."""
+def plot_widths(base: ArchSpec, variants: Sequence[tuple[str, ArchSpec]], path: str | os.PathLike[str], *,
+                dropped: Mapping[str, Sequence[int]] | None = None) -> Path:
+    """Per-block widths (heads, QK width, V width, MLP width) of each variant against the dense base; a removed
+    sub-layer or a dropped block (``dropped[name]``: the base's block numbers) shows no bar."""
     fields = (("heads", "heads"), ("qk_width", "QK width (heads × qk_dim)"),
               ("v_width", "V width (heads × v_dim)"), ("mlp_dim", "MLP width"))
     attrs = [a for a, _ in fields]
     series: list[Series] = [(f"{base.name or 'base'} (e={base.embed_dim})", _absolute(base, attrs), "0.75")]
-    series += [(f"{name} (e={spec.embed_dim})", _absolute(spec, attrs), None) for name, spec in variants]
+    series += [(f"{name} (e={spec.embed_dim})", _absolute(spec, attrs, (dropped or {}).get(name, ())), None)
+               for name, spec in variants]
     return plot_per_block([label for _, label in fields], series, path,
                           title="widths per block: pruned variants against the dense base")
 

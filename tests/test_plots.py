@@ -25,3 +25,12 @@ def test_both_figures_are_drawn_by_the_shared_per_block_drawing(tmp_path) -> Non
     share_series = drawer.call_args_list[1].args[1]
     assert share_series[0][1][0] == (0.5,) * 4 and len(share_series[1][1][0]) == 6  # the rule at depth 6
     assert (tmp_path / "w.png").read_bytes()[:8] == PNG and (tmp_path / "s.png").read_bytes()[:8] == PNG
+
+
+def test_a_dropped_block_keeps_its_place_in_the_widths_plot() -> None:
+    from nvit.arch import BlockSpec, preset
+    from nvit.plots import _absolute
+
+    variant = preset("vit_test").with_blocks((BlockSpec(4, 16, 16, 64), BlockSpec(0, 0, 0, 32), BlockSpec(2, 8, 8, 0)))
+    heads, mlp = _absolute(variant, ("heads", "mlp_dim"), dropped=(1,))
+    assert heads == [4.0, 0.0, 0.0, 2.0] and mlp == [64.0, 0.0, 32.0, 0.0]
