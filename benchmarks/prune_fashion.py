@@ -132,19 +132,13 @@ def prune_config(s: Settings, method: str, seed: int, targets: tuple[float, ...]
 
 def reachable(ctx: Context, method: str, seed: int) -> tuple[float, ...]:
     """The target ratios the method can reach on the table (a width-only floor refuses the lower ones)."""
+    import prune_methods as pm
+
     from nvit.pruning.loop import pruning_layout
 
     as_ranking = {"depth": "saliency_rm", "uniform": "saliency", "l1": "saliency", "random": "saliency"}
-    config = prune_config(ctx.s, as_ranking.get(method, method), seed)
-    layout = pruning_layout(ctx.base.spec, config, ctx.predictor)
-    dense = ctx.predictor.predict_ms(ctx.base.spec)
-    if method == "depth":  # one whole block stays
-        import prune_methods as pm
-
-        floor = ctx.predictor.predict_ms(pm.depth_floor_spec(layout))
-    else:
-        floor = ctx.predictor.predict_ms(layout.minimal_spec())
-    return tuple(r for r in ctx.s.targets if r * dense >= floor)
+    layout = pruning_layout(ctx.base.spec, prune_config(ctx.s, as_ranking.get(method, method), seed), ctx.predictor)
+    return pm.reachable_ratios(layout, ctx.predictor, ctx.s.targets, whole_blocks=method == "depth")
 
 
 def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
@@ -165,17 +159,7 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
         import prune_methods as pm
 
         layout = pruning_layout(ctx.base.spec, prune_config(s, "saliency_rm", seed), ctx.predictor)
-        model = load_variant(ctx.base_dir)
-        batches = StepBatches(ctx.train, batch_size=s.batch_size, seed=seed).batches(0)
-        scores = pm.block_saliency(model, layout, batches, ctx.loss(), count=s.interval)
-        dense_ms = ctx.predictor.predict_ms(ctx.base.spec)
-        out = []
-        for ratio in targets:
-            state = pm.depth_to_target(layout, scores, ctx.predictor, ratio * dense_ms)
-            model = load_variant(ctx.base_dir)
-            state.apply(model)
-            out.append((ratio, slice_model(model), 0))
-        return out, [{"block_saliency": scores.tolist()}]
+        return pm.depth_variants(ctx, layout, targets, seed)
     if method in ("uniform", "l1", "random"):
         import prune_methods as pm
 

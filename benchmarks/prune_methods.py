@@ -131,6 +131,33 @@ def depth_floor_spec(layout: GroupLayout) -> Any:
     return state.spec()
 
 
+def reachable_ratios(layout: GroupLayout, predictor: Predictor, ratios: tuple[float, ...], *,
+                     whole_blocks: bool = False) -> tuple[float, ...]:
+    """The target ratios of the dense predicted latency that ``layout``'s smallest architecture reaches (with
+    ``whole_blocks``: the one block depth-only pruning keeps)."""
+    floor = predictor.predict_ms(depth_floor_spec(layout) if whole_blocks else layout.minimal_spec())
+    dense = predictor.predict_ms(layout.spec)
+    return tuple(r for r in ratios if r * dense >= floor)
+
+
+def depth_variants(ctx: Any, layout: GroupLayout, ratios: tuple[float, ...], seed: int
+                   ) -> tuple[list[tuple[float, Any, int]], list[dict[str, Any]]]:
+    """``depth`` one shot to each ratio from the base of ``ctx`` (a ``prune_fashion.Context``): the sliced
+    variants (no pruning steps) and the block saliencies they were chosen by."""
+    from nvit.models import load_variant, slice_model
+
+    s = ctx.s
+    batches = StepBatches(ctx.train, batch_size=s.batch_size, seed=seed).batches(0)
+    scores = block_saliency(load_variant(ctx.base_dir), layout, batches, ctx.loss(), count=s.interval)
+    dense_ms = ctx.predictor.predict_ms(layout.spec)
+    out = []
+    for ratio in ratios:
+        model = load_variant(ctx.base_dir)
+        depth_to_target(layout, scores, ctx.predictor, ratio * dense_ms).apply(model)
+        out.append((ratio, slice_model(model), 0))
+    return out, [{"block_saliency": scores.tolist()}]
+
+
 def depth_to_target(layout: GroupLayout, block_scores: np.ndarray, predictor: Predictor, target_ms: float
                     ) -> PruneState:
     """Drop whole blocks, least salient first, until the predicted latency meets the target (``layout`` must
