@@ -228,9 +228,16 @@ class DemoRow:
     speedup_measured: float
     speedup_predicted: float
     onnx_max_abs_error: float
+    noise: tuple[str, ...] = ()  # why this row's measurement stayed noisy (empty: it did not)
 
 
-def run_demo(config: DemoConfig, report: Reporter | None = None) -> list[DemoRow]:
+@dataclass(frozen=True)
+class DemoResult:
+    rows: list[DemoRow]
+    trust: Any  # nvit.export.trust.Trust: how far the measured figures can be trusted
+
+
+def run_demo(config: DemoConfig, report: Reporter | None = None) -> DemoResult:
     """Run (or resume) every stage and write ``demo_report.json``, the compare files and the plots."""
     import torch
 
@@ -245,7 +252,7 @@ def run_demo(config: DemoConfig, report: Reporter | None = None) -> list[DemoRow
         torch.set_num_threads(threads)
 
 
-def _run_stages(config: DemoConfig, report: Reporter, started: float) -> list[DemoRow]:
+def _run_stages(config: DemoConfig, report: Reporter, started: float) -> DemoResult:
     from nvit.export.compare import Variant, compare_with_table
     from nvit.export.pipeline import ExportOptions, export_model
     from nvit.plots import plot_pareto, plot_widths, save_compare
@@ -277,13 +284,15 @@ def _run_stages(config: DemoConfig, report: Reporter, started: float) -> list[De
     before = {label: b for label, _, b, _ in models}
     rows = [DemoRow(r.name, r.embed_dim, r.heads, r.mlp_dims, r.params, r.macs, r.top1, before[r.name],
                     r.predicted_ms, r.measured_ms, r.error_pct, r.speedup_measured, r.speedup_predicted,
-                    verify_err[r.name]) for r in comparison.results]
-    doc = {"schema_version": 1, "kind": "nvit.demo", "config": {**asdict(config), "out_dir": str(config.out_dir)},
+                    verify_err[r.name], r.noise) for r in comparison.results]
+    trust = comparison.trust()
+    doc = {"schema_version": 2, "kind": "nvit.demo", "trust": trust.to_dict(),
+           "config": {**asdict(config), "out_dir": str(config.out_dir)},
            "seconds": time.perf_counter() - started, "rows": [asdict(r) for r in rows],
            "lut": {"path": str(config.out_dir / "lut.parquet"), "identity": table.meta.identity()},
            "prune_log": pruned.log_path}
     atomic_write_text(report_dir / REPORT_FILE, json.dumps(doc, indent=2, default=str) + "\n")
-    return rows
+    return DemoResult(rows, trust)
 
 
 def arch_of(row: DemoRow) -> str:

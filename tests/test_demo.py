@@ -44,7 +44,14 @@ def test_demo_report_figures(demo_dir) -> None:
         assert r["speedup_measured"] > 1.0  # pruned variants really are faster
     assert rows["ratio_0.5"]["measured_ms"] < rows["ratio_0.7"]["measured_ms"]
     for r in rows.values():  # the quick table is coarse and timed briefly; the full demo is in BENCHMARKS.md
-        assert abs(r["error_pct"]) < 30
+        assert abs(r["error_pct"]) < 30 or r["noise"]  # a large error is either absent or flagged
+    trust = doc["trust"]  # the one-line verdict, and the rows it rests on
+    assert doc["schema_version"] == 2 and trust["verdict"] in ("quiet", "noisy", "unusable")
+    assert trust["line"].startswith(f"measurements {trust['verdict']}: ")
+    assert trust["noisy_rows"] == [r["variant"] for r in doc["rows"] if r["noise"]]
+    compare = json.loads((demo_dir / "report" / "compare.json").read_text())
+    assert compare["trust"] == trust and [r["noisy"] for r in compare["results"]] == [bool(r["noise"]) for r in
+                                                                                    doc["rows"]]
 
 
 def test_rerun_resumes_without_redoing_work(demo_dir, capsys) -> None:

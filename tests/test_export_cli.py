@@ -29,7 +29,10 @@ def test_export_variant_writes_verified_onnx_and_metadata(variant, capsys) -> No
     assert meta["verify"]["passed"] and meta["verify"]["max_abs_error"] < 1e-4
     assert meta["onnx"]["opset"] >= 18 and meta["provenance"]["top1"] == 0.5
     assert meta["timing"]["latency_ms_median"] > 0
+    assert meta["schema_version"] == 2 and meta["conditions"]["verdict"] in ("quiet", "noisy", "unusable")
+    assert meta["conditions"]["wall_s"] > 0 and meta["conditions"]["repeat_spread"] >= 0
     assert "max abs error" in stdout
+    assert f"conditions while timing: {meta['conditions']['verdict']}" in " ".join(stdout.split())
     assert (variant / "export" / "model.onnx").stat().st_size > 100_000
 
 

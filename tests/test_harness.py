@@ -180,7 +180,7 @@ def _levels_by_repeat(levels_ms, warm_calls, rewarm_calls, min_samples):
 def test_robust_statistic_over_repeats(statistic, expected_ms):
     fn, clock = _levels_by_repeat([3.0, 1.0, 2.0], warm_calls=5, rewarm_calls=2, min_samples=10)
     cfg = HarnessConfig(warmup_s=5 * TICK_S, rewarm_s=2 * TICK_S, repeats=3, min_samples=10,
-                        time_cap_s=10.0, statistic=statistic)
+                        time_cap_s=10.0, statistic=statistic, recover_rounds=0)
     s = measure_callable(fn, cfg, returns_ms=True, clock=clock)
     assert s.latency_ms_median == expected_ms and s.latency_ms_p99 == expected_ms
     assert s.n_repeats == 3 and s.n_samples == 10
@@ -189,9 +189,9 @@ def test_robust_statistic_over_repeats(statistic, expected_ms):
 
 def test_combine_pooled_and_stop_reason():
     runs = [_Run(np.array([1.0, 2.0, 3.0]), StopReason.CONVERGED), _Run(np.array([5.0, 6.0]), StopReason.TIME_CAP)]
-    pooled = _combine(runs, RobustStatistic.POOLED)
+    pooled = _combine(runs, HarnessConfig(statistic=RobustStatistic.POOLED))
     assert pooled.latency_ms_median == 3.0 and pooled.n_samples == 5 and pooled.stop_reason == "time_cap"
-    best = _combine(runs, RobustStatistic.MIN_OF_MEDIANS)
+    best = _combine(runs, HarnessConfig(statistic=RobustStatistic.MIN_OF_MEDIANS))
     assert best.latency_ms_median == 2.0 and best.stop_reason == "converged"
 
 

@@ -85,6 +85,9 @@ def test_profile_prune_and_compare_through_the_service(tmp_path, capsys, monkeyp
         assert [r["name"] for r in report["results"]] == ["vit_test", "small"]
         assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in report["results"])
         assert report["context"]["remote"]["job"] == 2 and report["context"]["backend"]["intra_op_threads"] == 1
+        # the agent watched its machine while it measured; the report's verdict rests on it
+        assert report["context"]["conditions"]["verdict"] in ("quiet", "noisy", "unusable")
+        assert report["trust"]["machine"] != "not watched"
         assert "measured vs predicted" in out
     # The server stopped its agent and cleaned up; the table is cached: pruning against its URL needs no server.
     assert server.proc.returncode == 0 and not (state / "server.json").exists()
@@ -163,3 +166,4 @@ def test_two_agents_on_one_device_never_measure_at_the_same_time(tmp_path) -> No
     for r in results:
         assert r["worker_started_at"] <= r["measure_started_at"] < r["measure_finished_at"] <= r["worker_finished_at"]
         assert r["models"][0]["stats"]["latency_ms_median"] > 0 and r["context"]["backend"]["intra_op_threads"] == 1
+        assert r["context"]["conditions"]["verdict"] in ("quiet", "noisy", "unusable")

@@ -26,7 +26,10 @@ def variant_from_source(source: str, name: str | None = None) -> Any:
 
 def report_table(report: Any) -> Table:
     table = Table(title=f"measured vs predicted ({report.context.get('lut_identity', {}).get('backend', '')})")
-    for col in ("variant", "params M", "GMACs", "pred ms", "meas ms", "err %", "speedup m/p", "target", "top-1"):
+    from nvit.commands.trust_view import noise_cell
+
+    for col in ("variant", "params M", "GMACs", "pred ms", "meas ms", "err %", "speedup m/p", "target", "top-1",
+                "noise"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in report.results:
         target = ""
@@ -35,7 +38,7 @@ def report_table(report: Any) -> Table:
         table.add_row(
             r.name, f"{r.params / 1e6:.2f}", f"{r.macs / 1e9:.3f}", f"{r.predicted_ms:.3f}", f"{r.measured_ms:.3f}",
             f"{r.error_pct:+.1f}", f"{r.speedup_measured:.2f}/{r.speedup_predicted:.2f}", target,
-            "" if r.top1 is None else f"{100 * r.top1:.1f}%",
+            "" if r.top1 is None else f"{100 * r.top1:.1f}%", noise_cell(r.noise),
         )
     table.caption = f"mean |error| {report.mean_abs_error_pct:.1f}% over {len(report.results)} models"
     return table
@@ -52,11 +55,14 @@ def compare(
                                             help="Measure even if this device is not the table's."),
     remote: str | None = typer.Option(None, "--remote", help="Measure on an nvit service's device (an agent on "
                                       "the table's device) instead of this machine."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) instead of warning when the measurements "
+                                "were not quiet (a noisy row, a contradicted order, a busy machine)."),
 ) -> None:
     """Measure every variant (and the dense base) with the table's backend and settings, and report measured
     against predicted latency, error, speedup and whether each variant met its target."""
     from nvit.arch import ArchSpec
     from nvit.commands.remote import following, local_lut, measuring_here
+    from nvit.commands.trust_view import trust_markup
     from nvit.export.compare import Variant, compare_with_table
     from nvit.fileio import output_folder
     from nvit.lut.table import LatencyTable
@@ -87,6 +93,9 @@ def compare(
     console.print(report_table(report))
     paths = save_compare(report, out)
     console.print("saved " + ", ".join(str(p) for p in paths.values()))
+    trust = report.trust()
+    console.print(trust_markup(trust))
+    trust.enforce(strict)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nvit.commands.trust_view import noise_cell, trust_markup
+
 
 class _RichReporter:
     def __init__(self, progress: Progress, console: Console) -> None:
@@ -32,7 +34,8 @@ def results_table(rows: list[Any]) -> Table:
     from nvit.demo import arch_of
 
     table = Table(title="nvit demo: pruned variants of vit_test on digits (onnxruntime, CPU, batch 1)")
-    for col in ("variant", "widths", "params M", "MFLOPs", "top-1", "pred ms", "meas ms", "err %", "speedup"):
+    for col in ("variant", "widths", "params M", "MFLOPs", "top-1", "pred ms", "meas ms", "err %", "speedup",
+                "noise"):
         table.add_column(col, justify="left" if col in ("variant", "widths") else "right")
     for r in rows:
         top1 = f"{100 * r.top1:.1f}%"
@@ -40,7 +43,7 @@ def results_table(rows: list[Any]) -> Table:
             top1 += f" ({100 * r.top1_before_finetune:.1f})"
         table.add_row(r.variant, arch_of(r), f"{r.params / 1e6:.3f}", f"{2 * r.macs / 1e6:.2f}", top1,
                       f"{r.predicted_ms:.4f}", f"{r.measured_ms:.4f}", f"{r.error_pct:+.1f}",
-                      f"{r.speedup_measured:.2f}x")
+                      f"{r.speedup_measured:.2f}x", noise_cell(r.noise))
     table.caption = ("top-1 after brief KD fine-tuning (before it, in brackets); speedup measured against the "
                      "dense base; err = predicted vs measured")
     return table
@@ -51,6 +54,9 @@ def demo(
                              "variants, ONNX, report, plots); rerunning resumes from it."),
     quick: bool = typer.Option(False, "--quick", help="Reduced budgets (a smaller table, fewer epochs) for tests."),
     seed: int = typer.Option(0, "--seed", help="Seed of training, pruning and the measurement order."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) instead of warning when the measurements "
+                                "were not quiet: a noisy row, a measured order contradicting the predicted one, or "
+                                "a busy machine."),
 ) -> None:
     """The whole promise of nvit on this CPU, without downloads: profile a latency table with ONNX Runtime,
     train a small ViT on the bundled digits, prune it to 70% and 50% of its predicted latency in one run,
@@ -65,10 +71,12 @@ def demo(
     columns = (TextColumn("[bold]{task.description:<22}"), BarColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        rows = run_demo(config, _RichReporter(progress, console))
-    console.print(results_table(rows))
+        result = run_demo(config, _RichReporter(progress, console))
+    console.print(results_table(result.rows))
     console.print(f"artifacts in {out}/: lut.parquet, base/, variants/, report/ (compare.json/.csv/.png, "
                   f"widths.png, pareto.png, demo_report.json)")
+    console.print(trust_markup(result.trust))
+    result.trust.enforce(strict)
 
 
 def register(app: typer.Typer) -> None:

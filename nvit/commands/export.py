@@ -38,6 +38,8 @@ def export(
                                              "(repeatable), as in nvit profile."),
     remote: str = typer.Option(None, "--remote", help="With --measure: upload the ONNX file to this nvit service "
                                "and time it on its device."),
+    strict: bool = typer.Option(False, "--strict", help="With --measure: fail (exit 1) instead of warning when the "
+                                "machine was not quiet while timing (export.json is kept)."),
 ) -> None:
     """Export a model to ONNX (opset >= 18, dynamic batch), verify it numerically in ONNX Runtime, and
     optionally build a TensorRT engine with the profiler's builder settings and time it."""
@@ -75,6 +77,18 @@ def export(
         console.print(f"[green]latency[/] median {timing.latency_ms_median:.3f} ms (p10 {timing.latency_ms_p10:.3f}, "
                       f"p90 {timing.latency_ms_p90:.3f}, n={timing.n_samples}) with {where}")
     console.print(f"metadata: {result.meta_path}")
+    if result.conditions is not None:
+        _judge_timing(result.conditions, console, strict)
+
+
+def _judge_timing(conditions: dict[str, Any], console: Console, strict: bool) -> None:
+    from nvit.commands.trust_view import conditions_markup
+    from nvit.export.trust import UntrustedMeasurement
+
+    console.print(conditions_markup(conditions, "timing"))
+    if strict and conditions.get("verdict") != "quiet":
+        raise UntrustedMeasurement(f"--strict: the machine was {conditions.get('verdict')} while timing "
+                                   f"({'; '.join(conditions.get('reasons') or [])}); re-run on a quiet machine")
 
 
 def _measure_remotely(url: str, onnx_path: Path, model: Any, options: Any, backend: str, console: Console

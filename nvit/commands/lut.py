@@ -69,6 +69,7 @@ def show(lut: Path = _LUT_ARG) -> None:
                       f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
     else:
         console.print("[yellow]uncalibrated[/]: predictions are the plain sum of parts")
+    console.print(conditions_line(meta.conditions))
     console.print(self_check_line(meta.self_check))
 
 
@@ -87,6 +88,13 @@ def interaction_line(interaction: Any, *, block: str = "block", halves: str = "h
     return f"{block} = sum of {halves} (no {rows} measured)"
 
 
+def conditions_line(conditions: dict[str, Any] | None) -> str:
+    """The machine's state while the table was profiled, judged (rich markup)."""
+    from nvit.commands.trust_view import conditions_markup
+
+    return conditions_markup(conditions, "profiling")
+
+
 def self_check_line(check: dict[str, Any] | None) -> str:
     """The table's own accuracy on held-out whole models, one line (rich markup)."""
     if not check:
@@ -97,9 +105,9 @@ def self_check_line(check: dict[str, Any] | None) -> str:
 
 
 def check_figures(check: dict[str, Any]) -> str:
-    from nvit.lut.accuracy import summary_line
+    from nvit.lut.accuracy import self_check_missed, summary_line
 
-    colour = "green" if check["mape_pct"] <= 5 and check["within_10pct"] >= 0.9 else "yellow"
+    colour = "yellow" if self_check_missed(check) else "green"
     text = f"[{colour}]{summary_line(check)}[/]"
     if check.get("pruned_shapes"):
         text += f"; pruned shapes alone: {summary_line(check['pruned_shapes'])}"
@@ -164,12 +172,14 @@ def check(
                                     "seed, so the same models are measured again)."),
     passes: int = typer.Option(2, "--passes", help="Passes over the models; each keeps its fastest."),
     save: bool = typer.Option(False, "--save", help="Store the result as the table's self-check."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) when the machine was not quiet."),
 ) -> None:
     """Measure held-out whole models now and report the table's accuracy on them (tables age: clocks,
     drivers, load). Run it on the table's device, with the machine otherwise idle."""
     from nvit.commands.remote import measuring_here
     from nvit.export.compare import backend_for_table, check_same_device
     from nvit.lut.table import LatencyTable
+    from nvit.profiler.conditions import ConditionsMonitor
     from nvit.profiler.selfcheck import DEFAULT_CHECK_SEED, recheck
 
     table = LatencyTable.load(lut)
@@ -182,18 +192,26 @@ def check(
     with measuring_here(table.meta.device_kind, console, "lut check", backend.cuda_index), backend:
         check_same_device(table.meta, backend)
         console.print(f"measuring {models} held-out models (seed {seed}, {passes} passes) with {backend.name}")
-        report = recheck(table, backend, count=models, seed=seed, passes=passes,
-                         on_timing=lambda t: console.print(f"  {t.name}: {t.latency_ms:.4f} ms", highlight=False))
+        with ConditionsMonitor(gpu_index=backend.cuda_index) as monitor:
+            report = recheck(table, backend, count=models, seed=seed, passes=passes,
+                             on_timing=lambda t: console.print(f"  {t.name}: {t.latency_ms:.4f} ms", highlight=False))
+        report["conditions"] = monitor.conditions().to_dict()
     out = Table("model", "measured ms", "predicted ms", "error", title=f"{lut}: predicted vs measured now")
     for m in report["models"]:
         out.add_row(m["name"], f"{m['measured_ms']:.4f}", f"{m['predicted_ms']:.4f}", f"{m['error_pct']:+.2f}%")
     console.print(out)
     console.print(f"now:    {check_figures(report)}")
+    console.print(conditions_line(report["conditions"]).replace("while profiling", "while checking"))
     if before:
         console.print(f"stored: {check_figures(before)} (measured {before['measured_at']})")
     if save:
         table.with_meta(self_check=report).save(lut)
         console.print(f"stored as the self-check of {lut}")
+    if strict and report["conditions"]["verdict"] != "quiet":
+        from nvit.export.trust import UntrustedMeasurement
+
+        raise UntrustedMeasurement(f"--strict: the check was measured on a {report['conditions']['verdict']} "
+                                   f"machine: {'; '.join(report['conditions']['reasons'])}")
 
 
 def predict(

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nvit.commands.lut import self_check_line
+from nvit.commands.lut import conditions_line, self_check_line
 from nvit.errors import NvitError
 
 # SweepOptions' defaults (literal so the CLI starts without numpy; tests/test_cli.py compares them)
@@ -63,6 +63,7 @@ def summary_table(result: Any) -> Table:
                      f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
     else:
         lines.append("uncalibrated (no whole-model measurements)")
+    lines.append(conditions_line(meta.conditions))
     lines.append(self_check_line(meta.self_check))
     n = len(table)
     lines.append(f"this run: {result.measured} measured, {result.resumed} resumed, {result.seconds:.0f} s; "
@@ -97,6 +98,8 @@ def profile(
                               "their accuracy stored in the table (0: no self-check)."),
     passes: int = typer.Option(1, "--passes", help="Measure everything N times, each pass in a new order, and keep "
                                "the fastest (2 on a CPU shared with other jobs)."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) when the machine was not quiet while "
+                                "profiling or the self-check missed (the table is still saved, its verdict in it)."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of CPU backends "
                                        "(default: every available core)."),
     backend_option: list[str] = typer.Option([], "--backend-option", help="Backend option KEY=VALUE (repeatable), "
@@ -168,6 +171,13 @@ def profile(
     if result.already_complete:
         console.print(f"{path} is already complete (use --no-resume to profile again)")
     console.print(summary_table(result))
+    if strict:
+        from nvit.export.trust import UntrustedMeasurement
+        from nvit.lut.accuracy import trust_warnings
+
+        problems = trust_warnings(result.table.meta)
+        if problems:
+            raise UntrustedMeasurement(f"--strict: {problems[0]} (the table is saved in {path})")
 
 
 def register(app: typer.Typer) -> None:

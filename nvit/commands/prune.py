@@ -176,6 +176,7 @@ def prune(
 def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: int, seed: int, num_workers: int,
          kd_weight: float, kd_temperature: float, out: Path, resume: bool) -> Any:
     from nvit.data import build_dataset
+    from nvit.lut.accuracy import trust_warnings
     from nvit.pruning.batches import StepBatches
     from nvit.pruning.loop import prune as run_prune
     from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
@@ -190,6 +191,9 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     unit = "ms" if loaded.has_time_unit else "x dense"
     provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data, "world_size": ctx.world_size}
     console = Console(stderr=True, quiet=not ctx.is_main)
+    meta = getattr(loaded.predictor, "meta", None)  # the FLOPs predictor has none
+    for warning in trust_warnings(meta) if meta is not None else ():
+        console.print(f"[yellow]warning:[/] {warning}")
     schedule = plan_schedule(spec, config, loaded.predictor, batches.steps_per_epoch)
     console.print(plan_line(schedule, len(train_set), batch_size * ctx.world_size, unit))
     warning = epochs_warning(schedule)

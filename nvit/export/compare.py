@@ -6,10 +6,11 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from nvit.lut.base import Predictor
 
 logger = logging.getLogger(__name__)
 
-COMPARE_SCHEMA_VERSION = 1
+COMPARE_SCHEMA_VERSION = 2  # 2: per-row noise, order conflicts and the report's trust verdict
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class VariantResult:
     target_met_predicted: bool | None
     target_met_measured: bool | None
     top1: float | None
+    noise: tuple[str, ...] = ()  # why this row's measurement cannot be trusted (empty: it can)
+    uncertainty_pct: float = 0.0  # the measurement's own uncertainty (CI of the median, gap between passes)
+
+    @property
+    def noisy(self) -> bool:
+        return bool(self.noise)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,18 @@ class CompareReport:
     base: str
     results: tuple[VariantResult, ...]
     context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def order_conflicts(self) -> list[str]:
+        from nvit.export.trust import order_conflicts
+
+        return order_conflicts(self.results)
+
+    def trust(self) -> Any:
+        """How far these figures can be trusted (:class:`nvit.export.trust.Trust`)."""
+        from nvit.export.trust import judge_report
+
+        return judge_report(self)
 
     @property
     def mean_abs_error_pct(self) -> float:
@@ -75,8 +94,9 @@ class CompareReport:
             "created_unix_s": time.time(),
             "base": self.base,
             "mean_abs_error_pct": self.mean_abs_error_pct,
+            "trust": self.trust().to_dict(),
             "context": self.context,
-            "results": [asdict(r) for r in self.results],
+            "results": [{**asdict(r), "noisy": r.noisy} for r in self.results],
         }
 
     def to_csv(self) -> str:
@@ -99,6 +119,25 @@ class CompareReport:
 
 
 MeasureFn = Callable[[Variant], Any]  # returns a TimingStats
+
+
+def row_noise(stats: Any) -> tuple[str, ...]:
+    """Why one measurement stayed noisy: its passes or repeats never agreed, or every run of it was contended."""
+    from nvit.profiler.harness import HarnessConfig
+
+    out = []
+    if not getattr(stats, "settled", True):
+        out.append(f"its timings never agreed within {100 * PASS_AGREE_REL:.0f}%")
+    if getattr(stats, "contention", 0.0) > HarnessConfig.hit_contention:
+        out.append(f"waited for a CPU {100 * stats.contention:.0f}% of the time")
+    return tuple(out)
+
+
+def row_uncertainty(stats: Any) -> float:
+    """Relative uncertainty of a measured median: its 95% CI half-width, at least the pass agreement bound."""
+    median = stats.latency_ms_median
+    ci = stats.ci95_halfwidth_ms / median if median > 0 and math.isfinite(stats.ci95_halfwidth_ms) else 1.0
+    return max(ci, PASS_AGREE_REL)
 
 
 def compare_variants(
@@ -131,7 +170,7 @@ def compare_variants(
             speedup_measured=base_stats.latency_ms_median / measured, speedup_predicted=base_pred / pred,
             target_ms=v.target_ms, target_met_predicted=_met(pred, v.target_ms),
             target_met_measured=_met(measured, v.target_ms),
-            top1=v.top1,
+            top1=v.top1, noise=row_noise(stats), uncertainty_pct=100.0 * row_uncertainty(stats),
         ))
         logger.info("%s: predicted %.3f ms, measured %.3f ms (%+.1f%%)", v.name, pred, measured,
                     results[-1].error_pct)
@@ -179,15 +218,42 @@ def check_same_device(meta: Any, backend: Any) -> None:
     check_compatible(meta, device=name, source="the latency table")
 
 
-def measure_passes(backend: Any, workloads: Sequence[Any], passes: int) -> list[Any]:
+#: Extra passes, at most, for models whose two fastest passes disagree by more than ``PASS_AGREE_REL``.
+EXTRA_PASSES = 2
+PASS_AGREE_REL = 0.03
+
+
+def measure_passes(backend: Any, workloads: Sequence[Any], passes: int, *,
+                   extra_passes: int = EXTRA_PASSES) -> list[Any]:
     """Time ``workloads`` together with an entered backend, ``passes`` times (later passes in reverse
     order); each workload keeps its fastest pass, so one interrupted pass on a shared machine does not
-    decide the result (tables keep the fastest of their passes in the same way)."""
-    stats = backend.measure_many(workloads)
-    for _ in range(passes - 1):
-        again = backend.measure_many(workloads[::-1])[::-1]
-        stats = [min(a, b, key=lambda t: t.latency_ms_median) for a, b in zip(stats, again, strict=True)]
-    return stats
+    decide the result (tables keep the fastest of their passes in the same way). Models whose two fastest
+    passes still differ by more than :data:`PASS_AGREE_REL` are timed again, together, up to ``extra_passes``
+    times: a noisy moment is re-measured instead of deciding the number."""
+    runs = [[s] for s in backend.measure_many(workloads)]
+    for k in range(passes - 1):
+        order = workloads[::-1] if k % 2 == 0 else workloads
+        again = backend.measure_many(order)
+        for i, s in enumerate(again[::-1] if k % 2 == 0 else again):
+            runs[i].append(s)
+    for _ in range(extra_passes if passes > 1 else 0):
+        apart = [i for i, rs in enumerate(runs) if pass_gap(rs) > PASS_AGREE_REL]
+        if not apart:
+            break
+        for i, s in zip(apart, backend.measure_many([workloads[i] for i in apart]), strict=True):
+            runs[i].append(s)
+    best = []
+    for rs in runs:
+        fastest = min(rs, key=lambda t: t.latency_ms_median)
+        best.append(replace(fastest, n_repeats=sum(t.n_repeats for t in rs), runs_hit=sum(t.runs_hit for t in rs),
+                            settled=fastest.settled and pass_gap(rs) <= PASS_AGREE_REL))
+    return best
+
+
+def pass_gap(runs: Sequence[Any]) -> float:
+    """Relative gap between the two fastest passes (0 for one pass)."""
+    medians = sorted(t.latency_ms_median for t in runs)
+    return medians[1] / medians[0] - 1.0 if len(medians) > 1 and medians[0] > 0 else 0.0
 
 
 def measure_with_table(
@@ -201,6 +267,8 @@ def measure_with_table(
     """Time ``workloads`` with the backend and settings of the table ``meta`` describes (interleaved, one
     session, :func:`measure_passes`); returns the statistics and the context (table identity, backend
     settings and versions) a report records."""
+    from nvit.profiler.conditions import ConditionsMonitor
+
     backend = backend_for_table(meta)
     with backend:
         if same_device:
@@ -208,9 +276,13 @@ def measure_with_table(
         check_distinct_names([w.name for w in workloads])
         if progress:
             progress(f"measuring {len(workloads)} models with {backend.name}")
-        stats = measure_passes(backend, workloads, passes)
+        with ConditionsMonitor(gpu_index=getattr(backend, "cuda_index", None)) as monitor:
+            stats = measure_passes(backend, workloads, passes)
+        spread = sorted(s.repeat_rel_spread for s in stats)[len(stats) // 2] if stats else None
+        hit = sum(s.runs_hit for s in stats) / max(1, sum(s.n_repeats for s in stats))
+        conditions = monitor.conditions(repeat_spread=spread, runs_hit=hit)
         context = {"lut_identity": meta.identity(), "backend": backend.settings(), "versions": backend.versions(),
-                   "calibration": meta.calibration}
+                   "calibration": meta.calibration, "conditions": conditions.to_dict()}
     return stats, context
 
 

@@ -23,7 +23,7 @@ from nvit.profiler.base import DeviceKind, Precision, TimingStats, Workload, get
 
 logger = logging.getLogger(__name__)
 
-EXPORT_SCHEMA_VERSION = 1
+EXPORT_SCHEMA_VERSION = 2  # 2: the machine's conditions while timing ("conditions")
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
 EXPORT_META_FILE = "export.json"
@@ -52,6 +52,7 @@ class ExportResult:
     engine_path: Path | None
     timing: TimingStats | None
     meta_path: Path
+    conditions: dict[str, Any] | None = None  # the machine while timing (nvit.profiler.conditions)
 
 
 def input_shape(model: VisionTransformer, batch_size: int) -> tuple[int, int, int, int]:
@@ -86,15 +87,20 @@ def export_model(model: VisionTransformer, options: ExportOptions, provenance: d
 
         engine_path, engine_meta = build_engine_file(model, out / ENGINE_FILE, shape, options.precision,
                                                      tf32=options.tf32)
-    timing = None
+    timing = conditions = None
     if options.measure_backend:
+        from nvit.profiler.conditions import ConditionsMonitor
+
         backend_cls = get_backend(options.measure_backend)
         with backend_cls(device=options.device, precision=options.precision, batch_size=options.batch_size,
                          **timing_options(options, options.measure_backend)) as be:
-            timing = be.measure(Workload(model.spec.name or "model", model, shape))
+            with ConditionsMonitor(gpu_index=getattr(be, "cuda_index", None)) as monitor:
+                timing = be.measure(Workload(model.spec.name or "model", model, shape))
+            conditions = monitor.conditions(repeat_spread=timing.repeat_rel_spread,
+                                            runs_hit=timing.runs_hit / max(1, timing.n_repeats)).to_dict()
             engine_meta = {**(engine_meta or {}), "timing_backend": be.settings(), "timing_versions": be.versions()}
-    meta = _write_meta(out, model, options, report, timing, engine_meta, provenance)
-    return ExportResult(onnx_path, report, engine_path, timing, meta)
+    meta = _write_meta(out, model, options, report, timing, engine_meta, provenance, conditions)
+    return ExportResult(onnx_path, report, engine_path, timing, meta, conditions)
 
 
 def timing_options(options: ExportOptions, backend: str) -> dict[str, Any]:
@@ -105,7 +111,7 @@ def timing_options(options: ExportOptions, backend: str) -> dict[str, Any]:
 
 def _write_meta(out: Path, model: VisionTransformer, options: ExportOptions, report: VerifyReport | None,
                 timing: TimingStats | None, engine_meta: dict[str, Any] | None,
-                provenance: dict[str, Any] | None) -> Path:
+                provenance: dict[str, Any] | None, conditions: dict[str, Any] | None = None) -> Path:
     import onnx
     import onnxruntime
 
@@ -122,6 +128,7 @@ def _write_meta(out: Path, model: VisionTransformer, options: ExportOptions, rep
         "verify": report.as_dict() if report is not None else None,
         "engine": engine_meta,
         "timing": timing.as_dict() if timing is not None else None,
+        "conditions": conditions,
         "provenance": provenance or {},
     }
     path = out / EXPORT_META_FILE

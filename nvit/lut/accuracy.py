@@ -43,3 +43,27 @@ def summary_line(figures: dict[str, Any]) -> str:
     return (f"{figures['n']} models: MAPE {figures['mape_pct']:.2f}%, max {figures['max_abs_pct']:.1f}%, "
             f"{figures['within_5pct'] * 100:.0f}% within ±5%, {figures['within_10pct'] * 100:.0f}% within ±10%, "
             f"Kendall τ {'-' if tau is None else f'{tau:.2f}'}, bias {figures['bias_pct']:+.2f}%")
+
+
+#: A self-check *misses* when its MAPE is above this or fewer than ``SELF_CHECK_WITHIN_10`` are within ±10%.
+SELF_CHECK_MAPE_PCT = 5.0
+SELF_CHECK_WITHIN_10 = 0.9
+
+
+def self_check_missed(check: dict[str, Any] | None) -> bool:
+    return bool(check) and (check["mape_pct"] > SELF_CHECK_MAPE_PCT or check["within_10pct"] < SELF_CHECK_WITHIN_10)
+
+
+def trust_warnings(meta: Any) -> list[str]:
+    """What a user of the table ``meta`` describes should know before relying on it: it was profiled on a
+    noisy machine, or its self-check missed (empty when neither)."""
+    out = []
+    cond = meta.conditions or {}
+    if cond.get("verdict") not in (None, "quiet"):
+        out.append(f"the table was profiled on a {cond['verdict']} machine ({'; '.join(cond.get('reasons') or [])}); "
+                   "re-profile it on a quiet one, or run 'nvit lut check' to see how far it predicts now")
+    if self_check_missed(meta.self_check):
+        c = meta.self_check
+        out.append(f"the table's self-check missed: MAPE {c['mape_pct']:.1f}% on {c['n']} held-out models, "
+                   f"{c['within_10pct'] * 100:.0f}% within ±10%")
+    return out

@@ -18,8 +18,8 @@ from nvit import __version__
 from nvit.errors import LutError
 from nvit.vocab import DeviceKind, Precision, TimingMode
 
-LUT_SCHEMA_VERSION = 2  # 2: self_check added
-READABLE_SCHEMA_VERSIONS = (1, 2)
+LUT_SCHEMA_VERSION = 3  # 2: self_check added; 3: conditions (the machine's state while profiling, judged)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 LUT_FILE_KIND = "nvit.lut"
 META_KEY = b"nvit.lut"
 
@@ -45,6 +45,7 @@ class LutMeta:
     sentinel: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     self_check: dict[str, Any] | None = None  # held-out whole models, predicted vs measured (nvit.profiler.selfcheck)
+    conditions: dict[str, Any] | None = None  # verdict and figures (nvit.profiler.conditions.Conditions)
     profile_seconds_total: float = 0.0
     created_at: str = ""
     nvit_version: str = __version__

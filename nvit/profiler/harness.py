@@ -15,6 +15,12 @@ Protocol (DESIGN.md §4), per workload:
    one session see the same machine state. A shared CPU's medians drift 25-40% between runs; the
    reported statistics come from one repeat chosen by a robust rule (by default the repeat with the
    lowest median: interference only ever adds time).
+5. **Recovery**: a probe (:class:`~nvit.profiler.conditions.CpuProbe` by default) reads, around every
+   sampling run, how long the measuring threads waited for a CPU. A run that waited more than
+   ``hit_contention`` of its time was *hit* by a neighbour and does not decide the statistic while runs
+   that were not hit exist. A workload whose clean runs are fewer than two, or whose two lowest clean medians
+   differ by more than ``settle_rel``, is re-timed in up to ``recover_rounds`` more interleaved rounds; one
+   that is still not settled is reported ``settled = False``.
 
 The confidence interval of the median is distribution-free: the count of samples below the true median
 is Binomial(n, ½), so order statistics ``x_(k)`` and ``x_(n+1-k)`` (1-based) bracket the median with
@@ -38,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from nvit.errors import BackendError
+from nvit.profiler.conditions import CpuProbe, NoProbe, Probe
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,9 @@ class TimingStats:
     n_repeats: int = 1  # interleaved repeats timed; the fields above describe the one the statistic chose
     repeat_rel_spread: float = 0.0  # max / min of the repeat medians, minus 1
     stop_reason: str = ""  # converged | time_cap | max_samples ("" when not produced by the harness)
+    contention: float = 0.0  # share of the chosen run's time its threads waited for a CPU
+    runs_hit: int = 0  # sampling runs a neighbour hit (contention above the limit), of all runs timed
+    settled: bool = True  # False: even the extra rounds left the clean repeats apart (or none clean)
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -99,6 +109,9 @@ class HarnessConfig:
     repeats: int = 3
     statistic: RobustStatistic = RobustStatistic.MIN_OF_MEDIANS
     min_sample_ms: float = 0.0  # device timers: back-to-back iterations per sample so one lasts this long
+    recover_rounds: int = 2  # extra interleaved rounds for workloads whose repeats did not settle
+    hit_contention: float = 0.05  # a run whose threads waited for a CPU longer than this share was hit
+    settle_rel: float = 0.03  # settled: the two lowest clean repeat medians agree within this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "statistic", _enum_value(RobustStatistic, self.statistic, "statistic"))
@@ -117,6 +130,10 @@ class HarnessConfig:
             problems.append("repeats must be >= 1")
         if self.min_sample_ms < 0:
             problems.append("min_sample_ms must be >= 0")
+        if self.recover_rounds < 0:
+            problems.append("recover_rounds must be >= 0")
+        if not (self.hit_contention > 0 and self.settle_rel > 0):
+            problems.append("hit_contention and settle_rel must be > 0")
         if problems:
             raise BackendError(f"invalid harness config: {'; '.join(problems)}")
 
@@ -130,7 +147,7 @@ class HarnessConfig:
         """Defaults for a GPU timed with CUDA events: longer warm-up (clocks ramp up), one repeat, each
         sample at least 1 ms of back-to-back launches so event resolution does not matter."""
         return cls(warmup_s=0.5, rewarm_s=0.1, min_samples=10, max_samples=500, time_cap_s=2.0,
-                   repeats=1, statistic=RobustStatistic.POOLED, min_sample_ms=1.0)
+                   repeats=1, statistic=RobustStatistic.POOLED, min_sample_ms=1.0, recover_rounds=0)
 
     @classmethod
     def for_device(cls, device: str) -> HarnessConfig:
@@ -230,6 +247,7 @@ def summarize(samples_ms: Sequence[float] | np.ndarray, **extra: Any) -> TimingS
 class _Run:
     samples_ms: np.ndarray
     stop: StopReason
+    contention: float = 0.0
 
     @property
     def median_ms(self) -> float:
@@ -258,9 +276,11 @@ def warm_up(fn: Callable[[], object], seconds: float, clock: Clock = time.perf_c
             return calls
 
 
-def _sample(fn: Callable[[], object], cfg: HarnessConfig, budget_s: float, returns_ms: bool, clock: Clock) -> _Run:
+def _sample(fn: Callable[[], object], cfg: HarnessConfig, budget_s: float, returns_ms: bool, clock: Clock,
+            probe: Probe) -> _Run:
     samples: list[float] = []
     next_check = cfg.min_samples
+    mark = probe.mark()
     start = clock()
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -268,31 +288,50 @@ def _sample(fn: Callable[[], object], cfg: HarnessConfig, budget_s: float, retur
         while True:
             samples.append(_call_ms(fn, returns_ms, clock))
             n = len(samples)
+            stop = None
             if n >= next_check:
                 next_check = n + max(1, n // _CHECK_GROWTH)
                 x = np.sort(np.asarray(samples))
                 if median_ci_halfwidth(x) <= cfg.target_rel_ci * float(np.median(x)):
-                    return _Run(np.asarray(samples), StopReason.CONVERGED)
-            if n >= cfg.max_samples:
-                return _Run(np.asarray(samples), StopReason.MAX_SAMPLES)
-            if n >= cfg.min_samples and clock() - start >= budget_s:
-                return _Run(np.asarray(samples), StopReason.TIME_CAP)
+                    stop = StopReason.CONVERGED
+            if stop is None and n >= cfg.max_samples:
+                stop = StopReason.MAX_SAMPLES
+            if stop is None and n >= cfg.min_samples and clock() - start >= budget_s:
+                stop = StopReason.TIME_CAP
+            if stop is not None:
+                return _Run(np.asarray(samples), stop, probe.share(mark))
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _combine(runs: Sequence[_Run], statistic: RobustStatistic) -> TimingStats:
+def _clean(runs: Sequence[_Run], cfg: HarnessConfig) -> list[_Run]:
+    """The runs no neighbour hit; all runs when every one was hit (the best there is)."""
+    clean = [r for r in runs if r.contention <= cfg.hit_contention]
+    return clean or list(runs)
+
+
+def _settled(runs: Sequence[_Run], cfg: HarnessConfig) -> bool:
+    clean = sorted(r.median_ms for r in runs if r.contention <= cfg.hit_contention)
+    if len(clean) < min(2, cfg.repeats):
+        return False
+    return len(clean) < 2 or clean[0] <= 0 or clean[1] / clean[0] - 1.0 <= cfg.settle_rel
+
+
+def _combine(runs: Sequence[_Run], cfg: HarnessConfig) -> TimingStats:
     medians = [r.median_ms for r in runs]
     spread = max(medians) / min(medians) - 1.0 if min(medians) > 0 else 0.0
-    extra = {"n_repeats": len(runs), "repeat_rel_spread": spread}
-    if statistic is RobustStatistic.POOLED:
-        not_converged = [r.stop for r in runs if r.stop is not StopReason.CONVERGED]
+    hit = sum(r.contention > cfg.hit_contention for r in runs)
+    use = _clean(runs, cfg)
+    extra = {"n_repeats": len(runs), "repeat_rel_spread": spread, "runs_hit": hit, "settled": _settled(runs, cfg)}
+    if cfg.statistic is RobustStatistic.POOLED:
+        not_converged = [r.stop for r in use if r.stop is not StopReason.CONVERGED]
         stop = not_converged[0] if not_converged else StopReason.CONVERGED
-        return summarize(np.concatenate([r.samples_ms for r in runs]), stop_reason=stop.value, **extra)
-    order = sorted(range(len(runs)), key=medians.__getitem__)
-    chosen = runs[order[0] if statistic is RobustStatistic.MIN_OF_MEDIANS else order[(len(runs) - 1) // 2]]
-    return summarize(chosen.samples_ms, stop_reason=chosen.stop.value, **extra)
+        return summarize(np.concatenate([r.samples_ms for r in use]), stop_reason=stop.value,
+                         contention=max(r.contention for r in use), **extra)
+    order = sorted(range(len(use)), key=lambda i: use[i].median_ms)
+    chosen = use[order[0] if cfg.statistic is RobustStatistic.MIN_OF_MEDIANS else order[(len(use) - 1) // 2]]
+    return summarize(chosen.samples_ms, stop_reason=chosen.stop.value, contention=chosen.contention, **extra)
 
 
 def measure_interleaved(
@@ -301,25 +340,40 @@ def measure_interleaved(
     *,
     returns_ms: bool = False,
     clock: Clock = time.perf_counter,
+    probe: Probe | None = None,
 ) -> list[TimingStats]:
     """Time several workloads together, round-robin by repeat; one :class:`TimingStats` per callable.
 
     Each callable runs its workload once per call. With ``returns_ms`` it returns its own time in ms
     (device timer) and the clock only paces warm-up and the time cap. Repeat ``r`` visits the callables
-    rotated by ``r`` so no workload always runs first.
+    rotated by ``r`` so no workload always runs first. Workloads that did not settle get up to
+    ``recover_rounds`` more rounds (module docstring, step 5); ``probe`` defaults to the CPU probe on the
+    host clock and to none with a fake ``clock`` (tests).
     """
     cfg = config or HarnessConfig.cpu()
+    if probe is None:
+        probe = CpuProbe() if clock is time.perf_counter else NoProbe()
     runs: list[list[_Run]] = [[] for _ in fns]
     budget_s = cfg.time_cap_s / cfg.repeats
+
+    def one_round(r: int, which: Sequence[int]) -> None:
+        for j in range(len(which)):
+            i = which[(j + r) % len(which)]
+            warm_up(fns[i], cfg.warmup_s if not runs[i] else cfg.rewarm_s, clock)
+            runs[i].append(_sample(fns[i], cfg, budget_s, returns_ms, clock, probe))
+
     for r in range(cfg.repeats):
-        for j in range(len(fns)):
-            i = (j + r) % len(fns)
-            warm_up(fns[i], cfg.warmup_s if r == 0 else cfg.rewarm_s, clock)
-            runs[i].append(_sample(fns[i], cfg, budget_s, returns_ms, clock))
-    stats = [_combine(rs, cfg.statistic) for rs in runs]
+        one_round(r, range(len(fns)))
+    for extra in range(cfg.recover_rounds):
+        unsettled = [i for i, rs in enumerate(runs) if not _settled(rs, cfg)]
+        if not unsettled:
+            break
+        logger.debug("recovery round %d: %d workload(s) not settled", extra + 1, len(unsettled))
+        one_round(cfg.repeats + extra, unsettled)
+    stats = [_combine(rs, cfg) for rs in runs]
     for i, s in enumerate(stats):
-        logger.debug("workload %d: median %.4f ms ± %.4f (n=%d, %s)", i, s.latency_ms_median,
-                     s.ci95_halfwidth_ms, s.n_samples, s.stop_reason)
+        logger.debug("workload %d: median %.4f ms ± %.4f (n=%d, %s, %d of %d runs hit)", i, s.latency_ms_median,
+                     s.ci95_halfwidth_ms, s.n_samples, s.stop_reason, s.runs_hit, s.n_repeats)
     return stats
 
 
@@ -329,6 +383,7 @@ def measure_callable(
     *,
     returns_ms: bool = False,
     clock: Clock = time.perf_counter,
+    probe: Probe | None = None,
 ) -> TimingStats:
     """Time one workload with the full protocol (see the module docstring)."""
-    return measure_interleaved([fn], config, returns_ms=returns_ms, clock=clock)[0]
+    return measure_interleaved([fn], config, returns_ms=returns_ms, clock=clock, probe=probe)[0]

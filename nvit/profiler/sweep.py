@@ -35,6 +35,7 @@ from nvit.arch import ArchSpec
 from nvit.errors import LutError
 from nvit.lut.meta import utc_now
 from nvit.profiler.base import Backend
+from nvit.profiler.conditions import ConditionsMonitor, sweep_conditions
 from nvit.profiler.journal import JOURNAL_KIND, JOURNAL_SCHEMA_VERSION, Journal, journal_path
 from nvit.profiler.parts import PartConfig
 from nvit.profiler.sampling import calibration_archs
@@ -204,7 +205,11 @@ def run_sweep(
     start = time.perf_counter()
     journal = Journal.open(jpath, header, fresh=not resume)
     try:
-        table, sweep = _run(space, backend, journal, options, progress, device, header)
+        with ConditionsMonitor(gpu_index=getattr(backend, "cuda_index", None)) as monitor:
+            sweep = _run(space, backend, journal, options, progress)
+        if sweep.measured:  # this session's machine, for the table's verdict
+            journal.append({"type": "conditions", **monitor.conditions().to_dict(), "measured_at": utc_now()})
+        table = build_table(space, backend, device, journal, options, header)
         table.save(out)
         journal.close(remove=True)
     finally:
@@ -214,10 +219,9 @@ def run_sweep(
 
 
 def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepOptions,
-         progress: Callable[[SweepProgress], None] | None, device: Any,
-         header: Mapping[str, Any]) -> tuple[Any, _Sweep]:
+         progress: Callable[[SweepProgress], None] | None) -> _Sweep:
     """Sentinel, the parts not in the journal and the whole models (calibration and check) in rounds spread
-    over the sweep; then the table."""
+    over the sweep."""
     configs = space.configs()
     removed = space.has_one_half_blocks  # models with removed sub-layers where the table can price them
     archs = calibration_archs(space.base, options.calibration_models, seed=options.calibration_seed,
@@ -266,8 +270,7 @@ def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepO
         sweep.sentinel(parts_done)
     for round_index in range(1, rounds):  # those already measured are skipped
         whole_models(round_index)
-
-    return build_table(space, backend, device, journal, options, header), sweep
+    return sweep
 
 
 def model_rounds(options: SweepOptions) -> int:
@@ -323,6 +326,7 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
                   "calibration_models": options.calibration_models, "calibration_seed": options.calibration_seed,
                   "check_models": options.check_models, "check_seed": options.check_seed},
         sentinel=sentinel,
+        conditions=sweep_conditions(journal.of_type("conditions"), journal.of_type("sentinel"), parts).to_dict(),
         profile_seconds_total=float(sum(r["seconds"] for r in parts + model_runs + check_runs)),
         nvit_version=__version__,
     )

@@ -180,7 +180,7 @@ class TableMetaSchema(Strict):
     """The metadata of a latency table the service stores (``nvit.lut`` in its Parquet footer)."""
 
     kind: Literal["nvit.lut"]
-    schema_version: Literal[1, 2]
+    schema_version: Literal[1, 2, 3]
     backend: Backend
     device_kind: Literal["cpu", "cuda"]
     precision: Literal["fp32", "fp16", "bf16"]
@@ -196,6 +196,7 @@ class TableMetaSchema(Strict):
     sentinel: JsonList = Field(default_factory=list)
     calibration: Calibration | None = None
     self_check: JsonObject | None = None
+    conditions: JsonObject | None = None
     profile_seconds_total: float = Field(0.0, ge=0, le=1e9)
     created_at: Annotated[str, Field(max_length=40)] = ""
     nvit_version: Annotated[str, Field(max_length=40)] = ""

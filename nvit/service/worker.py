@@ -122,9 +122,13 @@ def run_measure(job: dict[str, Any], channel: Channel) -> dict[str, Any]:
     else:
         backend = get_backend(spec["backend"])(device=DeviceKind(spec["device"]), precision=spec["precision"],
                                               batch_size=spec["batch_size"], **spec["backend_options"])
-        with backend:
+        from nvit.profiler.conditions import ConditionsMonitor
+
+        with backend, ConditionsMonitor(gpu_index=getattr(backend, "cuda_index", None)) as monitor:
             stats = measure_passes(backend, workloads, spec["passes"])
-            context = {"backend": backend.settings(), "versions": backend.versions()}
+            hit = sum(s.runs_hit for s in stats) / max(1, sum(s.n_repeats for s in stats))
+            context = {"backend": backend.settings(), "versions": backend.versions(),
+                       "conditions": monitor.conditions(runs_hit=hit).to_dict()}
     finished = time.time()
     channel.progress(phase="measure", done=len(workloads), total=len(workloads), name="done")
     device = backend_fingerprint(backend, warm_up_s=0.0)

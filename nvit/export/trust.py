@@ -1,0 +1,77 @@
+"""How far a comparison's figures can be trusted: noisy rows, measured orders that contradict the predicted
+one by more than the noise, and one verdict for the whole report.
+
+A row is *noisy* when its own measurement says so (:func:`nvit.export.compare.row_noise`): its passes never
+agreed, or every sampling run of it waited for a CPU. Two models are in *conflict* when the table predicts
+one clearly faster (by more than both measurements' uncertainty) and it measured clearly slower. The
+report's verdict is the worst of the machine's (:mod:`nvit.profiler.conditions`), ``noisy`` when a row is
+noisy, and ``unusable`` when an order conflict coincides with a machine that was not quiet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nvit.errors import NvitError
+from nvit.profiler.conditions import Conditions, Verdict
+
+
+class UntrustedMeasurement(NvitError):
+    """``--strict``: the measurements were not quiet enough to be trusted."""
+
+
+@dataclass(frozen=True)
+class Trust:
+    verdict: Verdict
+    noisy_rows: tuple[str, ...]
+    conflicts: tuple[str, ...]
+    machine: str  # the machine's conditions, one line
+
+    def line(self) -> str:
+        """One line: the verdict and what it rests on."""
+        parts = []
+        if self.noisy_rows:
+            parts.append(f"{len(self.noisy_rows)} row(s) noisy ({', '.join(self.noisy_rows)})")
+        if self.conflicts:
+            parts.append(f"{len(self.conflicts)} measured order(s) contradict the prediction")
+        parts.append(f"machine {self.machine}")
+        advice = {Verdict.QUIET: "the figures can be trusted",
+                  Verdict.NOISY: "treat the marked figures with care; re-run on a quiet machine to confirm",
+                  Verdict.UNUSABLE: "do not rely on these figures; re-run on a quiet machine"}[self.verdict]
+        return f"measurements {self.verdict.value}: {'; '.join(parts)} — {advice}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict.value, "noisy_rows": list(self.noisy_rows), "conflicts": list(self.conflicts),
+                "machine": self.machine, "line": self.line()}
+
+    def enforce(self, strict: bool) -> None:
+        """With ``strict``, anything but quiet is an error (the figures are saved first by the caller)."""
+        if strict and self.verdict is not Verdict.QUIET:
+            raise UntrustedMeasurement(f"--strict: {self.line()}")
+
+
+def order_conflicts(results: Sequence[Any]) -> list[str]:
+    """Pairs whose measured order contradicts the predicted order by more than the measurement noise."""
+    out = []
+    for a in results:
+        for b in results:
+            margin = (a.uncertainty_pct + b.uncertainty_pct) / 100.0
+            if a.predicted_ms < b.predicted_ms * (1.0 - margin) and a.measured_ms > b.measured_ms * (1.0 + margin):
+                out.append(f"{a.name} measured slower than {b.name} ({a.measured_ms:.4g} vs {b.measured_ms:.4g} ms) "
+                           f"though predicted {100 * (1 - a.predicted_ms / b.predicted_ms):.0f}% faster")
+    return out
+
+
+def judge_report(report: Any) -> Trust:
+    cond = report.context.get("conditions")
+    machine = Conditions.from_dict(cond) if cond else None
+    noisy = tuple(r.name for r in report.results if r.noisy)
+    conflicts = tuple(order_conflicts(report.results))
+    verdicts = [machine.verdict if machine else Verdict.QUIET]
+    if noisy or conflicts:
+        verdicts.append(Verdict.NOISY)
+    if conflicts and machine is not None and machine.verdict is not Verdict.QUIET:
+        verdicts.append(Verdict.UNUSABLE)
+    return Trust(Verdict.worst(verdicts), noisy, conflicts, machine.summary() if machine else "not watched")
