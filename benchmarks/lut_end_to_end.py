@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     fresh = None
     if recal:
         raw = predictors["lut_uncalibrated"]
+        floors = raw.floors_for(recal)
+        comps = [raw.composition(a, floors) for a in recal]
         fresh = fit_calibration([a.name for a in recal], [measured[a.name]["measured_ms"] for a in recal],
-                                [raw.predict_ms(a) for a in recal])
+                                [c.raw_ms for c in comps], compositions=comps, floors=floors)
         predictors["lut_fresh_calibration"] = LatencyPredictor(table.with_meta(calibration=fresh))
     results = {name: ranking_metrics(ys, [p.predict_ms(a) for a in evaluation]) for name, p in predictors.items()}
     models = []

@@ -36,7 +36,7 @@ class DemoConfig:
     prune_pace: float = 0.05  # of the dense predicted latency per pruning step: 0.5 is reached in ~10 steps
     group_size: int = 8  # the vit_test table's smallest QK/V/MLP widths
     min_embed_dim: int = 32
-    calibration_models: int = 4
+    calibration_models: int = 6  # dense, small uniform, both at half depth, then pruned shapes
     check_models: int = 4  # held-out whole models the table checks itself on (nvit lut show prints them)
     profile_passes: int = 2  # each row (and calibration model) keeps its fastest pass: survives a stalled host
     reduced_space: bool = False
@@ -91,8 +91,8 @@ def profile_stage(config: DemoConfig, report: Reporter) -> Any:
         def on_progress(p: Any) -> None:
             report.advance(p.done / max(p.total, 1), f"{p.phase.value} {p.name}")
 
-        # Pruning keeps the depth, so the per-call overhead that every separately timed part carries adds a
-        # constant to the sum of parts: an offset-only calibration models it exactly.
+        # Every separately timed part carries its own per-call overhead, which a whole model pays once: the
+        # calibration's offset and per-block term (fitted on models of two depths) take it out; no scale.
         result = run_sweep(space, backend, config.out_dir / "lut.parquet", device=device, progress=on_progress,
                            options=SweepOptions(seed=config.seed, calibration_models=config.calibration_models,
                                                 fit_scale=False, passes=config.profile_passes,
@@ -229,6 +229,7 @@ class DemoRow:
     speedup_predicted: float
     onnx_max_abs_error: float
     noise: tuple[str, ...] = ()  # why this row's measurement stayed noisy (empty: it did not)
+    error_pct_drift_corrected: float | None = None  # against the measurement corrected for drift since profiling
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ def _run_stages(config: DemoConfig, report: Reporter, started: float) -> DemoRes
     before = {label: b for label, _, b, _ in models}
     rows = [DemoRow(r.name, r.embed_dim, r.heads, r.mlp_dims, r.params, r.macs, r.top1, before[r.name],
                     r.predicted_ms, r.measured_ms, r.error_pct, r.speedup_measured, r.speedup_predicted,
-                    verify_err[r.name], r.noise) for r in comparison.results]
+                    verify_err[r.name], r.noise, r.error_pct_drift_corrected) for r in comparison.results]
     trust = comparison.trust()
     doc = {"schema_version": 2, "kind": "nvit.demo", "trust": trust.to_dict(),
            "config": {**asdict(config), "out_dir": str(config.out_dir)},

@@ -79,6 +79,11 @@ def compare(
     else:
         base_variant = variant_from_source(base, name=f"{Path(base).name} (base)")
     loaded = [variant_from_source(v) for v in variants]
+    from nvit.lut.accuracy import trust_warnings
+    from nvit.lut.predictor import LatencyPredictor
+
+    for warning in trust_warnings(table.meta, LatencyPredictor(table)):
+        console.print(f"[yellow]warning:[/] {warning}")
     if remote is not None:
         from nvit.service.client import ServiceClient
         from nvit.service.remote import compare_remote

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nvit.errors import LutError
+from nvit.errors import LutError, NvitError
 
 lut_app = typer.Typer(help="Inspect, validate and merge latency lookup tables.", no_args_is_help=True)
 
@@ -63,12 +63,7 @@ def show(lut: Path = _LUT_ARG) -> None:
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
     console.print(f"sentinel {meta.protocol.get('sentinel', '?')}: re-timed {len(meta.sentinel)}x, "
                   f"max drift {drift * 100:.1f}%; profiling time {meta.profile_seconds_total:.0f} s")
-    cal = meta.calibration
-    if cal:
-        console.print(f"calibration ({cal['method']}, {len(cal['models'])} whole models): scale {cal['scale']:.4f}, "
-                      f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
-    else:
-        console.print("[yellow]uncalibrated[/]: predictions are the plain sum of parts")
+    console.print(calibration_line(table))
     console.print(conditions_line(meta.conditions))
     console.print(self_check_line(meta.self_check))
 
@@ -86,6 +81,23 @@ def interaction_line(interaction: Any, *, block: str = "block", halves: str = "h
         return (f"{block} = {i.slope:.3f} x {halves} (mean ratio of {i.blocks} {rows} of too similar sizes for a "
                 f"size-dependent fit; mean residual {i.residual_pct_mean_abs:.1f}%)")
     return f"{block} = sum of {halves} (no {rows} measured)"
+
+
+def calibration_line(table: Any) -> str:
+    """The table's calibration, its verdict and the numbers behind it, one line (rich markup)."""
+    from nvit.lut.accuracy import calibration_status
+    from nvit.lut.predictor import LatencyPredictor
+
+    try:
+        predictor = LatencyPredictor(table)
+    except NvitError:  # an invalid table: its problems are printed elsewhere
+        predictor = None
+    verdict, line = calibration_status(table.meta, predictor)
+    cal = table.meta.calibration
+    if cal:
+        line += f" on {len(cal['models'])} whole models"
+    colour = {"plausible": "green", "none": "yellow", "implausible": "yellow"}.get(verdict, "red")
+    return f"[{colour}]{line}[/]"
 
 
 def conditions_line(conditions: dict[str, Any] | None) -> str:
@@ -201,6 +213,7 @@ def check(
         out.add_row(m["name"], f"{m['measured_ms']:.4f}", f"{m['predicted_ms']:.4f}", f"{m['error_pct']:+.2f}%")
     console.print(out)
     console.print(f"now:    {check_figures(report)}")
+    console.print(calibration_line(table))
     console.print(conditions_line(report["conditions"]).replace("while profiling", "while checking"))
     if before:
         console.print(f"stored: {check_figures(before)} (measured {before['measured_at']})")

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nvit.commands.lut import conditions_line, self_check_line
+from nvit.commands.lut import calibration_line, conditions_line, self_check_line
 from nvit.errors import NvitError
 
 # SweepOptions' defaults (literal so the CLI starts without numpy; tests/test_cli.py compares them)
@@ -57,12 +57,7 @@ def summary_table(result: Any) -> Table:
     lines = [f"device {meta.device_name()} · {meta.backend} · {meta.precision.value} · batch {meta.batch_size} · "
              f"{meta.num_tokens} tokens",
              f"sentinel re-timed {len(meta.sentinel)}x, max drift {drift * 100:.1f}%"]
-    cal = meta.calibration
-    if cal:
-        lines.append(f"calibration ({cal['method']}, {len(cal['models'])} models): scale {cal['scale']:.4f}, "
-                     f"offset {cal['offset_ms']:+.4f} ms, max residual {cal['residual_pct_max_abs']:.2f}%")
-    else:
-        lines.append("uncalibrated (no whole-model measurements)")
+    lines.append(calibration_line(table))
     lines.append(conditions_line(meta.conditions))
     lines.append(self_check_line(meta.self_check))
     n = len(table)

@@ -192,7 +192,7 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data, "world_size": ctx.world_size}
     console = Console(stderr=True, quiet=not ctx.is_main)
     meta = getattr(loaded.predictor, "meta", None)  # the FLOPs predictor has none
-    for warning in trust_warnings(meta) if meta is not None else ():
+    for warning in trust_warnings(meta, loaded.predictor) if meta is not None else ():
         console.print(f"[yellow]warning:[/] {warning}")
     schedule = plan_schedule(spec, config, loaded.predictor, batches.steps_per_epoch)
     console.print(plan_line(schedule, len(train_set), batch_size * ctx.world_size, unit))

@@ -9,19 +9,26 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from nvit import __version__
 from nvit.arch import ArchSpec
+from nvit.export.drift import (
+    DEFAULT_REFERENCES,
+    correction_from,
+    mean_block_ms,
+    reference_rows,
+    reference_workloads,
+)
 from nvit.fileio import atomic_write_text
 from nvit.lut.base import Predictor
 
 logger = logging.getLogger(__name__)
 
-COMPARE_SCHEMA_VERSION = 2  # 2: per-row noise, order conflicts and the report's trust verdict
+COMPARE_SCHEMA_VERSION = 2  # 2: per-row noise, drift since profiling, order conflicts and a trust verdict
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class VariantResult:
     top1: float | None
     noise: tuple[str, ...] = ()  # why this row's measurement cannot be trusted (empty: it can)
     uncertainty_pct: float = 0.0  # the measurement's own uncertainty (CI of the median, gap between passes)
+    drift_ratio: float = 1.0  # the machine now / when the table was profiled, at this model's work size
+    error_pct_drift_corrected: float | None = None  # predicted vs measured / drift_ratio (None: not re-timed)
 
     @property
     def noisy(self) -> bool:
@@ -148,8 +157,11 @@ def compare_variants(
     *,
     context: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    drift_ratios: Mapping[str, float] | None = None,
 ) -> CompareReport:
-    """Measure and predict ``base`` and every variant; speedups are relative to ``base``."""
+    """Measure and predict ``base`` and every variant; speedups are relative to ``base``. ``drift_ratios``
+    (per model name: now / when the table was profiled, :mod:`nvit.export.drift`) add each row's
+    drift-corrected error."""
     check_distinct_names([v.name for v in (base, *variants)])
     timed = {}
     for v in (base, *variants):
@@ -161,6 +173,7 @@ def compare_variants(
     for v in (base, *variants):
         stats, pred = timed[v.name]
         measured = stats.latency_ms_median
+        ratio = float((drift_ratios or {}).get(v.name, 1.0))
         results.append(VariantResult(
             name=v.name, path=v.path, params=v.spec.num_params(), macs=v.spec.macs(),
             embed_dim=v.spec.embed_dim, heads=tuple(b.heads for b in v.spec.blocks),
@@ -171,6 +184,8 @@ def compare_variants(
             target_ms=v.target_ms, target_met_predicted=_met(pred, v.target_ms),
             target_met_measured=_met(measured, v.target_ms),
             top1=v.top1, noise=row_noise(stats), uncertainty_pct=100.0 * row_uncertainty(stats),
+            drift_ratio=ratio,
+            error_pct_drift_corrected=None if drift_ratios is None else 100.0 * (pred * ratio - measured) / measured,
         ))
         logger.info("%s: predicted %.3f ms, measured %.3f ms (%+.1f%%)", v.name, pred, measured,
                     results[-1].error_pct)
@@ -294,9 +309,12 @@ def compare_with_table(
     same_device: bool = True,
     passes: int = 2,
     progress: Callable[[str], None] | None = None,
+    references: int = DEFAULT_REFERENCES,
 ) -> CompareReport:
     """Measure every model with the table's backend and settings (:func:`measure_with_table`) and compare
-    with the table's predictions."""
+    with the table's predictions. ``references`` of the table's own full blocks are re-timed in the same
+    session (:mod:`nvit.export.drift`): how far the machine drifted since profiling, per work size, and each
+    row's drift-corrected error."""
     from nvit.lut.predictor import LatencyPredictor
     from nvit.profiler.base import Workload
     from nvit.profiler.workloads import image_shape
@@ -307,9 +325,18 @@ def compare_with_table(
         if v.spec.num_tokens != meta.num_tokens:
             raise_tokens(v, meta.num_tokens)
     workloads = [Workload(v.name, v.module, image_shape(v.spec, meta.batch_size)) for v in models]
-    stats, context = measure_with_table(meta, workloads, same_device=same_device, passes=passes, progress=progress)
-    by_name = dict(zip((v.name for v in models), stats, strict=True))
-    return compare_variants(base, variants, LatencyPredictor(table), lambda v: by_name[v.name], context=context)
+    rows = reference_rows(table, references)
+    stats, context = measure_with_table(meta, workloads + reference_workloads(table, rows), same_device=same_device,
+                                        passes=passes, progress=progress)
+    predictor = LatencyPredictor(table)
+    ratios = None
+    if rows:
+        drift = correction_from(rows, stats[len(models):])
+        context["drift"] = drift.to_dict()
+        ratios = {v.name: drift.ratio(mean_block_ms(predictor, v.spec)) for v in models}
+    by_name = dict(zip((v.name for v in models), stats, strict=False))
+    return compare_variants(base, variants, predictor, lambda v: by_name[v.name], context=context,
+                            drift_ratios=ratios)
 
 
 def raise_tokens(variant: Variant, num_tokens: int) -> None:

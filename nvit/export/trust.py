@@ -5,7 +5,9 @@ A row is *noisy* when its own measurement says so (:func:`nvit.export.compare.ro
 agreed, or every sampling run of it waited for a CPU. Two models are in *conflict* when the table predicts
 one clearly faster (by more than both measurements' uncertainty) and it measured clearly slower. The
 report's verdict is the worst of the machine's (:mod:`nvit.profiler.conditions`), ``noisy`` when a row is
-noisy, and ``unusable`` when an order conflict coincides with a machine that was not quiet.
+noisy or the table's own rows re-timed beside the models drifted by more than 5% since profiling
+(:mod:`nvit.export.drift`), and ``unusable`` when an order conflict coincides with a machine that was not
+quiet.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvit.errors import NvitError
+from nvit.export.drift import DRIFT_NOTICE, DriftCorrection
 from nvit.profiler.conditions import Conditions, Verdict
 
 
@@ -28,10 +31,13 @@ class Trust:
     noisy_rows: tuple[str, ...]
     conflicts: tuple[str, ...]
     machine: str  # the machine's conditions, one line
+    drift: str = ""  # how far the machine drifted since the table was profiled, when it did by more than 5%
 
     def line(self) -> str:
         """One line: the verdict and what it rests on."""
         parts = []
+        if self.drift:
+            parts.append(self.drift)
         if self.noisy_rows:
             parts.append(f"{len(self.noisy_rows)} row(s) noisy ({', '.join(self.noisy_rows)})")
         if self.conflicts:
@@ -44,7 +50,7 @@ class Trust:
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict.value, "noisy_rows": list(self.noisy_rows), "conflicts": list(self.conflicts),
-                "machine": self.machine, "line": self.line()}
+                "machine": self.machine, "drift": self.drift, "line": self.line()}
 
     def enforce(self, strict: bool) -> None:
         """With ``strict``, anything but quiet is an error (the figures are saved first by the caller)."""
@@ -74,4 +80,15 @@ def judge_report(report: Any) -> Trust:
         verdicts.append(Verdict.NOISY)
     if conflicts and machine is not None and machine.verdict is not Verdict.QUIET:
         verdicts.append(Verdict.UNUSABLE)
-    return Trust(Verdict.worst(verdicts), noisy, conflicts, machine.summary() if machine else "not watched")
+    drift = DriftCorrection.from_dict(report.context.get("drift"))
+    drift_line = ""
+    if abs(drift.largest_pct) > 100 * DRIFT_NOTICE:
+        verdicts.append(Verdict.NOISY)
+        corrected = [abs(r.error_pct_drift_corrected) for r in report.results
+                     if r.error_pct_drift_corrected is not None]
+        drift_line = (f"the machine drifted up to {drift.largest_pct:+.0f}% since the table was profiled "
+                      f"({drift.summary()})")
+        if corrected:
+            drift_line += f"; drift-corrected errors up to {max(corrected):.1f}%"
+    return Trust(Verdict.worst(verdicts), noisy, conflicts, machine.summary() if machine else "not watched",
+                 drift_line)

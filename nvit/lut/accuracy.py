@@ -54,10 +54,23 @@ def self_check_missed(check: dict[str, Any] | None) -> bool:
     return bool(check) and (check["mape_pct"] > SELF_CHECK_MAPE_PCT or check["within_10pct"] < SELF_CHECK_WITHIN_10)
 
 
-def trust_warnings(meta: Any) -> list[str]:
+def calibration_status(meta: Any, predictor: Any = None) -> tuple[str, str]:
+    """The table's calibration verdict (``plausible`` / ``implausible`` / ``refused`` / ``none``) and one line
+    (:func:`nvit.lut.calibration.status_line`); ``predictor`` (a loaded
+    :class:`~nvit.lut.predictor.LatencyPredictor` of the table) tells whether it refused the calibration."""
+    from nvit.lut.calibration import status_line
+
+    return status_line(meta.calibration, getattr(predictor, "calibration_refused", None))
+
+
+def trust_warnings(meta: Any, predictor: Any = None) -> list[str]:
     """What a user of the table ``meta`` describes should know before relying on it: it was profiled on a
-    noisy machine, or its self-check missed (empty when neither)."""
+    noisy machine, its calibration is implausible or refused (with ``predictor``, the table's loaded
+    predictor, a refusal is known), or its self-check missed (empty when none)."""
     out = []
+    verdict, line = calibration_status(meta, predictor)
+    if verdict in ("implausible", "refused"):
+        out.append(line)
     cond = meta.conditions or {}
     if cond.get("verdict") not in (None, "quiet"):
         out.append(f"the table was profiled on a {cond['verdict']} machine ({'; '.join(cond.get('reasons') or [])}); "

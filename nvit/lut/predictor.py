@@ -36,19 +36,23 @@ import numpy as np
 from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import LutError
 from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
+from nvit.lut.calibration import (  # noqa: F401  (fit_calibration, MIN_SCALE_SPREAD, SCALE_BOUNDS: public here too)
+    MIN_SCALE_SPREAD,
+    SCALE_BOUNDS,
+    Composition,
+    Floors,
+    fit_calibration,
+    refusal,
+)
 from nvit.lut.grid import GridReport, GridStatus, MeasuredGrid
 from nvit.lut.interaction import BlockInteraction
-from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible, utc_now
+from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible
 from nvit.vocab import ONE_HALF_BLOCKS, PartKind
 
 logger = logging.getLogger(__name__)
 
 #: Arch fields the fixed parts were measured with; a spec that differs cannot be predicted by the table.
 FIXED_PART_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "distilled")
-#: A scale is only fitted when the calibration models' predictions span at least this ratio.
-MIN_SCALE_SPREAD = 1.25
-#: A fitted scale outside this range means the calibration data is unusable; fall back to an offset.
-SCALE_BOUNDS = (0.5, 2.0)
 DEFAULT_STEP = UnitStep()
 
 
@@ -100,7 +104,8 @@ class LatencyPredictor(Predictor):
     """Latency of any architecture from a :class:`~nvit.lut.table.LatencyTable` (see the module doc).
 
     With ``calibrated=False`` the stored calibration is ignored (scale 1, offset 0): what :func:`calibrate`
-    fits against.
+    fits against. A stored calibration that would price a part of the table's space below its floor is
+    refused (:attr:`calibration_refused` says why) and the parts alone predict.
     """
 
     def __init__(self, table: LatencyTable, *, calibrated: bool = True) -> None:
@@ -127,10 +132,55 @@ class LatencyPredictor(Predictor):
         self.grid = MeasuredGrid.from_table(table)
         self.warn_outside = True  # log extrapolation (a caller that reports the grid itself turns it off)
         self._warned: set[tuple[str, bool, bool]] = set()
+        self.scale, self._offset_ms, self.per_block_ms = 1.0, 0.0, 0.0
+        self.floors = self._space_floors()
         cal = table.meta.calibration if calibrated else None
-        self.scale = float(cal["scale"]) if cal else 1.0
-        self._offset_ms = float(cal["offset_ms"]) if cal else 0.0
+        if cal and cal.get("floors"):  # fitted with the calibration models' own smallest parts below the grid's
+            self.floors = self.floors.lowered(cal["floors"]["block_ms"], cal["floors"]["fixed_ms"])
+        self.calibration_refused = refusal(cal, self.floors) if cal else None
+        if self.calibration_refused:
+            logger.info("the latency table's calibration is refused: %s; predicting from the parts alone",
+                           self.calibration_refused)
+            cal = None
+        if cal:
+            self.scale = float(cal["scale"])
+            self._offset_ms = float(cal["offset_ms"])
+            self.per_block_ms = float(cal.get("per_block_ms", 0.0))
         self.calibrated = cal is not None
+
+    def _space_floors(self) -> Floors:
+        """The smallest raw block (full or one-half) and fixed part of the table's space. The parts are
+        multilinear between grid points and a block is increasing in its halves, so the smallest sits at the
+        smallest widths of some measured embedding width."""
+        embeds = self._attn.axes[0]
+        attn_min = np.maximum(self._attn.values.reshape(len(embeds), -1).min(axis=1), 0.0)
+        mlp_e = self._mlp.axes[0]
+        mlp_min = np.maximum(np.interp(embeds, mlp_e, self._mlp.values.reshape(len(mlp_e), -1).min(axis=1)), 0.0)
+        candidates = [self.interaction(embeds, attn_min + mlp_min)]
+        for kind, half in ((PartKind.ATTN_BLOCK, attn_min), (PartKind.MLP_BLOCK, mlp_min)):
+            if kind in self.one_half:
+                candidates.append(self.one_half[kind](embeds, half))
+        block = float(np.min(np.concatenate(candidates)))
+        fixed = float(np.min(np.maximum(self._fixed.values, 0.0)))
+        return Floors(block_ms=block, fixed_ms=fixed)
+
+    def floors_for(self, archs: Sequence[ArchSpec]) -> Floors:
+        """The space's floors, lowered to the smallest raw parts of ``archs`` (calibration models may lie
+        below the grid): what a calibration fitted on ``archs`` is bounded by and stores."""
+        floors = self.floors
+        for spec in archs:
+            raw = self._raw_blocks_ms(spec.embed_dim, *self._widths(spec))
+            floors = floors.lowered(float(np.nanmin(raw)), float(np.maximum(self._fixed(spec.embed_dim), 0.0)))
+        return floors
+
+    def composition(self, spec: ArchSpec, floors: Floors | None = None) -> Composition:
+        """``spec`` as the calibration sees it: raw sum of parts and the shares of its parts (uncalibrated
+        prices, whatever this predictor's calibration)."""
+        floors = floors or self.floors
+        raw = self._raw_blocks_ms(spec.embed_dim, *self._widths(spec))
+        fixed = float(np.maximum(self._fixed(spec.embed_dim), 0.0))
+        return Composition(raw_ms=float(raw.sum()) + fixed, blocks=float(floors.block_share(raw).sum()),
+                           fixed=float(floors.fixed_share(fixed)))
 
     # ---- parts (vectorised) --------------------------------------------------------------------
     def attn_ms(self, e: Any, h: Any, q: Any, v: Any) -> np.ndarray:
@@ -154,7 +204,12 @@ class LatencyPredictor(Predictor):
 
     def blocks_ms(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
         """Calibrated latency of blocks given as broadcastable width arrays (``h = 0``: no attention, ``m = 0``:
-        no MLP; a one-half block the table cannot price is NaN)."""
+        no MLP; a one-half block the table cannot price is NaN): ``scale · raw + per_block · r_block``, at
+        least half the scaled raw price by construction (:mod:`nvit.lut.calibration`)."""
+        raw = self._raw_blocks_ms(e, h, q, v, m)
+        return self.scale * raw + self.per_block_ms * self.floors.block_share(raw)
+
+    def _raw_blocks_ms(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
         e, h, q, v, m = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (e, h, q, v, m)))
         has_attn, has_mlp = h > 0, m > 0
         attn = np.where(has_attn, self.attn_ms(e, h, q, v), 0.0)
@@ -165,10 +220,13 @@ class LatencyPredictor(Predictor):
             if present.any():
                 fit = self.one_half.get(kind)
                 out = np.where(present, fit(e, half) if fit is not None else np.nan, out)
-        return self.scale * out
+        return out
 
     def fixed_ms(self, e: Any) -> np.ndarray:
-        return self.scale * np.maximum(self._fixed(e), 0.0)
+        """The scaled fixed part; below the smallest measured one it also takes its share of a negative
+        offset back (``offset · (r_fixed − 1)``), so fixed part plus offset stay positive."""
+        raw = np.maximum(self._fixed(e), 0.0)
+        return self.scale * raw + self._offset_ms * (self.floors.fixed_share(raw) - 1.0)
 
     # ---- Predictor interface -------------------------------------------------------------------
     def block_latency_ms(self, embed_dim: int, block: BlockSpec) -> float:
@@ -241,38 +299,3 @@ class LatencyPredictor(Predictor):
         else:
             emb = float("nan")
         return LatencyDeltas(emb_ms=emb, heads_ms=out["heads"], qk_ms=out["qk"], v_ms=out["v"], mlp_ms=out["mlp"])
-
-
-# ---- calibration ----------------------------------------------------------------------------------
-def fit_calibration(names: Sequence[str], measured_ms: Sequence[float], predicted_raw_ms: Sequence[float],
-                    *, fit_scale: bool = True) -> dict[str, Any]:
-    """``measured ≈ scale · predicted_raw + offset`` by least squares on relative residuals (offset only when
-    the predictions do not spread enough to fix a slope, or ``fit_scale`` is False). Returns the calibration
-    record."""
-    y = np.asarray(measured_ms, dtype=np.float64)
-    x = np.asarray(predicted_raw_ms, dtype=np.float64)
-    if len(y) == 0 or len(y) != len(x) or len(names) != len(y):
-        raise LutError("calibration needs at least one whole-model measurement and its prediction")
-    if not (np.all(np.isfinite(y)) and np.all(y > 0) and np.all(np.isfinite(x)) and np.all(x > 0)):
-        raise LutError("calibration measurements and predictions must be finite and positive")
-    # Least squares on relative residuals (what a prediction is judged by): small models count as much as
-    # the dense one, so the line holds at the narrow end where pruning ends.
-    weight = 1.0 / y
-    method, scale, offset = "offset", 1.0, float(np.sum((y - x) * weight**2) / np.sum(weight**2))
-    if fit_scale and len(y) >= 2 and x.max() / x.min() >= MIN_SCALE_SPREAD:
-        slope, intercept = np.polyfit(x, y, 1, w=weight)
-        if SCALE_BOUNDS[0] <= slope <= SCALE_BOUNDS[1]:
-            method, scale, offset = "scale_offset", float(slope), float(intercept)
-        else:
-            logger.warning("calibration slope %.3f is implausible; fitting an offset only", slope)
-    fitted = scale * x + offset
-    residual_pct = (fitted - y) / y * 100.0
-    return {
-        "method": method,
-        "scale": scale,
-        "offset_ms": offset,
-        "models": [{"name": n, "measured_ms": float(m), "predicted_raw_ms": float(p)}
-                   for n, m, p in zip(names, y, x, strict=True)],
-        "residual_pct_max_abs": float(np.max(np.abs(residual_pct))),
-        "fitted_at": utc_now(),
-    }

@@ -60,11 +60,17 @@ def calibration_archs(base: ArchSpec, count: int, *, seed: int = 1, removed: boo
     """Whole models for calibration: the dense base, a small uniform one, then pruned-shape models
     (:func:`pruned_arch`: narrow and wide blocks mixed) and random non-uniform ones alternately (seeded), so
     that the fitted line spans the models a pruned table is asked about, narrow end included. With
-    ``removed``, every second of those lacks whole sub-layers and blocks (:func:`removed_arch`)."""
+    ``removed``, every second of those lacks whole sub-layers and blocks (:func:`removed_arch`), and from four
+    models on the dense and the small uniform model cut to half their depth come third and fourth
+    (``cal-shallow``, ``cal-shallow-uniform``): removal changes a model's depth, and a calibration that follows
+    depth needs two models at least of another depth to fit it and to judge it on one left out."""
     archs = [replace(base, name="cal-dense")]
     if count >= 2:
         archs.append(uniform_arch(base, CALIBRATION_LOW_FRACTION, name="cal-uniform"))
-    archs += mixed_archs(base, max(0, count - 2), np.random.default_rng(seed), prefix="cal-", digits=1,
+    if removed and count >= 4 and base.depth >= 2:
+        for arch, name in ((archs[0], "cal-shallow"), (archs[1], "cal-shallow-uniform")):
+            archs.append(replace(arch, blocks=arch.blocks[: (base.depth + 1) // 2], name=name))
+    archs += mixed_archs(base, max(0, count - len(archs)), np.random.default_rng(seed), prefix="cal-", digits=1,
                          removed=removed)
     return archs[:count]
 

@@ -146,13 +146,15 @@ def calibrate(table: Any, backend: Any, archs: Sequence[ArchSpec], *, fit_scale:
                        "calibrate with the backend options the table was profiled with")
     names = list(names) if names is not None else [a.name or f"model{i}" for i, a in enumerate(archs)]
     raw = LatencyPredictor(table, calibrated=False)
-    predicted = [raw.predict_ms(a) for a in archs]
+    floors = raw.floors_for(archs)
+    compositions = [raw.composition(a, floors) for a in archs]
     workloads = [model_workload(a, meta.batch_size, name=n) for a, n in zip(archs, names, strict=True)]
     stats = backend.measure_many(workloads)
     measured = [s.latency_ms_median for s in stats]
-    calibration = fit_calibration(names, measured, predicted, fit_scale=fit_scale)
+    calibration = fit_calibration(names, measured, [c.raw_ms for c in compositions], fit_scale=fit_scale,
+                                  compositions=compositions, floors=floors)
     for item, arch in zip(calibration["models"], archs, strict=True):
         item["arch"] = arch.to_dict()
-    log.info("calibrated %s: scale %.4f, offset %.4f ms", calibration["method"], calibration["scale"],
-             calibration["offset_ms"])
+    log.info("calibrated %s: scale %.4f, offset %.4f ms, per block %.4f ms (%s)", calibration["method"],
+             calibration["scale"], calibration["offset_ms"], calibration["per_block_ms"], calibration["verdict"])
     return table.with_meta(calibration=calibration)

@@ -334,8 +334,11 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
     if models:
         raw = LatencyPredictor(table, calibrated=False)
         archs = [ArchSpec.from_dict(r["arch"]) for r in models]
+        floors = raw.floors_for(archs)
+        compositions = [raw.composition(a, floors) for a in archs]
         calibration = fit_calibration([r["name"] for r in models], [_median(r) for r in models],
-                                      [raw.predict_ms(a) for a in archs], fit_scale=options.fit_scale)
+                                      [c.raw_ms for c in compositions], fit_scale=options.fit_scale,
+                                      compositions=compositions, floors=floors)
         for item, r in zip(calibration["models"], models, strict=True):
             item["arch"] = r["arch"]
         table = table.with_meta(calibration=calibration)
