@@ -26,18 +26,27 @@ def _choice(enum_type: Any, value: str, option: str) -> Any:
 def variants_table(result: Any, accuracies: dict[str, float], unit: str) -> Table:
     table = Table(title=f"pruned variants (dense {result.dense_latency_ms:.4g} {unit}, "
                         f"smallest reachable {result.min_latency_ms:.4g} {unit})")
-    for col in ("variant", f"target {unit}", f"predicted {unit}", "step", "embed", "heads", "qk", "v", "mlp",
-                "params M", "val top-1"):
+    measured = result.measured_targets is not None
+    for col in ("variant", f"target {unit}", f"predicted {unit}", *((f"measured {unit}", "met") if measured else ()),
+                "step", "embed", "heads", "qk", "v", "mlp", "params M", "val top-1"):
         table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
     for v in result.variants:
         blocks = v.arch.blocks
         acc = accuracies.get(v.label)
+        extra = (("" if v.measured_ms is None else f"{v.measured_ms:.4g}",
+                  {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[v.target_met_measured]) if measured else ())
         table.add_row(
-            v.label, f"{v.target_ms:.4g}", f"{v.predicted_latency_ms:.4g}", str(v.step), str(v.arch.embed_dim),
+            v.label, f"{v.target_ms:.4g}", f"{v.predicted_latency_ms:.4g}", *extra, str(v.step),
+            str(v.arch.embed_dim),
             "/".join(str(b.heads) for b in blocks), "/".join(str(b.qk_dim) for b in blocks),
             "/".join(str(b.v_dim) for b in blocks), "/".join(str(b.mlp_dim) for b in blocks),
             f"{v.arch.num_params() / 1e6:.3f}", "" if acc is None else f"{100 * acc:.1f}%",
         )
+    if measured:
+        m = result.measured_targets
+        table.caption = (f"measured = drift-corrected median with the table's backend; {m['measurements']} "
+                         f"measurement(s), {m['seconds']:.1f} s; final correction measured/predicted "
+                         f"{m['correction']:.3f}")
     return table
 
 
@@ -108,6 +117,10 @@ def prune(
                                     "then runs in this process, seeded by the step, so --resume is exact)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Report val top-1 of each variant at the end."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    measure_targets: str = typer.Option("auto", "--measure-targets", help="Meet targets at measured latency: "
+                                        "time each variant where it crosses its target (the table's backend, "
+                                        "beside its own rows) and keep pruning while it misses. auto: when the "
+                                        "table's device is this machine; on: require it; off: predicted only."),
 ) -> None:
     """Prune a trained ViT globally (EMB, heads, QK, V, MLP) until its predicted latency meets every target,
     saving one sliced variant per target."""
@@ -133,6 +146,10 @@ def prune(
     spec = base.model.spec
     loaded = load_latency_predictor(local_lut(lut), spec, device=lut_device, precision=precision,
                                     batch_size=lut_batch_size)
+    from nvit.export.targets import MeasureTargets, choose_measurer
+
+    measurer, measuring = choose_measurer(_choice(MeasureTargets, measure_targets, "--measure-targets"),
+                                          getattr(loaded.predictor, "table", None))
     if target_latency and not loaded.has_time_unit:
         raise NvitError("--lut flops has no time unit; use --target-ratio, or give a latency table")
     config = PruneConfig(
@@ -153,7 +170,7 @@ def prune(
     try:
         with collective_errors(ctx):
             result = _run(ctx, base, loaded, config, data, batch_size, seed, num_workers, kd_weight,
-                          kd_temperature, out, resume)
+                          kd_temperature, out, resume, (measurer, measuring))
     finally:
         shutdown()
     if not ctx.is_main:
@@ -174,7 +191,7 @@ def prune(
 
 
 def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: int, seed: int, num_workers: int,
-         kd_weight: float, kd_temperature: float, out: Path, resume: bool) -> Any:
+         kd_weight: float, kd_temperature: float, out: Path, resume: bool, measuring: tuple[Any, str]) -> Any:
     from nvit.data import build_dataset
     from nvit.lut.accuracy import trust_warnings
     from nvit.pruning.batches import StepBatches
@@ -189,21 +206,23 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     teacher = frozen_teacher(base.model).to(ctx.device) if kd_weight > 0 else None
     loss_fn = distillation_loss_fn(teacher, weight=kd_weight, temperature=kd_temperature)
     unit = "ms" if loaded.has_time_unit else "x dense"
-    provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data, "world_size": ctx.world_size}
+    measurer, measuring_line = measuring
+    provenance = {"base": base.provenance, "lut": loaded.provenance, "data": data, "world_size": ctx.world_size,
+                  "targets_measured": measurer is not None}
     console = Console(stderr=True, quiet=not ctx.is_main)
     meta = getattr(loaded.predictor, "meta", None)  # the FLOPs predictor has none
     for warning in trust_warnings(meta, loaded.predictor) if meta is not None else ():
         console.print(f"[yellow]warning:[/] {warning}")
     schedule = plan_schedule(spec, config, loaded.predictor, batches.steps_per_epoch)
     console.print(plan_line(schedule, len(train_set), batch_size * ctx.world_size, unit))
+    console.print(measuring_line)
     warning = epochs_warning(schedule)
     if warning:
         console.print(f"[yellow]{warning}[/]")
     with PruneProgress(schedule, console, unit, disable=not ctx.is_main) as bar:
         return run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
                          loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=bar.on_step,
-                         device=ctx.device,
-                         distributed=ctx)
+                         device=ctx.device, distributed=ctx, measurer=measurer)
 
 
 def register(app: typer.Typer) -> None:

@@ -75,7 +75,7 @@ class PruneProgress:
         self.bar.__exit__(*exc)
 
     def on_step(self, r: Any) -> None:
-        """Show a :class:`~nvit.pruning.loop.StepReport`."""
+        """Show a :class:`~nvit.pruning.results.StepReport`."""
         self.clock.tick()
         done = r.step + 1
         total = self.schedule.total_steps_from(done, r.predicted_latency_ms)

@@ -7,7 +7,8 @@ moving average, groups are formed anew from them (:meth:`~nvit.pruning.groups.Pr
 ranked (``I − η·ΔLat`` with η fixed at the first step, saliency alone, ``I − η·ΔFLOPs``, or the
 latency-budgeted knapsack) and masked (gate 0) one at a time with the predicted latency recomputed after
 each, until the step has removed ``pace`` of the starting latency — or the next target is crossed, so that
-every variant lands just at its target. Crossing a target saves the sliced model as a variant; the run
+every variant lands just at its target. Crossing a target saves the sliced model as a variant — with a
+measurer, only once the variant *measures* within its target (:mod:`nvit.pruning.measured`); the run
 ends at the last (lowest) target. Widths never leave the latency table's measured grid
 (:mod:`nvit.pruning.grid`). Checkpoints make the run resumable exactly (:mod:`nvit.pruning.runstate`).
 """
@@ -40,7 +41,9 @@ from nvit.pruning.distributed import DistContext, all_reduce_scalars, barrier, c
 from nvit.pruning.grid import check_within, grid_minimums, measured_grid, removable_sublayers
 from nvit.pruning.groups import GroupLayout, PruneError, PruneState, widths_row
 from nvit.pruning.knapsack import knapsack_order
+from nvit.pruning.measured import MeasuredTargets, TargetMeasurer
 from nvit.pruning.regularizer import LatencyTradeoff, checked_deltas, gate_latency_deltas_ms, rank
+from nvit.pruning.results import PruneResult, SavedVariant, StepReport, variant_dict, variant_from_dict
 from nvit.pruning.saliency import SaliencyAccumulator, ScoreAverage, normalise
 from nvit.pruning.train import StepResult, parameter_groups, train_step
 
@@ -88,41 +91,6 @@ def resolve_targets(
     return tuple(sorted(out, key=lambda r: -r.latency_ms))
 
 
-@dataclass(frozen=True)
-class StepReport:
-    """What the loop tells its caller after every training step (for progress bars)."""
-
-    step: int
-    loss: float
-    accuracy: float
-    predicted_latency_ms: float
-    next_target_ms: float | None
-    pruned_groups: int
-    pruned_now: int
-    progress: float  # 0 at the start, 1 at the last target (by predicted latency)
-    saved: str | None  # label of the variant saved at this step
-
-
-@dataclass(frozen=True)
-class SavedVariant:
-    label: str
-    path: str
-    target_ms: float
-    predicted_latency_ms: float
-    step: int
-    arch: ArchSpec
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    out_dir: str
-    dense_latency_ms: float
-    min_latency_ms: float
-    variants: tuple[SavedVariant, ...]
-    steps: int
-    log_path: str
-
-
 def prune(
     model: VisionTransformer,
     *,
@@ -136,6 +104,7 @@ def prune(
     on_step: Callable[[StepReport], None] | None = None,
     device: torch.device | str | None = None,
     distributed: DistContext | None = None,
+    measurer: TargetMeasurer | None = None,
 ) -> PruneResult:
     """Prune ``model`` (dense or a variant) until its predicted latency meets every target in ``config``.
 
@@ -149,13 +118,16 @@ def prune(
     wrapped in DDP after its gates are created, so gate gradients (hence saliency) and weight gradients are
     averaged over ranks and every rank takes the same pruning decisions; logged loss and accuracy are
     reduced over ranks; only rank 0 writes files.
+
+    With a ``measurer`` each variant is timed where it crosses its target and saved only when its measured
+    latency meets it (:mod:`nvit.pruning.measured`; rank 0 measures, every rank follows its decision).
     """
     layout = pruning_layout(model.spec, config, predictor)
     targets = resolve_targets(config.targets, predictor, layout)
     out = Path(out_dir)
     has_state = runstate.check_out_dir(out, resume)
     run = _Run(model, layout, targets, config, predictor, out, provenance or {}, device,
-               distributed or current_context())
+               distributed or current_context(), measurer)
     if has_state:
         run.restore()
     if not run.done:
@@ -166,7 +138,8 @@ def prune(
 class _Run:
     def __init__(self, model: VisionTransformer, layout: GroupLayout, targets: tuple[ResolvedTarget, ...],
                  config: PruneConfig, predictor: Predictor, out: Path, provenance: Mapping[str, Any],
-                 device: torch.device | str | None, ctx: DistContext) -> None:
+                 device: torch.device | str | None, ctx: DistContext, measurer: TargetMeasurer | None = None
+                 ) -> None:
         self.model, self.layout, self.targets, self.config = model, layout, targets, config
         self.predictor, self.out, self.provenance = predictor, out, dict(provenance)
         self.ctx = ctx
@@ -198,6 +171,8 @@ class _Run:
         self.saved: list[SavedVariant] = []
         self.rows: list[dict[str, Any]] = []
         self.done = False
+        broadcast = all_reduce_scalars if ctx.is_distributed else list  # others add 0 to rank 0's figures
+        self.measured = MeasuredTargets(measurer, broadcast=broadcast, is_main=ctx.is_main)
 
     # ---- persistence ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -206,7 +181,8 @@ class _Run:
             "alive": torch.from_numpy(self.state.alive.copy()), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "saliency": self.saliency.state_dict(),
             "scores": self.scores.state_dict(), "eta": None if self.tradeoff is None else self.tradeoff.eta,
-            "groups_removed": self.groups_removed, "saved": [_variant_dict(v) for v in self.saved],
+            "groups_removed": self.groups_removed, "saved": [variant_dict(v) for v in self.saved],
+            "measured": self.measured.state_dict(),
         }
 
     def checkpoint(self) -> None:
@@ -229,7 +205,8 @@ class _Run:
             self.tradeoff.eta = st["eta"]
         self.groups_removed = int(st["groups_removed"])
         self.step, self.done = int(st["step"]), bool(st["done"])
-        self.saved = [_variant_from_dict(v) for v in st["saved"]]
+        self.saved = [variant_from_dict(v) for v in st["saved"]]
+        self.measured.load_state_dict(st.get("measured"))
         self.rows = runstate.read_log(self.out / runstate.LOG_FILE, self.step)
         self.latency_ms = self.predictor.predict_ms(self.state.spec())
         log.info("resuming %s at step %d (%d groups pruned)", self.out, self.step, self.state.num_pruned)
@@ -285,7 +262,8 @@ class _Run:
         cand = state.candidates(scores)
         if len(cand) == 0:
             raise PruneError("no group can be removed any more, yet a target is not met")
-        goal_ms = max(self.pending()[0].latency_ms, self.latency_ms - cfg.pace * self.dense_ms)
+        goal_ms = max(self.measured.goal_ms(self.pending()[0].latency_ms, self.min_ms),
+                      self.latency_ms - cfg.pace * self.dense_ms)
         if cfg.ranking is RankingMethod.KNAPSACK:
             deltas = checked_deltas(lay, cand, gate_latency_deltas_ms(lay, self.predictor, state.widths))
             order, eta = knapsack_order(cand, deltas, self.latency_ms - goal_ms), math.nan
@@ -312,14 +290,21 @@ class _Run:
     def save_crossed(self) -> str | None:
         labels = []
         for t in self.pending():
-            if self.latency_ms > t.latency_ms:
+            if self.latency_ms > self.measured.goal_ms(t.latency_ms, self.min_ms):
                 break
-            self.saved.append(self.save_variant(t))
+            sliced, measurement = slice_model(self.model).eval(), None
+            if self.measured.active:
+                decision = self.measured.measure(t.label, t.latency_ms, self.latency_ms, self.min_ms, self.step,
+                                                 self.state.spec(), sliced)
+                if not decision.save:
+                    break
+                measurement = decision.record
+            self.saved.append(self.save_variant(t, sliced, measurement))
             labels.append(t.label)
         return ",".join(labels) or None
 
-    def save_variant(self, target: ResolvedTarget) -> SavedVariant:
-        sliced = slice_model(self.model).eval()
+    def save_variant(self, target: ResolvedTarget, sliced: VisionTransformer,
+                     measurement: dict[str, Any] | None = None) -> SavedVariant:
         spec = self.state.spec()
         if sliced.spec.to_dict() != spec.to_dict():
             raise PruneError("the sliced model's widths differ from the pruning mask (internal error)")
@@ -338,10 +323,14 @@ class _Run:
             "dropped_blocks": [i for i, b in enumerate(self.state.block_specs()) if b is None],
             "nvit_version": __version__,
         }
+        if measurement is not None:
+            prov["measured_latency"] = {**measurement, "correction": self.measured.correction}
         if self.ctx.is_main:
             save_variant(sliced, folder, prov)
         log.info("saved %s: predicted %.4g ms <= target %.4g ms", folder, self.latency_ms, target.latency_ms)
-        return SavedVariant(target.label, str(folder), target.latency_ms, self.latency_ms, self.step, spec)
+        return SavedVariant(target.label, str(folder), target.latency_ms, self.latency_ms, self.step, spec,
+                            None if measurement is None else measurement["corrected_ms"],
+                            None if measurement is None else measurement["met"])
 
     def record(self, stats: StepResult, pruned_now: int, eta: float, prune_ms: float, saved: str | None
                ) -> StepReport:
@@ -366,25 +355,17 @@ class _Run:
         summary = {
             "out_dir": str(self.out), "dense_latency_ms": self.dense_ms, "min_latency_ms": self.min_ms,
             "steps": self.step, "config": self.config.to_dict(), "provenance": self.provenance,
-            "variants": [_variant_dict(v) for v in self.saved],
+            "variants": [variant_dict(v) for v in self.saved],
+            "measured_targets": self.measured.summary() if self.measured.active else None,
         }
         if self.ctx.is_main:
             runstate.write_run_summary(self.out, summary)
         barrier()
         return PruneResult(str(self.out), self.dense_ms, self.min_ms, tuple(self.saved), self.step,
-                           str(self.out / runstate.LOG_FILE))
+                           str(self.out / runstate.LOG_FILE),
+                           self.measured.summary() if self.measured.active else None)
 
 
 def _optimizer(model: VisionTransformer, config: PruneConfig) -> torch.optim.Optimizer:
     """AdamW over the weights (never the gates); no weight decay on norms, biases, tokens and positions."""
     return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
-
-
-def _variant_dict(v: SavedVariant) -> dict[str, Any]:
-    return {"label": v.label, "path": v.path, "target_ms": v.target_ms, "predicted_latency_ms": v.predicted_latency_ms,
-            "step": v.step, "arch": v.arch.to_dict()}
-
-
-def _variant_from_dict(d: Mapping[str, Any]) -> SavedVariant:
-    return SavedVariant(d["label"], d["path"], float(d["target_ms"]), float(d["predicted_latency_ms"]),
-                        int(d["step"]), ArchSpec.from_dict(d["arch"]))
