@@ -1,8 +1,9 @@
 """Benchmark: nvit's measurements on a quiet machine and on one with a busy neighbour.
 
 A *condition* is one code version (``--code``, the folder whose ``nvit`` package runs: an older checkout for
-"before") under one load (``none``, or ``spin``: one process spinning one core for the whole part, started
-before the part and stopped after it). Per condition, three parts, each cached in ``--work`` as a JSON file
+"before") under one load (``none``; ``spin``: one process spinning one core for the whole part, started
+before the part and stopped after it; ``spinall``: one such process per core, so nvit's own thread must
+wait for a CPU). Per condition, three parts, each cached in ``--work`` as a JSON file
 (a rerun skips the parts that are done):
 
 - ``profile``: ``nvit profile --space deit_tiny --threads 1`` (the table, under the load);
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-LOADS = ("none", "spin")
+LOADS = ("none", "spin", "spinall")
 PARTS = ("profile", "check", "demo")
 SPIN = "while True:\n    pass\n"
 _JIFFY_S = 1.0 / os.sysconf("SC_CLK_TCK")
@@ -52,9 +53,10 @@ def _children_cpu_s() -> float:
 def run_part(cmd: list[str], *, code: Path, load: str, log: Path) -> dict[str, Any]:
     """Run ``cmd`` (with ``code`` first on PYTHONPATH) under ``load``; its wall time and the CPU others used."""
     env = {**os.environ, "PYTHONPATH": str(code.resolve()), "PYTHONUNBUFFERED": "1"}
-    spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if load == "spin" else None
+    count = {"none": 0, "spin": 1, "spinall": os.cpu_count() or 1}[load]
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
     try:
-        time.sleep(0.5 if spinner else 0.0)
+        time.sleep(0.5 if spinners else 0.0)
         busy0, steal0 = _cpu_busy_s()
         own0, t0 = _children_cpu_s(), time.monotonic()
         with open(log, "w") as out:
@@ -63,7 +65,7 @@ def run_part(cmd: list[str], *, code: Path, load: str, log: Path) -> dict[str, A
         busy1, steal1 = _cpu_busy_s()
         own = _children_cpu_s() - own0
     finally:
-        if spinner:
+        for spinner in spinners:
             spinner.kill()
             spinner.wait()
     cores = os.cpu_count() or 1

@@ -42,6 +42,7 @@ class DemoConfig:
     reduced_space: bool = False
     threads: int = 1  # intra-op threads of ONNX Runtime and torch: one is steadiest on a shared CPU
     harness: dict[str, float] = field(default_factory=dict)  # overrides of the CPU timing protocol
+    measure_targets: bool = True  # time each variant where it crosses its target; prune on while it misses
     seed: int = 0
 
     @classmethod
@@ -157,13 +158,25 @@ def prune_stage(config: DemoConfig, base: VisionTransformer, table: Any, report:
     loss_fn = distillation_loss_fn(frozen_teacher(base), weight=0.5, temperature=2.0)
     batches = StepBatches(build_dataset(DATA, "train", base.spec), batch_size=64, seed=config.seed)
     report.stage("prune", total=1.0)
+    measurer = None
+    if config.measure_targets:
+        from nvit.export.targets import TableMeasurer
+
+        measurer = TableMeasurer(table)
     result = prune(
         _fresh_copy(base), config=prune_config, predictor=LatencyPredictor(table), data=batches, out_dir=out,
         loss_fn=loss_fn, resume=(out / STATE_FILE).is_file(),
         provenance={"base": "demo base (vit_test on digits)", "lut": str(config.out_dir / "lut.parquet")},
         on_step=lambda r: report.advance(r.progress, f"step {r.step}  pred {r.predicted_latency_ms:.4f} ms"
                                          f"  acc {100 * r.accuracy:.0f}%"),
+        measurer=measurer,
     )
+    if result.measured_targets is not None:
+        m = result.measured_targets
+        met = ", ".join(f"{v.label} {v.measured_ms:.4f} {'<=' if v.target_met_measured else '>'} "
+                        f"{v.target_ms:.4f} ms" for v in result.variants)
+        report.note(f"targets at measured latency (drift-corrected): {met}; {m['measurements']} measurements, "
+                    f"{m['seconds']:.1f} s, measured/predicted {m['correction']:.3f}")
     return result
 
 
@@ -272,8 +285,9 @@ def _run_stages(config: DemoConfig, report: Reporter, started: float) -> DemoRes
         report.advance(i + 1, f"{label}: max abs error {res.verify.max_abs_error:.2e}")
 
     report.stage("measure", total=None)
-    variants = [Variant(label, load_variant(folder).spec, load_variant(folder), str(folder), top1=top1)
-                for label, folder, _, top1 in models]
+    targets = {v.label: v.target_ms for v in pruned.variants}
+    variants = [Variant(label, load_variant(folder).spec, load_variant(folder), str(folder),
+                        target_ms=targets.get(label), top1=top1) for label, folder, _, top1 in models]
     comparison = compare_with_table(table, variants[0], variants[1:], same_device=True,
                                     progress=lambda m: report.advance(0.5, m))
     report_dir = config.out_dir / "report"

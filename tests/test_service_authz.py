@@ -175,11 +175,29 @@ def test_agents_act_only_with_their_token_and_on_their_leases(tmp_path) -> None:
         state = c["submit-a"].get(f"/v1/jobs/{job}").json()
         assert state["state"] == "leased" and state["agent_id"] == a and state["error"] is None
         assert c["agent-a"].post(f"/v1/jobs/{job}/heartbeat", json={"agent_id": a}).status_code == 200
-        # a measure result must time the job's models on the leasing agent's device
-        models = [{"name": "m", "stats": {}}]
+        # a measure result must time the job's models on the leasing agent's device, with sane figures
+        good = fk.stats(0.5).as_dict()
+        models = [{"name": "m", "stats": good, "predicted_ms": 0.4}]
+        here = fk.fake_device().to_dict()
+
+        def one(stats=None, **fields):
+            return {"models": [{"name": "m", "stats": {**good, **(stats or {})}, **fields}], "device": here}
+
         for result, text in [({"models": models, "device": fk.fake_device("Another CPU").to_dict()}, "Another CPU"),
                              ({"models": models}, "not given"),
-                             ({"models": [], "device": fk.fake_device().to_dict()}, "one each: m")]:
+                             ({"models": [], "device": here}, "one each: m"),
+                             (one({"latency_ms_median": -1.0}), "latency_ms_median must be a finite latency"),
+                             (one({"latency_ms_p90": "fast"}), "latency_ms_p90 must be a finite latency"),
+                             (one({"latency_ms_p99": 1e9}), "latency_ms_p99 must be a finite latency"),
+                             (one({"cov": -0.1}), "cov must be a finite number"),
+                             (one({"n_samples": 2.5}), "n_samples must be an integer"),
+                             (one({"n_samples": True}), "n_samples must be an integer"),
+                             (one({"latency_ms_p10": 0.9}), "quantiles are out of order"),
+                             (one({"gpu_secret": 1}), "unknown timing field"),
+                             (one({"stop_reason": "bribed"}), "stop_reason must be one of"),
+                             (one(predicted_ms=0.0), "predicted_ms must be a finite latency"),
+                             ({"models": [{"name": "m", "stats": [1, 2]}], "device": here}, "not an object"),
+                             (one({"latency_ms_std": None}), "latency_ms_std must be a finite number")]:
             response = c["agent-a"].post(f"/v1/jobs/{job}/complete", json={"agent_id": a, "result": result})
             assert response.status_code == 422 and text in problem_of(response)["detail"], result
         done = c["agent-a"].post(f"/v1/jobs/{job}/complete", json={"agent_id": a, "result": {

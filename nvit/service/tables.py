@@ -4,11 +4,13 @@ A latency table is a trust artifact: pruning decisions are made from it. So the 
 job must carry the device identity of the agent that leased the job (the fingerprint it registered with,
 thread count aside) and the job's backend, precision, batch size, token count and space fingerprint; and the
 job completes only with that table (:meth:`nvit.service.queue.JobQueue.complete`). A measure job's result
-times each of the job's models once, on the leasing agent's device.
+times each of the job's models once, on the leasing agent's device, and every figure it reports is typed,
+finite, positive where a latency and within bounds (:func:`timing_problem`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +54,10 @@ def check_measure_result(result: Mapping[str, Any], job: Mapping[str, Any], agen
     names = sorted(str(m.get("name")) if isinstance(m, dict) else "" for m in models)
     if names != wanted:
         raise unprocessable(f"a measure job's result lists its models, one each: {', '.join(wanted)}")
+    for m in models:
+        problem = timing_problem(m.get("stats"), m.get("predicted_ms"))
+        if problem:
+            raise unprocessable(f"a measure job's result for {m['name']}: {problem}")
     device = result.get("device")
     try:
         identity = DeviceFingerprint.from_dict(device).identity() if isinstance(device, dict) else None
@@ -61,6 +67,60 @@ def check_measure_result(result: Mapping[str, Any], job: Mapping[str, Any], agen
         found = _name(identity) if identity else "not given"
         raise unprocessable(f"the result's device is {found}, job {job['id']} was leased by agent {agent['id']} on "
                             f"{agent['device_name']}")
+
+
+#: Largest latency a result may report: a thousand seconds per inference is no measurement of a ViT.
+MAX_RESULT_MS = 1e6
+_MS_FIELDS = ("latency_ms_median", "latency_ms_mean", "latency_ms_p10", "latency_ms_p90", "latency_ms_p99")
+#: field -> (lowest, highest) for the other figures of a timing (latency fields: (0, MAX_RESULT_MS], exclusive 0)
+_BOUNDED = {"latency_ms_std": (0.0, MAX_RESULT_MS), "cov": (0.0, 100.0), "ci95_halfwidth_ms": (0.0, MAX_RESULT_MS),
+            "repeat_rel_spread": (0.0, 1e3), "contention": (0.0, 1e3)}
+_COUNTS = {"n_samples": (1, 10_000_000), "n_repeats": (1, 10_000), "runs_hit": (0, 10_000)}
+_STOP_REASONS = ("", "converged", "time_cap", "max_samples")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def timing_problem(stats: Any, predicted_ms: Any = None) -> str | None:
+    """What is wrong with one model's timing in an agent's result (``None``: nothing): every figure of a
+    :class:`~nvit.profiler.harness.TimingStats` typed, finite, within its bounds and consistent (p10 ≤ median
+    ≤ p90 ≤ p99), no unknown field; ``predicted_ms`` absent or a positive finite latency."""
+    if not isinstance(stats, Mapping):
+        return "its stats are not an object"
+    from nvit.profiler.harness import TimingStats
+
+    unknown = sorted(set(stats) - set(TimingStats.__dataclass_fields__))
+    if unknown:
+        return f"unknown timing field(s) {', '.join(map(str, unknown[:3]))}"
+    for key in (*_MS_FIELDS, "latency_ms_std", "cov", "ci95_halfwidth_ms", "n_samples"):
+        if key not in stats:
+            return f"{key} is missing"
+    for key in _MS_FIELDS:
+        v = stats[key]
+        if not _number(v) or not 0 < v <= MAX_RESULT_MS:
+            return f"{key} must be a finite latency in (0, {MAX_RESULT_MS:g}] ms, got {v!r}"
+    for key, (low, high) in _BOUNDED.items():
+        if key in stats and (not _number(stats[key]) or not low <= stats[key] <= high):
+            return f"{key} must be a finite number in [{low:g}, {high:g}], got {stats[key]!r}"
+    for key, (low, high) in _COUNTS.items():
+        v = stats.get(key, low)
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            return f"{key} must be an integer in [{low}, {high}], got {v!r}"
+    if stats.get("runs_hit", 0) > stats.get("n_repeats", 1):
+        return "runs_hit exceeds n_repeats"
+    if stats.get("stop_reason", "") not in _STOP_REASONS:
+        return f"stop_reason must be one of {', '.join(repr(r) for r in _STOP_REASONS)}"
+    if not isinstance(stats.get("settled", True), bool):
+        return "settled must be true or false"
+    p10, median, p90, p99 = (stats[k] for k in ("latency_ms_p10", "latency_ms_median", "latency_ms_p90",
+                                                 "latency_ms_p99"))
+    if not (p10 <= median * (1 + 1e-9) and median <= p90 * (1 + 1e-9) and p90 <= p99 * (1 + 1e-9)):
+        return "its quantiles are out of order (p10 <= median <= p90 <= p99)"
+    if predicted_ms is not None and (not _number(predicted_ms) or not 0 < predicted_ms <= MAX_RESULT_MS):
+        return f"predicted_ms must be a finite latency in (0, {MAX_RESULT_MS:g}] ms, got {predicted_ms!r}"
+    return None
 
 
 def _name(identity: Mapping[str, Any]) -> str:
