@@ -61,6 +61,7 @@ def stats(latency_ms: float) -> TimingStats:
                        latency_ms_p10=latency_ms * 0.99, latency_ms_p90=latency_ms * 1.02,
                        latency_ms_p99=latency_ms * 1.05, latency_ms_std=latency_ms * 0.01, cov=0.01,
                        ci95_halfwidth_ms=latency_ms * 0.005, n_samples=50, n_repeats=3, repeat_rel_spread=0.01,
+                       repeat_settle_gap=0.01,
                        stop_reason="converged")
 
 

@@ -65,6 +65,8 @@ def running_server(state: Path, env: dict[str, str], *args: str, cwd: Path | Non
 
     state.mkdir(parents=True, exist_ok=True)
     (state / SERVER_FILE).unlink(missing_ok=True)
+    if os.environ.get(SERVICE_DB_ENV) == "postgresql" and "--db" not in args:
+        args = (*args, "--db", session_database())  # the whole service suite on PostgreSQL
     log = state.parent / f"{state.name}-server.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nvit", "serve", "--state", str(state), "--port", "0", *args],
@@ -185,6 +187,24 @@ def postgres_server() -> Iterator[str]:
         if started:
             subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "stop"], **run)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+#: ``NVIT_TEST_SERVICE_DB=postgresql pytest tests/test_service_*.py``: every server a test starts without
+#: ``--db`` keeps its state in a fresh database of one PostgreSQL server shared by the session.
+SERVICE_DB_ENV = "NVIT_TEST_SERVICE_DB"
+_SESSION_PG: dict[str, Any] = {}
+
+
+def session_database() -> str:
+    """A fresh database on the session's PostgreSQL server (started at first use, stopped at exit)."""
+    if "url" not in _SESSION_PG:
+        import atexit
+
+        context = postgres_server()
+        _SESSION_PG["url"] = context.__enter__()
+        atexit.register(context.__exit__, None, None, None)
+    _SESSION_PG["n"] = _SESSION_PG.get("n", 0) + 1
+    return fresh_database(_SESSION_PG["url"], f"svc{_SESSION_PG['n']}")
 
 
 def fresh_database(server_url: str, name: str) -> str:

@@ -185,6 +185,7 @@ def test_robust_statistic_over_repeats(statistic, expected_ms):
     assert s.latency_ms_median == expected_ms and s.latency_ms_p99 == expected_ms
     assert s.n_repeats == 3 and s.n_samples == 10
     assert s.repeat_rel_spread == pytest.approx(3.0 / 1.0 - 1.0)
+    assert s.repeat_settle_gap == pytest.approx(2.0 / 1.0 - 1.0)  # what min of medians rests on: the two lowest
 
 
 def test_combine_pooled_and_stop_reason():

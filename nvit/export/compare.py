@@ -293,7 +293,9 @@ def measure_with_table(
             progress(f"measuring {len(workloads)} models with {backend.name}")
         with ConditionsMonitor(gpu_index=getattr(backend, "cuda_index", None)) as monitor:
             stats = measure_passes(backend, workloads, passes)
-        spread = sorted(s.repeat_rel_spread for s in stats)[len(stats) // 2] if stats else None
+        # the gap the robust statistic rests on (two lowest clean repeats), not max / min: one slow repeat of
+        # three does not move a minimum of medians
+        spread = sorted(s.repeat_settle_gap for s in stats)[len(stats) // 2] if stats else None
         hit = sum(s.runs_hit for s in stats) / max(1, sum(s.n_repeats for s in stats))
         conditions = monitor.conditions(repeat_spread=spread, runs_hit=hit)
         context = {"lut_identity": meta.identity(), "backend": backend.settings(), "versions": backend.versions(),

@@ -96,7 +96,7 @@ def export_model(model: VisionTransformer, options: ExportOptions, provenance: d
                          **timing_options(options, options.measure_backend)) as be:
             with ConditionsMonitor(gpu_index=getattr(be, "cuda_index", None)) as monitor:
                 timing = be.measure(Workload(model.spec.name or "model", model, shape))
-            conditions = monitor.conditions(repeat_spread=timing.repeat_rel_spread,
+            conditions = monitor.conditions(repeat_spread=timing.repeat_settle_gap,
                                             runs_hit=timing.runs_hit / max(1, timing.n_repeats)).to_dict()
             engine_meta = {**(engine_meta or {}), "timing_backend": be.settings(), "timing_versions": be.versions()}
     meta = _write_meta(out, model, options, report, timing, engine_meta, provenance, conditions)

@@ -58,7 +58,9 @@ class ConditionLimits:
 
     Shares are fractions: ``contention`` of wall time the measuring threads waited for a CPU; ``other_cpu`` of
     all cores' time used by other processes; ``steal`` of all cores' time taken by the hypervisor. ``drift``
-    is the sentinel's largest relative change, ``spread`` the median relative spread of a workload's repeats.
+    is the sentinel's largest relative change, ``spread`` the median over workloads of the gap between a
+    workload's two lowest clean repeat medians (what a minimum of medians rests on; one slow repeat of three
+    does not count).
     """
 
     contention_noisy: float = 0.02
@@ -260,7 +262,7 @@ def judge(c: Conditions, limits: ConditionLimits = DEFAULT_LIMITS) -> Conditions
         _grade(c.other_cpu, L.other_cpu_noisy, L.other_cpu_unusable, "other processes used"),
         _grade(c.steal, L.steal_noisy, L.steal_unusable, "hypervisor steal"),
         _grade(c.sentinel_drift, L.drift_noisy, L.drift_unusable, "sentinel drift"),
-        _grade(c.repeat_spread, L.spread_noisy, L.spread_unusable, "median spread of repeats"),
+        _grade(c.repeat_spread, L.spread_noisy, L.spread_unusable, "median gap between a model's two best repeats"),
     ]
     if c.throttle_events:
         graded.append((Verdict.NOISY, f"{c.throttle_events} thermal-throttle events"))
@@ -363,6 +365,7 @@ def sweep_conditions(sessions: Sequence[Mapping[str, Any]], sentinels: Sequence[
 
     stats = [p["stats"] for p in parts]
     drift = max((abs(float(s["drift"])) for s in sentinels), default=None)
-    spread = statistics.median(float(s.get("repeat_rel_spread", 0.0)) for s in stats) if stats else None
+    spread = (statistics.median(float(s.get("repeat_settle_gap", s.get("repeat_rel_spread", 0.0))) for s in stats)
+              if stats else None)
     hit = sum(1 for s in stats if s.get("runs_hit")) / len(stats) if stats else None
     return merge_sessions(sessions, sentinel_drift=drift, repeat_spread=spread, runs_hit=hit)

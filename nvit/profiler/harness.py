@@ -76,6 +76,7 @@ class TimingStats:
     contention: float = 0.0  # share of the chosen run's time its threads waited for a CPU
     runs_hit: int = 0  # sampling runs a neighbour hit (contention above the limit), of all runs timed
     settled: bool = True  # False: even the extra rounds left the clean repeats apart (or none clean)
+    repeat_settle_gap: float = 0.0  # the two lowest clean repeat medians' gap (what the statistic rests on)
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -311,11 +312,17 @@ def _clean(runs: Sequence[_Run], cfg: HarnessConfig) -> list[_Run]:
     return clean or list(runs)
 
 
-def _settled(runs: Sequence[_Run], cfg: HarnessConfig) -> bool:
+def _settle_gap(runs: Sequence[_Run], cfg: HarnessConfig) -> float:
+    """Relative gap between the two lowest clean repeat medians (0 with fewer than two clean repeats)."""
     clean = sorted(r.median_ms for r in runs if r.contention <= cfg.hit_contention)
-    if len(clean) < min(2, cfg.repeats):
+    return clean[1] / clean[0] - 1.0 if len(clean) >= 2 and clean[0] > 0 else 0.0
+
+
+def _settled(runs: Sequence[_Run], cfg: HarnessConfig) -> bool:
+    clean = sum(r.contention <= cfg.hit_contention for r in runs)
+    if clean < min(2, cfg.repeats):
         return False
-    return len(clean) < 2 or clean[0] <= 0 or clean[1] / clean[0] - 1.0 <= cfg.settle_rel
+    return _settle_gap(runs, cfg) <= cfg.settle_rel
 
 
 def _combine(runs: Sequence[_Run], cfg: HarnessConfig) -> TimingStats:
@@ -323,7 +330,8 @@ def _combine(runs: Sequence[_Run], cfg: HarnessConfig) -> TimingStats:
     spread = max(medians) / min(medians) - 1.0 if min(medians) > 0 else 0.0
     hit = sum(r.contention > cfg.hit_contention for r in runs)
     use = _clean(runs, cfg)
-    extra = {"n_repeats": len(runs), "repeat_rel_spread": spread, "runs_hit": hit, "settled": _settled(runs, cfg)}
+    extra = {"n_repeats": len(runs), "repeat_rel_spread": spread, "runs_hit": hit, "settled": _settled(runs, cfg),
+             "repeat_settle_gap": _settle_gap(runs, cfg)}
     if cfg.statistic is RobustStatistic.POOLED:
         not_converged = [r.stop for r in use if r.stop is not StopReason.CONVERGED]
         stop = not_converged[0] if not_converged else StopReason.CONVERGED

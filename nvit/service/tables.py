@@ -74,7 +74,7 @@ MAX_RESULT_MS = 1e6
 _MS_FIELDS = ("latency_ms_median", "latency_ms_mean", "latency_ms_p10", "latency_ms_p90", "latency_ms_p99")
 #: field -> (lowest, highest) for the other figures of a timing (latency fields: (0, MAX_RESULT_MS], exclusive 0)
 _BOUNDED = {"latency_ms_std": (0.0, MAX_RESULT_MS), "cov": (0.0, 100.0), "ci95_halfwidth_ms": (0.0, MAX_RESULT_MS),
-            "repeat_rel_spread": (0.0, 1e3), "contention": (0.0, 1e3)}
+            "repeat_rel_spread": (0.0, 1e3), "repeat_settle_gap": (0.0, 1e3), "contention": (0.0, 1e3)}
 _COUNTS = {"n_samples": (1, 10_000_000), "n_repeats": (1, 10_000), "runs_hit": (0, 10_000)}
 _STOP_REASONS = ("", "converged", "time_cap", "max_samples")
 
