@@ -173,8 +173,13 @@ def prune_stage(config: DemoConfig, base: VisionTransformer, table: Any, report:
     )
     if result.measured_targets is not None:
         m = result.measured_targets
-        met = ", ".join(f"{v.label} {v.measured_ms:.4f} {'<=' if v.target_met_measured else '>'} "
-                        f"{v.target_ms:.4f} ms" for v in result.variants)
+        def verdict(v: Any) -> str:
+            if not v.target_met_measured:
+                return f"{v.measured_ms:.4f} > {v.target_ms:.4f} ms (missed)"
+            within = "" if v.measured_ms <= v.target_ms else ", within the measurement's noise"
+            return f"{v.measured_ms:.4f} vs {v.target_ms:.4f} ms (met{within})"
+
+        met = ", ".join(f"{v.label} {verdict(v)}" for v in result.variants)
         report.note(f"targets at measured latency (drift-corrected): {met}; {m['measurements']} measurements, "
                     f"{m['seconds']:.1f} s, measured/predicted {m['correction']:.3f}")
     return result

@@ -66,7 +66,7 @@ def running_server(state: Path, env: dict[str, str], *args: str, cwd: Path | Non
     state.mkdir(parents=True, exist_ok=True)
     (state / SERVER_FILE).unlink(missing_ok=True)
     if os.environ.get(SERVICE_DB_ENV) == "postgresql" and "--db" not in args:
-        args = (*args, "--db", session_database())  # the whole service suite on PostgreSQL
+        args = (*args, "--db", state_db_url(state))  # the whole service suite on PostgreSQL
     log = state.parent / f"{state.name}-server.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nvit", "serve", "--state", str(state), "--port", "0", *args],
@@ -195,16 +195,25 @@ SERVICE_DB_ENV = "NVIT_TEST_SERVICE_DB"
 _SESSION_PG: dict[str, Any] = {}
 
 
-def session_database() -> str:
-    """A fresh database on the session's PostgreSQL server (started at first use, stopped at exit)."""
+def state_db_url(state: Path) -> str:
+    """The database of a server whose ``--state`` is ``state``: its SQLite file, or under
+    :data:`SERVICE_DB_ENV` a fresh database on the session's PostgreSQL server, the same one every time for
+    one ``state`` (tokens a test creates are where its server looks)."""
+    from nvit.service.store import sqlite_url
+
+    if os.environ.get(SERVICE_DB_ENV) != "postgresql":
+        return sqlite_url(state)
     if "url" not in _SESSION_PG:
         import atexit
 
         context = postgres_server()
         _SESSION_PG["url"] = context.__enter__()
         atexit.register(context.__exit__, None, None, None)
-    _SESSION_PG["n"] = _SESSION_PG.get("n", 0) + 1
-    return fresh_database(_SESSION_PG["url"], f"svc{_SESSION_PG['n']}")
+    bound = _SESSION_PG.setdefault("by_state", {})
+    key = str(Path(state).resolve())
+    if key not in bound:
+        bound[key] = fresh_database(_SESSION_PG["url"], f"svc{len(bound) + 1}")
+    return bound[key]
 
 
 def fresh_database(server_url: str, name: str) -> str:

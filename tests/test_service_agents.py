@@ -22,7 +22,7 @@ from nvit.profiler.parts import PartConfig
 from nvit.profiler.space import SearchSpace
 from nvit.service.auth import Scope, create_token
 from nvit.service.client import file_sha256
-from nvit.service.store import Store, sqlite_url
+from nvit.service.store import Store
 
 
 def profile_job(**changes) -> dict:
@@ -50,7 +50,7 @@ def test_profile_prune_and_compare_through_the_service(tmp_path, capsys, monkeyp
     torch.save(build_model(preset("vit_test"), seed=0).state_dict(), base)
     state = tmp_path / "state"
     state.mkdir()
-    store = Store.open(sqlite_url(state))  # with a token, every call needs one: the local agent gets its own
+    store = Store.open(se.state_db_url(state))  # with a token, every call needs one: the local agent gets its own
     token = create_token(store, "ci", [Scope.SUBMIT])
     store.close()
     monkeypatch.setenv("NVIT_TOKEN", token)

@@ -21,7 +21,7 @@ from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable
 from nvit.profiler.sweep import SweepOptions, run_sweep
 from nvit.service.auth import Scope, create_token
-from nvit.service.store import Store, sqlite_url
+from nvit.service.store import Store
 
 PROBLEM = "application/problem+json"
 NO_SUCH_SHA = "0" * 64
@@ -47,7 +47,7 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     state = root / "state"
     state.mkdir()
-    store = Store.open(sqlite_url(state))
+    store = Store.open(se.state_db_url(state))
     tokens = {s.value: create_token(store, f"{s.value}-user", [s]) for s in Scope}
     store.close()
     with se.running_server(state, se.env_for(root), "--max-model-mb", "2", "--max-table-mb", "1") as server:

@@ -60,7 +60,7 @@ def tables(tmp_path_factory):
 def tokened_server(root):
     state = root / "state"
     state.mkdir(parents=True)
-    store = Store.open(sqlite_url(state))
+    store = Store.open(se.state_db_url(state))
     tokens = {name: create_token(store, name, scopes) for name, scopes in TOKENS.items()}
     store.close()
     with se.running_server(state, se.env_for(root)) as server:
