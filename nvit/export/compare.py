@@ -79,12 +79,6 @@ class CompareReport:
     results: tuple[VariantResult, ...]
     context: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def order_conflicts(self) -> list[str]:
-        from nvit.export.trust import order_conflicts
-
-        return order_conflicts(self.results)
-
     def trust(self) -> Any:
         """How far these figures can be trusted (:class:`nvit.export.trust.Trust`)."""
         from nvit.export.trust import judge_report
@@ -327,18 +321,37 @@ def compare_with_table(
         if v.spec.num_tokens != meta.num_tokens:
             raise_tokens(v, meta.num_tokens)
     workloads = [Workload(v.name, v.module, image_shape(v.spec, meta.batch_size)) for v in models]
-    rows = reference_rows(table, references)
-    stats, context = measure_with_table(meta, workloads + reference_workloads(table, rows), same_device=same_device,
-                                        passes=passes, progress=progress)
     predictor = LatencyPredictor(table)
-    ratios = None
-    if rows:
-        drift = correction_from(rows, stats[len(models):])
-        context["drift"] = drift.to_dict()
-        ratios = {v.name: drift.ratio(mean_block_ms(predictor, v.spec)) for v in models}
-    by_name = dict(zip((v.name for v in models), stats, strict=False))
+    stats, context, ratios = measure_beside_references(table, workloads, [v.spec for v in models], predictor,
+                                                       rows=reference_rows(table, references),
+                                                       same_device=same_device, passes=passes, progress=progress)
+    by_name = dict(zip((v.name for v in models), stats, strict=True))
     return compare_variants(base, variants, predictor, lambda v: by_name[v.name], context=context,
-                            drift_ratios=ratios)
+                            drift_ratios=None if ratios is None else dict(zip(by_name, ratios, strict=True)))
+
+
+def measure_beside_references(
+    table: Any,
+    workloads: Sequence[Any],
+    specs: Sequence[ArchSpec],
+    predictor: Any,
+    *,
+    rows: Sequence[dict[str, Any]],
+    same_device: bool = True,
+    passes: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Any], dict[str, Any], list[float] | None]:
+    """Time ``workloads`` (models of ``specs``) with the table's settings (:func:`measure_with_table`), with
+    the table's reference ``rows`` re-timed in the same session (:mod:`nvit.export.drift`). Returns the
+    models' statistics, the context (with ``drift`` when rows were given) and each model's drift ratio at its
+    work size (``None`` without rows)."""
+    stats, context = measure_with_table(table.meta, [*workloads, *reference_workloads(table, rows)],
+                                        same_device=same_device, passes=passes, progress=progress)
+    if not rows:
+        return stats, context, None
+    drift = correction_from(rows, stats[len(workloads):])
+    context["drift"] = drift.to_dict()
+    return stats[:len(workloads)], context, [drift.ratio(mean_block_ms(predictor, s)) for s in specs]
 
 
 def raise_tokens(variant: Variant, num_tokens: int) -> None:

@@ -124,6 +124,4 @@ def _config(row: dict[str, Any]) -> Any:
 
 def mean_block_ms(predictor: Any, spec: Any) -> float:
     """A model's work size: the mean uncalibrated price of its blocks (what the references are sized by)."""
-    raw = predictor.composition(spec)
-    blocks = raw.raw_ms - float(predictor._fixed(spec.embed_dim))
-    return blocks / max(1, spec.depth)
+    return float(np.mean(predictor.raw_block_latencies_ms(spec)))

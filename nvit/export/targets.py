@@ -35,8 +35,7 @@ class TableMeasurer:
         self.predictor = LatencyPredictor(table)
 
     def __call__(self, spec: Any, model: Any) -> Any:
-        from nvit.export.compare import measure_with_table, row_uncertainty
-        from nvit.export.drift import correction_from, mean_block_ms, reference_workloads
+        from nvit.export.compare import measure_beside_references, row_uncertainty
         from nvit.profiler.base import Workload
         from nvit.profiler.workloads import image_shape
         from nvit.pruning.measured import TargetMeasurement
@@ -44,9 +43,9 @@ class TableMeasurer:
         started = time.perf_counter()
         meta = self.table.meta
         workload = Workload("pruned", model.eval(), image_shape(spec, meta.batch_size))
-        stats, _ = measure_with_table(meta, [workload, *reference_workloads(self.table, self.rows)],
-                                      same_device=True, passes=self.passes)
-        ratio = correction_from(self.rows, stats[1:]).ratio(mean_block_ms(self.predictor, spec)) if self.rows else 1.0
+        stats, _, ratios = measure_beside_references(self.table, [workload], [spec], self.predictor, rows=self.rows,
+                                                     passes=self.passes)
+        ratio = ratios[0] if ratios else 1.0
         measured = stats[0].latency_ms_median
         return TargetMeasurement(measured, measured / ratio, row_uncertainty(stats[0]), ratio,
                                  time.perf_counter() - started)

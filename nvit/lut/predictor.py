@@ -173,11 +173,15 @@ class LatencyPredictor(Predictor):
             floors = floors.lowered(float(np.nanmin(raw)), float(np.maximum(self._fixed(spec.embed_dim), 0.0)))
         return floors
 
+    def raw_block_latencies_ms(self, spec: ArchSpec) -> np.ndarray:
+        """``spec``'s blocks priced from the parts alone (no calibration)."""
+        return self._raw_blocks_ms(spec.embed_dim, *self._widths(spec))
+
     def composition(self, spec: ArchSpec, floors: Floors | None = None) -> Composition:
         """``spec`` as the calibration sees it: raw sum of parts and the shares of its parts (uncalibrated
         prices, whatever this predictor's calibration)."""
         floors = floors or self.floors
-        raw = self._raw_blocks_ms(spec.embed_dim, *self._widths(spec))
+        raw = self.raw_block_latencies_ms(spec)
         fixed = float(np.maximum(self._fixed(spec.embed_dim), 0.0))
         return Composition(raw_ms=float(raw.sum()) + fixed, blocks=float(floors.block_share(raw).sum()),
                            fixed=float(floors.fixed_share(fixed)))
