@@ -35,12 +35,30 @@ def test_vit_test_preset_counts_and_grids() -> None:
     assert space.embed_dims == (16, 32, 48, 64)
     assert space.heads == (1, 2, 3, 4) and space.qk_dims == (8, 16) and space.v_dims == (8, 16)
     assert space.mlp_dims == (8, 56, 104, 160, 208, 256)  # down to the pruning group size
-    assert space.counts() == {"attn": 64, "mlp": 24, "block": 8, "fixed": 4, "attn_block": 8, "mlp_block": 8}
-    assert len(space.configs()) == 116
-    assert len({c.key for c in space.configs()}) == 116  # keys are unique
+    # narrow blocks per e: 4 heads x 2 MLP widths full blocks (the smallest corner already sampled: +7),
+    # 4 attention-only (+3) and the 3 smallest MLP-only (+2) at q8/v8
+    assert space.counts() == {"attn": 64, "mlp": 24, "block": 8 + 28, "fixed": 4, "attn_block": 8 + 12,
+                              "mlp_block": 8 + 8}
+    assert len(space.configs()) == 116 + 48
+    assert len({c.key for c in space.configs()}) == 164  # keys are unique
     halves = space.one_half_block_configs()  # per e: the smallest and the largest of each half's grid
     assert [c.key for c in halves[:4]] == ["attn_block/e16/h1/q8/v8", "attn_block/e16/h4/q16/v16",
                                            "mlp_block/e16/m8", "mlp_block/e16/m256"]
+    narrow = [c.key for c in space.narrow_block_configs() if c.embed_dim == 64]
+    assert "block/e64/h4/q8/v8/m8" in narrow and "attn_block/e64/h4/q8/v8" in narrow  # the shapes §1 found off
+    assert "mlp_block/e64/m56" in narrow and "mlp_block/e64/m104" in narrow
+    assert all("/q8/v8" in k for k in narrow if not k.startswith("mlp_block"))
+    assert len(narrow) == 12
+
+
+def test_older_spaces_measure_no_narrow_blocks() -> None:
+    data = preset_space("vit_test").to_dict()
+    assert data["schema_version"] == 4 and data["narrow_blocks"] is True
+    old = {k: v for k, v in data.items() if k != "narrow_blocks"} | {"schema_version": 3}
+    space = SearchSpace.from_dict(old)
+    assert not space.narrow_blocks and space.narrow_block_configs() == [] and len(space.configs()) == 116
+    with pytest.raises(SpecError, match="narrow_blocks"):
+        SearchSpace.from_dict({**data, "narrow_blocks": "yes"})
 
 
 @pytest.mark.parametrize("name", ["deit_tiny", "deit_small", "deit_base"])
@@ -57,7 +75,7 @@ def test_deit_presets_cover_the_dense_model_on_aligned_grids(name: str) -> None:
     gaps = np.diff(space.mlp_dims)
     assert gaps[0] < gaps[-1] / 4  # measured densely at the narrow end, where pruned blocks end
     # The profiling budget on 2 CPU cores (about 1.5 s per configuration): well under an hour.
-    assert len(space.configs()) <= 700
+    assert len(space.configs()) <= 800
     assert space.sentinel() == space.largest_block(dense.embed_dim)
 
 
@@ -143,7 +161,8 @@ def test_hand_written_json_with_preset_base(tmp_path) -> None:
                                 "v_dims": [16], "mlp_dims": [128, 256], "precision": "fp16"}))
     space = resolve_space(str(path), batch_size=8)
     assert space.base == preset("vit_test") and space.batch_size == 8 and space.precision is Precision.FP16
-    assert space.counts() == {"attn": 4, "mlp": 4, "block": 6, "fixed": 2, "attn_block": 4, "mlp_block": 4}
+    # + 2 narrow full blocks (h1 and h4 at q16/v16 with the other MLP width than their corners)
+    assert space.counts() == {"attn": 4, "mlp": 4, "block": 6 + 2, "fixed": 2, "attn_block": 4, "mlp_block": 4}
 
 
 @pytest.mark.parametrize(

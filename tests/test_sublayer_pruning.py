@@ -346,3 +346,62 @@ def test_removed_sublayers_round_trip_train_prune_finetune_export_compare(tables
     row = next(m for m in report["results"] if m["name"] == "tuned")
     assert row["measured_ms"] == pytest.approx(fk.model_ms(load_variant(tuned).spec), rel=1e-9)
     assert row["predicted_ms"] == pytest.approx(row["measured_ms"], rel=1e-6)
+
+
+class OneShapeSlowBackend(fk.FakeBackend):
+    """The fake device, except that an attention-only block of 4 heads × Q/K 8 / V 8 at e 64 takes 25% more
+    than its half says, in a row and inside a model alike (what §2b measured on the CPU for that shape)."""
+
+    SLOW = 1.25
+
+    @staticmethod
+    def slow(e: int, b: BlockSpec) -> bool:
+        return (e, b.heads, b.qk_dim, b.v_dim, b.mlp_dim) == (64, 4, 8, 8, 0)
+
+    def latency_of(self, workload) -> float:
+        config = getattr(workload.module, "nvit_config", None)
+        if config is not None:
+            extra = self.SLOW - 1 if (config.kind.value == "attn_block" and self.slow(
+                config.embed_dim, BlockSpec(config.heads, config.qk_dim, config.v_dim, 0))) else 0.0
+            return fk.config_ms(config) * (1 + extra)
+        spec = workload.module.spec
+        extra = sum(fk.block_ms(spec.embed_dim, b.heads, b.qk_dim, b.v_dim, b.mlp_dim) * (self.SLOW - 1)
+                    for b in spec.blocks if self.slow(spec.embed_dim, b))
+        return fk.model_ms(spec) + fk.SCALE * extra
+
+
+def test_narrow_blocks_price_the_shapes_pruning_reaches_from_their_own_rows(tmp_path) -> None:
+    from nvit.profiler.sweep import SweepOptions, run_sweep
+
+    predictors = {}
+    for narrow in (False, True):
+        with OneShapeSlowBackend() as backend:
+            path = run_sweep(fk.tiny_space(half_blocks_per_embed=2, narrow_blocks=narrow), backend,
+                             tmp_path / f"narrow_{narrow}.parquet", device=fk.fake_device(),
+                             options=SweepOptions(calibration_models=4)).path
+        predictors[narrow] = LatencyPredictor(LatencyTable.load(path))
+    slow = BlockSpec(4, 8, 8, 0)
+    spec = ArchSpec(embed_dim=64, blocks=(slow, slow, BlockSpec(2, 8, 8, 64)), img_size=8, patch_size=2,
+                    in_chans=1, num_classes=10, qk_scale=0.25)
+    truth = fk.model_ms(spec) + fk.SCALE * 2 * (OneShapeSlowBackend.SLOW - 1) * fk.block_ms(64, 4, 8, 8, 0)
+    # without narrow rows the one-half fit (through its two corners) prices the slow shape like any other
+    assert predictors[False].predict_ms(spec) / truth - 1 < -0.08
+    # with them, that block is its own row, and the other blocks are the model's as before
+    with_rows = predictors[True]
+    assert len(with_rows.measured_blocks) > len(predictors[False].measured_blocks)
+    assert with_rows.predict_ms(spec) == pytest.approx(truth, rel=0.01)
+    raw = with_rows.raw_block_latencies_ms(spec)
+    assert raw[0] == pytest.approx(OneShapeSlowBackend.SLOW * fk.block_ms(64, 4, 8, 8, 0), rel=1e-9)
+    assert raw[2] == pytest.approx(fk.block_ms(64, 2, 8, 8, 64), rel=1e-9)
+    # the price of removing the MLP of a 4 × q8/v8 block now includes the slow shape it leads to
+    deltas = with_rows.sublayer_deltas_ms(64, (BlockSpec(4, 8, 8, 64),))
+    expected = fk.block_ms(64, 4, 8, 8, 64) - OneShapeSlowBackend.SLOW * fk.block_ms(64, 4, 8, 8, 0)
+    assert deltas.mlp_ms[0] == pytest.approx(with_rows.scale * expected, rel=0.02)
+    # `lut show` says how many blocks are priced by their rows and where the model alone is furthest off
+    from nvit.commands.lut import measured_blocks_line
+
+    line = measured_blocks_line(LatencyPredictor(LatencyTable.load(tmp_path / "narrow_True.parquet"),
+                                                 calibrated=False))
+    assert f"{len(with_rows.measured_blocks)} measured blocks" in line and "(e64/h4/q8/v8)" in line
+    gap = dict(with_rows.measured_blocks.model_gaps_pct(with_rows))["e64/h4/q8/v8"]
+    assert gap > 10

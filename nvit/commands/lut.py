@@ -60,6 +60,7 @@ def show(lut: Path = _LUT_ARG) -> None:
                                            rows=f"{kind.value} rows"))
         if raw.removal_unavailable:
             console.print(f"[yellow]sub-layer removal unavailable:[/] {raw.removal_unavailable}")
+        console.print(measured_blocks_line(raw))
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
     console.print(f"sentinel {meta.protocol.get('sentinel', '?')}: re-timed {len(meta.sentinel)}x, "
                   f"max drift {drift * 100:.1f}%; profiling time {meta.profile_seconds_total:.0f} s")
@@ -81,6 +82,18 @@ def interaction_line(interaction: Any, *, block: str = "block", halves: str = "h
         return (f"{block} = {i.slope:.3f} x {halves} (mean ratio of {i.blocks} {rows} of too similar sizes for a "
                 f"size-dependent fit; mean residual {i.residual_pct_mean_abs:.1f}%)")
     return f"{block} = sum of {halves} (no {rows} measured)"
+
+
+def measured_blocks_line(predictor: Any) -> str:
+    """How many blocks the table prices by their own rows, and how far those rows are from the block model at
+    the narrow shapes (the largest misses are where the model alone would misprice a pruned block)."""
+    n = len(predictor.measured_blocks)
+    if not n:
+        return "no block is priced by its own row"
+    gaps = predictor.measured_blocks.model_gaps_pct(predictor)
+    worst = max(gaps, key=lambda kv: abs(kv[1])) if gaps else None
+    tail = f"; largest gap to the block model {worst[1]:+.1f}% ({worst[0]})" if worst else ""
+    return f"{n} measured blocks (full and one-half) are priced by their own rows{tail}"
 
 
 def calibration_line(table: Any) -> str:

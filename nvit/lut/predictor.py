@@ -10,6 +10,9 @@ in its widths, so the interpolation only has to absorb how efficiency changes wi
 ``overhead(e)`` are the interaction measured on full blocks of every size (a block is one call instead of
 two, and its halves share the caches): :mod:`nvit.lut.interaction`.
 
+A block the table measured (a full or one-half block row, such as the narrow shapes pruning reaches) is priced
+by its own row instead: :mod:`nvit.lut.measured_blocks`.
+
 A block that kept one sub-layer only (pruning removed the other) is priced from the table's measured
 one-half blocks (``attn_block`` / ``mlp_block`` rows): ``one_half = slope' · half + overhead'(e)``, one such
 interaction per sub-layer fitted like the full-block one, so the price of removing a sub-layer is the
@@ -46,6 +49,7 @@ from nvit.lut.calibration import (  # noqa: F401  (fit_calibration, MIN_SCALE_SP
 )
 from nvit.lut.grid import GridReport, GridStatus, MeasuredGrid
 from nvit.lut.interaction import BlockInteraction
+from nvit.lut.measured_blocks import MeasuredBlocks
 from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible
 from nvit.vocab import ONE_HALF_BLOCKS, PartKind
 
@@ -129,6 +133,7 @@ class LatencyPredictor(Predictor):
                 half_ms = (self.attn_ms(e, *(part[c].to_numpy() for c in ("heads", "qk_dim", "v_dim")))
                            if half is PartKind.ATTN else self.mlp_ms(e, part["mlp_dim"].to_numpy()))
                 self.one_half[kind] = BlockInteraction.fit(e, half_ms, part[LATENCY_COLUMN].to_numpy(dtype=float))
+        self.measured_blocks = MeasuredBlocks.from_rows(rows, LATENCY_COLUMN)
         self.grid = MeasuredGrid.from_table(table)
         self.warn_outside = True  # log extrapolation (a caller that reports the grid itself turns it off)
         self._warned: set[tuple[str, bool, bool]] = set()
@@ -160,6 +165,8 @@ class LatencyPredictor(Predictor):
         for kind, half in ((PartKind.ATTN_BLOCK, attn_min), (PartKind.MLP_BLOCK, mlp_min)):
             if kind in self.one_half:
                 candidates.append(self.one_half[kind](embeds, half))
+        if self.measured_blocks.smallest_ms is not None:
+            candidates.append(np.array([self.measured_blocks.smallest_ms]))
         block = float(np.min(np.concatenate(candidates)))
         fixed = float(np.min(np.maximum(self._fixed.values, 0.0)))
         return Floors(block_ms=block, fixed_ms=fixed)
@@ -214,6 +221,10 @@ class LatencyPredictor(Predictor):
         return self.scale * raw + self.per_block_ms * self.floors.block_share(raw)
 
     def _raw_blocks_ms(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
+        return self.measured_blocks.override(e, h, q, v, m, self.modelled_blocks_ms(e, h, q, v, m))
+
+    def modelled_blocks_ms(self, e: Any, h: Any, q: Any, v: Any, m: Any) -> np.ndarray:
+        """Raw block prices from the block model alone (halves and interactions), ignoring measured block rows."""
         e, h, q, v, m = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (e, h, q, v, m)))
         has_attn, has_mlp = h > 0, m > 0
         attn = np.where(has_attn, self.attn_ms(e, h, q, v), 0.0)

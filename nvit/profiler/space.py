@@ -11,6 +11,10 @@ and a precision. It expands into separable sub-tables (DESIGN.md §4):
 - ``attn_block`` / ``mlp_block``: per ``e``, a few blocks that kept only their attention or only their MLP
   (the smallest and the largest of the half's grid, then random ones): what a block costs once a pruning
   run has removed one of its sub-layers, measured rather than extrapolated to zero width;
+- narrow blocks: per ``e``, full and one-half blocks at the narrow end a pruning run reaches (the smallest
+  head counts at the smallest Q/K and V widths, with the smallest MLP widths or none; MLP-only blocks at the
+  smallest MLP widths). There a block is furthest from the sum of its halves (one attention shape is faster
+  alone than inside a block) and the predictor prices a block the table measured by its own row;
 - ``fixed``: patch embedding + tokens + final norm + head(s), once per ``e``.
 
 Presets are derived from the architecture presets (recipes in :mod:`nvit.profiler.grids`); custom spaces
@@ -55,8 +59,14 @@ __all__ = [
     "uniform_arch", "with_overrides",
 ]
 
-SPACE_SCHEMA_VERSION = 3  # 3: one-half blocks (half_blocks_per_embed); 2: full blocks' smallest corner
-READABLE_SPACE_VERSIONS = (1, 2, 3)
+SPACE_SCHEMA_VERSION = 4  # 4: narrow blocks; 3: one-half blocks (half_blocks_per_embed); 2: smallest corner
+READABLE_SPACE_VERSIONS = (1, 2, 3, 4)
+#: Narrow blocks: full blocks at the smallest ``NARROW_MLP_WIDTHS`` MLP widths, MLP-only blocks at the smallest
+#: ``NARROW_MLP_ONLY_WIDTHS`` (every head count, smallest Q/K and V widths, for full and attention-only ones).
+NARROW_MLP_WIDTHS = 2
+NARROW_MLP_ONLY_WIDTHS = 3
+#: ... at the smallest ``NARROW_HEADS`` head counts (a wide model's head grid is long; pruning ends at its start).
+NARROW_HEADS = 4
 #: One-half blocks per embedding width and sub-layer in a new space (spaces older than version 3 have none).
 DEFAULT_HALF_BLOCKS_PER_EMBED = 2
 SPACE_FILE_KIND = "nvit.space"
@@ -75,6 +85,7 @@ class SearchSpace:
     mlp_dims: tuple[int, ...]
     blocks_per_embed: int = 3
     half_blocks_per_embed: int = DEFAULT_HALF_BLOCKS_PER_EMBED
+    narrow_blocks: bool = True
     sample_seed: int = 0
     batch_size: int = 1
     precision: Precision = Precision.FP32
@@ -94,6 +105,8 @@ class SearchSpace:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SpecError(f"space {key} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.narrow_blocks, bool):
+            raise SpecError(f"space narrow_blocks must be true or false, got {self.narrow_blocks!r}")
         if not positive_int(self.batch_size):
             raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         try:
@@ -169,6 +182,26 @@ class SearchSpace:
                 out += chosen
         return out
 
+    def narrow_block_configs(self) -> list[PartConfig]:
+        """Per ``e``, the narrow shapes a pruning run reaches (none unless ``narrow_blocks``): each of the smallest
+        head counts at the smallest Q/K and V widths as a full block with each of the smallest MLP widths and as an
+        attention-only block (one-half blocks only where the space measures them), and MLP-only blocks at the
+        smallest MLP widths. Configurations the other samples already hold are left out."""
+        if not self.narrow_blocks:
+            return []
+        taken = set(self.block_configs()) | set(self.one_half_block_configs())
+        out: list[PartConfig] = []
+        q, v, heads = self.qk_dims[0], self.v_dims[0], self.heads[:NARROW_HEADS]
+        for e in self.embed_dims:
+            chosen = [PartConfig(PartKind.BLOCK, e, heads=h, qk_dim=q, v_dim=v, mlp_dim=m)
+                      for m in self.mlp_dims[:NARROW_MLP_WIDTHS] for h in heads]
+            if self.has_one_half_blocks:
+                chosen += [PartConfig(PartKind.ATTN_BLOCK, e, heads=h, qk_dim=q, v_dim=v) for h in heads]
+                chosen += [PartConfig(PartKind.MLP_BLOCK, e, mlp_dim=m)
+                           for m in self.mlp_dims[:NARROW_MLP_ONLY_WIDTHS]]
+            out += [c for c in chosen if c not in taken]
+        return out
+
     @property
     def has_one_half_blocks(self) -> bool:
         """Whether tables of this space can price removing a whole sub-layer."""
@@ -177,13 +210,15 @@ class SearchSpace:
     def configs(self) -> list[PartConfig]:
         """Every configuration of the space, in a canonical order (the sweep shuffles it)."""
         return (self.attn_configs() + self.mlp_configs() + self.block_configs() + self.fixed_configs()
-                + self.one_half_block_configs())
+                + self.one_half_block_configs() + self.narrow_block_configs())
 
     def counts(self) -> dict[str, int]:
-        halves = self.one_half_block_configs()
+        narrow = self.narrow_block_configs()
+        halves = self.one_half_block_configs() + narrow
         return {
             PartKind.ATTN.value: len(self.attn_configs()), PartKind.MLP.value: len(self.mlp_configs()),
-            PartKind.BLOCK.value: len(self.block_configs()), PartKind.FIXED.value: len(self.fixed_configs()),
+            PartKind.BLOCK.value: len(self.block_configs()) + sum(c.kind is PartKind.BLOCK for c in narrow),
+            PartKind.FIXED.value: len(self.fixed_configs()),
             PartKind.ATTN_BLOCK.value: sum(c.kind is PartKind.ATTN_BLOCK for c in halves),
             PartKind.MLP_BLOCK.value: sum(c.kind is PartKind.MLP_BLOCK for c in halves),
         }
@@ -231,6 +266,8 @@ class SearchSpace:
         kwargs = {k: v for k, v in data.items() if k not in ("schema_version", "kind")}
         if version < 3:  # older spaces measured no one-half blocks; reading one must not change what it measures
             kwargs.setdefault("half_blocks_per_embed", 0)
+        if version < 4:  # nor narrow blocks
+            kwargs.setdefault("narrow_blocks", False)
         base = kwargs["base"]
         if isinstance(base, str):
             if base not in preset_names():
