@@ -94,6 +94,7 @@ class Context:
         torch.set_num_threads(1)
         self.s = s
         self.base_dir = base_dir
+        self.lut = lut
         self.base = load_variant(base_dir)
         self.predictor = load_predictor(lut)
         spec = self.base.spec
@@ -119,6 +120,7 @@ def prune_config(s: Settings, method: str, seed: int, targets: tuple[float, ...]
     others prune widths only, as this benchmark's methods always did)."""
     from nvit.pruning.config import PruneConfig, RankingMethod, Sublayer, Target
 
+    method = method.removesuffix("_mt")  # measured targets change the run, not its config
     name, removes = method.removesuffix("_rm"), method.endswith("_rm")
     ranking, weight = name, 1.0
     if name.startswith(("latency_l", "flops_l")):
@@ -178,8 +180,15 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
     out_dir = folder / "prune"
     if not (out_dir / RUN_FILE).is_file():
         data = StepBatches(ctx.train, batch_size=s.batch_size, seed=seed)
+        measurer = None
+        if method.endswith("_mt"):  # targets met at measured latency: the table's backend, beside its rows
+            from nvit.export.targets import TableMeasurer
+            from nvit.lut.table import LatencyTable
+
+            measurer = TableMeasurer(LatencyTable.load(ctx.lut))
         prune(load_variant(ctx.base_dir), config=prune_config(s, method, seed, targets), predictor=ctx.predictor,
-              data=data, out_dir=out_dir, loss_fn=ctx.loss(), resume=(out_dir / STATE_FILE).is_file())
+              data=data, out_dir=out_dir, loss_fn=ctx.loss(), resume=(out_dir / STATE_FILE).is_file(),
+              measurer=measurer)
     summary = read_run_summary(out_dir)
     frame = pd.read_parquet(out_dir / "prune_log.parquet")
     steps = frame[frame["pruned_now"] > 0]
@@ -188,6 +197,21 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
     ratios = sorted(targets, reverse=True)
     return [(r, load_variant(v["path"]), int(v["step"]) + 1)
             for r, v in zip(ratios, summary["variants"], strict=True)], step_log
+
+
+def measured_loop(folder: Path) -> dict[str, Any] | None:
+    """What measuring targets in the loop did in a run (``None`` when it did not): its correction, how many
+    measurements and seconds it took, every measurement, and each saved variant's measured latency."""
+    from nvit.pruning.runstate import RUN_FILE, read_run_summary
+
+    if not (folder / "prune" / RUN_FILE).is_file():
+        return None
+    summary = read_run_summary(folder / "prune")
+    loop = summary.get("measured_targets")
+    if not loop:
+        return None
+    return {**loop, "variants": [{k: v.get(k) for k in ("label", "target_ms", "predicted_latency_ms", "measured_ms",
+                                                           "target_met_measured")} for v in summary["variants"]]}
 
 
 def run_one(base_dir: str, lut: str, s: Settings, work: str, method: str, seed: int) -> str:
@@ -228,7 +252,8 @@ def run_one(base_dir: str, lut: str, s: Settings, work: str, method: str, seed: 
         rows.append(row)
     reached = {r["target_ratio"] for r in rows}
     doc = {"method": method, "seed": seed, "settings": asdict(s), "rows": rows, "prune_steps_log": step_log,
-           "unreachable": [t for t in s.targets if t not in reached], "cpu_seconds": time.process_time() - started}
+           "unreachable": [t for t in s.targets if t not in reached], "cpu_seconds": time.process_time() - started,
+           "measured_loop": measured_loop(folder)}
     atomic_write_text(rows_path, json.dumps(doc, indent=1, default=float) + "\n")
     log(f"{method} seed {seed}: done in {doc['cpu_seconds']:.0f} CPU s")
     return str(rows_path)

@@ -20,9 +20,11 @@ with one-half blocks, e.g. the demo's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from multiprocessing import get_context
@@ -35,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import prune_fashion as pf
 
-METHODS = ("knapsack", "knapsack_rm", "latency_l3", "latency_l3_rm", "saliency", "saliency_rm", "depth")
+METHODS = ("knapsack", "knapsack_rm", "latency_l3", "latency_l3_rm", "saliency", "saliency_rm", "depth",
+           "knapsack_rm_mt", "saliency_rm_mt")
+#: Run order: the default and its nearest rivals first, then the measured-target runs (alone, under the
+#: measurement lock: they time models), then the rest; a stopped run stage leaves the most useful part done.
+FIRST = ("knapsack_rm", "saliency_rm", "knapsack", "saliency")
+MEASURED = ("knapsack_rm_mt", "saliency_rm_mt")
 SETTINGS = replace(pf.Settings(), targets=(0.8, 0.65, 0.5, 0.35, 0.25, 0.2))
 QUICK = replace(pf.QUICK, targets=(0.8, 0.5, 0.3))
 #: The accuracy bar of "the lowest latency a method reaches" (test top-1 after fine-tuning).
@@ -43,16 +50,45 @@ ACCURACY_BAR = 0.85
 
 
 def run_stage(args: argparse.Namespace, s: pf.Settings) -> None:
-    todo = [(m, seed) for seed in s.seeds for m in METHODS
-            if not (args.work / "runs" / m / f"seed{seed}" / "rows.json").is_file()]
-    pf.log(f"{len(todo)} runs to do")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"),
-                             initializer=pf._worker_init) as pool:
-        futures = [pool.submit(pf.run_one, str(args.base), str(args.lut), s, str(args.work), m, seed)
-                   for m, seed in todo]
-        for f in futures:
-            f.result()
+    def todo(methods: tuple[str, ...]) -> list[tuple[str, int]]:
+        return [(m, seed) for m in methods for seed in s.seeds
+                if not (args.work / "runs" / m / f"seed{seed}" / "rows.json").is_file()]
+
+    rest = tuple(m for m in METHODS if m not in FIRST + MEASURED)
+    for methods, jobs, locked in ((FIRST, args.jobs, False), (MEASURED, 1, True), (rest, args.jobs, False)):
+        runs = todo(methods)
+        if not runs:
+            continue
+        pf.log(f"{len(runs)} runs to do ({', '.join(methods)}; {jobs} at a time{', under the lock' if locked else ''})")
+        with _lock(args.lock if locked else None):
+            if jobs == 1:  # one at a time: in this process
+                for m, seed in runs:
+                    pf.run_one(str(args.base), str(args.lut), s, str(args.work), m, seed)
+                continue
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                     initializer=pf._worker_init) as pool:
+                futures = [pool.submit(pf.run_one, str(args.base), str(args.lut), s, str(args.work), m, seed)
+                           for m, seed in runs]
+                for f in futures:
+                    f.result()
     pf.log("all runs done")
+
+
+@contextlib.contextmanager
+def _lock(path: Path | None) -> Iterator[None]:
+    """Hold the measurement lock file (``flock``) while runs that time models go on."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        pf.log(f"waiting for {path}")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _removed(arch: dict[str, Any], base_depth: int) -> dict[str, float]:
@@ -94,12 +130,35 @@ def report_stage(args: argparse.Namespace, s: pf.Settings) -> None:
                 out[m] = per_seed
         return out
 
-    width_and_rm = tuple(m for m in METHODS)
-    below_floor = tuple(m for m in METHODS if m.endswith("_rm") or m == "depth")
-    comparison = {stage: {"all_vs_saliency": st.compare_methods(curves(width_and_rm, stage), "saliency"),
-                          "below_width_floor_vs_saliency_rm": st.compare_methods(curves(below_floor, stage),
-                                                                                 "saliency_rm")}
+    def compare(methods: tuple[str, ...], reference: str, stage: str) -> dict[str, Any] | None:
+        c = curves(methods, stage)
+        return st.compare_methods(c, reference) if reference in c and len(c) > 1 else None
+
+    open_loop = tuple(m for m in METHODS if not m.endswith("_mt"))
+    below_floor = tuple(m for m in open_loop if m.endswith("_rm") or m == "depth")
+    pairs = {"removal_vs_width_only": [(f"{m}_rm", m) for m in ("knapsack", "latency_l3", "saliency")],
+             "measured_vs_open_loop": [(f"{m}_mt", m) for m in ("knapsack_rm", "saliency_rm")]}
+    comparison = {stage: {"all_vs_saliency": compare(open_loop, "saliency", stage),
+                          "below_width_floor_vs_saliency_rm": compare(below_floor, "saliency_rm", stage),
+                          **{f"{key}/{a}": compare((a, b), b, stage) for key, items in pairs.items()
+                             for a, b in items}}
                   for stage in ("after", "before")}
+    dense_ms = base["predicted_ms"]
+    for r in rows:  # the target each variant was pruned to, and whether the final session met it
+        r["target_ms"] = r["target_ratio"] * dense_ms
+        r["measured_over_target"] = r["measured_ms"] / r["target_ms"]
+        r["predicted_error"] = r["predicted_ms"] / r["measured_ms"] - 1
+    targets_met = {}
+    for m in METHODS:
+        rs = [r for r in rows if r["method"] == m]
+        if rs:
+            over = np.array([r["measured_over_target"] for r in rs])
+            targets_met[m] = {"variants": len(rs), "met": int((over <= 1).sum()),
+                              "met_within_3pct": int((over <= 1.03).sum()),
+                              "worst_over_target": float(over.max()), "median_over_target": float(np.median(over)),
+                              "predicted_error_median": float(np.median([r["predicted_error"] for r in rs])),
+                              "predicted_error_min": float(min(r["predicted_error"] for r in rs))}
+    loops = {f"{m}/s{seed}": doc.get("measured_loop") for (m, seed), doc in runs.items() if m.endswith("_mt")}
     lowest = {}
     for m in METHODS:
         per_seed = [min((r["measured_ms"] for r in rows if r["method"] == m and r["seed"] == seed
@@ -107,11 +166,12 @@ def report_stage(args: argparse.Namespace, s: pf.Settings) -> None:
         lowest[m] = {"per_seed_ms": per_seed, "mean_ms": float(np.nanmean(per_seed)) if np.isfinite(per_seed).any()
                      else None}
     reached = {m: sorted({r["target_ratio"] for r in rows if r["method"] == m}, reverse=True) for m in METHODS}
-    doc = {"kind": "nvit.benchmark.prune_sublayers", "version": 1, "nvit_version": __version__,
+    doc = {"kind": "nvit.benchmark.prune_sublayers", "version": 2, "nvit_version": __version__,
            "host": platform.node(), "settings": asdict(s), "split": split, "accuracy_bar": ACCURACY_BAR,
            "base": {**base, "measured_ms": measured["base"]["measured_ms"]}, "targets_reached": reached,
            "unreachable": {f"{m}/s{seed}": doc.get("unreachable", []) for (m, seed), doc in runs.items()},
-           "lowest_ms_at_bar": lowest, "comparison": comparison, "rows": rows,
+           "lowest_ms_at_bar": lowest, "comparison": comparison, "targets_met": targets_met,
+           "measured_loops": loops, "rows": rows,
            "cpu_seconds": {f"{m}/s{seed}": doc["cpu_seconds"] for (m, seed), doc in runs.items()},
            "measure_seconds": measured_doc["seconds"], "measure_context": measured_doc.get("context")}
     atomic_write_text(args.out, json.dumps(doc, indent=1, default=float) + "\n")
@@ -123,10 +183,14 @@ def markdown(doc: dict[str, Any]) -> str:
     """The report's tables for BENCHMARKS.md."""
     split = doc["split"]
     lines = []
-    for key, title in (("all_vs_saliency", "every method, on the range all reach"),
-                       ("below_width_floor_vs_saliency_rm", "sub-layer and depth methods, on their common range")):
+    titles = {"all_vs_saliency": "every method (open loop), on the range all reach",
+              "below_width_floor_vs_saliency_rm": "sub-layer and depth methods, on their common range"}
+    for key in doc["comparison"]["after"]:
+        title = titles.get(key, key.replace("/", ": ").replace("_", " "))
         for stage in ("after", "before"):
             c = doc["comparison"][stage][key]
+            if c is None:
+                continue
             lo, hi = c["range_ms"]
             lines += ["", f"{title}, {stage} fine-tuning: {split} top-1 (%), mean over {lo:.4f}–{hi:.4f} ms, "
                       f"Δ vs {c['reference']} [95% CI]", "", "| method | top-1 | Δ |", "|---|---|---|"]
@@ -153,7 +217,43 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", f"lowest measured latency at >= {100 * doc['accuracy_bar']:.0f}% {split} top-1 (mean over seeds): "
               + ", ".join(f"{m} {v['mean_ms']:.4f} ms" if v["mean_ms"] else f"{m} never"
                           for m, v in doc["lowest_ms_at_bar"].items())]
+    lines += ["", "targets met at measured latency (the final interleaved session; target = ratio × dense predicted)",
+              "", "| method | variants | met | within 3% | median / worst measured ÷ target | "
+              "predicted error median / most negative |", "|---|---|---|---|---|---|"]
+    for m, t in doc["targets_met"].items():
+        lines.append(f"| {m} | {t['variants']} | {t['met']} | {t['met_within_3pct']} | "
+                     f"{t['median_over_target']:.3f} / {t['worst_over_target']:.3f} | "
+                     f"{100 * t['predicted_error_median']:+.1f}% / {100 * t['predicted_error_min']:+.1f}% |")
+    cpu = doc["cpu_seconds"]
+    for m in ("knapsack_rm", "saliency_rm"):
+        runs = [(seed, cpu.get(f"{m}/s{seed}"), cpu.get(f"{m}_mt/s{seed}"), (doc["measured_loops"] or {}).get(
+            f"{m}_mt/s{seed}")) for seed in doc["settings"]["seeds"]]
+        cells = [f"seed {seed}: {a / 60:.1f} → {b / 60:.1f} CPU min, {loop['measurements']} measurements in "
+                 f"{loop['seconds']:.0f} s, correction {loop['correction']:.3f}"
+                 for seed, a, b, loop in runs if a and b and loop]
+        if cells:
+            lines += ["", f"{m} with measured targets, extra time: " + "; ".join(cells)]
+    lines += ["", "widths per seed (per block: heads·Q/K/V·MLP, `-` a removed sub-layer; `e` the embedding width)", "",
+              "| method | target | seed 0 | seed 1 | seed 2 |", "|---|---|---|---|---|"]
+    for m in METHODS:
+        for t in doc["settings"]["targets"]:
+            cells = []
+            for seed in doc["settings"]["seeds"]:
+                r = next((r for r in doc["rows"] if r["method"] == m and r["seed"] == seed
+                          and r["target_ratio"] == t), None)
+                cells.append("—" if r is None else compact_arch(r["arch"]))
+            if any(c != "—" for c in cells):
+                lines.append(f"| {m} | {t:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compact_arch(arch: dict[str, Any]) -> str:
+    """``e64: 4·8/8·64, 3·8/8·-`` (a block's heads·Q/K/V·MLP; ``-`` where the sub-layer went)."""
+    def block(b: dict[str, int]) -> str:
+        attn = f"{b['heads']}·{b['qk_dim']}/{b['v_dim']}" if b["heads"] else "-"
+        return f"{attn}·{b['mlp_dim'] or '-'}"
+
+    return f"e{arch['embed_dim']}: " + ", ".join(block(b) for b in arch["blocks"])
 
 
 def main() -> None:
@@ -164,6 +264,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench-prune-sublayers"))
     parser.add_argument("--out", type=Path, default=Path("results/prune_sublayers.json"))
     parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel (one thread each).")
+    parser.add_argument("--lock", type=Path, default=Path("../measure.lock"),
+                        help="The measurement lock file, held while measured-target runs time models.")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets on digits: a smoke run.")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()

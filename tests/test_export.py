@@ -127,7 +127,8 @@ def test_compare_report_figures_and_files(tmp_path) -> None:
     assert by_name["base"].target_met_measured is None
     paths = save_compare(report, tmp_path)
     doc = json.loads(paths["json"].read_text())
-    assert doc["schema_version"] == 2 and len(doc["results"]) == 2 and doc["trust"]["verdict"] in ("quiet", "noisy")
+    assert doc["schema_version"] == 3 and len(doc["results"]) == 2 and doc["trust"]["verdict"] in ("quiet", "noisy")
+    assert all(r["arch"]["embed_dim"] > 0 for r in doc["results"])  # what nvit lut learn refits on
     rows = list(csv.DictReader(paths["csv"].open()))
     assert rows[1]["name"] == "pruned" and float(rows[1]["measured_ms"]) == 1.0
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

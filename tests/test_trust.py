@@ -142,7 +142,7 @@ def test_compare_marks_a_row_that_stayed_noisy_and_strict_fails_after_saving(tab
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     doc = json.loads((out / "compare.json").read_text())
-    assert doc["schema_version"] == 2
+    assert doc["schema_version"] == 3
     rows = {r["name"]: r for r in doc["results"]}
     assert rows["flaky"]["noisy"] is True and rows["vit_test"]["noisy"] is False
     assert rows["flaky"]["noise"] == ["its timings never agreed within 3%"]

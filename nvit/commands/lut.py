@@ -65,6 +65,11 @@ def show(lut: Path = _LUT_ARG) -> None:
     console.print(f"sentinel {meta.protocol.get('sentinel', '?')}: re-timed {len(meta.sentinel)}x, "
                   f"max drift {drift * 100:.1f}%; profiling time {meta.profile_seconds_total:.0f} s")
     console.print(calibration_line(table))
+    from nvit.lut.learn import learned_line
+
+    learned = learned_line(meta.calibration)
+    if learned:
+        console.print(learned)
     console.print(conditions_line(meta.conditions))
     console.print(self_check_line(meta.self_check))
 
@@ -187,6 +192,41 @@ def merge(
                   + ("" if merged.meta.calibration else "; uncalibrated"))
     for gap in merged.problems():
         console.print(f"[yellow]not yet usable for prediction:[/] {gap}")
+
+
+@lut_app.command("learn")
+def learn(
+    lut: Path = _LUT_ARG,
+    sources: list[Path] = typer.Argument(None, help="Pruning run folders that measured their targets, and "
+                                         "compare.json files (or their folders), measured with this table."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new table (the table given is never changed)."),
+    self_check: bool = typer.Option(False, "--self-check", help="Learn from the table's stored self-check models "
+                                    "too (refresh them with 'nvit lut check --save')."),
+) -> None:
+    """Refit the table's calibration with whole models measured against it, into a new table, and say how
+    well it predicts each of them when left out of the fit."""
+    from nvit.fileio import file_sha256, output_file
+    from nvit.lut.learn import learn as learn_table
+    from nvit.lut.learn import learned_line, measurements_from, self_check_measurements
+    from nvit.lut.table import LatencyTable
+
+    output_file(out)
+    if out.resolve() == lut.resolve():
+        raise LutError("--out must be a new file: a learned table is a new version, the table given stays as it is")
+    table = LatencyTable.load(lut)
+    table.validate()
+    measured = [m for source in sources or [] for m in measurements_from(source, table)]
+    if self_check:
+        measured += self_check_measurements(table)
+    if not measured:
+        raise LutError("nothing to learn from: give pruning run folders or compare reports, or --self-check")
+    learned = learn_table(table, measured, parent_sha256=file_sha256(lut))
+    learned.save(out)
+    console = Console()
+    console.print(f"wrote {out}: {len(measured)} measurements of {learned.meta.calibration['learned']['new_models']} "
+                  "models added to the calibration")
+    console.print(calibration_line(learned))
+    console.print(learned_line(learned.meta.calibration))
 
 
 @lut_app.command("check")

@@ -28,7 +28,8 @@ from nvit.lut.base import Predictor
 
 logger = logging.getLogger(__name__)
 
-COMPARE_SCHEMA_VERSION = 2  # 2: per-row noise, drift since profiling, order conflicts and a trust verdict
+#: 3: each result's architecture; 2: per-row noise, drift since profiling, order conflicts and a trust verdict
+COMPARE_SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class VariantResult:
     uncertainty_pct: float = 0.0  # the measurement's own uncertainty (CI of the median, gap between passes)
     drift_ratio: float = 1.0  # the machine now / when the table was profiled, at this model's work size
     error_pct_drift_corrected: float | None = None  # predicted vs measured / drift_ratio (None: not re-timed)
+    arch: dict[str, Any] | None = None  # the model's architecture (what nvit lut learn refits on)
 
     @property
     def noisy(self) -> bool:
@@ -104,7 +106,7 @@ class CompareReport:
 
     def to_csv(self) -> str:
         buf = io.StringIO()
-        rows = [asdict(r) for r in self.results]
+        rows = [{k: v for k, v in asdict(r).items() if k != "arch"} for r in self.results]
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
@@ -180,6 +182,7 @@ def compare_variants(
             top1=v.top1, noise=row_noise(stats), uncertainty_pct=100.0 * row_uncertainty(stats),
             drift_ratio=ratio,
             error_pct_drift_corrected=None if drift_ratios is None else 100.0 * (pred * ratio - measured) / measured,
+            arch=v.spec.to_dict(),
         ))
         logger.info("%s: predicted %.3f ms, measured %.3f ms (%+.1f%%)", v.name, pred, measured,
                     results[-1].error_pct)

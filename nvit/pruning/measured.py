@@ -96,7 +96,8 @@ class MeasuredTargets:
         tries = sum(1 for r in self.records if r["target"] == label) + 1
         at_floor = predicted_ms <= floor_ms * (1.0 + 1e-9)
         record = {"target": label, "target_ms": target_ms, "step": step, "predicted_ms": predicted_ms,
-                  **asdict(m), "met": met, "try": tries, "correction_before": self.correction}
+                  **asdict(m), "met": met, "try": tries, "correction_before": self.correction,
+                  "arch": spec.to_dict()}  # a calibration row in waiting (nvit.lut.learn)
         self.records.append(record)
         if met:
             log.info("%s: measured %.4g ms (drift-corrected) meets %.4g ms", label, m.corrected_ms, target_ms)
