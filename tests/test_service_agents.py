@@ -89,9 +89,34 @@ def test_profile_prune_and_compare_through_the_service(tmp_path, capsys, monkeyp
         assert report["context"]["conditions"]["verdict"] in ("quiet", "noisy", "unusable")
         assert report["trust"]["machine"] != "not watched"
         assert "measured vs predicted" in out
+        # a table whose device is elsewhere: its targets are measured through the service's agent of that device
+        import nvit.export.targets as targets
+
+        monkeypatch.setattr(targets, "_why_not_here", lambda table: "the table's device is elsewhere")
+        code, out, err = run_cli(["prune", "--checkpoint", str(base), "--arch", "vit_test", "--lut", url, "--data",
+                                  "digits", "--interval", "2", "--pace", "0.1", "--group-size", "16",
+                                  "--min-embed-dim", "32", "--batch-size", "16", "--target-ratio", "0.85",
+                                  "--no-eval", "--measure-targets", "on", "--out", str(tmp_path / "remote")], capsys)
+        assert code == 0, err
+        assert "through agent local" in " ".join((out + err).split())
+        run = json.loads((tmp_path / "remote" / "prune_run.json").read_text())
+        (record, *_) = run["measured_targets"]["records"]
+        assert record["measured_ms"] > 0 and record["drift_ratio"] == 1.0 and record["arch"]["embed_dim"] >= 32
+        with server.client(token) as http:
+            jobs = http.get("/v1/jobs").json()
+        assert any(j["kind"] == "measure" and j["spec"]["models"][0]["name"] == "pruned" for j in jobs)
+    # with the service gone, auto says the targets are predicted only, and on refuses in one line
+    code, out, err = run_cli(["prune", "--checkpoint", str(base), "--arch", "vit_test", "--lut", url, "--data",
+                              "digits", "--interval", "2", "--pace", "0.1", "--group-size", "16", "--min-embed-dim",
+                              "32", "--batch-size", "16", "--target-ratio", "0.85", "--no-eval", "--measure-targets",
+                              "on", "--out", str(tmp_path / "refused")], capsys)
+    assert code == 1 and "--measure-targets on: the table's device is elsewhere; the service cannot say" in err
+    monkeypatch.undo()
+    monkeypatch.setenv("NVIT_CACHE_DIR", env["NVIT_CACHE_DIR"])
+    monkeypatch.setenv("NVIT_LOCK_DIR", env["NVIT_LOCK_DIR"])
     # The server stopped its agent and cleaned up; the table is cached: pruning against its URL needs no server.
     assert server.proc.returncode == 0 and not (state / "server.json").exists()
-    monkeypatch.delenv("NVIT_TOKEN")
+    monkeypatch.delenv("NVIT_TOKEN", raising=False)
     out_dir = tmp_path / "pruned"
     code, out, err = run_cli(["prune", "--checkpoint", str(base), "--arch", "vit_test", "--lut", url, "--data",
                               "digits", "--interval", "2", "--pace", "0.1", "--group-size", "16",

@@ -120,7 +120,9 @@ def prune(
     measure_targets: str = typer.Option("auto", "--measure-targets", help="Meet targets at measured latency: "
                                         "time each variant where it crosses its target (the table's backend, "
                                         "beside its own rows) and keep pruning while it misses. auto: when the "
-                                        "table's device is this machine; on: require it; off: predicted only."),
+                                        "table's device is this machine, or, for a table fetched from a service, "
+                                        "an agent of its device is registered there (a measure job per variant); "
+                                        "on: require one; off: predicted only."),
 ) -> None:
     """Prune a trained ViT globally (EMB, heads, QK, V, MLP) until its predicted latency meets every target,
     saving one sliced variant per target."""
@@ -149,7 +151,7 @@ def prune(
     from nvit.export.targets import MeasureTargets, choose_measurer
 
     measurer, measuring = choose_measurer(_choice(MeasureTargets, measure_targets, "--measure-targets"),
-                                          getattr(loaded.predictor, "table", None))
+                                          getattr(loaded.predictor, "table", None), service=_service_of(lut))
     if target_latency and not loaded.has_time_unit:
         raise NvitError("--lut flops has no time unit; use --target-ratio, or give a latency table")
     config = PruneConfig(
@@ -223,6 +225,17 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
         return run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
                          loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=bar.on_step,
                          device=ctx.device, distributed=ctx, measurer=measurer)
+
+
+def _service_of(lut: str) -> tuple[str, str] | None:
+    """``(service base URL, the table's sha256)`` for a ``--lut`` URL (the table is in the local cache by
+    now), ``None`` for a local file."""
+    if not lut.startswith(("http://", "https://")):
+        return None
+    from nvit.fileio import file_sha256
+    from nvit.service.client import resolve_lut, split_lut_url
+
+    return split_lut_url(lut)[0], file_sha256(resolve_lut(lut))
 
 
 def register(app: typer.Typer) -> None:

@@ -78,3 +78,45 @@ def measure_onnx_remote(client: ServiceClient, onnx_path: str | os.PathLike[str]
             "batch_size": batch_size, "backend_options": backend_options or {}, "passes": passes}
     job = run_job(client, body, on_update=on_update)
     return stats_of(job["result"])[name], job
+
+
+def agent_for_table(client: ServiceClient, sha256: str) -> dict[str, Any] | None:
+    """An agent registered on the stored table's device, not offline, that runs its backend (``None``: none)."""
+    view = client.expect(client.get_json(f"/v1/luts/{sha256}/meta"), {"device": dict, "backend": str}, "a table")
+    key = view["device"].get("key")
+    devices = client.get_json("/v1/devices")
+    if not isinstance(devices, list):
+        return None
+    for device in devices:
+        if not isinstance(device, dict) or device.get("key") != key:
+            continue
+        for agent in device.get("agents") or []:
+            if agent.get("status") != "offline" and view["backend"] in (agent.get("backends") or []):
+                return {**agent, "device": device.get("name")}
+    return None
+
+
+class RemoteMeasurer:
+    """Times pruned models on the table's device through a service agent (a ``measure`` job per variant, the
+    table's backend and settings, two passes): what ``--measure-targets`` uses when the table came from a
+    service and its device is elsewhere. The agent's measurement is not drift-corrected (its jobs time models,
+    not the table's rows): the drift ratio recorded is 1."""
+
+    def __init__(self, base_url: str, sha256: str, agent: dict[str, Any], *, passes: int = 2,
+                 token: str | None = None) -> None:
+        self.base_url, self.sha256, self.agent, self.passes, self.token = base_url, sha256, agent, passes, token
+
+    def __call__(self, spec: Any, model: Any) -> Any:
+        import time
+
+        from nvit.export.compare import row_uncertainty
+        from nvit.pruning.measured import TargetMeasurement
+
+        started = time.perf_counter()
+        body = {"kind": "measure", "lut": self.sha256, "same_device": True, "passes": self.passes,
+                "models": [{"name": "pruned", "arch": spec.to_dict()}]}
+        with ServiceClient(self.base_url, token=self.token) as client:
+            job = run_job(client, body)
+        stats = stats_of(client.expect(job.get("result"), {"models": list}, "a measure job's result"))["pruned"]
+        measured = stats.latency_ms_median
+        return TargetMeasurement(measured, measured, row_uncertainty(stats), 1.0, time.perf_counter() - started)
