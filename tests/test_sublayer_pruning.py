@@ -306,7 +306,12 @@ def test_cli_remove_flag(tables, tmp_path, capsys) -> None:
     assert code == 1 and "smallest reachable" in err  # widths alone cannot get there ...
     code, out, err = run_cli([*common, "--lut", str(tables["with"]), "--target-ratio", str(target.value),
                               "--out", str(tmp_path / "d")], capsys)
-    assert code == 0, err  # ... the default removes whole sub-layers
+    assert code == 0, err  # ... the default removes whole sub-layers, with the knapsack
+    assert "ranking knapsack; pruning widths and whole attn and mlp sub-layers" in " ".join(err.split())
+    assert json.loads((tmp_path / "d" / "prune_run.json").read_text())["config"]["ranking"] == "knapsack"
+    code, _, err = run_cli([*common, "--lut", str(tables["with"]), "--remove", "none", "--target-ratio", "0.9",
+                            "--out", str(tmp_path / "e")], capsys)
+    assert code == 0 and "ranking latency (λ 3); pruning widths only" in " ".join(err.split())
     code, out, _ = run_cli(["arch", "show", str(tmp_path / "d" / target.label / "arch.json")], capsys)
     assert code == 0 and "removed" in out
 

@@ -66,10 +66,12 @@ def prune(
     arch: str | None = typer.Option(None, "--arch", help="Preset or arch.json of --checkpoint (default: inferred)."),
     data: str = typer.Option("digits", "--data", help=DATA_HELP),
     augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
-    ranking: str = typer.Option("knapsack", "--ranking", help="How groups are chosen at each pruning step: knapsack "
-                                "(the least saliency whose ΔLat from the table meets the step's pace; measured best "
-                                "in BENCHMARKS.md §2), latency (saliency − η·ΔLat), saliency (saliency alone), "
-                                "flops (saliency − η·ΔFLOPs)."),
+    ranking: str | None = typer.Option(None, "--ranking", help="How groups are chosen at each pruning step: "
+                                       "knapsack (the least saliency whose ΔLat from the table meets the step's "
+                                       "pace), latency (saliency − η·ΔLat), saliency (saliency alone), flops "
+                                       "(saliency − η·ΔFLOPs). Default: knapsack where whole sub-layers may go "
+                                       "(measured best in BENCHMARKS.md §2b), latency when pruning widths only "
+                                       "(an older table, or --remove none: there the knapsack measured worst)."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Same as --ranking saliency: rank by saliency "
                                     "alone; the LUT still decides when each target is met."),
     latency_weight: float | None = typer.Option(None, "--latency-weight", help="Unit-free weight λ of the latency "
@@ -128,7 +130,15 @@ def prune(
     saving one sliced variant per target."""
     from nvit.commands.remote import local_lut
     from nvit.data import build_dataset
-    from nvit.pruning.config import DEFAULT_LATENCY_WEIGHT, PruneConfig, RankingMethod, Target, parse_remove
+    from nvit.pruning.config import (
+        DEFAULT_LATENCY_WEIGHT,
+        DEFAULT_RANKING,
+        WIDTH_ONLY_RANKING,
+        PruneConfig,
+        RankingMethod,
+        Target,
+        parse_remove,
+    )
     from nvit.pruning.distributed import collective_errors, init_distributed, shutdown
     from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1, top1
     from nvit.pruning.saliency import SaliencyNorm
@@ -136,18 +146,25 @@ def prune(
     output_folder(out)
     if not target_latency and not target_ratio:
         raise NvitError("give at least one --target-latency (e.g. 5ms) or --target-ratio (e.g. 0.5)")
-    if no_latency and ranking not in ("knapsack", "saliency"):
+    if no_latency and ranking not in (None, "saliency"):
         raise NvitError(f"--no-latency and --ranking {ranking} contradict each other; choose one")
-    method = _choice(RankingMethod, "saliency" if no_latency else ranking, "--ranking")
-    if latency_weight is not None and method not in (RankingMethod.LATENCY, RankingMethod.FLOPS):
+    method = None if ranking is None and not no_latency else \
+        _choice(RankingMethod, "saliency" if no_latency else ranking, "--ranking")
+    if latency_weight is not None and method not in (None, RankingMethod.LATENCY, RankingMethod.FLOPS):
         what = "--no-latency" if no_latency else f"--ranking {ranking}"
         raise NvitError(f"{what} and --latency-weight contradict each other; choose one")
+    removes = None if remove is None else parse_remove(remove)
     targets = [Target.latency(t) for t in target_latency] + [Target.ratio(r) for r in target_ratio]
     norm = _choice(SaliencyNorm, saliency_norm, "--saliency-norm")
     base = load_base(checkpoint=checkpoint, variant=variant, arch=arch)
     spec = base.model.spec
     loaded = load_latency_predictor(local_lut(lut), spec, device=lut_device, precision=precision,
                                     batch_size=lut_batch_size)
+    if method is None:  # the default: what the benchmarks measured best for what this run may remove
+        widths_only = removes == () or getattr(loaded.predictor, "removal_unavailable", None) is not None
+        method = WIDTH_ONLY_RANKING if widths_only else DEFAULT_RANKING
+        if latency_weight is not None and method not in (RankingMethod.LATENCY, RankingMethod.FLOPS):
+            raise NvitError(f"--latency-weight needs --ranking latency or flops (the default here is {method.value})")
     from nvit.export.targets import MeasureTargets, choose_measurer
 
     measurer, measuring = choose_measurer(_choice(MeasureTargets, measure_targets, "--measure-targets"),
@@ -158,7 +175,7 @@ def prune(
         targets=tuple(targets), group_size=group_size, interval=interval, pace=pace,
         saliency_window=saliency_window, ranking=method, saliency_ema=saliency_ema,
         latency_weight=DEFAULT_LATENCY_WEIGHT if latency_weight is None else latency_weight, saliency_norm=norm,
-        min_heads=min_heads, min_embed_dim=min_embed_dim, remove=None if remove is None else parse_remove(remove),
+        min_heads=min_heads, min_embed_dim=min_embed_dim, remove=removes,
         batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed,
         extra={"kd_weight": kd_weight, "kd_temperature": kd_temperature, "data": data,
@@ -218,6 +235,7 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
     schedule = plan_schedule(spec, config, loaded.predictor, batches.steps_per_epoch)
     console.print(plan_line(schedule, len(train_set), batch_size * ctx.world_size, unit))
     console.print(measuring_line)
+    console.print(ranking_line(config, loaded.predictor))
     warning = epochs_warning(schedule)
     if warning:
         console.print(f"[yellow]{warning}[/]")
@@ -225,6 +243,17 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
         return run_prune(base.model, config=config, predictor=loaded.predictor, data=batches, out_dir=out,
                          loss_fn=loss_fn, resume=resume, provenance=provenance, on_step=bar.on_step,
                          device=ctx.device, distributed=ctx, measurer=measurer)
+
+
+def ranking_line(config: Any, predictor: Any) -> str:
+    """Which ranking the run uses and what may go, one line."""
+    from nvit.pruning.config import DEFAULT_REMOVE, RankingMethod
+
+    wanted = DEFAULT_REMOVE if config.remove is None else config.remove
+    removable = () if getattr(predictor, "removal_unavailable", None) else wanted
+    what = f"widths and whole {' and '.join(w.value for w in removable)} sub-layers" if removable else "widths only"
+    weight = f" (λ {config.latency_weight:g})" if config.ranking in (RankingMethod.LATENCY, RankingMethod.FLOPS) else ""
+    return f"ranking {config.ranking.value}{weight}; pruning {what}"
 
 
 def _service_of(lut: str) -> tuple[str, str] | None:

@@ -41,6 +41,12 @@ class RankingMethod(enum.Enum):
 #: λ = 3 had the best validation top-1 of the latency ranking (λ in 1, 3, 10).
 DEFAULT_RANKING = RankingMethod.KNAPSACK
 DEFAULT_LATENCY_WEIGHT = 3.0
+#: The ranking ``nvit prune`` uses by default when it prunes widths only (a table without one-half blocks, or
+#: ``--remove none``). Width-only, the knapsack is not the best: in BENCHMARKS.md §2b it was the worst of
+#: the width-only rankings (−0.81 [−1.34, −0.27] test top-1 points against saliency alone, 3 seeds), while
+#: the latency ranking at λ = 3 was level with saliency in both §2 (+0.05) and §2b (+0.06) and above it in
+#: the §2b re-run on the narrow-block table (BENCHMARKS.md §2c).
+WIDTH_ONLY_RANKING = RankingMethod.LATENCY
 
 
 class Sublayer(enum.Enum):
