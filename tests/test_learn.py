@@ -13,7 +13,8 @@ from cli_run import run_cli
 
 from nvit.arch import ArchSpec, BlockSpec, preset
 from nvit.errors import LutError
-from nvit.lut.learn import MeasuredModel, learn, measurements_from
+from nvit.export.measured_models import measurements_from
+from nvit.lut.learn import MeasuredModel, learn
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable
 

@@ -205,9 +205,10 @@ def learn(
 ) -> None:
     """Refit the table's calibration with whole models measured against it, into a new table, and say how
     well it predicts each of them when left out of the fit."""
+    from nvit.export.measured_models import measurements_from, self_check_measurements
     from nvit.fileio import file_sha256, output_file
     from nvit.lut.learn import learn as learn_table
-    from nvit.lut.learn import learned_line, measurements_from, self_check_measurements
+    from nvit.lut.learn import learned_line
     from nvit.lut.table import LatencyTable
 
     output_file(out)
