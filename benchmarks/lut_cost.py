@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from nvit.export import onnx as onnx_export
 from nvit.fileio import atomic_write_text
 from nvit.lut.table import utc_now
+from nvit.models import onnx as onnx_export
 from nvit.profiler.backends.common import example_input, module_copy
 from nvit.profiler.base import Precision
 from nvit.profiler.harness import HarnessConfig, measure_interleaved

@@ -35,7 +35,7 @@ def _exporter(space_name: str, stop: Any, count: Any) -> None:
     """Export configurations of the space one after another until told to stop (no store: real work)."""
     import tempfile
 
-    from nvit.export.onnx import export_onnx
+    from nvit.models.onnx import export_onnx
     from nvit.profiler.backends.common import example_input, module_copy
 
     space = resolve_space(space_name)

@@ -12,10 +12,10 @@ import torch
 from nvit.arch import ArchSpec, BlockSpec, preset
 from nvit.errors import BackendError
 from nvit.export.compare import Variant, compare_variants
-from nvit.export.onnx import export_onnx
 from nvit.export.verify import Tolerance, verify_onnx
 from nvit.lut.base import FlopsPredictor
 from nvit.models import BlockKeep, KeepIndices, apply_keep_as_gates, build_model, slice_model
+from nvit.models.onnx import export_onnx
 from nvit.plots import save_compare
 from nvit.profiler.base import TimingStats
 
@@ -54,7 +54,7 @@ def test_export_passes_checker_and_matches_pytorch(exported, name: str) -> None:
 def test_export_reuses_the_exporter_registry_and_writes_the_same_bytes(tmp_path) -> None:
     from torch.onnx._internal.exporter import _registration
 
-    from nvit.export import onnx as onnx_export
+    from nvit.models import onnx as onnx_export
 
     original = _registration.ONNXRegistry.__dict__["from_torchlib"]
     model = build_model(PRUNED, seed=1).eval()

@@ -35,10 +35,28 @@ def test_import_graph_sees_lazy_imports():
     graph = import_graph()
     assert "nvit.profiler.harness" in graph["nvit.profiler.base"]  # module level
     assert "nvit.export.compare" in graph["nvit.plots"]
-    assert "nvit.export.onnx" in graph["nvit.profiler.backends.common"]  # inside a method
+    assert "nvit.models.onnx" in graph["nvit.profiler.backends.common"]  # inside a method
 
 
 def test_no_two_modules_import_each_other():
     graph = import_graph()
     mutual = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph[b]})
     assert mutual == []
+
+
+#: Package → the packages above it, which it must never import (lazily or not): arrows only point down.
+ABOVE = {
+    "models": {"profiler", "lut", "pruning", "export", "service", "commands", "demo"},
+    "lut": {"profiler", "pruning", "export", "service", "commands", "demo"},
+    "profiler": {"pruning", "export", "service", "commands", "demo"},
+    "pruning": {"export", "service", "commands", "demo"},
+    "export": {"service", "commands", "demo"},
+}
+
+
+def test_no_arrow_runs_back_up():
+    graph = import_graph()
+    upward = sorted((a, b) for a, deps in graph.items() for b in deps
+                    if len(a.split(".")) > 1 and len(b.split(".")) > 1
+                    and b.split(".")[1] in ABOVE.get(a.split(".")[1], set()))
+    assert upward == []

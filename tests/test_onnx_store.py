@@ -36,7 +36,7 @@ def test_second_session_reuses_the_stored_export(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("NVIT_CACHE_DIR", str(tmp_path))
     w = part_workload(PartConfig(PartKind.ATTN, 32, heads=2, qk_dim=8, v_dim=8), preset("vit_test"), 1)
     calls = []
-    import nvit.export.onnx as onnx_export
+    import nvit.models.onnx as onnx_export
 
     real = onnx_export.export_onnx
     monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -30,8 +30,8 @@ NO_SUCH_SHA = "0" * 64
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A latency table (fake backend: its numbers are an oracle) and an ONNX export of vit_test."""
-    from nvit.export.onnx import export_onnx
     from nvit.models import build_model
+    from nvit.models.onnx import export_onnx
 
     folder = tmp_path_factory.mktemp("files")
     with fk.FakeBackend() as backend:

@@ -168,7 +168,7 @@ def prune(
     from nvit.export.targets import MeasureTargets, choose_measurer
 
     measurer, measuring = choose_measurer(_choice(MeasureTargets, measure_targets, "--measure-targets"),
-                                          getattr(loaded.predictor, "table", None), service=_service_of(lut))
+                                          getattr(loaded.predictor, "table", None), remote=_remote_of(lut))
     if target_latency and not loaded.has_time_unit:
         raise NvitError("--lut flops has no time unit; use --target-ratio, or give a latency table")
     config = PruneConfig(
@@ -256,15 +256,17 @@ def ranking_line(config: Any, predictor: Any) -> str:
     return f"ranking {config.ranking.value}{weight}; pruning {what}"
 
 
-def _service_of(lut: str) -> tuple[str, str] | None:
-    """``(service base URL, the table's sha256)`` for a ``--lut`` URL (the table is in the local cache by
-    now), ``None`` for a local file."""
+def _remote_of(lut: str) -> Any:
+    """For a ``--lut`` URL (the table is in the local cache by now), what offers a measurer on the service's
+    agent of the table's device; ``None`` for a local file."""
     if not lut.startswith(("http://", "https://")):
         return None
     from nvit.fileio import file_sha256
     from nvit.service.client import resolve_lut, split_lut_url
+    from nvit.service.remote import remote_measurer
 
-    return split_lut_url(lut)[0], file_sha256(resolve_lut(lut))
+    base_url, sha = split_lut_url(lut)[0], file_sha256(resolve_lut(lut))
+    return lambda: remote_measurer(base_url, sha)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,9 +15,9 @@ import torch
 
 from nvit import __version__
 from nvit.errors import ExportError
-from nvit.export.onnx import DEFAULT_OPSET, export_onnx
 from nvit.export.verify import Tolerance, VerifyReport, verify_onnx
 from nvit.fileio import atomic_write_text
+from nvit.models.onnx import DEFAULT_OPSET, export_onnx
 from nvit.models.vit import VisionTransformer
 from nvit.profiler.base import DeviceKind, Precision, TimingStats, Workload, get_backend
 

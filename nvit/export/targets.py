@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nvit.errors import NvitError
@@ -51,13 +52,14 @@ class TableMeasurer:
                                  time.perf_counter() - started)
 
 
-def choose_measurer(choice: MeasureTargets | str, table: Any, *, service: tuple[str, str] | None = None
-                    ) -> tuple[Any, str]:
+def choose_measurer(choice: MeasureTargets | str, table: Any, *,
+                    remote: Callable[[], tuple[Any, str]] | None = None) -> tuple[Any, str]:
     """The measurer for ``--measure-targets`` and one line saying what was chosen and why. ``auto`` measures
     when ``table`` (a :class:`~nvit.lut.table.LatencyTable`; ``None`` for a FLOPs proxy) was profiled on
-    this machine's kind of device with a backend that runs here, or, for a table fetched from a service
-    (``service``: its base URL and the table's sha256), when an agent of the table's device is registered
-    there (a :class:`~nvit.service.remote.RemoteMeasurer`); ``on`` requires one of them."""
+    this machine's kind of device with a backend that runs here, or else when ``remote`` (asked only then)
+    offers one: for a table fetched from a service, an agent of its device registered there
+    (:func:`nvit.service.remote.remote_measurer`: the measurer and its line, or ``None`` and why not);
+    ``on`` requires one of them."""
     choice = MeasureTargets(choice)
     if choice is MeasureTargets.OFF:
         return None, "targets are met at predicted latency (--measure-targets off)"
@@ -65,31 +67,14 @@ def choose_measurer(choice: MeasureTargets | str, table: Any, *, service: tuple[
     if why_not is None:
         return TableMeasurer(table), "targets are met at measured latency: each variant is timed where it crosses " \
                                      "its target, with the table's backend, beside its own rows"
-    if service is not None:
-        measurer, why_not_remote = _remote(*service)
+    if remote is not None:
+        measurer, line = remote()
         if measurer is not None:
-            agent = measurer.agent
-            return measurer, (f"targets are met at measured latency on {agent.get('device')} through agent "
-                              f"{agent.get('name')} of {service[0]} (a measure job per variant, not drift-corrected)")
-        why_not = f"{why_not}; {why_not_remote}"
+            return measurer, line
+        why_not = f"{why_not}; {line}"
     if choice is MeasureTargets.ON:
         raise NvitError(f"--measure-targets on: {why_not}")
     return None, f"targets are predicted only: {why_not}"
-
-
-def _remote(base_url: str, sha256: str) -> tuple[Any, str]:
-    from nvit.service.client import ServiceClient
-    from nvit.service.errors import ServiceError
-    from nvit.service.remote import RemoteMeasurer, agent_for_table
-
-    try:
-        with ServiceClient(base_url) as client:
-            agent = agent_for_table(client, sha256)
-    except ServiceError as exc:
-        return None, f"the service cannot say which agents it has ({exc})"
-    if agent is None:
-        return None, f"no agent of the table's device that runs its backend is registered on {base_url}"
-    return RemoteMeasurer(base_url, sha256, agent), ""
 
 
 def _why_not_here(table: Any) -> str | None:

@@ -120,3 +120,20 @@ class RemoteMeasurer:
         stats = stats_of(client.expect(job.get("result"), {"models": list}, "a measure job's result"))["pruned"]
         measured = stats.latency_ms_median
         return TargetMeasurement(measured, measured, row_uncertainty(stats), 1.0, time.perf_counter() - started)
+
+
+def remote_measurer(base_url: str, sha256: str) -> tuple[RemoteMeasurer | None, str]:
+    """A measurer on the service's agent of the stored table's device and the line that says so, or ``None``
+    and why there is none (for :func:`nvit.export.targets.choose_measurer`)."""
+    from nvit.service.errors import ServiceError
+
+    try:
+        with ServiceClient(base_url) as client:
+            agent = agent_for_table(client, sha256)
+    except ServiceError as exc:
+        return None, f"the service cannot say which agents it has ({exc})"
+    if agent is None:
+        return None, f"no agent of the table's device that runs its backend is registered on {base_url}"
+    return RemoteMeasurer(base_url, sha256, agent), (
+        f"targets are met at measured latency on {agent.get('device')} through agent {agent.get('name')} of "
+        f"{base_url} (a measure job per variant, not drift-corrected)")

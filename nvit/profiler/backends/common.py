@@ -90,7 +90,7 @@ def workload_key(workload: Workload, precision: Precision) -> str:
 class OnnxCache:
     """ONNX exports of workloads for one backend session, in a temporary directory removed by ``close``.
 
-    Exports use :func:`nvit.export.onnx.export_onnx` (the exporter ``nvit export`` uses) with a static
+    Exports use :func:`nvit.models.onnx.export_onnx` (the exporter ``nvit export`` uses) with a static
     batch; one already in the machine's content-addressed store (:mod:`nvit.profiler.onnx_store`) is
     reused from there, and every new one is added to it. The module is cast to the table's precision
     before export, so fp16/bf16 graphs carry their own types (what strongly typed TensorRT networks and
@@ -107,7 +107,7 @@ class OnnxCache:
             return Path(workload.onnx_path)
         key = workload_key(workload, precision)
         if key not in self._paths:
-            from nvit.export.onnx import DEFAULT_OPSET, export_onnx
+            from nvit.models.onnx import DEFAULT_OPSET, export_onnx
 
             module = module_copy(workload, precision)
             stored = None

@@ -178,7 +178,7 @@ class OnnxRuntimeBackend(Backend):
         return out
 
     def settings(self) -> dict[str, Any]:
-        from nvit.export.onnx import DEFAULT_OPSET
+        from nvit.models.onnx import DEFAULT_OPSET
 
         return {
             **super().settings(),
