@@ -103,13 +103,13 @@ class Context:
         self.test = None if s.data == "digits" else build_dataset(s.data, "test", spec, augment=False)
 
     def evaluate(self, model: Any) -> dict[str, float | None]:
-        from nvit.pruning.recipe import top1
+        from nvit.training.fit import top1
 
         return {"val": top1(model, self.val, batch_size=self.s.eval_batch),
                 "test": None if self.test is None else top1(model, self.test, batch_size=self.s.eval_batch)}
 
     def loss(self) -> Any:
-        from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
+        from nvit.training.distill import distillation_loss_fn, frozen_teacher
 
         return distillation_loss_fn(frozen_teacher(self.base), weight=self.s.kd_weight,
                                     temperature=self.s.kd_temperature)
@@ -149,9 +149,9 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
     import pandas as pd
 
     from nvit.models import load_variant, slice_model
-    from nvit.pruning.batches import StepBatches
     from nvit.pruning.loop import prune, pruning_layout
     from nvit.pruning.runstate import RUN_FILE, STATE_FILE, read_run_summary
+    from nvit.training.batches import StepBatches
 
     s = ctx.s
     if method == "dense":

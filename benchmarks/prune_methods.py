@@ -22,9 +22,9 @@ import torch
 
 from nvit.lut.base import Predictor
 from nvit.models.vit import VisionTransformer
-from nvit.pruning.batches import StepBatches
 from nvit.pruning.groups import GroupKind, GroupLayout, PruneState
-from nvit.pruning.train import lr_factor, parameter_groups, train_step
+from nvit.training.batches import StepBatches
+from nvit.training.fit import lr_factor, parameter_groups, train_step
 
 ALPHA_STEP = 0.01  # resolution of the uniform width factor
 

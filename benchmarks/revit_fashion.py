@@ -187,9 +187,8 @@ def train_one(prune_path: str, s: Settings, work: str, name: str, embed_dim: int
     from nvit.data import build_dataset, build_loader
     from nvit.fileio import atomic_write_text
     from nvit.models.vit import build_model
-    from nvit.pruning.distill import ClassificationLoss
-    from nvit.pruning.recipe import top1
-    from nvit.pruning.train import TrainConfig, fit
+    from nvit.training.distill import ClassificationLoss
+    from nvit.training.fit import TrainConfig, fit, top1
 
     folder = Path(work) / "runs" / name / f"seed{seed}"
     result = folder / "result.json"

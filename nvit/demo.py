@@ -115,8 +115,8 @@ def _default_cpu_harness() -> dict[str, Any]:
 def train_stage(config: DemoConfig, report: Reporter) -> tuple[VisionTransformer, float]:
     """Train the dense base on digits (reused when ``base/`` exists; resumable through its checkpoint)."""
     from nvit.data import build_dataset, build_loader
-    from nvit.pruning.distill import ClassificationLoss
-    from nvit.pruning.train import TrainConfig, evaluate, fit
+    from nvit.training.distill import ClassificationLoss
+    from nvit.training.fit import TrainConfig, evaluate, fit
 
     folder = config.out_dir / "base"
     if (folder / "arch.json").is_file():
@@ -143,11 +143,11 @@ def train_stage(config: DemoConfig, report: Reporter) -> tuple[VisionTransformer
 def prune_stage(config: DemoConfig, base: VisionTransformer, table: Any, report: Reporter) -> Any:
     from nvit.data import build_dataset
     from nvit.lut.predictor import LatencyPredictor
-    from nvit.pruning.batches import StepBatches
     from nvit.pruning.config import PruneConfig, Target
     from nvit.pruning.loop import prune
-    from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
     from nvit.pruning.runstate import STATE_FILE
+    from nvit.training.batches import StepBatches
+    from nvit.training.distill import distillation_loss_fn, frozen_teacher
 
     out = config.out_dir / "prune"
     prune_config = PruneConfig(
@@ -195,8 +195,8 @@ def finetune_stage(config: DemoConfig, base: VisionTransformer, pruned: Any, rep
                    ) -> list[tuple[str, Path, float, float]]:
     """Fine-tune each pruned variant with KD from the base; returns (label, folder, top1 before, after)."""
     from nvit.data import build_dataset, build_loader
-    from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
-    from nvit.pruning.train import TrainConfig, evaluate, fit
+    from nvit.training.distill import distillation_loss_fn, frozen_teacher
+    from nvit.training.fit import TrainConfig, evaluate, fit
 
     spec = base.spec
     train_loader = build_loader(build_dataset(DATA, "train", spec), batch_size=64, train=True, seed=config.seed)

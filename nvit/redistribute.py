@@ -246,7 +246,7 @@ def scale_to_latency(build: Callable[[int], ArchSpec], predictor: Any, target_ms
                      embed_step: int = 8) -> ScaledDesign:
     """The largest embedding on the table's grid whose design ``build(E)`` the table predicts at or below
     ``target_ms``; :class:`TargetError` (with the reachable range) when none does."""
-    from nvit.lut.grid import GridStatus
+    from nvit.lut.coverage import GridStatus
 
     if not (math.isfinite(target_ms) and target_ms > 0):
         raise TargetError(f"the latency target must be a positive number of ms, got {target_ms}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from nvit.arch import preset
 from nvit.models import build_model
-from nvit.pruning.distill import (
+from nvit.training.distill import (
     ClassificationLoss,
     DistillationLoss,
     DistillConfig,

@@ -14,8 +14,8 @@ from torch.utils.data import Subset
 from nvit.arch import preset
 from nvit.data import build_dataset, build_loader
 from nvit.models import build_model
-from nvit.pruning.distill import ClassificationLoss
-from nvit.pruning.distributed import (
+from nvit.training.distill import ClassificationLoss
+from nvit.training.distributed import (
     DistributedError,
     MainProcessFilter,
     all_reduce_mean,
@@ -25,7 +25,7 @@ from nvit.pruning.distributed import (
     unwrap,
     wrap_ddp,
 )
-from nvit.pruning.train import TrainConfig, evaluate, train_epoch
+from nvit.training.fit import TrainConfig, evaluate, train_epoch
 
 VIT_TEST = preset("vit_test")
 WORLD = 2

@@ -13,7 +13,7 @@ from cli_run import run_cli
 
 from nvit.arch import ArchSpec, BlockSpec, preset
 from nvit.errors import LutError
-from nvit.lut.grid import GridStatus, MeasuredGrid
+from nvit.lut.coverage import GridStatus, MeasuredGrid
 from nvit.lut.predictor import LatencyPredictor
 from nvit.profiler.sweep import SweepOptions, run_sweep
 

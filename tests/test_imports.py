@@ -46,7 +46,8 @@ def test_no_two_modules_import_each_other():
 
 #: Package → the packages above it, which it must never import (lazily or not): arrows only point down.
 ABOVE = {
-    "models": {"profiler", "lut", "pruning", "export", "service", "commands", "demo"},
+    "models": {"training", "profiler", "lut", "pruning", "export", "service", "commands", "demo"},
+    "training": {"profiler", "lut", "pruning", "export", "service", "commands", "demo"},
     "lut": {"profiler", "pruning", "export", "service", "commands", "demo"},
     "profiler": {"pruning", "export", "service", "commands", "demo"},
     "pruning": {"export", "service", "commands", "demo"},
@@ -60,3 +61,9 @@ def test_no_arrow_runs_back_up():
                     if len(a.split(".")) > 1 and len(b.split(".")) > 1
                     and b.split(".")[1] in ABOVE.get(a.split(".")[1], set()))
     assert upward == []
+
+
+def test_training_a_plain_model_needs_nothing_from_pruning():
+    graph = import_graph()
+    for module in ("nvit.commands.train", "nvit.training.fit", "nvit.training.distill"):
+        assert not [m for m in graph[module] if m.startswith("nvit.pruning")], module

@@ -167,8 +167,8 @@ class NeverCalled:
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     import os
 
-    from nvit.pruning.batches import StepBatches
-    from nvit.pruning.distributed import init_distributed, shutdown
+    from nvit.training.batches import StepBatches
+    from nvit.training.distributed import init_distributed, shutdown
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

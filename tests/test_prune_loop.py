@@ -15,10 +15,10 @@ from nvit.arch import ArchSpec, load_arch_file, preset
 from nvit.errors import TargetError
 from nvit.lut.base import FlopsPredictor
 from nvit.models import build_model, load_variant
-from nvit.pruning.batches import StepBatches
 from nvit.pruning.config import ConfigError, PruneConfig, RankingMethod, Target, TargetKind
 from nvit.pruning.loop import prune
 from nvit.pruning.runstate import ResumeError, read_run_summary
+from nvit.training.batches import StepBatches
 
 SPEC = preset("vit_test")
 DENSE_MS = 4.0
@@ -270,7 +270,7 @@ def _ddp_setup(table: str | None) -> tuple[object, PruneConfig]:
 def _ddp_worker(rank: int, port: int, out_dir: str, table: str | None) -> None:
     import os
 
-    from nvit.pruning.distributed import init_distributed, shutdown
+    from nvit.training.distributed import init_distributed, shutdown
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -11,10 +11,10 @@ from nvit.errors import NvitError, TargetError
 from nvit.lut.base import FlopsPredictor
 from nvit.models import build_model
 from nvit.progress import StepClock, format_duration
-from nvit.pruning.batches import StepBatches
 from nvit.pruning.config import PruneConfig, Target
 from nvit.pruning.loop import prune
 from nvit.pruning.schedule import MANY_EPOCHS, PruneSchedule, plan_schedule, pruning_steps_to, steps_per_epoch
+from nvit.training.batches import StepBatches
 
 SPEC = preset("vit_test")
 DENSE_MS = 4.0

@@ -109,7 +109,7 @@ def test_torchrun_failure_is_one_line_per_rank_and_named_to_the_launcher(work: P
 
 def _lost_peer_worker(rank: int, port: int, out: str) -> None:
     from nvit.errors import NvitError
-    from nvit.pruning.distributed import all_reduce_scalars, collective_errors, init_distributed
+    from nvit.training.distributed import all_reduce_scalars, collective_errors, init_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -13,8 +13,8 @@ from torch.utils.data import Subset, TensorDataset
 from nvit.arch import preset
 from nvit.data import DigitsDataset, build_dataset, build_loader
 from nvit.models import build_model
-from nvit.pruning.distill import ClassificationLoss, DistillationLoss, DistillConfig
-from nvit.pruning.train import (
+from nvit.training.distill import ClassificationLoss, DistillationLoss, DistillConfig
+from nvit.training.fit import (
     TrainConfig,
     TrainError,
     build_optimizer,
@@ -168,7 +168,7 @@ def test_config_is_strict() -> None:
 
 
 def test_a_second_run_on_the_same_checkpoint_is_refused(tmp_path) -> None:
-    from nvit.pruning.train import run_lock
+    from nvit.training.fit import run_lock
 
     with run_lock(tmp_path / "ckpt.pt"), pytest.raises(TrainError, match="another run is writing"), \
             run_lock(tmp_path / "ckpt.pt"):

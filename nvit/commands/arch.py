@@ -175,7 +175,7 @@ def redistribute(
 def _predictor(lut: str | None, base: ArchSpec) -> tuple[Any, dict[str, Any]]:
     if lut is None:
         return None, {}
-    from nvit.commands.remote import local_lut
+    from nvit.commands.service_access import local_lut
     from nvit.pruning.recipe import load_latency_predictor
 
     loaded = load_latency_predictor(local_lut(lut), base)

@@ -61,7 +61,7 @@ def compare(
     """Measure every variant (and the dense base) with the table's backend and settings, and report measured
     against predicted latency, error, speedup and whether each variant met its target."""
     from nvit.arch import ArchSpec
-    from nvit.commands.remote import following, local_lut, measuring_here
+    from nvit.commands.service_access import following, local_lut, measuring_here
     from nvit.commands.trust_view import trust_markup
     from nvit.export.compare import Variant, compare_with_table
     from nvit.fileio import output_folder
@@ -86,7 +86,7 @@ def compare(
         console.print(f"[yellow]warning:[/] {warning}")
     if remote is not None:
         from nvit.service.client import ServiceClient
-        from nvit.service.remote import compare_remote
+        from nvit.service.remote_measure import compare_remote
 
         with ServiceClient(remote) as client, following(console, "measuring remotely") as update:
             report = compare_remote(client, table, lut, base_variant, loaded, same_device=not allow_other_device,

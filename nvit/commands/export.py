@@ -44,7 +44,7 @@ def export(
     """Export a model to ONNX (opset >= 18, dynamic batch), verify it numerically in ONNX Runtime, and
     optionally build a TensorRT engine with the profiler's builder settings and time it."""
     from nvit.commands.profile import parse_backend_options
-    from nvit.commands.remote import measuring_here
+    from nvit.commands.service_access import measuring_here
     from nvit.errors import NvitError
     from nvit.export.pipeline import ExportOptions, export_model
     from nvit.fileio import output_folder
@@ -93,10 +93,10 @@ def _judge_timing(conditions: dict[str, Any], console: Console, strict: bool) ->
 
 def _measure_remotely(url: str, onnx_path: Path, model: Any, options: Any, backend: str, console: Console
                       ) -> tuple[Any, str]:
-    from nvit.commands.remote import following
+    from nvit.commands.service_access import following
     from nvit.export.pipeline import record_timing, timing_options
     from nvit.service.client import ServiceClient
-    from nvit.service.remote import measure_onnx_remote
+    from nvit.service.remote_measure import measure_onnx_remote
 
     name = model.spec.name or "model"
     with ServiceClient(url) as client, following(console, "measuring remotely") as update:

@@ -242,7 +242,7 @@ def check(
 ) -> None:
     """Measure held-out whole models now and report the table's accuracy on them (tables age: clocks,
     drivers, load). Run it on the table's device, with the machine otherwise idle."""
-    from nvit.commands.remote import measuring_here
+    from nvit.commands.service_access import measuring_here
     from nvit.export.compare import backend_for_table, check_same_device
     from nvit.lut.table import LatencyTable
     from nvit.profiler.conditions import ConditionsMonitor
@@ -292,7 +292,7 @@ def predict(
 ) -> None:
     """Predicted latency of an architecture, per block and in total."""
     from nvit.arch import resolve_arch
-    from nvit.commands.remote import local_lut
+    from nvit.commands.service_access import local_lut
     from nvit.lut import load_predictor
 
     spec = resolve_arch(arch)
@@ -330,7 +330,7 @@ def predict(
 
 
 def grid_table(report: Any) -> Table:
-    """The spec's widths against the table's measured range, per axis (a :class:`~nvit.lut.grid.GridReport`)."""
+    """The spec's widths against the table's measured range, per axis (a :class:`~nvit.lut.coverage.GridReport`)."""
     out = Table("axis", "measured", "this arch", "steps below", "steps above", "", title="measured grid")
     for x in report.extents:
         style = {"inside": "green", "outside": "yellow", "far": "red"}[x.status.value]

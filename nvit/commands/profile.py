@@ -108,7 +108,7 @@ def profile(
     if out is not None:
         output_file(out)
     if remote is not None:
-        from nvit.commands.remote import profile_remotely
+        from nvit.commands.service_access import profile_remotely
 
         if arch is not None:
             raise NvitError("--remote profiles a --space; derive one from --arch locally first")
@@ -118,7 +118,7 @@ def profile(
                 "backend_options": parse_backend_options(backend_option, threads)}
         profile_remotely(remote, body, out, Console())
         return
-    from nvit.commands.remote import measuring_here
+    from nvit.commands.service_access import measuring_here
     from nvit.profiler.backends import default_backend
     from nvit.profiler.base import DeviceKind, get_backend
     from nvit.profiler.device import backend_fingerprint

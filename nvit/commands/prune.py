@@ -128,7 +128,7 @@ def prune(
 ) -> None:
     """Prune a trained ViT globally (EMB, heads, QK, V, MLP) until its predicted latency meets every target,
     saving one sliced variant per target."""
-    from nvit.commands.remote import local_lut
+    from nvit.commands.service_access import local_lut
     from nvit.data import build_dataset
     from nvit.pruning.config import (
         DEFAULT_LATENCY_WEIGHT,
@@ -139,9 +139,10 @@ def prune(
         Target,
         parse_remove,
     )
-    from nvit.pruning.distributed import collective_errors, init_distributed, shutdown
-    from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1, top1
+    from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1
     from nvit.pruning.saliency import SaliencyNorm
+    from nvit.training.distributed import collective_errors, init_distributed, shutdown
+    from nvit.training.fit import top1
 
     output_folder(out)
     if not target_latency and not target_ratio:
@@ -213,10 +214,10 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
          kd_weight: float, kd_temperature: float, out: Path, resume: bool, measuring: tuple[Any, str]) -> Any:
     from nvit.data import build_dataset
     from nvit.lut.accuracy import trust_warnings
-    from nvit.pruning.batches import StepBatches
     from nvit.pruning.loop import prune as run_prune
-    from nvit.pruning.recipe import distillation_loss_fn, frozen_teacher
     from nvit.pruning.schedule import plan_schedule
+    from nvit.training.batches import StepBatches
+    from nvit.training.distill import distillation_loss_fn, frozen_teacher
 
     spec = base.model.spec
     train_set = build_dataset(data, "train", spec, augment=config.extra["augment"])
@@ -263,7 +264,7 @@ def _remote_of(lut: str) -> Any:
         return None
     from nvit.fileio import file_sha256
     from nvit.service.client import resolve_lut, split_lut_url
-    from nvit.service.remote import remote_measurer
+    from nvit.service.remote_measure import remote_measurer
 
     base_url, sha = split_lut_url(lut)[0], file_sha256(resolve_lut(lut))
     return lambda: remote_measurer(base_url, sha)

@@ -44,7 +44,7 @@ def _run(
     from nvit.data import build_dataset, build_loader, in_memory
     from nvit.data.workers import default_workers
     from nvit.models import save_variant
-    from nvit.pruning.distributed import (
+    from nvit.training.distributed import (
         configure_rank_logging,
         init_distributed,
         raise_if_lost_peer,
@@ -52,7 +52,7 @@ def _run(
         unwrap,
         wrap_ddp,
     )
-    from nvit.pruning.train import TrainConfig, evaluate, fit, save_history
+    from nvit.training.fit import TrainConfig, evaluate, fit, save_history
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min(min_lr, lr),
                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed)
@@ -149,7 +149,7 @@ def train(
     """Train a ViT from scratch (e.g. the small base model on the bundled digits) and save it as a variant."""
     from nvit.arch import resolve_arch
     from nvit.models import build_model
-    from nvit.pruning.distill import ClassificationLoss
+    from nvit.training.distill import ClassificationLoss
 
     spec = resolve_arch(arch)
     _check_out(out, restart)
@@ -184,7 +184,7 @@ def finetune(
 ) -> None:
     """Fine-tune a pruned variant with knowledge distillation from the dense teacher."""
     from nvit.models import load_model, load_variant, variant_provenance
-    from nvit.pruning.distill import ClassificationLoss, DistillationLoss, DistillConfig
+    from nvit.training.distill import ClassificationLoss, DistillationLoss, DistillConfig
 
     config = DistillConfig(weight=kd_weight, temperature=kd_temperature, mode=kd_mode)
     if not teacher.exists():

@@ -58,7 +58,7 @@ def choose_measurer(choice: MeasureTargets | str, table: Any, *,
     when ``table`` (a :class:`~nvit.lut.table.LatencyTable`; ``None`` for a FLOPs proxy) was profiled on
     this machine's kind of device with a backend that runs here, or else when ``remote`` (asked only then)
     offers one: for a table fetched from a service, an agent of its device registered there
-    (:func:`nvit.service.remote.remote_measurer`: the measurer and its line, or ``None`` and why not);
+    (:func:`nvit.service.remote_measure.remote_measurer`: the measurer and its line, or ``None`` and why not);
     ``on`` requires one of them."""
     choice = MeasureTargets(choice)
     if choice is MeasureTargets.OFF:

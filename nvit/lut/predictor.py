@@ -47,7 +47,7 @@ from nvit.lut.calibration import (  # noqa: F401  (fit_calibration, MIN_SCALE_SP
     fit_calibration,
     refusal,
 )
-from nvit.lut.grid import GridReport, GridStatus, MeasuredGrid
+from nvit.lut.coverage import GridReport, GridStatus, MeasuredGrid
 from nvit.lut.interaction import BlockInteraction
 from nvit.lut.measured_blocks import MeasuredBlocks
 from nvit.lut.table import LATENCY_COLUMN, LatencyTable, check_compatible
@@ -259,7 +259,7 @@ class LatencyPredictor(Predictor):
 
     def check_spec(self, spec: ArchSpec) -> GridReport:
         """A spec the table cannot speak for (other token count, image or head, or widths far outside the
-        measured grid: :mod:`nvit.lut.grid`) is a :class:`LutError`; one outside the grid but near it is
+        measured grid: :mod:`nvit.lut.coverage`) is a :class:`LutError`; one outside the grid but near it is
         predicted by extrapolation with a warning (once per axis and direction)."""
         check_compatible(self.meta, num_tokens=spec.num_tokens, source="the latency table")
         base = self.meta.base_arch

@@ -17,7 +17,7 @@ and a precision. It expands into separable sub-tables (DESIGN.md §4):
   alone than inside a block) and the predictor prices a block the table measured by its own row;
 - ``fixed``: patch embedding + tokens + final norm + head(s), once per ``e``.
 
-Presets are derived from the architecture presets (recipes in :mod:`nvit.profiler.grids`); custom spaces
+Presets are derived from the architecture presets (recipes in :mod:`nvit.profiler.space_recipes`); custom spaces
 are JSON files with strict keys. Row configurations live in :mod:`nvit.profiler.parts`, architectures
 drawn from a space in :mod:`nvit.profiler.sampling`; their names are re-exported here.
 """
@@ -38,7 +38,9 @@ from nvit.arch import ArchSpec, preset, preset_names
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
 from nvit.profiler.base import Precision
-from nvit.profiler.grids import (
+from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind, positive_int
+from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
+from nvit.profiler.space_recipes import (
     GENERIC_BLOCKS_PER_EMBED,
     RECIPES,
     GridRecipe,
@@ -48,8 +50,6 @@ from nvit.profiler.grids import (
     head_span,
     low_dense_span,
 )
-from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind, positive_int
-from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
 
 __all__ = [
     "CALIBRATION_LOW_FRACTION", "GRID_AXES", "KIND_FIELDS", "SPACE_FILE_KIND", "SPACE_SCHEMA_VERSION", "WIDTH_FIELDS",
@@ -342,7 +342,7 @@ def preset_space(name: str, *, batch_size: int = 1, precision: Precision | str =
 
 def derived_space(base: ArchSpec, *, group_size: int = 8, batch_size: int = 1,
                   precision: Precision | str = Precision.FP32, name: str = "") -> SearchSpace:
-    """A space for any ViT by the generic recipe (:func:`~nvit.profiler.grids.derive_axes`): every axis
+    """A space for any ViT by the generic recipe (:func:`~nvit.profiler.space_recipes.derive_axes`): every axis
     from the pruning ``group_size`` up to the widest block's width."""
     if not positive_int(group_size):
         raise SpecError(f"group size must be a positive integer, got {group_size!r}")

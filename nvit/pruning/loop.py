@@ -10,7 +10,7 @@ each, until the step has removed ``pace`` of the starting latency — or the nex
 every variant lands just at its target. Crossing a target saves the sliced model as a variant — with a
 measurer, only once the variant *measures* within its target (:mod:`nvit.pruning.measured`); the run
 ends at the last (lowest) target. Widths never leave the latency table's measured grid
-(:mod:`nvit.pruning.grid`). Checkpoints make the run resumable exactly (:mod:`nvit.pruning.runstate`).
+(:mod:`nvit.pruning.limits`). Checkpoints make the run resumable exactly (:mod:`nvit.pruning.runstate`).
 """
 
 from __future__ import annotations
@@ -34,25 +34,25 @@ from nvit.lut.base import FlopsPredictor, Predictor
 from nvit.models import save_variant, slice_model
 from nvit.models.vit import VisionTransformer
 from nvit.pruning import runstate
-from nvit.pruning.batches import BatchSource
 from nvit.pruning.config import PruneConfig, RankingMethod, Target, TargetKind
-from nvit.pruning.distill import ClassificationLoss, LossFn
-from nvit.pruning.distributed import DistContext, all_reduce_scalars, barrier, current_context, wrap_ddp
-from nvit.pruning.grid import check_within, grid_minimums, measured_grid, removable_sublayers
 from nvit.pruning.groups import GroupLayout, PruneError, PruneState, widths_row
 from nvit.pruning.knapsack import knapsack_order
+from nvit.pruning.limits import check_within, grid_minimums, measured_grid, removable_sublayers
 from nvit.pruning.measured import MeasuredTargets, TargetMeasurer
 from nvit.pruning.regularizer import LatencyTradeoff, checked_deltas, gate_latency_deltas_ms, rank
 from nvit.pruning.results import PruneResult, SavedVariant, StepReport, variant_dict, variant_from_dict
 from nvit.pruning.saliency import SaliencyAccumulator, ScoreAverage, normalise
-from nvit.pruning.train import StepResult, parameter_groups, train_step
+from nvit.training.batches import BatchSource
+from nvit.training.distill import ClassificationLoss, LossFn
+from nvit.training.distributed import DistContext, all_reduce_scalars, barrier, current_context, wrap_ddp
+from nvit.training.fit import StepResult, parameter_groups, train_step
 
 log = logging.getLogger(__name__)
 
 
 def pruning_layout(spec: ArchSpec, config: PruneConfig, predictor: Predictor) -> GroupLayout:
     """The groups of ``spec`` with minimums raised to the table's smallest measured widths; a model outside
-    the table's grid is refused (:mod:`nvit.pruning.grid`)."""
+    the table's grid is refused (:mod:`nvit.pruning.limits`)."""
     grid = measured_grid(predictor)
     check_within(spec, grid)
     return GroupLayout(spec, group_size=config.group_size, minimums=grid_minimums(config.minimums(), grid),
@@ -108,13 +108,13 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` (dense or a variant) until its predicted latency meets every target in ``config``.
 
-    ``loss_fn`` is a :class:`nvit.pruning.distill.LossFn` (default: cross-entropy; pass a
-    :class:`~nvit.pruning.distill.DistillationLoss` for CE + KD from the dense teacher).
+    ``loss_fn`` is a :class:`nvit.training.distill.LossFn` (default: cross-entropy; pass a
+    :class:`~nvit.training.distill.DistillationLoss` for CE + KD from the dense teacher).
     ``provenance`` (base model, LUT identity...) is stored in every variant's ``arch.json``. Targets are
     checked before any work. With ``resume``, ``out_dir`` must hold a checkpoint of the same config.
 
     Under ``torchrun`` (``distributed``, default: the joined process group) every rank runs this with its
-    shard of the data (:class:`~nvit.pruning.batches.StepBatches` with ``rank``/``world_size``); the model is
+    shard of the data (:class:`~nvit.training.batches.StepBatches` with ``rank``/``world_size``); the model is
     wrapped in DDP after its gates are created, so gate gradients (hence saliency) and weight gradients are
     averaged over ranks and every rank takes the same pruning decisions; logged loss and accuracy are
     reduced over ranks; only rank 0 writes files.

@@ -5,7 +5,6 @@ Shared by ``nvit prune`` and the benchmarks so that both record the same provena
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -86,37 +85,6 @@ def load_latency_predictor(
     prov = {"kind": "lut", "path": str(path), "sha256": file_sha256(path), "identity": meta.identity(),
             "device_name": meta.device_name(), "created_at": meta.created_at, "calibrated": predictor.calibrated}
     return LoadedPredictor(predictor, prov, has_time_unit=True)
-
-
-def distillation_loss_fn(teacher: VisionTransformer | None, *, weight: float, temperature: float) -> Any:
-    """CE + KD from ``teacher`` (a frozen copy of the base), or CE alone when ``weight`` is 0."""
-    from nvit.pruning.distill import ClassificationLoss, DistillationLoss, DistillConfig
-
-    if weight == 0.0 or teacher is None:
-        return ClassificationLoss()
-    return DistillationLoss(teacher, DistillConfig(weight=weight, temperature=temperature))
-
-
-def frozen_teacher(model: VisionTransformer) -> VisionTransformer:
-    """A copy of the dense model to distil from (no gates, eval mode, no gradients)."""
-    teacher = copy.deepcopy(model)
-    teacher.disable_gates()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
-
-
-def top1(model: VisionTransformer, dataset: Any, *, batch_size: int = 256, rank: int | None = None,
-         world_size: int | None = None) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` in eval mode on a data set, on the model's device.
-
-    Under torchrun every rank evaluates its shard and the counts are all-reduced, unless ``rank`` and
-    ``world_size`` say otherwise (``rank=0, world_size=1``: the whole set here, with no collective)."""
-    from nvit.data import build_loader
-    from nvit.pruning.train import evaluate
-
-    loader = build_loader(dataset, batch_size=batch_size, train=False, rank=rank, world_size=world_size)
-    return evaluate(model, loader)
 
 
 def record_top1(folder: str | os.PathLike[str], accuracy: float, *, split: str, stage: str) -> None:

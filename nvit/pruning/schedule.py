@@ -111,7 +111,7 @@ class PruneSchedule:
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int = 1) -> int:
-    """Full global batches in one pass over ``dataset_size`` items (as :class:`~nvit.pruning.batches.StepBatches`
+    """Full global batches in one pass over ``dataset_size`` items (as :class:`~nvit.training.batches.StepBatches`
     makes them: the last partial batch of an epoch is dropped)."""
     if batch_size < 1 or world_size < 1:
         raise NvitError("batch size and world size must be positive")

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from nvit.service.agent_reports import check_job_table, check_measure_result
 from nvit.service.errors import unprocessable
 from nvit.service.jobspec import JobRequest, ProfileRequest, measure_job, profile_job
 from nvit.service.queue import JobKind, JobState
@@ -27,7 +28,6 @@ from nvit.service.routes import (
 )
 from nvit.service.routes.luts import register_table
 from nvit.service.schemas import INT64_MAX, AgentId, JsonObject, Strict, json_problem
-from nvit.service.tables import check_job_table, check_measure_result
 
 router = APIRouter(tags=["jobs"])
 _MAX_JOURNAL_LINES = 10_000

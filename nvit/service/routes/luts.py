@@ -15,7 +15,7 @@ from nvit.fileio import file_sha256
 from nvit.service.blobs import ReceivedBlob, check_sha256
 from nvit.service.config import ServiceContext
 from nvit.service.errors import not_found, unprocessable
-from nvit.service.inspect import inspect_upload
+from nvit.service.model_inspection import inspect_upload
 from nvit.service.routes import Reader, Submitter, content_length, context, device_key, device_name, lut_view
 from nvit.service.schemas import DB_INT_MAX, Strict, TableMetaSchema, check_table_meta
 

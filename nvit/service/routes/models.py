@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from nvit.service.blobs import check_sha256
 from nvit.service.config import ServiceContext
 from nvit.service.errors import not_found
-from nvit.service.inspect import inspect_upload
+from nvit.service.model_inspection import inspect_upload
 from nvit.service.routes import Reader, Submitter, content_length, context
 from nvit.service.routes.luts import IMMUTABLE
 

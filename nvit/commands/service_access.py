@@ -56,7 +56,7 @@ def profile_remotely(url: str, body: dict[str, Any], out: Any, console: Console)
     from pathlib import Path
 
     from nvit.service.client import ServiceClient
-    from nvit.service.remote import run_job
+    from nvit.service.remote_measure import run_job
 
     space = body["space"]
     if space.endswith(".json") or Path(space).is_file():  # a local space file travels as its JSON object

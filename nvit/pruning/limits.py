@@ -3,7 +3,7 @@
 A width the table never measured is a width the regularizer cannot price: below the grid the predictor
 extrapolates (and floors at 0 ms), so pruning would count savings that do not exist. So the minimum width
 of every structure type is at least the smallest width the table measured for it
-(:class:`~nvit.lut.grid.MeasuredGrid`, read from the predictor), and a base model wider (or narrower) than
+(:class:`~nvit.lut.coverage.MeasuredGrid`, read from the predictor), and a base model wider (or narrower) than
 the table is refused before any work. Between grid points the predictor interpolates, which is what the
 table is for. Predictors without a table (the FLOPs stand-in) bound nothing. Likewise a whole sub-layer
 may only be removed where the table measured what a block costs without it (:func:`removable_sublayers`).
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def measured_grid(predictor: Predictor) -> Any:
-    """The :class:`~nvit.lut.grid.MeasuredGrid` of a LUT-backed predictor, ``None`` for one without a table."""
+    """The :class:`~nvit.lut.coverage.MeasuredGrid` of a LUT-backed predictor, ``None`` for one without a table."""
     return getattr(predictor, "grid", None)
 
 

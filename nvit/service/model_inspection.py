@@ -1,6 +1,6 @@
 """Inspect untrusted uploads in a child process: ONNX models and latency tables.
 
-The server never parses an upload itself. ``python -m nvit.service.inspect KIND PATH`` runs in a child with
+The server never parses an upload itself. ``python -m nvit.service.model_inspection KIND PATH`` runs in a child with
 limits on memory and CPU time (and a wall-clock timeout), prints one JSON line (``{"ok": true, "info":
 ...}`` or ``{"ok": false, "error": "..."}``) and exits; a parser crash or hang costs the child, not the
 server.
@@ -64,8 +64,8 @@ def inspect_upload(kind: str, path: str | os.PathLike[str], *, what: str, timeou
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
     workdir = tempfile.mkdtemp(prefix="nvit-inspect-")  # empty: a relative path resolves to nothing
     try:
-        proc = subprocess.run([sys.executable, "-m", "nvit.service.inspect", kind, str(path)], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        proc = subprocess.run([sys.executable, "-m", "nvit.service.model_inspection", kind, str(path)], cwd=workdir,
+                              env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         raise unprocessable(f"inspecting the {what} took longer than {timeout_s:g} s") from None
     finally:

@@ -13,6 +13,7 @@ for such students (DeiT's hard distillation, α = ½) and SOFT otherwise. α = 0
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -171,3 +172,19 @@ class DistillationLoss:
     def __call__(self, images: torch.Tensor, outputs: StudentOutput, targets: torch.Tensor) -> LossParts:
         teacher_logits = self.teacher_logits(images) if self.config.weight > 0 else None
         return distillation_loss(outputs, targets, teacher_logits, self.config)
+
+
+def distillation_loss_fn(teacher: nn.Module | None, *, weight: float, temperature: float) -> Any:
+    """CE + KD from ``teacher`` (a frozen copy of the base), or CE alone when ``weight`` is 0."""
+    if weight == 0.0 or teacher is None:
+        return ClassificationLoss()
+    return DistillationLoss(teacher, DistillConfig(weight=weight, temperature=temperature))
+
+
+def frozen_teacher(model: nn.Module) -> nn.Module:
+    """A copy of the dense model to distil from (no gates, eval mode, no gradients)."""
+    teacher = copy.deepcopy(model)
+    teacher.disable_gates()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()

@@ -1,6 +1,6 @@
 """Training and evaluation helpers shared by ``nvit train``, ``nvit finetune`` and the pruning loop.
 
-- :func:`train_step`: forward, loss (any :class:`~nvit.pruning.distill.LossFn`), backward, optional hook
+- :func:`train_step`: forward, loss (any :class:`~nvit.training.distill.LossFn`), backward, optional hook
   (the pruning engine reads gate gradients there), clip, optimizer and scheduler step.
 - :func:`train_epoch` / :func:`evaluate`: metrics summed over DDP ranks when the loader is sharded.
 - :func:`build_optimizer` (AdamW, no decay on biases, norms and tokens; gates never optimised) and
@@ -26,15 +26,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nvit.data import ShardedSampler, start_epoch
-from nvit.pruning.distill import LossFn, StudentOutput
-from nvit.pruning.distributed import all_reduce_scalars, unwrap
-from nvit.pruning.train_checkpoint import (
+from nvit.training.checkpoint import (
     TrainError,
     TrainState,
     load_checkpoint,
     run_lock,
     save_checkpoint,
 )
+from nvit.training.distill import LossFn, StudentOutput
+from nvit.training.distributed import all_reduce_scalars, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -355,3 +355,15 @@ def _fit(
             on_epoch(stats)
     val_top1 = history[-1].val_top1 if history else None
     return FitResult(tuple(history), first_epoch, val_top1)
+
+
+def top1(model: nn.Module, dataset: Any, *, batch_size: int = 256, rank: int | None = None,
+         world_size: int | None = None) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` in eval mode on a data set, on the model's device.
+
+    Under torchrun every rank evaluates its shard and the counts are all-reduced, unless ``rank`` and
+    ``world_size`` say otherwise (``rank=0, world_size=1``: the whole set here, with no collective)."""
+    from nvit.data import build_loader
+
+    loader = build_loader(dataset, batch_size=batch_size, train=False, rank=rank, world_size=world_size)
+    return evaluate(model, loader)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nvit.errors import NvitError
-from nvit.pruning.distributed import barrier, is_main_process, unwrap
+from nvit.training.distributed import barrier, is_main_process, unwrap
 
 CHECKPOINT_SCHEMA_VERSION = 1
 CHECKPOINT_KIND = "nvit.train_checkpoint"

@@ -1,0 +1,2 @@
+"""Training a ViT: fitting with checkpoints and resume, distillation, data-parallel set-up and step batches
+(used by ``nvit train``, ``nvit finetune``, the pruning loop's recovery training, the demo and benchmarks)."""
