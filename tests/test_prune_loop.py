@@ -336,7 +336,10 @@ def test_cli_defaults_are_the_library_defaults() -> None:
 
     options = {name: p.default for name, p in inspect.signature(command).parameters.items()}
     defaults = {name: option.default for name, option in options.items()}
-    assert defaults["ranking"] == c.DEFAULT_RANKING.value and defaults["pace"] == c.DEFAULT_PACE
+    # the ranking follows what may go: the library's default with sub-layer removal, another widths only
+    assert defaults["ranking"] is None and defaults["pace"] == c.DEFAULT_PACE
+    assert f"Default: {c.DEFAULT_RANKING.value} where whole sub-layers" in " ".join(options["ranking"].help.split())
+    assert f"{c.WIDTH_ONLY_RANKING.value} when pruning widths only" in " ".join(options["ranking"].help.split())
     assert defaults["interval"] == c.DEFAULT_INTERVAL and defaults["saliency_ema"] == c.DEFAULT_EMA
     assert f"(default {c.DEFAULT_LATENCY_WEIGHT}," in options["latency_weight"].help
     assert defaults["remove"] is None
