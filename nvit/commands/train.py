@@ -129,22 +129,34 @@ def _check_out(out: Path, restart: bool) -> None:
         (out / CHECKPOINT_FILE).unlink()
 
 
+# Options ``train`` and ``finetune`` share (one definition each).
+_DATA = typer.Option("digits", "--data", help=DATA_HELP)
+_BATCH = typer.Option(16, "--batch-size", help="Batch size per process.")
+_MIN_LR = typer.Option(1e-5, "--min-lr", help="Final learning rate of the cosine schedule.")
+_WEIGHT_DECAY = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (matrices only).")
+_AUGMENT = typer.Option("auto", "--augment", help=AUGMENT_HELP)
+_NO_AUGMENT = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP)
+_WORKERS = typer.Option(None, "--workers", help=WORKERS_HELP)
+_DEVICE = typer.Option("auto", "--device", help=DEVICE_HELP)
+_RESTART = typer.Option(False, "--restart", help="Ignore the checkpoint in --out and start again.")
+
+
 def train(
     arch: str = typer.Option("vit_test", "--arch", help="Preset name or arch.json of the model to train."),
-    data: str = typer.Option("digits", "--data", help=DATA_HELP),
+    data: str = _DATA,
     epochs: int = typer.Option(..., "--epochs", help="Training epochs."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model (arch.json + weights)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Batch size per process."),
+    batch_size: int = _BATCH,
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate."),
-    min_lr: float = typer.Option(1e-5, "--min-lr", help="Final learning rate of the cosine schedule."),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (matrices only)."),
+    min_lr: float = _MIN_LR,
+    weight_decay: float = _WEIGHT_DECAY,
     warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warm-up length in epochs."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, data order and augmentation."),
-    augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
-    no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
-    workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint in --out and start again."),
+    augment: str = _AUGMENT,
+    no_augment: bool = _NO_AUGMENT,
+    workers: int | None = _WORKERS,
+    device: str = _DEVICE,
+    restart: bool = _RESTART,
 ) -> None:
     """Train a ViT from scratch (e.g. the small base model on the bundled digits) and save it as a variant."""
     from nvit.arch import resolve_arch
@@ -163,24 +175,24 @@ def train(
 def finetune(
     variant: Path = typer.Option(..., "--variant", help="Variant folder to fine-tune (e.g. one from nvit prune)."),
     teacher: Path = typer.Option(..., "--teacher", help="Dense teacher: a variant folder or checkpoint file."),
-    data: str = typer.Option("digits", "--data", help=DATA_HELP),
+    data: str = _DATA,
     epochs: int = typer.Option(..., "--epochs", help="Fine-tuning epochs."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the fine-tuned variant."),
     kd_weight: float = typer.Option(0.5, "--kd-weight", help="Weight α of the distillation term (0: CE only)."),
     kd_temperature: float = typer.Option(1.0, "--kd-temperature", help="Soft distillation temperature τ."),
     kd_mode: str = typer.Option("auto", "--kd-mode", help="auto (hard for distilled students, else soft), "
                                 "soft or hard."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Batch size per process."),
+    batch_size: int = _BATCH,
     lr: float = typer.Option(5e-4, "--lr", help="Peak AdamW learning rate."),
-    min_lr: float = typer.Option(1e-5, "--min-lr", help="Final learning rate of the cosine schedule."),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (matrices only)."),
+    min_lr: float = _MIN_LR,
+    weight_decay: float = _WEIGHT_DECAY,
     warmup_epochs: float = typer.Option(0.5, "--warmup-epochs", help="Linear warm-up length in epochs."),
     seed: int = typer.Option(0, "--seed", help="Seed of data order and augmentation."),
-    augment: str = typer.Option("auto", "--augment", help=AUGMENT_HELP),
-    no_augment: bool = typer.Option(False, "--no-augment", help=NO_AUGMENT_HELP),
-    workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    restart: bool = typer.Option(False, "--restart", help="Ignore the checkpoint in --out and start again."),
+    augment: str = _AUGMENT,
+    no_augment: bool = _NO_AUGMENT,
+    workers: int | None = _WORKERS,
+    device: str = _DEVICE,
+    restart: bool = _RESTART,
 ) -> None:
     """Fine-tune a pruned variant with knowledge distillation from the dense teacher."""
     from nvit.models import load_model, load_variant, variant_provenance
