@@ -159,13 +159,14 @@ def report_stage(args: argparse.Namespace, s: pf.Settings) -> None:
                               "predicted_error_median": float(np.median([r["predicted_error"] for r in rs])),
                               "predicted_error_min": float(min(r["predicted_error"] for r in rs))}
     loops = {f"{m}/s{seed}": doc.get("measured_loop") for (m, seed), doc in runs.items() if m.endswith("_mt")}
+    ran = tuple(m for m in METHODS if any(r["method"] == m for r in rows))  # a partial run reports what ran
     lowest = {}
-    for m in METHODS:
+    for m in ran:
         per_seed = [min((r["measured_ms"] for r in rows if r["method"] == m and r["seed"] == seed
                          and r[f"{split}_after"] >= ACCURACY_BAR), default=float("nan")) for seed in s.seeds]
         lowest[m] = {"per_seed_ms": per_seed, "mean_ms": float(np.nanmean(per_seed)) if np.isfinite(per_seed).any()
                      else None}
-    reached = {m: sorted({r["target_ratio"] for r in rows if r["method"] == m}, reverse=True) for m in METHODS}
+    reached = {m: sorted({r["target_ratio"] for r in rows if r["method"] == m}, reverse=True) for m in ran}
     doc = {"kind": "nvit.benchmark.prune_sublayers", "version": 2, "nvit_version": __version__,
            "host": platform.node(), "settings": asdict(s), "split": split, "accuracy_bar": ACCURACY_BAR,
            "base": {**base, "measured_ms": measured["base"]["measured_ms"]}, "targets_reached": reached,
@@ -203,7 +204,7 @@ def markdown(doc: dict[str, Any]) -> str:
               "removed, blocks dropped, mean)", "",
               "| method | " + " | ".join(f"{t:g}" for t in doc["settings"]["targets"]) + " |",
               "|---|" + "---|" * len(doc["settings"]["targets"])]
-    for m in METHODS:
+    for m in doc["targets_reached"]:
         cells = []
         for t in doc["settings"]["targets"]:
             rs = [r for r in doc["rows"] if r["method"] == m and r["target_ratio"] == t]

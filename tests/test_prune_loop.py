@@ -216,9 +216,9 @@ def test_cli_prunes_to_latency_and_ratio_targets(cli_inputs, tmp_path, capsys) -
                              "--out", str(out)], capsys)
     assert code == 0, err
     assert "ratio_0.8" in stdout and f"latency_{target_ms:g}ms" in stdout and "top-1" in stdout
-    # a table without one-half blocks prunes widths only, where the default ranking is the latency one
-    assert "ranking latency (λ 3); pruning widths only" in " ".join(err.split())
-    assert json.loads((out / "prune_run.json").read_text())["config"]["ranking"] == "latency"
+    # a table without one-half blocks prunes widths only, where the default ranking is saliency alone
+    assert "ranking saliency; pruning widths only" in " ".join(err.split())
+    assert json.loads((out / "prune_run.json").read_text())["config"]["ranking"] == "saliency"
     for label, limit in (("ratio_0.8", 0.8 * dense_ms), (f"latency_{target_ms:g}ms", target_ms)):
         spec, prov = load_arch_file(out / label / "arch.json")
         assert predictor.predict_ms(spec) == pytest.approx(prov["predicted_latency_ms"])

@@ -311,7 +311,7 @@ def test_cli_remove_flag(tables, tmp_path, capsys) -> None:
     assert json.loads((tmp_path / "d" / "prune_run.json").read_text())["config"]["ranking"] == "knapsack"
     code, _, err = run_cli([*common, "--lut", str(tables["with"]), "--remove", "none", "--target-ratio", "0.9",
                             "--out", str(tmp_path / "e")], capsys)
-    assert code == 0 and "ranking latency (λ 3); pruning widths only" in " ".join(err.split())
+    assert code == 0 and "ranking saliency; pruning widths only" in " ".join(err.split())
     code, out, _ = run_cli(["arch", "show", str(tmp_path / "d" / target.label / "arch.json")], capsys)
     assert code == 0 and "removed" in out
 

@@ -70,8 +70,8 @@ def prune(
                                        "knapsack (the least saliency whose ΔLat from the table meets the step's "
                                        "pace), latency (saliency − η·ΔLat), saliency (saliency alone), flops "
                                        "(saliency − η·ΔFLOPs). Default: knapsack where whole sub-layers may go "
-                                       "(measured best in BENCHMARKS.md §2b), latency when pruning widths only "
-                                       "(an older table, or --remove none: there the knapsack measured worst)."),
+                                       "(measured best in BENCHMARKS.md §2b, §2c), saliency when pruning widths "
+                                       "only (an older table, or --remove none: there the knapsack measured worst)."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Same as --ranking saliency: rank by saliency "
                                     "alone; the LUT still decides when each target is met."),
     latency_weight: float | None = typer.Option(None, "--latency-weight", help="Unit-free weight λ of the latency "

@@ -42,11 +42,11 @@ class RankingMethod(enum.Enum):
 DEFAULT_RANKING = RankingMethod.KNAPSACK
 DEFAULT_LATENCY_WEIGHT = 3.0
 #: The ranking ``nvit prune`` uses by default when it prunes widths only (a table without one-half blocks, or
-#: ``--remove none``). Width-only, the knapsack is not the best: in BENCHMARKS.md §2b it was the worst of
-#: the width-only rankings (−0.81 [−1.34, −0.27] test top-1 points against saliency alone, 3 seeds), while
-#: the latency ranking at λ = 3 was level with saliency in both §2 (+0.05) and §2b (+0.06) and above it in
-#: the §2b re-run on the narrow-block table (BENCHMARKS.md §2c).
-WIDTH_ONLY_RANKING = RankingMethod.LATENCY
+#: ``--remove none``). Width-only, the knapsack is the worst ranking: −0.81 [−1.34, −0.27] test top-1 points
+#: against saliency alone in BENCHMARKS.md §2b and −1.12 [−1.45, −0.79] in §2c (3 seeds each). Saliency alone
+#: and the latency ranking (λ 3) cannot be told apart (latency − saliency: +0.05, +0.06, −0.23 points in
+#: §2, §2b, §2c, every interval across 0); saliency alone measured best in the latest run and needs no λ.
+WIDTH_ONLY_RANKING = RankingMethod.SALIENCY
 
 
 class Sublayer(enum.Enum):
