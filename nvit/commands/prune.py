@@ -139,6 +139,7 @@ def prune(
         Target,
         parse_remove,
     )
+    from nvit.pruning.limits import sublayers_that_may_go
     from nvit.pruning.recipe import load_base, load_latency_predictor, record_top1
     from nvit.pruning.saliency import SaliencyNorm
     from nvit.training.distributed import collective_errors, init_distributed, shutdown
@@ -162,8 +163,7 @@ def prune(
     loaded = load_latency_predictor(local_lut(lut), spec, device=lut_device, precision=precision,
                                     batch_size=lut_batch_size)
     if method is None:  # the default: what the benchmarks measured best for what this run may remove
-        widths_only = removes == () or getattr(loaded.predictor, "removal_unavailable", None) is not None
-        method = WIDTH_ONLY_RANKING if widths_only else DEFAULT_RANKING
+        method = DEFAULT_RANKING if sublayers_that_may_go(removes, loaded.predictor) else WIDTH_ONLY_RANKING
         if latency_weight is not None and method not in (RankingMethod.LATENCY, RankingMethod.FLOPS):
             raise NvitError(f"--latency-weight needs --ranking latency or flops (the default here is {method.value})")
     from nvit.export.targets import MeasureTargets, choose_measurer
@@ -248,10 +248,10 @@ def _run(ctx: Any, base: Any, loaded: Any, config: Any, data: str, batch_size: i
 
 def ranking_line(config: Any, predictor: Any) -> str:
     """Which ranking the run uses and what may go, one line."""
-    from nvit.pruning.config import DEFAULT_REMOVE, RankingMethod
+    from nvit.pruning.config import RankingMethod
+    from nvit.pruning.limits import sublayers_that_may_go
 
-    wanted = DEFAULT_REMOVE if config.remove is None else config.remove
-    removable = () if getattr(predictor, "removal_unavailable", None) else wanted
+    removable = sublayers_that_may_go(config.remove, predictor)
     what = f"widths and whole {' and '.join(w.value for w in removable)} sub-layers" if removable else "widths only"
     weight = f" (λ {config.latency_weight:g})" if config.ranking in (RankingMethod.LATENCY, RankingMethod.FLOPS) else ""
     return f"ranking {config.ranking.value}{weight}; pruning {what}"

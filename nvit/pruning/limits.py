@@ -59,15 +59,21 @@ def grid_minimums(minimums: Minimums, grid: Any) -> Minimums:
     return replace(minimums, **changes)
 
 
+def sublayers_that_may_go(remove: tuple[Sublayer, ...] | None, predictor: Predictor) -> tuple[Sublayer, ...]:
+    """What pruning removes besides widths: ``remove``, or :data:`DEFAULT_REMOVE` when not given, and nothing
+    where the table cannot price a removed sub-layer (no check, no warning: :func:`removable_sublayers`)."""
+    wanted = DEFAULT_REMOVE if remove is None else remove
+    return () if getattr(predictor, "removal_unavailable", None) else wanted
+
+
 def removable_sublayers(config: PruneConfig, predictor: Predictor) -> frozenset[GroupKind]:
-    """The layer-gate kinds pruning may remove: ``config.remove``, or :data:`DEFAULT_REMOVE` when not given.
-    A table that cannot price a removed sub-layer refuses an explicit request in one line, and turns the
-    default into width-only pruning with a warning that says why."""
+    """The layer-gate kinds pruning may remove (:func:`sublayers_that_may_go`). A table that cannot price a
+    removed sub-layer refuses an explicit request in one line, and turns the default into width-only pruning
+    with a warning that says why."""
     wanted = DEFAULT_REMOVE if config.remove is None else config.remove
-    reason = predictor.removal_unavailable
-    if wanted and reason:
+    if wanted and not sublayers_that_may_go(config.remove, predictor):
         if config.remove is not None:
-            raise LutError(reason)
-        log.warning("pruning widths only: %s", reason)
+            raise LutError(predictor.removal_unavailable)
+        log.warning("pruning widths only: %s", predictor.removal_unavailable)
         return frozenset()
     return frozenset({Sublayer.ATTN: GroupKind.ATTN_LAYER, Sublayer.MLP: GroupKind.MLP_LAYER}[w] for w in wanted)
