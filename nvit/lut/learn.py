@@ -54,11 +54,10 @@ class MeasuredModel:
             raise LutError(f"{self.origin}: {self.name} has no usable latency ({self.measured_ms!r})")
 
 
-def _fit(table: Any, names: list[str], archs: list[ArchSpec], measured: list[float]) -> dict[str, Any]:
+def _fit(raw: Any, names: list[str], archs: list[ArchSpec], measured: list[float]) -> dict[str, Any]:
+    """The calibration record fitted on these models, priced by ``raw`` (the table's uncalibrated predictor)."""
     from nvit.lut.calibration import fit_calibration
-    from nvit.lut.predictor import LatencyPredictor
 
-    raw = LatencyPredictor(table, calibrated=False)
     floors = raw.floors_for(archs)
     compositions = [raw.composition(a, floors) for a in archs]
     record = fit_calibration(names, measured, [c.raw_ms for c in compositions], compositions=compositions,
@@ -94,14 +93,19 @@ def learn(table: Any, measured: Sequence[MeasuredModel], *, parent_sha256: str |
     new = [(f"learned-{i}-{m.name}", m.arch, ms) for i, (m, ms) in enumerate(learned)]
     rows = own + new
 
+    from nvit.lut.predictor import LatencyPredictor
+
+    raw = LatencyPredictor(table, calibrated=False)  # what every fit prices the models with
+    before = LatencyPredictor(table)  # the parent's calibration
+    before.warn_outside = False
     held_out = []
     if len(new) >= 2:  # each learned model predicted by the fit to everything else
         for i, (name, arch, ms) in enumerate(new):
             rest = own + new[:i] + new[i + 1:]
-            record = _fit(table, [r[0] for r in rest], [r[1] for r in rest], [r[2] for r in rest])
-            held_out.append({"name": name, "measured_ms": ms, "before_ms": _predict(table, parent, arch),
+            record = _fit(raw, [r[0] for r in rest], [r[1] for r in rest], [r[2] for r in rest])
+            held_out.append({"name": name, "measured_ms": ms, "before_ms": before.predict_ms(arch),
                              "after_ms": _predict(table, record, arch)})
-    record = _fit(table, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    record = _fit(raw, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     for item, flag in zip(record["models"], was_learned + [True] * len(new), strict=True):
         if flag:
             item["learned"] = True
