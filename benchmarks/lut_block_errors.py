@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from nvit.arch import ArchSpec, BlockSpec
-from nvit.export.compare import measure_with_table
 from nvit.fileio import atomic_write_text
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable, utc_now
-from nvit.profiler.parts import PartConfig, PartKind
 from nvit.profiler.space import arch_for_space
 from nvit.profiler.workloads import model_workload, part_workload
+from nvit.validation.compare import measure_with_table
+from nvit.vocab import PartConfig, PartKind
 
 
 def block_parts(e: int, b: BlockSpec) -> dict[str, PartConfig]:

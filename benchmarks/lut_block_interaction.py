@@ -25,7 +25,7 @@ from nvit.fileio import atomic_write_text
 from nvit.lut.interaction import BlockInteraction
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable, utc_now
-from nvit.profiler.parts import PartKind
+from nvit.vocab import PartKind
 
 
 def leave_one_out(path: Path) -> dict[str, Any]:

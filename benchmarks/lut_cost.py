@@ -29,11 +29,11 @@ from nvit.fileio import atomic_write_text
 from nvit.lut.table import utc_now
 from nvit.models import onnx as onnx_export
 from nvit.profiler.backends.common import example_input, module_copy
-from nvit.profiler.base import Precision
 from nvit.profiler.harness import HarnessConfig, measure_interleaved
 from nvit.profiler.onnx_store import OnnxStore, content_key
 from nvit.profiler.space import resolve_space
 from nvit.profiler.workloads import part_workload
+from nvit.vocab import Precision
 
 
 @contextlib.contextmanager

@@ -26,9 +26,10 @@ from lut_cost import seeded_configs
 
 from nvit.fileio import atomic_write_text
 from nvit.lut.table import utc_now
-from nvit.profiler.base import DeviceKind, Precision, get_backend
+from nvit.profiler.base import get_backend
 from nvit.profiler.space import resolve_space
 from nvit.profiler.workloads import part_workload
+from nvit.vocab import DeviceKind, Precision
 
 
 def _exporter(space_name: str, stop: Any, count: Any) -> None:

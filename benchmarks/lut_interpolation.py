@@ -34,10 +34,11 @@ from nvit.errors import NvitError
 from nvit.fileio import atomic_write_text
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable, check_compatible, utc_now
-from nvit.profiler.base import DeviceKind, Precision, get_backend
-from nvit.profiler.space import KIND_FIELDS, PartConfig, PartKind, SearchSpace, preset_space, resolve_space
+from nvit.profiler.base import get_backend
+from nvit.profiler.space import SearchSpace, preset_space, resolve_space
 from nvit.profiler.sweep import SweepOptions, run_sweep
 from nvit.profiler.workloads import part_workload
+from nvit.vocab import KIND_FIELDS, DeviceKind, PartConfig, PartKind, Precision
 
 ALIGN = 8  # off-grid widths are multiples of the pruning group size
 QUICK_OFFGRID = 4
@@ -69,8 +70,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def make_backend(args: argparse.Namespace, precision: Precision, batch_size: int, meta: Any = None) -> Any:
     """With a table and no backend flags: the backend exactly as recorded in the table (its constructor
     options and harness). Otherwise the backend the flags name."""
-    from nvit.export.compare import backend_for_table
     from nvit.profiler.backends import default_backend
+    from nvit.validation.compare import backend_for_table
 
     if meta is not None and args.backend is None and args.threads is None and not args.gpu:
         return backend_for_table(meta)

@@ -61,8 +61,8 @@ def measured_path(work: Path, lut: Path, kind: str, seed: int) -> Path:
 
 
 def measure(args: argparse.Namespace) -> int:
-    from nvit.export.compare import backend_for_table, check_same_device
     from nvit.profiler.selfcheck import measure_archs
+    from nvit.validation.compare import backend_for_table, check_same_device
 
     table = LatencyTable.load(args.lut)
     base = ArchSpec.from_dict(table.meta.base_arch)

@@ -136,7 +136,7 @@ def reachable(ctx: Context, method: str, seed: int) -> tuple[float, ...]:
     """The target ratios the method can reach on the table (a width-only floor refuses the lower ones)."""
     import prune_methods as pm
 
-    from nvit.pruning.loop import pruning_layout
+    from nvit.pruning.limits import pruning_layout
 
     as_ranking = {"depth": "saliency_rm", "uniform": "saliency", "l1": "saliency", "random": "saliency"}
     layout = pruning_layout(ctx.base.spec, prune_config(ctx.s, as_ranking.get(method, method), seed), ctx.predictor)
@@ -149,7 +149,8 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
     import pandas as pd
 
     from nvit.models import load_variant, slice_model
-    from nvit.pruning.loop import prune, pruning_layout
+    from nvit.pruning.limits import pruning_layout
+    from nvit.pruning.loop import prune
     from nvit.pruning.runstate import RUN_FILE, STATE_FILE, read_run_summary
     from nvit.training.batches import StepBatches
 
@@ -182,8 +183,8 @@ def pruned_variants(ctx: Context, method: str, seed: int, folder: Path
         data = StepBatches(ctx.train, batch_size=s.batch_size, seed=seed)
         measurer = None
         if method.endswith("_mt"):  # targets met at measured latency: the table's backend, beside its rows
-            from nvit.export.targets import TableMeasurer
             from nvit.lut.table import LatencyTable
+            from nvit.validation.targets import TableMeasurer
 
             measurer = TableMeasurer(LatencyTable.load(ctx.lut))
         prune(load_variant(ctx.base_dir), config=prune_config(s, method, seed, targets), predictor=ctx.predictor,
@@ -303,10 +304,10 @@ def _worker_init() -> None:
 
 def measure_stage(args: argparse.Namespace, s: Settings) -> None:
     """Every fine-tuned variant and the base, measured in one interleaved session (two passes)."""
-    from nvit.export.compare import Variant, compare_with_table
     from nvit.fileio import atomic_write_text
     from nvit.lut.table import LatencyTable
     from nvit.models import load_variant
+    from nvit.validation.compare import Variant, compare_with_table
 
     runs = load_rows(args.work)
     variants = [Variant(f"{m}/s{seed}/{r['target_ratio']:g}", (mod := load_variant(r["variant_path"])).spec,

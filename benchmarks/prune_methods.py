@@ -1,7 +1,7 @@
 """The benchmark's one-shot baselines and training helpers (used by prune_fashion.py).
 
 Baselines prune the base at once to a target *predicted* latency, with the same groups, minimums and grid
-as ``nvit prune`` (:func:`nvit.pruning.loop.pruning_layout`), then fine-tune like every other method:
+as ``nvit prune`` (:func:`nvit.pruning.limits.pruning_layout`), then fine-tune like every other method:
 
 - ``uniform``: every width (embed, heads, QK, V, MLP) scaled by one factor, the largest that meets the
   target (the units kept in each gate are those of largest mean |w|);

@@ -3,7 +3,7 @@
 Four designs at one latency, the mean measured latency of §2's pruned-and-fine-tuned ``nvit`` variants at
 ``target_ratio`` (from ``results/prune_fashion.json``, re-measured here in the same session):
 - ``uniform``: §2's base shape (every share 1) at the embedding whose measured latency is nearest;
-- ``published``: NViT's rule read as shares (:func:`nvit.redistribute.published_shares`) on the same base;
+- ``published``: NViT's rule read as shares (:func:`nvit.redesign.learned.published_shares`) on the same base;
 - ``learned``: the rule fitted on §2's ``nvit`` variants (every seed, every target unless ``rule_ratios``;
   ``nvit arch redistribute``'s library path), on the same base;
 - ``pruned``: §2's variants themselves (pruned from the trained base, then fine-tuned): the reference.
@@ -96,7 +96,7 @@ def reference_rows(prune: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
 def rules(prune: dict[str, Any], s: Settings) -> tuple[Any, Any, dict[str, Any]]:
     """The base, its dense reference and the three rules (as shares over the base's depth)."""
     from nvit.arch import ArchSpec
-    from nvit.redistribute import (
+    from nvit.redesign.learned import (
         KINDS,
         Reference,
         Shape,
@@ -119,7 +119,7 @@ def rules(prune: dict[str, Any], s: Settings) -> tuple[Any, Any, dict[str, Any]]
 
 
 def design_spec(name: str, embed_dim: int, prune: dict[str, Any], s: Settings) -> Any:
-    from nvit.redistribute import build_arch
+    from nvit.redesign.learned import build_arch
 
     base, ref, by_name = rules(prune, s)
     return build_arch(by_name[name], ref, embed_dim, base, name=f"{name}_e{embed_dim}")
@@ -129,9 +129,10 @@ def design_spec(name: str, embed_dim: int, prune: dict[str, Any], s: Settings) -
 def measure(specs: dict[str, Any], s: Settings, chunk: int = 6) -> dict[str, float]:
     """Median latency (ms) of whole models, onnxruntime CPU, batch 1, interleaved a few at a time; the fastest
     of ``passes`` passes (a stalled moment of a shared host costs one pass, not the model)."""
-    from nvit.profiler.base import DeviceKind, Precision, get_backend
+    from nvit.profiler.base import get_backend
     from nvit.profiler.harness import HarnessConfig
     from nvit.profiler.workloads import model_workload
+    from nvit.vocab import DeviceKind, Precision
 
     options: dict[str, Any] = {"intra_op_threads": s.threads}
     if s.harness:

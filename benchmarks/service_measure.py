@@ -33,13 +33,14 @@ import httpx
 
 from nvit.arch import preset
 from nvit.errors import NvitError
-from nvit.export.compare import measure_passes
 from nvit.fileio import atomic_write_text
-from nvit.profiler.base import DeviceKind, Precision, get_backend
+from nvit.profiler.base import get_backend
 from nvit.profiler.device import fingerprint
 from nvit.profiler.workloads import model_workload
 from nvit.service.procs import stop_process
 from nvit.service.server import wait_for_server_url
+from nvit.validation.compare import measure_passes
+from nvit.vocab import DeviceKind, Precision
 
 PASSES = 2  # as nvit compare
 POLL_S = 0.05

@@ -7,6 +7,7 @@ predicts its latency, pruning produces a new one, and ``arch.json`` stores it wi
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,7 +16,7 @@ from typing import Any
 
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
-from nvit.revit import PATTERN_DEPTH, REVIT_PRESETS, revit_widths
+from nvit.redesign.published import PATTERN_DEPTH, REVIT_PRESETS, revit_widths
 
 ARCH_SCHEMA_VERSION = 2  # 2: a block's attention or MLP may be absent (width 0)
 READABLE_ARCH_VERSIONS = (1, 2)
@@ -218,6 +219,42 @@ class ArchSpec:
         return cls(blocks=tuple(blocks), **kwargs)
 
 
+@dataclass(frozen=True)
+class WidthSteps:
+    """Channels per step of each width (field names as in :class:`BlockSpec` and :class:`ArchSpec`): what one
+    pruning unit removes, so the latency table's finite differences (:meth:`nvit.lut.base.Predictor.delta_ms`),
+    and the multiples a redesigned model's widths are rounded to (:mod:`nvit.redesign.learned`)."""
+
+    heads: int = 1
+    qk_dim: int = 8
+    v_dim: int = 8
+    mlp_dim: int = 8
+    embed_dim: int = 8
+
+    def __post_init__(self) -> None:
+        for name, value in self.to_dict().items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(f"the {name} step must be a positive integer, got {value!r}")
+
+    def step(self, width: str) -> int:
+        """The step of ``width`` (a field name, or an enum whose value is one)."""
+        return int(getattr(self, str(getattr(width, "value", width))))
+
+    def round(self, width: str, value: float) -> int:
+        """``value`` rounded to the nearest multiple of ``width``'s step (halves up), never below one step."""
+        return round_to_step(value, self.step(width))
+
+    def to_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def round_to_step(width: float, step: int) -> int:
+    """Nearest multiple of ``step`` (halves up), at least ``step``."""
+    if not math.isfinite(width):
+        raise SpecError(f"cannot round a width of {width}")
+    return max(step, step * math.floor(width / step + 0.5))
+
+
 def block_params(embed_dim: int, block: BlockSpec) -> int:
     """Parameters of one block: per present sub-layer its LayerNorm, then fused QKV and projection, or the two
     MLP layers (with biases)."""
@@ -271,7 +308,7 @@ def preset_names() -> list[str]:
 
 def preset(name: str, **overrides: Any) -> ArchSpec:
     """An architecture by name: uniform (``deit_base``, ``deit_small_distilled``) or NViT's redistributed
-    ReViT (``revit_tiny``, ``revit_small``: :mod:`nvit.revit`)."""
+    ReViT (``revit_tiny``, ``revit_small``: :mod:`nvit.redesign.published`)."""
     base_name = name.removesuffix("_distilled")
     distilled = name.endswith("_distilled")
     if base_name not in {*_PRESETS, *REVIT_PRESETS} or (distilled and not _distillable(base_name)):
@@ -285,7 +322,7 @@ def preset(name: str, **overrides: Any) -> ArchSpec:
 
 
 def revit_spec(embed_dim: int, depth: int = PATTERN_DEPTH, *, name: str | None = None, **arch: Any) -> ArchSpec:
-    """NViT's published redistribution rule (:mod:`nvit.revit`) at ``embed_dim`` as an architecture
+    """NViT's published redistribution rule (:mod:`nvit.redesign.published`) at ``embed_dim`` as an architecture
     (ImageNet defaults: 224 px, 16 px patches, 1000 classes)."""
     blocks = tuple(BlockSpec(heads=h, qk_dim=q, v_dim=v, mlp_dim=m) for h, q, v, m in revit_widths(embed_dim, depth))
     label = name if name is not None else f"revit_e{embed_dim}" + (f"_d{depth}" if depth != PATTERN_DEPTH else "")

@@ -76,9 +76,10 @@ def demo_space(config: DemoConfig) -> Any:
 
 def profile_stage(config: DemoConfig, report: Reporter) -> Any:
     from nvit.lut.accuracy import summary_line
-    from nvit.profiler.base import DeviceKind, Precision, get_backend
+    from nvit.profiler.base import get_backend
     from nvit.profiler.device import fingerprint
     from nvit.profiler.sweep import SweepOptions, run_sweep
+    from nvit.vocab import DeviceKind, Precision
 
     space = demo_space(config)
     options: dict[str, Any] = {"intra_op_threads": config.threads}
@@ -106,8 +107,8 @@ def profile_stage(config: DemoConfig, report: Reporter) -> Any:
 
 
 def _default_cpu_harness() -> dict[str, Any]:
-    from nvit.profiler.base import DeviceKind
     from nvit.profiler.harness import HarnessConfig
+    from nvit.vocab import DeviceKind
 
     return HarnessConfig.for_device(DeviceKind.CPU).to_dict()
 
@@ -160,7 +161,7 @@ def prune_stage(config: DemoConfig, base: VisionTransformer, table: Any, report:
     report.stage("prune", total=1.0)
     measurer = None
     if config.measure_targets:
-        from nvit.export.targets import TableMeasurer
+        from nvit.validation.targets import TableMeasurer
 
         measurer = TableMeasurer(table)
     result = prune(
@@ -253,7 +254,7 @@ class DemoRow:
 @dataclass(frozen=True)
 class DemoResult:
     rows: list[DemoRow]
-    trust: Any  # nvit.export.trust.Trust: how far the measured figures can be trusted
+    trust: Any  # nvit.validation.trust.Trust: how far the measured figures can be trusted
 
 
 def run_demo(config: DemoConfig, report: Reporter | None = None) -> DemoResult:
@@ -272,9 +273,9 @@ def run_demo(config: DemoConfig, report: Reporter | None = None) -> DemoResult:
 
 
 def _run_stages(config: DemoConfig, report: Reporter, started: float) -> DemoResult:
-    from nvit.export.compare import Variant, compare_with_table
     from nvit.export.pipeline import ExportOptions, export_model
     from nvit.plots import plot_pareto, plot_widths, save_compare
+    from nvit.validation.compare import Variant, compare_with_table
 
     table = profile_stage(config, report)
     base, base_top1 = train_stage(config, report)

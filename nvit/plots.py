@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from nvit.arch import ArchSpec
-from nvit.export.compare import CompareReport
 from nvit.fileio import atomic_path
+from nvit.validation.compare import CompareReport
 
 COMPARE_FIGURE = "compare.png"
 
@@ -127,9 +127,9 @@ def plot_widths(base: ArchSpec, variants: Sequence[tuple[str, ArchSpec]], path: 
 
 
 def plot_shares(variants: Sequence[Any], rule: Any, path: str | os.PathLike[str]) -> Path:
-    """Per-block width shares (width / dense width at the same embedding: :mod:`nvit.redistribute`) of each
+    """Per-block width shares (width / dense width at the same embedding: :mod:`nvit.redesign.learned`) of each
     variant of a family (light) and of the rule derived from them (dark)."""
-    from nvit.redistribute import KINDS
+    from nvit.redesign.learned import KINDS
 
     panels = ("heads share", "QK per head share", "V per head share", "MLP share")
     series: list[Series] = [(v.name, [v.values[k] for k in KINDS], None) for v in variants]

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from nvit.arch import ArchSpec
-from nvit.profiler.base import Backend, DeviceKind, Precision, TimingStats, Workload
+from nvit.profiler.base import Backend, Workload
 from nvit.profiler.device import CpuInfo, DeviceFingerprint
-from nvit.profiler.space import PartConfig, PartKind, SearchSpace
+from nvit.profiler.harness import TimingStats
+from nvit.profiler.space import SearchSpace
+from nvit.vocab import DeviceKind, PartConfig, PartKind, Precision
 
 RATIO = 0.95  # block / (attn + mlp)
 ONE_HALF_RATIO = 0.98  # attention-only block / attn, MLP-only block / mlp

@@ -14,8 +14,9 @@ from fake_gpu import fake_onnxruntime
 from nvit.errors import BackendError
 from nvit.profiler.backends import torch_backend
 from nvit.profiler.backends.torch_backend import COMPILE_RECOMPILE_LIMIT, check_compile_mode
-from nvit.profiler.base import DeviceKind, Precision, Workload, get_backend
+from nvit.profiler.base import Workload, get_backend
 from nvit.profiler.harness import HarnessConfig
+from nvit.vocab import DeviceKind, Precision
 
 FAST = HarnessConfig(warmup_s=0.0, rewarm_s=0.0, min_samples=3, max_samples=5, time_cap_s=0.05, repeats=1)
 CPU32 = {"device": DeviceKind.CPU, "precision": Precision.FP32, "batch_size": 1}

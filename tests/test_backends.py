@@ -15,7 +15,7 @@ from nvit.profiler.backends import default_backend
 from nvit.profiler.backends.common import workload_key
 from nvit.profiler.backends.tensorrt_backend import INSTALL_HINT, builder_settings
 from nvit.profiler.backends.trt_common import TimingCacheFile, default_cache_dir, timing_cache_path
-from nvit.profiler.base import Backend, DeviceKind, Precision, PreparedWorkload, Workload, backend_names, get_backend
+from nvit.profiler.base import Backend, PreparedWorkload, Workload, backend_names, get_backend
 from nvit.profiler.device import (
     CpuInfo,
     DeviceFingerprint,
@@ -27,6 +27,7 @@ from nvit.profiler.device import (
     parse_nvidia_smi_csv,
 )
 from nvit.profiler.harness import HarnessConfig
+from nvit.vocab import DeviceKind, Precision
 
 FAST = HarnessConfig(warmup_s=0.02, rewarm_s=0.01, min_samples=10, max_samples=500, time_cap_s=0.3, repeats=2)
 CPU32 = {"device": DeviceKind.CPU, "precision": Precision.FP32, "batch_size": 1}

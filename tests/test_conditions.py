@@ -127,7 +127,7 @@ def test_unsettled_workloads_get_extra_rounds_then_say_so() -> None:
 
 
 def test_measure_passes_re_times_models_whose_passes_disagree() -> None:
-    from nvit.export.compare import measure_passes
+    from nvit.validation.compare import measure_passes
 
     class Backend:
         def __init__(self) -> None:

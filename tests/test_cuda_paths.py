@@ -22,8 +22,8 @@ from nvit.profiler.backends.cuda_timer import (
     select_cuda_api,
     timing_mode,
 )
-from nvit.profiler.base import TimingMode
 from nvit.profiler.harness import HarnessConfig, measure_callable
+from nvit.vocab import TimingMode
 
 
 def _launch(machine: Device, cost_ms: float):

@@ -14,9 +14,9 @@ import lut_fakes as fk
 import pytest
 from cli_run import run_cli
 
-from nvit.profiler.base import DeviceKind
 from nvit.profiler.devicelock import DeviceBusyError, device_lock, lock_path, read_holder
 from nvit.profiler.space import save_space
+from nvit.vocab import DeviceKind
 
 HOLD = (
     "import sys, time\n"

@@ -9,11 +9,11 @@ import lut_fakes as fk
 import pytest
 
 from nvit.arch import preset
-from nvit.export.compare import Variant, compare_with_table
-from nvit.export.drift import DriftCorrection, Reference, reference_rows
 from nvit.lut.predictor import LatencyPredictor
 from nvit.models import build_model
 from nvit.profiler.sampling import uniform_arch
+from nvit.validation.compare import Variant, compare_with_table
+from nvit.validation.drift import DriftCorrection, Reference, reference_rows
 
 
 def test_the_ratio_follows_work_size_between_references() -> None:

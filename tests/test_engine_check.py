@@ -20,7 +20,7 @@ from nvit.errors import ExportError
 from nvit.export import engine as engine_module
 from nvit.export.verify import Tolerance, compare_logits
 from nvit.models import build_model
-from nvit.profiler.base import Precision
+from nvit.vocab import Precision
 
 SHAPE = (8, 1, 8, 8)
 

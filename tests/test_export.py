@@ -11,13 +11,13 @@ import torch
 
 from nvit.arch import ArchSpec, BlockSpec, preset
 from nvit.errors import BackendError
-from nvit.export.compare import Variant, compare_variants
 from nvit.export.verify import Tolerance, verify_onnx
 from nvit.lut.base import FlopsPredictor
 from nvit.models import BlockKeep, KeepIndices, apply_keep_as_gates, build_model, slice_model
 from nvit.models.onnx import export_onnx
 from nvit.plots import save_compare
-from nvit.profiler.base import TimingStats
+from nvit.profiler.harness import TimingStats
+from nvit.validation.compare import Variant, compare_variants
 
 PRUNED = ArchSpec(
     embed_dim=40,

@@ -88,7 +88,7 @@ def test_tensorrt_engine_builds_checks_and_times(variant) -> None:
         pytest.skip("needs a CUDA device")
     from nvit.export.pipeline import ExportOptions, export_model
     from nvit.models import load_variant
-    from nvit.profiler.base import DeviceKind, Precision
+    from nvit.vocab import DeviceKind, Precision
 
     for precision in (Precision.FP32, Precision.FP16):
         options = ExportOptions(out_dir=variant / f"trt-{precision.value}", trt=True, precision=precision,

@@ -14,10 +14,10 @@ import torch
 from nvit.arch import preset
 from nvit.errors import BackendError
 from nvit.profiler.backends.cuda_timer import CudaTimer, TorchCuda
-from nvit.profiler.base import DeviceKind, Precision, TimingMode, get_backend
+from nvit.profiler.base import get_backend
 from nvit.profiler.harness import HarnessConfig
-from nvit.profiler.parts import PartConfig, PartKind
 from nvit.profiler.workloads import part_workload
+from nvit.vocab import DeviceKind, PartConfig, PartKind, Precision, TimingMode
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

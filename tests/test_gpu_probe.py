@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from nvit.profiler import gpu_probe
-from nvit.profiler.base import DeviceKind, Precision, get_backend
+from nvit.profiler.base import get_backend
 from nvit.profiler.device import DeviceFingerprint, backend_fingerprint, fingerprint
 from nvit.profiler.gpu_probe import GpuClocks, decode_clock_reasons, uuid_candidates
+from nvit.vocab import DeviceKind, Precision
 
 RAW_UUID = "8f2a6b1c-0000-1111-2222-333344445555"
 

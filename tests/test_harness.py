@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from nvit.errors import BackendError
-from nvit.profiler.base import DeviceKind
 from nvit.profiler.harness import (
     HarnessConfig,
     RobustStatistic,
@@ -22,6 +21,7 @@ from nvit.profiler.harness import (
     summarize,
     warm_up,
 )
+from nvit.vocab import DeviceKind
 
 TICK_S = 2.0**-10  # exact in binary, so fake-clock sums compare exactly
 
@@ -226,7 +226,8 @@ def test_real_clock_smoke():
 
 
 def test_a_partial_harness_dict_overrides_only_its_keys_on_the_device_defaults():
-    from nvit.profiler.base import Precision, get_backend
+    from nvit.profiler.base import get_backend
+    from nvit.vocab import Precision
 
     gpu = get_backend("torch")(device=DeviceKind.CUDA, precision=Precision.FP16, batch_size=1,
                                harness={"time_cap_s": 1.0})

@@ -13,10 +13,10 @@ from cli_run import run_cli
 
 from nvit.arch import ArchSpec, BlockSpec, preset
 from nvit.errors import LutError
-from nvit.export.measured_models import measurements_from
 from nvit.lut.learn import MeasuredModel, learn
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable
+from nvit.validation.measured_models import measurements_from
 
 PER_BLOCK_MS = 0.006  # what each block of a whole model costs beyond its parts on this device
 
@@ -88,8 +88,8 @@ def test_learning_from_measured_models_of_other_depths_fixes_what_the_calibratio
 
 
 def test_nvit_lut_learn_reads_compare_reports_and_writes_a_new_table(table, tmp_path, monkeypatch, capsys) -> None:
-    from nvit.export.compare import Variant, compare_with_table
     from nvit.models import build_model
+    from nvit.validation.compare import Variant, compare_with_table
 
     fk.register_fake(monkeypatch, cls=PerBlockModels)
     parent = LatencyTable.load(table)
@@ -123,10 +123,10 @@ def test_nvit_lut_learn_reads_compare_reports_and_writes_a_new_table(table, tmp_
 def test_a_pruning_run_that_measured_its_targets_is_a_source(table, tmp_path, monkeypatch) -> None:
     from test_prune_loop import config, digits_batches
 
-    from nvit.export.targets import TableMeasurer
     from nvit.models import build_model
     from nvit.pruning.config import Target
     from nvit.pruning.loop import prune
+    from nvit.validation.targets import TableMeasurer
 
     fk.register_fake(monkeypatch, cls=PerBlockModels)
     parent = LatencyTable.load(table)

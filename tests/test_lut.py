@@ -15,8 +15,8 @@ from nvit.arch import BlockSpec, preset, save_arch
 from nvit.errors import LutError
 from nvit.lut import load_predictor, load_table
 from nvit.lut.table import COLUMNS, LUT_SCHEMA_VERSION, META_KEY, LatencyTable, LutMeta, check_compatible, merge_tables
-from nvit.profiler.base import DeviceKind, Precision
 from nvit.profiler.sweep import SweepOptions, run_sweep
+from nvit.vocab import DeviceKind, Precision
 
 
 def make_table(path, **space_changes) -> LatencyTable:

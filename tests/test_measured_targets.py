@@ -126,10 +126,10 @@ class SlowModels(fk.FakeBackend):
 
 def test_the_table_measurer_times_with_the_tables_backend_and_the_loop_meets_the_target(tmp_path,
                                                                                         monkeypatch) -> None:
-    from nvit.export.targets import MeasureTargets, TableMeasurer, choose_measurer
     from nvit.lut.predictor import LatencyPredictor
     from nvit.profiler.device import cpu_info
     from nvit.profiler.sweep import SweepOptions, run_sweep
+    from nvit.validation.targets import MeasureTargets, TableMeasurer, choose_measurer
 
     here = fk.fake_device(cpu=cpu_info().model_name)  # the table's device is this machine
     with fk.FakeBackend() as backend:

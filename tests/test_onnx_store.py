@@ -10,10 +10,9 @@ import torch
 
 from nvit.arch import preset
 from nvit.profiler.backends.common import OnnxCache
-from nvit.profiler.base import Precision
 from nvit.profiler.onnx_store import OnnxStore, content_key, default_store
-from nvit.profiler.parts import PartConfig, PartKind
 from nvit.profiler.workloads import build_part_module, part_workload
+from nvit.vocab import PartConfig, PartKind, Precision
 
 
 def test_key_follows_content_not_identity() -> None:

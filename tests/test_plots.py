@@ -6,7 +6,7 @@ from unittest import mock
 
 from nvit.arch import preset
 from nvit.plots import plot_per_block, plot_shares, plot_widths
-from nvit.redistribute import Reference, Shape, fit_shares, variant_shares
+from nvit.redesign.learned import Reference, Shape, fit_shares, variant_shares
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

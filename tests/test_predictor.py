@@ -10,14 +10,15 @@ import lut_fakes as fk
 import numpy as np
 import pytest
 
-from nvit.arch import BlockSpec, preset
+from nvit.arch import BlockSpec, WidthSteps, preset
 from nvit.errors import LutError
-from nvit.lut.base import Predictor, UnitStep
+from nvit.lut.base import Predictor
 from nvit.lut.predictor import GridInterpolator, LatencyPredictor, fit_calibration
 from nvit.lut.table import LatencyTable, LutMeta, rows_from_records
 from nvit.profiler.selfcheck import calibrate
-from nvit.profiler.space import PartConfig, PartKind, SearchSpace, calibration_archs, random_arch
+from nvit.profiler.space import SearchSpace, calibration_archs, random_arch
 from nvit.profiler.sweep import SweepOptions, run_sweep
+from nvit.vocab import PartConfig, PartKind
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_delta_ms_equals_the_finite_difference_definition(table) -> None:
     base = preset("vit_test")
     at_minimum = base.with_blocks((BlockSpec(1, 8, 8, 8), BlockSpec(4, 16, 16, 256)), embed_dim=8)
     specs = [*random_specs(base, 6, seed=4), at_minimum]
-    for step in (UnitStep(), UnitStep(emb=16, heads=2, qk=4, v=8, mlp=32)):
+    for step in (WidthSteps(), WidthSteps(embed_dim=16, heads=2, qk_dim=4, v_dim=8, mlp_dim=32)):
         for spec in specs:
             fast, slow = p.delta_ms(spec, step), Predictor.delta_ms(p, spec, step)
             for name in ("heads_ms", "qk_ms", "v_ms", "mlp_ms"):

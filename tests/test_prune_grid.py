@@ -15,8 +15,7 @@ from nvit.lut.base import FlopsPredictor
 from nvit.lut.predictor import LatencyPredictor
 from nvit.models import build_model
 from nvit.pruning.config import PruneConfig, Target
-from nvit.pruning.limits import measured_grid
-from nvit.pruning.loop import pruning_layout
+from nvit.pruning.limits import measured_grid, pruning_layout
 
 SPEC = preset("vit_test")
 

@@ -8,12 +8,12 @@ import lut_fakes as fk
 import numpy as np
 import pytest
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec, WidthSteps, preset, round_to_step
 from nvit.errors import LutError, SpecError, TargetError
-from nvit.redistribute import (
+from nvit.redesign.learned import (
+    DEFAULT_ROUNDING,
     KINDS,
     Reference,
-    Rounding,
     Shape,
     Shares,
     WidthKind,
@@ -22,7 +22,6 @@ from nvit.redistribute import (
     fit_shares,
     published_shares,
     relative_positions,
-    round_to_step,
     scale_to_latency,
     smooth,
     variant_shares,
@@ -109,9 +108,9 @@ def test_rounding_to_the_nearest_step_never_below_one(width, step, expected) -> 
 
 
 def test_rounding_steps_are_checked() -> None:
-    assert Rounding().to_dict() == {"heads": 2, "qk_dim": 8, "v_dim": 8, "mlp_dim": 8, "embed_dim": 8}
+    assert DEFAULT_ROUNDING.to_dict() == {"heads": 2, "qk_dim": 8, "v_dim": 8, "mlp_dim": 8, "embed_dim": 8}
     with pytest.raises(SpecError, match="heads step"):
-        Rounding(heads=0)
+        WidthSteps(heads=0)
 
 
 def test_a_variant_rebuilt_at_its_embedding_is_itself() -> None:

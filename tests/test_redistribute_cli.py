@@ -11,7 +11,7 @@ from cli_run import run_cli
 
 from nvit.arch import load_arch_file, preset, save_arch
 from nvit.models import build_model
-from nvit.redesign import load_family, resolve_base
+from nvit.redesign.family import load_family, resolve_base
 
 SPEC = preset("vit_test")
 

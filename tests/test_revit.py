@@ -10,7 +10,7 @@ from cli_run import run_cli
 from nvit.arch import load_arch_file, preset, revit_spec
 from nvit.errors import SpecError
 from nvit.models import build_model
-from nvit.revit import pattern_index, revit_widths
+from nvit.redesign.published import pattern_index, revit_widths
 
 
 def _column(spec, attr):

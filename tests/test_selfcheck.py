@@ -15,12 +15,12 @@ from cli_run import run_cli
 from nvit.arch import ArchSpec, BlockSpec, preset, save_arch
 from nvit.lut.accuracy import error_figures
 from nvit.lut.table import LatencyTable
-from nvit.profiler.base import DeviceKind
 from nvit.profiler.device import fingerprint
 from nvit.profiler.sampling import pruned_arch
 from nvit.profiler.selfcheck import check_archs
 from nvit.profiler.space import arch_for_space, derived_space
 from nvit.profiler.sweep import SweepOptions, run_sweep
+from nvit.vocab import DeviceKind
 
 SLOWER = 1.1  # whole models on the "aged" device are 10% slower than the table says
 

@@ -18,11 +18,11 @@ from nvit.arch import load_arch_file, preset
 from nvit.lut.table import LatencyTable
 from nvit.models import build_model
 from nvit.models.checkpoint import save_variant
-from nvit.profiler.parts import PartConfig
 from nvit.profiler.space import SearchSpace
 from nvit.service.auth import Scope, create_token
 from nvit.service.client import file_sha256
 from nvit.service.store import Store
+from nvit.vocab import PartConfig
 
 
 def profile_job(**changes) -> dict:
@@ -90,7 +90,7 @@ def test_profile_prune_and_compare_through_the_service(tmp_path, capsys, monkeyp
         assert report["trust"]["machine"] != "not watched"
         assert "measured vs predicted" in out
         # a table whose device is elsewhere: its targets are measured through the service's agent of that device
-        import nvit.export.targets as targets
+        import nvit.validation.targets as targets
 
         monkeypatch.setattr(targets, "_why_not_here", lambda table: "the table's device is elsewhere")
         code, out, err = run_cli(["prune", "--checkpoint", str(base), "--arch", "vit_test", "--lut", url, "--data",

@@ -11,10 +11,7 @@ import torch
 from nvit.arch import BlockSpec, block_params, preset
 from nvit.errors import SpecError
 from nvit.models.vit import Block
-from nvit.profiler.base import Precision
 from nvit.profiler.space import (
-    PartConfig,
-    PartKind,
     SearchSpace,
     aligned_span,
     calibration_archs,
@@ -27,6 +24,7 @@ from nvit.profiler.space import (
     space_preset_names,
 )
 from nvit.profiler.workloads import build_part_module, model_workload, part_workload
+from nvit.vocab import PartConfig, PartKind, Precision
 
 
 def test_vit_test_preset_counts_and_grids() -> None:

@@ -20,7 +20,8 @@ from nvit.models import build_model, load_variant, slice_model
 from nvit.models.checkpoint import infer_arch
 from nvit.pruning.config import PruneConfig, RankingMethod, Sublayer, Target, parse_remove
 from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneState
-from nvit.pruning.loop import prune, pruning_layout
+from nvit.pruning.limits import pruning_layout
+from nvit.pruning.loop import prune
 from nvit.pruning.regularizer import gate_latency_deltas_ms
 from nvit.pruning.saliency import gate_unit_sums, parameter_unit_sums
 

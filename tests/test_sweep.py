@@ -19,8 +19,9 @@ from cli_run import run_cli
 from nvit.errors import LutError
 from nvit.lut import load_table
 from nvit.lut.table import KEY_COLUMNS
-from nvit.profiler.space import PartConfig, PartKind, save_space
+from nvit.profiler.space import save_space
 from nvit.profiler.sweep import JOURNAL_KIND, Journal, Phase, SweepOptions, journal_path, run_sweep
+from nvit.vocab import PartConfig, PartKind
 
 TESTS = Path(__file__).parent
 OPTIONS = SweepOptions(sentinel_every=5, calibration_models=3, check_models=2)
@@ -344,8 +345,9 @@ def _has_cuda() -> bool:
 def test_gpu_sweep_writes_a_valid_calibrated_table(tmp_path, name: str) -> None:
     from nvit.arch import preset
     from nvit.lut.predictor import LatencyPredictor
-    from nvit.profiler.base import DeviceKind, Precision, get_backend
+    from nvit.profiler.base import get_backend
     from nvit.profiler.harness import HarnessConfig
+    from nvit.vocab import DeviceKind, Precision
 
     space = fk.tiny_space(embed_dims=(32, 64), heads=(2,), qk_dims=(16,), v_dims=(16,), mlp_dims=(128, 256),
                           blocks_per_embed=1, precision=Precision.FP16)

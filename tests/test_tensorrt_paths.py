@@ -11,8 +11,9 @@ import torch
 from fake_gpu import DataType, Device, FakeCuda, install_fake_tensorrt
 
 from nvit.errors import BackendError
-from nvit.profiler.base import DeviceKind, Precision, TimingMode, Workload, get_backend
+from nvit.profiler.base import Workload, get_backend
 from nvit.profiler.harness import HarnessConfig
+from nvit.vocab import DeviceKind, Precision, TimingMode
 
 FAST = HarnessConfig.gpu().replace(warmup_s=0.0, rewarm_s=0.0, time_cap_s=0.05, max_samples=20)
 WORKLOAD = Workload("linear", torch.nn.Linear(32, 16), (1, 8, 32))

@@ -9,8 +9,8 @@ from lut_fakes import FakeBackend, fake_device, tiny_space
 
 from nvit.errors import LutError
 from nvit.lut.table import merge_tables
-from nvit.profiler.base import DeviceKind
 from nvit.profiler.sweep import SweepOptions, run_sweep
+from nvit.vocab import DeviceKind
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,9 @@ from torch.utils.data import Subset, TensorDataset
 from nvit.arch import preset
 from nvit.data import DigitsDataset, build_dataset, build_loader
 from nvit.models import build_model
+from nvit.training.checkpoint import TrainError, load_checkpoint
 from nvit.training.distill import ClassificationLoss, DistillationLoss, DistillConfig
-from nvit.training.fit import (
-    TrainConfig,
-    TrainError,
-    build_optimizer,
-    evaluate,
-    fit,
-    load_checkpoint,
-    lr_factor,
-    parameter_groups,
-    train_step,
-)
+from nvit.training.fit import TrainConfig, build_optimizer, evaluate, fit, lr_factor, parameter_groups, train_step
 
 VIT_TEST = preset("vit_test")
 
@@ -168,7 +159,7 @@ def test_config_is_strict() -> None:
 
 
 def test_a_second_run_on_the_same_checkpoint_is_refused(tmp_path) -> None:
-    from nvit.training.fit import run_lock
+    from nvit.training.checkpoint import run_lock
 
     with run_lock(tmp_path / "ckpt.pt"), pytest.raises(TrainError, match="another run is writing"), \
             run_lock(tmp_path / "ckpt.pt"):

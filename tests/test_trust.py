@@ -12,12 +12,12 @@ import torch
 from cli_run import run_cli
 
 from nvit.arch import preset
-from nvit.export.compare import VariantResult
-from nvit.export.trust import UntrustedMeasurement, judge_report, order_conflicts
 from nvit.lut import load_table
 from nvit.lut.accuracy import trust_warnings
 from nvit.models import build_model
 from nvit.profiler.conditions import Verdict
+from nvit.validation.compare import VariantResult
+from nvit.validation.trust import UntrustedMeasurement, judge_report, order_conflicts
 
 NOISY = {"verdict": "noisy", "reasons": ["other processes used 48% of the CPU"], "other_cpu": 0.48}
 

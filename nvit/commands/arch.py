@@ -14,8 +14,8 @@ from nvit import __version__
 from nvit.arch import ArchSpec, block_params, preset, preset_names, resolve_arch, save_arch
 from nvit.errors import SpecError
 from nvit.fileio import output_file
-from nvit.redesign import resolve_base
-from nvit.redistribute import DEFAULT_BANDWIDTH
+from nvit.redesign.family import resolve_base
+from nvit.redesign.learned import DEFAULT_BANDWIDTH
 
 arch_app = typer.Typer(help="Inspect architecture specs: presets and arch.json files.", no_args_is_help=True)
 
@@ -136,10 +136,10 @@ def redistribute(
 ) -> None:
     """Learn a redistribution rule from pruned variants (width shares per relative block position, smoothed,
     rounded to hardware-friendly steps) and write the design it gives as an arch.json."""
+    from nvit.arch import WidthSteps
     from nvit.pruning.config import Target
-    from nvit.redesign import load_family
-    from nvit.redesign import redistribute as fit
-    from nvit.redistribute import Rounding
+    from nvit.redesign.family import load_family
+    from nvit.redesign.family import redistribute as fit
 
     if depth is not None and depth < 1:
         raise SpecError(f"--depth must be at least 1, got {depth}")
@@ -152,7 +152,7 @@ def redistribute(
     family = load_family(variants)
     base_spec, how = resolve_base(family, base)
     predictor, lut_prov = _predictor(lut, base_spec)
-    rounding = Rounding(heads=heads_step, qk_dim=width_step, v_dim=width_step, mlp_dim=width_step,
+    rounding = WidthSteps(heads=heads_step, qk_dim=width_step, v_dim=width_step, mlp_dim=width_step,
                         embed_dim=width_step)
     design = fit(family, base=base_spec, base_how=how, embed_dim=embed, predictor=predictor, target_ms=target_ms,
                  depth=depth, bandwidth=bandwidth, rounding=rounding, name=name, lut_provenance=lut_prov)

@@ -11,9 +11,9 @@ from rich.table import Table
 
 
 def variant_from_source(source: str, name: str | None = None) -> Any:
-    """A :class:`~nvit.export.compare.Variant` from a variant folder, checkpoint or preset name."""
-    from nvit.export.compare import Variant
+    """A :class:`~nvit.validation.compare.Variant` from a variant folder, checkpoint or preset name."""
     from nvit.models import load_model, variant_provenance
+    from nvit.validation.compare import Variant
 
     model = load_model(source)
     prov = variant_provenance(source)
@@ -63,11 +63,11 @@ def compare(
     from nvit.arch import ArchSpec
     from nvit.commands.service_access import following, local_lut, measuring_here
     from nvit.commands.trust_view import trust_markup
-    from nvit.export.compare import Variant, compare_with_table
     from nvit.fileio import output_folder
     from nvit.lut.table import LatencyTable
     from nvit.models import build_model
     from nvit.plots import save_compare
+    from nvit.validation.compare import Variant, compare_with_table
 
     console = Console(width=max(Console().width, 120))  # the report is wide; logs and pipes get 120 columns
     output_folder(out)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from nvit.arch import resolve_arch
-from nvit.profiler.base import DeviceKind, Precision
+from nvit.vocab import DeviceKind, Precision
 
 
 def export(
@@ -83,7 +83,7 @@ def export(
 
 def _judge_timing(conditions: dict[str, Any], console: Console, strict: bool) -> None:
     from nvit.commands.trust_view import conditions_markup
-    from nvit.export.trust import UntrustedMeasurement
+    from nvit.validation.trust import UntrustedMeasurement
 
     console.print(conditions_markup(conditions, "timing"))
     if strict and conditions.get("verdict") != "quiet":

@@ -25,7 +25,7 @@ def _axis(values: list[int]) -> str:
 def show(lut: Path = _LUT_ARG) -> None:
     """Summary of a table: identity, grids, latency ranges, drift and calibration."""
     from nvit.lut.table import LatencyTable, grid_axes
-    from nvit.profiler.parts import KIND_FIELDS, PartKind
+    from nvit.vocab import KIND_FIELDS, PartKind
 
     table = LatencyTable.load(lut)
     meta = table.meta
@@ -205,11 +205,11 @@ def learn(
 ) -> None:
     """Refit the table's calibration with whole models measured against it, into a new table, and say how
     well it predicts each of them when left out of the fit."""
-    from nvit.export.measured_models import measurements_from, self_check_measurements
     from nvit.fileio import file_sha256, output_file
     from nvit.lut.learn import learn as learn_table
     from nvit.lut.learn import learned_line
     from nvit.lut.table import LatencyTable
+    from nvit.validation.measured_models import measurements_from, self_check_measurements
 
     output_file(out)
     if out.resolve() == lut.resolve():
@@ -243,10 +243,10 @@ def check(
     """Measure held-out whole models now and report the table's accuracy on them (tables age: clocks,
     drivers, load). Run it on the table's device, with the machine otherwise idle."""
     from nvit.commands.service_access import measuring_here
-    from nvit.export.compare import backend_for_table, check_same_device
     from nvit.lut.table import LatencyTable
     from nvit.profiler.conditions import ConditionsMonitor
     from nvit.profiler.selfcheck import DEFAULT_CHECK_SEED, recheck
+    from nvit.validation.compare import backend_for_table, check_same_device
 
     table = LatencyTable.load(lut)
     table.validate()
@@ -275,7 +275,7 @@ def check(
         table.with_meta(self_check=report).save(lut)
         console.print(f"stored as the self-check of {lut}")
     if strict and report["conditions"]["verdict"] != "quiet":
-        from nvit.export.trust import UntrustedMeasurement
+        from nvit.validation.trust import UntrustedMeasurement
 
         raise UntrustedMeasurement(f"--strict: the check was measured on a {report['conditions']['verdict']} "
                                    f"machine: {'; '.join(report['conditions']['reasons'])}")

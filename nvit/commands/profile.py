@@ -120,10 +120,11 @@ def profile(
         return
     from nvit.commands.service_access import measuring_here
     from nvit.profiler.backends import default_backend
-    from nvit.profiler.base import DeviceKind, get_backend
+    from nvit.profiler.base import get_backend
     from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.space import arch_for_space, derived_space, resolve_space
     from nvit.profiler.sweep import SweepOptions, run_sweep
+    from nvit.vocab import DeviceKind
 
     device_kind = DeviceKind.CUDA if gpu else DeviceKind.CPU
     if arch is not None:
@@ -167,8 +168,8 @@ def profile(
         console.print(f"{path} is already complete (use --no-resume to profile again)")
     console.print(summary_table(result))
     if strict:
-        from nvit.export.trust import UntrustedMeasurement
         from nvit.lut.accuracy import trust_warnings
+        from nvit.validation.trust import UntrustedMeasurement
 
         problems = trust_warnings(result.table.meta)
         if problems:

@@ -166,7 +166,7 @@ def prune(
         method = DEFAULT_RANKING if sublayers_that_may_go(removes, loaded.predictor) else WIDTH_ONLY_RANKING
         if latency_weight is not None and method not in (RankingMethod.LATENCY, RankingMethod.FLOPS):
             raise NvitError(f"--latency-weight needs --ranking latency or flops (the default here is {method.value})")
-    from nvit.export.targets import MeasureTargets, choose_measurer
+    from nvit.validation.targets import MeasureTargets, choose_measurer
 
     measurer, measuring = choose_measurer(_choice(MeasureTargets, measure_targets, "--measure-targets"),
                                           getattr(loaded.predictor, "table", None), remote=_remote_of(lut))
@@ -183,7 +183,8 @@ def prune(
                "augment": augment_choice(augment, False)},
     )
     # refuse a model outside the table's grid and unreachable targets before reading any data
-    from nvit.pruning.loop import pruning_layout, resolve_targets
+    from nvit.pruning.limits import pruning_layout
+    from nvit.pruning.targets import resolve_targets
 
     resolve_targets(config.targets, loaded.predictor, pruning_layout(spec, config, loaded.predictor))
     ctx = init_distributed(device or "auto")  # a single process unless launched by torchrun

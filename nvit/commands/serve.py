@@ -163,8 +163,8 @@ def agent(
 ) -> None:
     """Run jobs for a service on this device: pulls work (outbound only), holds the device's exclusive lock
     while measuring, heartbeats, uploads results. Stop with Ctrl-C: the job in hand goes back to the queue."""
-    from nvit.profiler.base import DeviceKind
     from nvit.service.agent import Agent, AgentOptions
+    from nvit.vocab import DeviceKind
 
     _log_service_progress()
     options = AgentOptions(server=server, work_dir=work_dir.expanduser(), name=name, token=token, poll_s=poll_s,

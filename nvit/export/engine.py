@@ -24,7 +24,8 @@ from nvit import __version__
 from nvit.errors import BackendError, ExportError
 from nvit.export.verify import Tolerance, compare_logits
 from nvit.fileio import atomic_write_bytes, atomic_write_text
-from nvit.profiler.base import DeviceKind, Precision, Workload, get_backend
+from nvit.profiler.base import Workload, get_backend
+from nvit.vocab import DeviceKind, Precision
 
 ENGINE_META_SUFFIX = ".json"
 CHECK_BATCHES = 4  # seeded inputs the engine is checked on (each of the engine's static batch)

@@ -19,7 +19,9 @@ from nvit.export.verify import Tolerance, VerifyReport, verify_onnx
 from nvit.fileio import atomic_write_text
 from nvit.models.onnx import DEFAULT_OPSET, export_onnx
 from nvit.models.vit import VisionTransformer
-from nvit.profiler.base import DeviceKind, Precision, TimingStats, Workload, get_backend
+from nvit.profiler.base import Workload, get_backend
+from nvit.profiler.harness import TimingStats
+from nvit.vocab import DeviceKind, Precision
 
 logger = logging.getLogger(__name__)
 

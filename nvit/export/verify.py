@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nvit.errors import BackendError, ExportError
-from nvit.profiler.base import Precision
+from nvit.vocab import Precision
 
 logger = logging.getLogger(__name__)
 

@@ -11,18 +11,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from nvit.arch import ArchSpec, BlockSpec
+from nvit.arch import ArchSpec, BlockSpec, WidthSteps
 
-
-@dataclass(frozen=True)
-class UnitStep:
-    """How many channels one pruning unit removes, per structure type (heads are removed one at a time)."""
-
-    emb: int = 8
-    heads: int = 1
-    qk: int = 8
-    v: int = 8
-    mlp: int = 8
+#: One pruning unit by default: one head, eight channels of everything else.
+UNIT_STEPS = WidthSteps()
 
 
 @dataclass(frozen=True)
@@ -88,19 +80,19 @@ class Predictor:
                     out[row, i] = full - (self.block_latency_ms(embed_dim, smaller) if smaller else 0.0)
         return SublayerDeltas(attn_ms=out[0], mlp_ms=out[1])
 
-    def delta_ms(self, spec: ArchSpec, step: UnitStep = UnitStep()) -> LatencyDeltas:
+    def delta_ms(self, spec: ArchSpec, step: WidthSteps = UNIT_STEPS) -> LatencyDeltas:
         e = spec.embed_dim
         base_blocks = self.block_latencies_ms(spec)
         per_type: dict[str, np.ndarray] = {}
         for name, field in (("heads", "heads"), ("qk", "qk_dim"), ("v", "v_dim"), ("mlp", "mlp_dim")):
             out = np.full(spec.depth, np.nan)
             for i, block in enumerate(spec.blocks):
-                smaller = _shrunk(block, field, getattr(step, name))
+                smaller = _shrunk(block, field, step.step(field))
                 if smaller is not None:
                     out[i] = base_blocks[i] - self.block_latency_ms(e, smaller)
             per_type[name] = out
-        if e - step.emb > 0:
-            smaller_spec = replace(spec, embed_dim=e - step.emb)
+        if e - step.embed_dim > 0:
+            smaller_spec = replace(spec, embed_dim=e - step.embed_dim)
             emb = self.predict_ms(spec) - self.predict_ms(smaller_spec)
         else:
             emb = float("nan")

@@ -17,7 +17,7 @@ quoted as its accuracy.
 Measurements are drift-corrected to the machine's state at profiling (the loop's and ``compare``'s
 ``corrected_ms``), so a learned row says what the model cost when the parts were measured. Reading them
 from run summaries and reports, and refusing those of another device, is
-:mod:`nvit.export.measured_models`.
+:mod:`nvit.validation.measured_models`.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class LutMeta:
                 "timing_mode": self.timing_mode()}
 
     def timing_mode(self) -> str:
-        """How each call was timed (host_clock, cuda_graph or launch; see :class:`~nvit.profiler.base.TimingMode`).
+        """How each call was timed (host_clock, cuda_graph or launch; see :class:`~nvit.vocab.TimingMode`).
         Tables written before it was recorded: host_clock on a CPU, else the one mode their timers used."""
         mode = self.settings.get("timing_mode")
         if mode is None and self.device_kind is DeviceKind.CPU:

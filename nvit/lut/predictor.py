@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from nvit.arch import ArchSpec, BlockSpec
+from nvit.arch import ArchSpec, BlockSpec, WidthSteps
 from nvit.errors import LutError
-from nvit.lut.base import LatencyDeltas, Predictor, UnitStep
+from nvit.lut.base import UNIT_STEPS, LatencyDeltas, Predictor
 from nvit.lut.calibration import (  # noqa: F401  (fit_calibration, MIN_SCALE_SPREAD, SCALE_BOUNDS: public here too)
     MIN_SCALE_SPREAD,
     SCALE_BOUNDS,
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 #: Arch fields the fixed parts were measured with; a spec that differs cannot be predicted by the table.
 FIXED_PART_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "distilled")
-DEFAULT_STEP = UnitStep()
+_STEP_FIELDS = {"heads": "heads", "qk": "qk_dim", "v": "v_dim", "mlp": "mlp_dim"}
 
 
 class GridInterpolator:
@@ -291,7 +291,7 @@ class LatencyPredictor(Predictor):
         blocks = self.blocks_ms(spec.embed_dim, *self._widths(spec))
         return float(sum(blocks.tolist())) + self.fixed_latency_ms(spec.embed_dim) + self.offset_ms()
 
-    def delta_ms(self, spec: ArchSpec, step: UnitStep = DEFAULT_STEP) -> LatencyDeltas:
+    def delta_ms(self, spec: ArchSpec, step: WidthSteps = UNIT_STEPS) -> LatencyDeltas:
         """Same numbers as :meth:`Predictor.delta_ms` (finite differences), computed in a few array calls."""
         self.check_spec(spec)
         e, depth = spec.embed_dim, spec.depth
@@ -300,16 +300,16 @@ class LatencyPredictor(Predictor):
         # One batch of queries: the blocks as they are, each type shrunk by one unit, and e shrunk.
         batch = np.tile(widths, (1, len(names) + 2))
         for i, name in enumerate(names):
-            batch[i, (i + 1) * depth:(i + 2) * depth] -= getattr(step, name)
+            batch[i, (i + 1) * depth:(i + 2) * depth] -= step.step(_STEP_FIELDS[name])
         embed = np.full(batch.shape[1], float(e))
-        embed[-depth:] = e - step.emb
+        embed[-depth:] = e - step.embed_dim
         lat = self.blocks_ms(embed, *batch).reshape(len(names) + 2, depth)
         base = lat[0]
         out = {name: np.where(batch[i, (i + 1) * depth:(i + 2) * depth] > 0, base - lat[i + 1], np.nan)
                for i, name in enumerate(names)}
-        if e - step.emb > 0:
+        if e - step.embed_dim > 0:
             total = float(sum(base.tolist())) + self.fixed_latency_ms(e) + self.offset_ms()
-            total_smaller = float(sum(lat[-1].tolist())) + self.fixed_latency_ms(e - step.emb) + self.offset_ms()
+            total_smaller = float(sum(lat[-1].tolist())) + self.fixed_latency_ms(e - step.embed_dim) + self.offset_ms()
             emb = total - total_smaller
         else:
             emb = float("nan")

@@ -1,6 +1,6 @@
 """The rows of a latency table: typed columns whose names carry their units, and the checks on them.
 
-Rows are :class:`~nvit.profiler.parts.PartConfig` measurements (``attn``, ``mlp``, ``block``, ``fixed``).
+Rows are :class:`~nvit.vocab.PartConfig` measurements (``attn``, ``mlp``, ``block``, ``fixed``).
 The attention and MLP rows must each fill a rectangular grid (:func:`coverage_problems`) for the predictor
 to interpolate; :func:`grid_axes` says which widths a table measured.
 """

@@ -16,8 +16,7 @@ from nvit.errors import BackendError
 from nvit.profiler.harness import HarnessConfig, TimingStats, measure_interleaved
 from nvit.vocab import DeviceKind, Precision, TimingMode
 
-__all__ = ["Backend", "DeviceKind", "Precision", "PreparedWorkload", "TimingMode", "TimingStats", "Workload",
-           "backend_names", "get_backend", "register_backend"]
+__all__ = ["Backend", "PreparedWorkload", "Workload", "backend_names", "get_backend", "register_backend"]
 
 
 @dataclass(frozen=True)

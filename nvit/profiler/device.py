@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from nvit.errors import BackendError
-from nvit.profiler.base import Backend, DeviceKind
+from nvit.profiler.base import Backend
 from nvit.profiler.gpu_probe import WARM_UP_S, GpuClocks, GpuInfo, gpu_info, parse_nvidia_smi_csv
+from nvit.vocab import DeviceKind
 
 __all__ = ["CpuInfo", "DeviceFingerprint", "GpuClocks", "GpuInfo", "available_cores", "backend_fingerprint",
            "cpu_info", "fingerprint", "gpu_info", "package_versions", "parse_cgroup_cpu_max", "parse_cpuinfo_model",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nvit.errors import NvitError
-from nvit.profiler.base import DeviceKind
+from nvit.vocab import DeviceKind
 
 logger = logging.getLogger(__name__)
 

@@ -152,7 +152,7 @@ class HarnessConfig:
 
     @classmethod
     def for_device(cls, device: str) -> HarnessConfig:
-        """The defaults for ``device`` (a :class:`~nvit.profiler.base.DeviceKind` or its value)."""
+        """The defaults for ``device`` (a :class:`~nvit.vocab.DeviceKind` or its value)."""
         return cls.gpu() if str(getattr(device, "value", device)) == _CUDA else cls.cpu()
 
     def updated(self, changes: Mapping[str, Any]) -> HarnessConfig:

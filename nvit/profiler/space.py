@@ -18,7 +18,7 @@ and a precision. It expands into separable sub-tables (DESIGN.md §4):
 - ``fixed``: patch embedding + tokens + final norm + head(s), once per ``e``.
 
 Presets are derived from the architecture presets (recipes in :mod:`nvit.profiler.space_recipes`); custom spaces
-are JSON files with strict keys. Row configurations live in :mod:`nvit.profiler.parts`, architectures
+are JSON files with strict keys. Row configurations live in :mod:`nvit.vocab`, architectures
 drawn from a space in :mod:`nvit.profiler.sampling`; their names are re-exported here.
 """
 
@@ -37,8 +37,6 @@ import numpy as np
 from nvit.arch import ArchSpec, preset, preset_names
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
-from nvit.profiler.base import Precision
-from nvit.profiler.parts import KIND_FIELDS, WIDTH_FIELDS, PartConfig, PartKind, positive_int
 from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
 from nvit.profiler.space_recipes import (
     GENERIC_BLOCKS_PER_EMBED,
@@ -50,10 +48,11 @@ from nvit.profiler.space_recipes import (
     head_span,
     low_dense_span,
 )
+from nvit.vocab import PartConfig, PartKind, Precision, positive_int
 
 __all__ = [
-    "CALIBRATION_LOW_FRACTION", "GRID_AXES", "KIND_FIELDS", "SPACE_FILE_KIND", "SPACE_SCHEMA_VERSION", "WIDTH_FIELDS",
-    "GridRecipe", "PartConfig", "PartKind", "SearchSpace", "aligned_span", "arch_for_space", "calibration_archs",
+    "CALIBRATION_LOW_FRACTION", "GRID_AXES", "SPACE_FILE_KIND", "SPACE_SCHEMA_VERSION",
+    "GridRecipe", "SearchSpace", "aligned_span", "arch_for_space", "calibration_archs",
     "derived_space", "doubling_span",
     "load_space", "preset_space", "random_arch", "resolve_space", "save_space", "space_preset_names",
     "uniform_arch", "with_overrides",

@@ -37,11 +37,11 @@ from nvit.lut.meta import utc_now
 from nvit.profiler.base import Backend
 from nvit.profiler.conditions import ConditionsMonitor, sweep_conditions
 from nvit.profiler.journal import JOURNAL_KIND, JOURNAL_SCHEMA_VERSION, Journal, journal_path
-from nvit.profiler.parts import PartConfig
 from nvit.profiler.sampling import calibration_archs
 from nvit.profiler.selfcheck import DEFAULT_CHECK_MODELS, DEFAULT_CHECK_SEED, check_archs
 from nvit.profiler.space import SearchSpace
 from nvit.profiler.workloads import part_workload
+from nvit.vocab import PartConfig
 
 DEFAULT_SENTINEL_EVERY = 25
 DEFAULT_CALIBRATION_MODELS = 8  # dense, small uniform, then pruned shapes and random ones

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from nvit.arch import ArchSpec, BlockSpec
 from nvit.profiler.base import Workload
-from nvit.profiler.parts import PartConfig, PartKind
+from nvit.vocab import PartConfig, PartKind
 
 if TYPE_CHECKING:
     import torch

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nvit.arch import ArchSpec, BlockSpec
+from nvit.arch import ArchSpec, BlockSpec, WidthSteps
 from nvit.errors import NvitError
-from nvit.lut.base import UnitStep
 from nvit.models.slicing import BlockKeep, KeepIndices, apply_keep_as_gates
 from nvit.models.vit import VisionTransformer
 
@@ -64,7 +63,7 @@ LAYER_WIDTHS: dict[GroupKind, tuple[GroupKind, ...]] = {
     GroupKind.ATTN_LAYER: (GroupKind.HEAD, GroupKind.QK, GroupKind.V), GroupKind.MLP_LAYER: (GroupKind.MLP,)}
 LAYER_OF: dict[GroupKind, GroupKind] = {w: layer for layer, ws in LAYER_WIDTHS.items() for w in ws}
 KIND_CODES: dict[GroupKind, int] = {k: i for i, k in enumerate(GroupKind)}
-WIDTH_FIELDS: dict[GroupKind, str] = {GroupKind.EMB: "embed_dim", GroupKind.HEAD: "heads", GroupKind.QK: "qk_dim",
+GROUP_WIDTH_FIELD: dict[GroupKind, str] = {GroupKind.EMB: "embed_dim", GroupKind.HEAD: "heads", GroupKind.QK: "qk_dim",
                                       GroupKind.V: "v_dim", GroupKind.MLP: "mlp_dim"}
 NO_BLOCK = -1  # block index recorded for the EMB gate, which spans every block
 
@@ -90,7 +89,7 @@ class Minimums:
 
     def of(self, kind: GroupKind, group_size: int) -> int:
         """The minimum width of ``kind``: heads as given, channels rounded up to whole groups."""
-        value = getattr(self, WIDTH_FIELDS[kind])
+        value = getattr(self, GROUP_WIDTH_FIELD[kind])
         if kind is GroupKind.HEAD:
             return int(value)
         return -(-(value or group_size) // group_size) * group_size
@@ -139,8 +138,8 @@ class GroupLayout:
             minimum = int(kind not in self.removable) if kind in SUBLAYER_KINDS else minimums.of(kind, group_size)
             if minimum > width:
                 where = "the model's" if kind is GroupKind.EMB else f"block {block}'s"
-                raise PruneError(f"minimum {WIDTH_FIELDS[kind]} {minimum} exceeds {where} {WIDTH_FIELDS[kind]} "
-                                 f"{width}")
+                field = GROUP_WIDTH_FIELD[kind]
+                raise PruneError(f"minimum {field} {minimum} exceeds {where} {field} {width}")
             gates.append(Gate(kind, block, width, sum(g.width for g in gates)))
             mins.append(minimum)
 
@@ -149,7 +148,7 @@ class GroupLayout:
             kinds = [k for k in BLOCK_KINDS if (b.has_mlp if k is GroupKind.MLP else b.has_attn)]
             kinds += [k for k, present in zip(SUBLAYER_KINDS, (b.has_attn, b.has_mlp), strict=True) if present]
             for kind in kinds:
-                add(kind, i, 1 if kind in SUBLAYER_KINDS else getattr(b, WIDTH_FIELDS[kind]))
+                add(kind, i, 1 if kind in SUBLAYER_KINDS else getattr(b, GROUP_WIDTH_FIELD[kind]))
         self.gates: tuple[Gate, ...] = tuple(gates)
         self.gate_index: dict[tuple[GroupKind, int], int] = {(g.kind, g.block): j for j, g in enumerate(gates)}
         self.gate_sizes: tuple[int, ...] = tuple(g.width for g in gates)
@@ -169,10 +168,10 @@ class GroupLayout:
     def num_units(self) -> int:
         return int(sum(self.gate_sizes))
 
-    def unit_step(self) -> UnitStep:
+    def unit_step(self) -> WidthSteps:
         """Channels removed by one group of each type, as the latency predictor's ``delta_ms`` wants it."""
         g = self.group_size
-        return UnitStep(emb=g, heads=1, qk=g, v=g, mlp=g)
+        return WidthSteps(heads=1, qk_dim=g, v_dim=g, mlp_dim=g, embed_dim=g)
 
     def gates_of(self, kind: GroupKind, block: int | None = None) -> np.ndarray:
         sel = self.gate_kind == KIND_CODES[kind]

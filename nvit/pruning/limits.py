@@ -19,7 +19,7 @@ from nvit.arch import ArchSpec
 from nvit.errors import LutError
 from nvit.lut.base import Predictor
 from nvit.pruning.config import DEFAULT_REMOVE, PruneConfig, Sublayer
-from nvit.pruning.groups import BLOCK_KINDS, WIDTH_FIELDS, GroupKind, Minimums
+from nvit.pruning.groups import BLOCK_KINDS, GROUP_WIDTH_FIELD, GroupKind, GroupLayout, Minimums
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,10 @@ def check_within(spec: ArchSpec, grid: Any) -> None:
         return
     where = [(GroupKind.EMB, "", spec.embed_dim)]
     for i, b in enumerate(spec.blocks):
-        where += [(kind, f"block {i} ", getattr(b, WIDTH_FIELDS[kind])) for kind in BLOCK_KINDS
+        where += [(kind, f"block {i} ", getattr(b, GROUP_WIDTH_FIELD[kind])) for kind in BLOCK_KINDS
                   if (b.has_mlp if kind is GroupKind.MLP else b.has_attn)]  # a removed sub-layer has no width
     for kind, prefix, width in where:
-        axis = WIDTH_FIELDS[kind]
+        axis = GROUP_WIDTH_FIELD[kind]
         lo, hi = grid.smallest(axis), grid.largest(axis)
         if width > hi:
             raise LutError(f"the model is wider than the latency table: {prefix}{axis} {width} > {hi}, the largest "
@@ -54,7 +54,7 @@ def grid_minimums(minimums: Minimums, grid: Any) -> Minimums:
         return minimums
     changes = {}
     for kind in (GroupKind.EMB, *BLOCK_KINDS):
-        field = WIDTH_FIELDS[kind]
+        field = GROUP_WIDTH_FIELD[kind]
         changes[field] = max(getattr(minimums, field) or 0, grid.smallest(field))
     return replace(minimums, **changes)
 
@@ -77,3 +77,12 @@ def removable_sublayers(config: PruneConfig, predictor: Predictor) -> frozenset[
         log.warning("pruning widths only: %s", predictor.removal_unavailable)
         return frozenset()
     return frozenset({Sublayer.ATTN: GroupKind.ATTN_LAYER, Sublayer.MLP: GroupKind.MLP_LAYER}[w] for w in wanted)
+
+
+def pruning_layout(spec: ArchSpec, config: PruneConfig, predictor: Predictor) -> GroupLayout:
+    """The groups of ``spec`` with minimums raised to the table's smallest measured widths; a model outside
+    the table's grid is refused (:mod:`nvit.pruning.limits`)."""
+    grid = measured_grid(predictor)
+    check_within(spec, grid)
+    return GroupLayout(spec, group_size=config.group_size, minimums=grid_minimums(config.minimums(), grid),
+                       removable=removable_sublayers(config, predictor))

@@ -4,7 +4,7 @@ while it misses.
 A table's errors are where an optimiser over it goes: the ranking picks the options the table prices too
 cheaply. So when the predicted latency crosses a target, the variant is timed (a
 :class:`TargetMeasurer`: the table's backend and settings, interleaved with a few of the table's own rows so
-drift since profiling is corrected: :mod:`nvit.export.targets`). If it meets the target within the
+drift since profiling is corrected: :mod:`nvit.validation.targets`). If it meets the target within the
 measurement's own noise, it is saved with both figures. If not, the ratio measured / predicted becomes the
 run's *correction*: every pending target's predicted goal is divided by it, pruning continues, and the
 variant is measured again at the corrected goal. When the corrected goal lies below the smallest latency

@@ -122,7 +122,8 @@ def plan_schedule(spec: ArchSpec, config: PruneConfig, predictor: Predictor,
                   steps_per_epoch: int | None = None) -> PruneSchedule:
     """The schedule of pruning ``spec`` with ``config``: targets resolved to ms as the loop resolves them
     (unreachable ones are refused with the same error)."""
-    from nvit.pruning.loop import pruning_layout, resolve_targets
+    from nvit.pruning.limits import pruning_layout
+    from nvit.pruning.targets import resolve_targets
 
     resolved = resolve_targets(config.targets, predictor, pruning_layout(spec, config, predictor))
     schedule = PruneSchedule(predictor.predict_ms(spec), tuple(r.latency_ms for r in resolved), config.pace,

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from nvit.errors import NvitError
-from nvit.profiler.base import DeviceKind
 from nvit.profiler.devicelock import DeviceBusyError, device_lock
 from nvit.service.client import ServiceClient
 from nvit.service.errors import ServiceError
 from nvit.service.worker import JOB_FILE, PARENT_ENV, TABLE_FILE
+from nvit.vocab import DeviceKind
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,16 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 from nvit.errors import NvitError
 from nvit.service.errors import unprocessable
 from nvit.service.queue import JobKind, NewJob
-from nvit.service.schemas import LOCAL_OPTIONS, MAX_BATCH, MAX_TOKENS, BackendOptions, JsonObject, Strict
+from nvit.service.schemas import (
+    LOCAL_OPTIONS,
+    MAX_BATCH,
+    MAX_TOKENS,
+    BackendOptions,
+    DeviceKindName,
+    JsonObject,
+    PrecisionName,
+    Strict,
+)
 from nvit.service.store import Store
 
 if TYPE_CHECKING:
@@ -62,10 +71,10 @@ class ProfileRequest(_JobRequest):
     kind: Literal["profile"]
     space: JsonObject | Annotated[str, Field(min_length=1, max_length=100)] = Field(
         description="A space preset name, or a search space JSON object.")
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: DeviceKindName = "cpu"
     device_name: str | None = Field(None, max_length=300, description="Only agents on this device (name).")
     backend: BackendName | None = None
-    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    precision: PrecisionName | None = None
     batch_size: StrictInt | None = Field(None, ge=1, le=MAX_BATCH)
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     sentinel_every: StrictInt = Field(25, ge=1, le=100_000)
@@ -86,10 +95,10 @@ class MeasureRequest(_JobRequest):
     models: list[ModelRef] = Field(min_length=1, max_length=MAX_MODELS)
     lut: Sha256 | None = Field(None, description="Time like this stored table, and predict with it.")
     same_device: StrictBool = True
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: DeviceKindName = "cpu"
     device_name: str | None = Field(None, max_length=300)
     backend: BackendName | None = None
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: PrecisionName = "fp32"
     batch_size: StrictInt = Field(1, ge=1, le=MAX_BATCH)
     passes: StrictInt = Field(2, ge=1, le=8)
     max_attempts: StrictInt | None = Field(None, ge=1, le=20)

@@ -3,7 +3,7 @@
 ``nvit compare --remote`` sends each model's architecture (weights do not change the latency of these
 backends, and the table itself was measured on randomly initialised blocks), the agent times them with the
 table's backend and settings exactly as a local ``nvit compare`` would, and the report is built here with
-the same :func:`~nvit.export.compare.compare_variants` from the same table. ``nvit export --measure --remote``
+the same :func:`~nvit.validation.compare.compare_variants` from the same table. ``nvit export --measure --remote``
 uploads the exported ONNX file itself and has it timed with the backend asked for.
 """
 
@@ -33,8 +33,8 @@ def run_job(client: ServiceClient, body: dict[str, Any], *, on_update: JobCallba
 
 
 def stats_of(result: dict[str, Any]) -> dict[str, Any]:
-    """Model name → :class:`~nvit.profiler.base.TimingStats` from a measure job's result."""
-    from nvit.profiler.base import TimingStats
+    """Model name → :class:`~nvit.profiler.harness.TimingStats` from a measure job's result."""
+    from nvit.profiler.harness import TimingStats
 
     return {m["name"]: TimingStats(**m["stats"]) for m in result["models"]}
 
@@ -42,10 +42,10 @@ def stats_of(result: dict[str, Any]) -> dict[str, Any]:
 def compare_remote(client: ServiceClient, table: Any, table_path: str | os.PathLike[str], base: Any,
                    variants: Sequence[Any], *, passes: int = 2, same_device: bool = True,
                    on_update: JobCallback | None = None) -> Any:
-    """A :class:`~nvit.export.compare.CompareReport` with every model measured by a service agent on the
+    """A :class:`~nvit.validation.compare.CompareReport` with every model measured by a service agent on the
     table's device, with the table's backend and settings, and predicted with ``table`` here."""
-    from nvit.export.compare import check_distinct_names, compare_variants, raise_tokens
     from nvit.lut.predictor import LatencyPredictor
+    from nvit.validation.compare import check_distinct_names, compare_variants, raise_tokens
 
     models = (base, *variants)
     check_distinct_names([v.name for v in models])
@@ -109,8 +109,8 @@ class RemoteMeasurer:
     def __call__(self, spec: Any, model: Any) -> Any:
         import time
 
-        from nvit.export.compare import row_uncertainty
         from nvit.pruning.measured import TargetMeasurement
+        from nvit.validation.compare import row_uncertainty
 
         started = time.perf_counter()
         body = {"kind": "measure", "lut": self.sha256, "same_device": True, "passes": self.passes,
@@ -124,7 +124,7 @@ class RemoteMeasurer:
 
 def remote_measurer(base_url: str, sha256: str) -> tuple[RemoteMeasurer | None, str]:
     """A measurer on the service's agent of the stored table's device and the line that says so, or ``None``
-    and why there is none (for :func:`nvit.export.targets.choose_measurer`)."""
+    and why there is none (for :func:`nvit.validation.targets.choose_measurer`)."""
     from nvit.service.errors import ServiceError
 
     try:

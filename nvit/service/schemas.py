@@ -9,6 +9,7 @@ object or whose batch is 10**20 is a 422, never a row.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -24,7 +25,13 @@ from pydantic import (
     model_validator,
 )
 
+from nvit.lut.meta import LUT_FILE_KIND, READABLE_SCHEMA_VERSIONS
+from nvit.profiler.backends.cuda_timer import CUDA_APIS
+from nvit.profiler.backends.onnxruntime_backend import OrtProvider
+from nvit.profiler.backends.torch_backend import COMPILE_MODES
+from nvit.profiler.harness import RobustStatistic
 from nvit.service.errors import unprocessable
+from nvit.vocab import DeviceKind, Precision
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -35,6 +42,17 @@ JSON_MAX_STRING = 10_000
 MAX_THREADS = 1024
 MAX_BATCH = 4096
 MAX_TOKENS = 1 << 16
+
+
+
+def one_of(values: Any) -> Any:
+    """``Literal[...]`` of the given values (an enum's values or a tuple): the schema names each word where
+    it is declared, never a copy."""
+    return Literal[tuple(v.value if isinstance(v, enum.Enum) else v for v in values)]  # type: ignore[valid-type]
+
+
+PrecisionName = one_of(Precision)
+DeviceKindName = one_of(DeviceKind)
 
 JobId = Annotated[int, Field(ge=1, le=INT64_MAX, description="A job id (signed 64 bits).")]
 AgentId = Annotated[str, Field(pattern=r"^[0-9a-f]{1,32}$", description="An agent id (hex).")]
@@ -115,8 +133,11 @@ class HarnessOptions(Strict):
     time_cap_s: float | None = Field(None, gt=0, le=3600)
     target_rel_ci: float | None = Field(None, gt=0, lt=1)
     repeats: StrictInt | None = Field(None, ge=1, le=100)
-    statistic: Literal["min_of_medians", "median_of_medians", "pooled"] | None = None
+    statistic: one_of(RobustStatistic) | None = None
     min_sample_ms: float | None = Field(None, ge=0, le=10_000)
+    recover_rounds: StrictInt | None = Field(None, ge=0, le=100)
+    hit_contention: float | None = Field(None, gt=0, lt=1)
+    settle_rel: float | None = Field(None, gt=0, lt=1)
 
 
 class BackendOptions(Strict):
@@ -125,10 +146,10 @@ class BackendOptions(Strict):
 
     harness: HarnessOptions | None = None
     intra_op_threads: StrictInt | None = Field(None, ge=1, le=MAX_THREADS)
-    provider: Literal["cpu", "cuda", "tensorrt"] | None = None
+    provider: one_of(OrtProvider) | None = None
     allow_spinning: StrictBool | None = None
     compile: StrictBool | None = None
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    compile_mode: one_of(COMPILE_MODES) | None = None
     cuda_graphs: StrictBool | None = None
     tf32: StrictBool | None = None
     cudnn_benchmark: StrictBool | None = None
@@ -136,7 +157,7 @@ class BackendOptions(Strict):
     workspace_mib: StrictInt | None = Field(None, ge=1, le=1 << 20)
     avg_timing_iterations: StrictInt | None = Field(None, ge=1, le=1000)
     strongly_typed: StrictBool | None = None
-    buffers: Literal["auto", "torch", "pycuda"] | None = None
+    buffers: one_of(CUDA_APIS) | None = None
 
     def as_options(self) -> dict[str, Any]:
         """The options given (unset ones left to the backend's defaults)."""
@@ -152,7 +173,7 @@ Backend = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 
 
 class DeviceIdentity(Strict):
-    kind: Literal["cpu", "cuda"]
+    kind: DeviceKindName
     cpu: Text | None = None
     threads_used: StrictInt | None = Field(None, ge=1, le=MAX_THREADS)
     gpu: Text | None = None
@@ -179,11 +200,11 @@ class ProtocolInfo(BaseModel):
 class TableMetaSchema(Strict):
     """The metadata of a latency table the service stores (``nvit.lut`` in its Parquet footer)."""
 
-    kind: Literal["nvit.lut"]
-    schema_version: Literal[1, 2, 3]
+    kind: one_of((LUT_FILE_KIND,))
+    schema_version: one_of(READABLE_SCHEMA_VERSIONS)
     backend: Backend
-    device_kind: Literal["cpu", "cuda"]
-    precision: Literal["fp32", "fp16", "bf16"]
+    device_kind: DeviceKindName
+    precision: PrecisionName
     batch_size: StrictInt = Field(ge=1, le=MAX_BATCH)
     num_tokens: StrictInt = Field(ge=1, le=MAX_TOKENS)
     base_arch: JsonObject

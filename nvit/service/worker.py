@@ -3,8 +3,8 @@
 The child parses and builds what the job brings (an uploaded ONNX model, a table), so a crash or a hostile
 file costs the child, not the agent. It runs the job through the library calls the CLI uses:
 :func:`~nvit.profiler.sweep.run_sweep` (with its journal, so a profile resumes where the last agent
-stopped) for ``profile`` jobs, and :func:`~nvit.export.compare.measure_with_table` /
-:func:`~nvit.export.compare.measure_passes` with the timing harness for ``measure`` jobs: a remote
+stopped) for ``profile`` jobs, and :func:`~nvit.validation.compare.measure_with_table` /
+:func:`~nvit.validation.compare.measure_passes` with the timing harness for ``measure`` jobs: a remote
 measurement is the same measurement as a local one.
 
 Protocol: ``JOBDIR/job.json`` holds the job and the local paths of its inputs. The child writes one JSON
@@ -65,10 +65,11 @@ def _die_with_parent(parent: int | None) -> None:
 
 
 def run_profile(job: dict[str, Any], jobdir: Path, channel: Channel) -> dict[str, Any]:
-    from nvit.profiler.base import DeviceKind, get_backend
+    from nvit.profiler.base import get_backend
     from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.space import SearchSpace
     from nvit.profiler.sweep import SweepOptions, run_sweep
+    from nvit.vocab import DeviceKind
 
     spec = job["spec"]
     space = SearchSpace.from_dict(spec["space"])
@@ -91,10 +92,11 @@ def run_profile(job: dict[str, Any], jobdir: Path, channel: Channel) -> dict[str
 
 def run_measure(job: dict[str, Any], channel: Channel) -> dict[str, Any]:
     from nvit.arch import ArchSpec
-    from nvit.export.compare import backend_for_table, measure_passes, measure_with_table
-    from nvit.profiler.base import DeviceKind, Workload, get_backend
+    from nvit.profiler.base import Workload, get_backend
     from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.workloads import model_workload
+    from nvit.validation.compare import backend_for_table, measure_passes, measure_with_table
+    from nvit.vocab import DeviceKind
 
     spec, files = job["spec"], job["files"]
     workloads = []

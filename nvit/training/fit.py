@@ -39,9 +39,9 @@ from nvit.training.distributed import all_reduce_scalars, unwrap
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EpochStats", "FitResult", "Progress", "StepResult", "TrainConfig", "TrainError", "TrainState",
-    "build_optimizer", "build_scheduler", "evaluate", "fit", "load_checkpoint", "lr_factor", "parameter_groups",
-    "run_lock", "save_checkpoint", "save_history", "train_epoch", "train_step",
+    "EpochStats", "FitResult", "Progress", "StepResult", "TrainConfig",
+    "build_optimizer", "build_scheduler", "evaluate", "fit", "lr_factor", "parameter_groups",
+    "save_history", "train_epoch", "train_step",
 ]
 
 _NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed")

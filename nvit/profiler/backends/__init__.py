@@ -4,7 +4,8 @@ heavy packages) is imported only when that backend is asked for with :func:`nvit
 
 from __future__ import annotations
 
-from nvit.profiler.base import Backend, DeviceKind, register_backend
+from nvit.profiler.base import Backend, register_backend
+from nvit.vocab import DeviceKind
 
 DEFAULT_CPU_BACKEND = "onnxruntime"  # runs everywhere, including CI
 DEFAULT_GPU_BACKEND = "tensorrt"

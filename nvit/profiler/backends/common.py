@@ -15,8 +15,9 @@ from typing import Any
 
 from nvit.errors import BackendError
 from nvit.fileio import nvit_cache_dir as nvit_cache_dir  # where backends keep build caches
-from nvit.profiler.base import Precision, Workload
+from nvit.profiler.base import Workload
 from nvit.profiler.onnx_store import content_key, default_store
+from nvit.vocab import Precision
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 :class:`CudaTimer` wraps a ``launch`` callable that enqueues one iteration on the timer's stream. Before
 timing it runs the workload a few times (lazy allocations, autotuning), then captures one iteration into a
 CUDA graph and replays that (far less launch overhead for small blocks). A table is timed in one mode
-(:class:`~nvit.profiler.base.TimingMode`, part of its identity): when graphs are asked for and a capture
+(:class:`~nvit.vocab.TimingMode`, part of its identity): when graphs are asked for and a capture
 fails, the timer raises instead of quietly timing that workload launch by launch. K is calibrated so one
 sample lasts at least ``min_sample_ms``. Each call returns milliseconds per iteration, which is what
 :func:`nvit.profiler.harness.measure_interleaved` expects with ``returns_ms=True``.
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from nvit.errors import BackendError
-from nvit.profiler.base import TimingMode
 from nvit.profiler.gpu_probe import check_cuda_index
+from nvit.vocab import TimingMode
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from typing import Any
 
 from nvit.errors import BackendError
 from nvit.profiler.backends.common import OnnxCache, example_input, nvit_cache_dir, option, require
-from nvit.profiler.base import Backend, DeviceKind, Precision, PreparedWorkload, Workload
+from nvit.profiler.base import Backend, PreparedWorkload, Workload
 from nvit.profiler.device import available_cores
+from nvit.vocab import DeviceKind, Precision
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ from nvit.profiler.backends.trt_common import (
     shared_runtime,
     timing_cache_path,
 )
-from nvit.profiler.base import Backend, DeviceKind, Precision, PreparedWorkload, TimingMode, Workload
+from nvit.profiler.base import Backend, PreparedWorkload, Workload
+from nvit.vocab import DeviceKind, Precision, TimingMode
 
 INSTALL_HINT = "TensorRT is not installed: pip install 'nvit[trt]'"
 _BYTES_PER_MIB = 1 << 20

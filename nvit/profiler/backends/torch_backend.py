@@ -22,9 +22,10 @@ from typing import Any
 from nvit.errors import BackendError
 from nvit.profiler.backends.common import example_input, module_copy, option, require_cuda_torch
 from nvit.profiler.backends.cuda_timer import CudaTimer, TorchCuda, timing_mode
-from nvit.profiler.base import Backend, DeviceKind, Precision, PreparedWorkload, TimingMode, Workload
+from nvit.profiler.base import Backend, PreparedWorkload, Workload
 from nvit.profiler.device import available_cores
 from nvit.profiler.gpu_probe import check_cuda_index
+from nvit.vocab import DeviceKind, Precision, TimingMode
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ _DYNAMO_LIMITS = ("cache_size_limit", "recompile_limit", "accumulated_cache_size
                   "accumulated_recompile_limit")
 _DYNAMO_FAIL_FLAGS = ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
 _SDPA_BACKENDS = ("flash", "mem_efficient", "math", "cudnn")
+#: The ``torch.compile`` modes a remote job may name (the local check asks torch itself, see below).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_compile_mode(mode: str | None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from nvit.errors import BackendError
 from nvit.fileio import atomic_write_bytes
 from nvit.profiler.backends.common import nvit_cache_dir
-from nvit.profiler.base import Precision
+from nvit.vocab import Precision
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 It times a pruned model with the backend and settings of the table's own profile (:func:`measure_with_table`,
 two interleaved passes), beside a few of the table's rows re-timed in the same session, and corrects the
-model's median for the drift since profiling at its work size (:mod:`nvit.export.drift`).
+model's median for the drift since profiling at its work size (:mod:`nvit.validation.drift`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class TableMeasurer:
     """Times pruned models as the table ``table`` was profiled (see the module doc)."""
 
     def __init__(self, table: Any, *, passes: int = 2, references: int | None = None) -> None:
-        from nvit.export.drift import DEFAULT_REFERENCES, reference_rows
         from nvit.lut.predictor import LatencyPredictor
+        from nvit.validation.drift import DEFAULT_REFERENCES, reference_rows
 
         self.table = table
         self.passes = passes
@@ -36,10 +36,10 @@ class TableMeasurer:
         self.predictor = LatencyPredictor(table)
 
     def __call__(self, spec: Any, model: Any) -> Any:
-        from nvit.export.compare import measure_beside_references, row_uncertainty
         from nvit.profiler.base import Workload
         from nvit.profiler.workloads import image_shape
         from nvit.pruning.measured import TargetMeasurement
+        from nvit.validation.compare import measure_beside_references, row_uncertainty
 
         started = time.perf_counter()
         meta = self.table.meta
@@ -80,7 +80,7 @@ def choose_measurer(choice: MeasureTargets | str, table: Any, *,
 def _why_not_here(table: Any) -> str | None:
     if table is None:
         return "the latency proxy has no device to measure on"
-    from nvit.export.compare import backend_for_table, check_same_device
+    from nvit.validation.compare import backend_for_table, check_same_device
 
     try:
         backend = backend_for_table(table.meta)

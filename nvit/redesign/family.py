@@ -1,5 +1,5 @@
 """From files to a redistributed design: read a family of pruned variants, find their dense base, fit the
-rule (:mod:`nvit.redistribute`), size it by embedding or by a latency target, and describe where it came from.
+rule (:mod:`nvit.redesign.learned`), size it by embedding or by a latency target, and describe where it came from.
 
 A variant is given as an ``arch.json``, a variant folder holding one, or a whole ``nvit prune`` output folder
 (its ``prune_run.json`` lists the variants). The dense base is ``base`` when given, else what the variants'
@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from nvit import __version__
-from nvit.arch import ArchSpec, load_arch_file, preset, preset_names, resolve_arch
+from nvit.arch import ArchSpec, WidthSteps, load_arch_file, preset, preset_names, resolve_arch
 from nvit.errors import SpecError
-from nvit.redistribute import (
+from nvit.redesign.learned import (
     DEFAULT_BANDWIDTH,
     DEFAULT_ROUNDING,
     Reference,
-    Rounding,
     ScaledDesign,
     Shape,
     Shares,
@@ -133,7 +132,8 @@ class Redesign:
 
 def redistribute(family: Sequence[LoadedVariant], *, base: ArchSpec, base_how: str = "",
                  embed_dim: int | None = None, predictor: Any = None, target_ms: float | None = None,
-                 depth: int | None = None, bandwidth: float = DEFAULT_BANDWIDTH, rounding: Rounding = DEFAULT_ROUNDING,
+                 depth: int | None = None, bandwidth: float = DEFAULT_BANDWIDTH,
+                 rounding: WidthSteps = DEFAULT_ROUNDING,
                  name: str = "", lut_provenance: Mapping[str, Any] | None = None) -> Redesign:
     """Fit the rule on ``family`` and build it at ``embed_dim``, or at the largest embedding whose predicted
     latency (``predictor``) meets ``target_ms``."""

@@ -13,7 +13,8 @@ variant's block shares: a family of variants and any depth pool into one curve. 
 blocks at the nearest position (per-block means when all variants share the target depth).
 
 **Widths.** At embedding ``E``: ``share × reference(E)``, rounded to the nearest multiple of the kind's step
-(:class:`Rounding`: heads even, QK/V/MLP multiples of 8, by default) and never below one step.
+(:class:`~nvit.arch.WidthSteps`; :data:`DEFAULT_ROUNDING`: heads even, QK/V/MLP multiples of 8) and never
+below one step.
 
 **Latency.** :func:`scale_to_latency` picks the largest embedding on the table's measured grid (multiples of
 the embedding step between its smallest and largest measured embedding) whose predicted latency meets a
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from nvit.arch import ArchSpec, BlockSpec
+from nvit.arch import ArchSpec, BlockSpec, WidthSteps
 from nvit.errors import LutError, SpecError, TargetError
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,9 @@ DEIT_MLP_RATIO = 4
 
 
 def published_shares(depth: int = 12) -> Shares:
-    """NViT's rule (:mod:`nvit.revit`, stretched to ``depth``) as shares against a DeiT at ReViT-T's embedding."""
-    from nvit.revit import revit_widths
+    """NViT's rule (:mod:`nvit.redesign.published`, stretched to ``depth``) as shares against a DeiT at
+    ReViT-T's embedding."""
+    from nvit.redesign.published import revit_widths
 
     e = PUBLISHED_EMBED
     deit = Reference(e, {WidthKind.HEADS: e / DEIT_HEAD_DIM, WidthKind.QK: float(DEIT_HEAD_DIM),
@@ -176,44 +178,12 @@ def published_shares(depth: int = 12) -> Shares:
     return Shares("published rule (NViT)", shares.positions, shares.values)
 
 
-@dataclass(frozen=True)
-class Rounding:
-    """Width steps: each width is rounded to the nearest multiple of its step and never below one step."""
-
-    heads: int = 2
-    qk_dim: int = 8
-    v_dim: int = 8
-    mlp_dim: int = 8
-    embed_dim: int = 8
-
-    def __post_init__(self) -> None:
-        for name, value in self.to_dict().items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SpecError(f"the {name} step must be a positive integer, got {value!r}")
-
-    def step(self, kind: WidthKind) -> int:
-        return int(getattr(self, kind.value))
-
-    def round(self, kind: WidthKind, width: float) -> int:
-        return round_to_step(width, self.step(kind))
-
-    def to_dict(self) -> dict[str, int]:
-        return {"heads": self.heads, "qk_dim": self.qk_dim, "v_dim": self.v_dim, "mlp_dim": self.mlp_dim,
-                "embed_dim": self.embed_dim}
-
-
-DEFAULT_ROUNDING = Rounding()
-
-
-def round_to_step(width: float, step: int) -> int:
-    """Nearest multiple of ``step`` (halves up), at least ``step``."""
-    if not math.isfinite(width):
-        raise SpecError(f"cannot round a width of {width}")
-    return max(step, step * math.floor(width / step + 0.5))
+#: Heads even, QK/V/MLP and the embedding multiples of 8.
+DEFAULT_ROUNDING = WidthSteps(heads=2)
 
 
 def build_arch(rule: Shares, reference: Reference, embed_dim: int, template: ArchSpec,
-               rounding: Rounding = DEFAULT_ROUNDING, name: str = "") -> ArchSpec:
+               rounding: WidthSteps = DEFAULT_ROUNDING, name: str = "") -> ArchSpec:
     """The rule's widths at ``embed_dim`` on ``template``'s image, patch, classes and tokens."""
     dense = reference.at(embed_dim)
     blocks = tuple(BlockSpec(**{k.value: rounding.round(k, rule.values[k][j] * dense[k]) for k in KINDS})

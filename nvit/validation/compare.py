@@ -16,15 +16,15 @@ from typing import Any
 
 from nvit import __version__
 from nvit.arch import ArchSpec
-from nvit.export.drift import (
+from nvit.fileio import atomic_write_text
+from nvit.lut.base import Predictor
+from nvit.validation.drift import (
     DEFAULT_REFERENCES,
     correction_from,
     mean_block_ms,
     reference_rows,
     reference_workloads,
 )
-from nvit.fileio import atomic_write_text
-from nvit.lut.base import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ class CompareReport:
     context: dict[str, Any] = field(default_factory=dict)
 
     def trust(self) -> Any:
-        """How far these figures can be trusted (:class:`nvit.export.trust.Trust`)."""
-        from nvit.export.trust import judge_report
+        """How far these figures can be trusted (:class:`nvit.validation.trust.Trust`)."""
+        from nvit.validation.trust import judge_report
 
         return judge_report(self)
 
@@ -156,7 +156,7 @@ def compare_variants(
     drift_ratios: Mapping[str, float] | None = None,
 ) -> CompareReport:
     """Measure and predict ``base`` and every variant; speedups are relative to ``base``. ``drift_ratios``
-    (per model name: now / when the table was profiled, :mod:`nvit.export.drift`) add each row's
+    (per model name: now / when the table was profiled, :mod:`nvit.validation.drift`) add each row's
     drift-corrected error."""
     check_distinct_names([v.name for v in (base, *variants)])
     timed = {}
@@ -220,9 +220,9 @@ def backend_for_table(meta: Any) -> Any:
 def check_same_device(meta: Any, backend: Any) -> None:
     """Refuse to compare on another device than the table's (a LUT predicts one device only)."""
     from nvit.lut.table import check_compatible
-    from nvit.profiler.base import DeviceKind
     from nvit.profiler.device import cpu_info
     from nvit.profiler.gpu_probe import gpu_name
+    from nvit.vocab import DeviceKind
 
     # the name its fingerprint records, without probing clocks or versions
     cuda = DeviceKind(backend.device) is DeviceKind.CUDA
@@ -312,7 +312,7 @@ def compare_with_table(
 ) -> CompareReport:
     """Measure every model with the table's backend and settings (:func:`measure_with_table`) and compare
     with the table's predictions. ``references`` of the table's own full blocks are re-timed in the same
-    session (:mod:`nvit.export.drift`): how far the machine drifted since profiling, per work size, and each
+    session (:mod:`nvit.validation.drift`): how far the machine drifted since profiling, per work size, and each
     row's drift-corrected error."""
     from nvit.lut.predictor import LatencyPredictor
     from nvit.profiler.base import Workload
@@ -345,7 +345,7 @@ def measure_beside_references(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Any], dict[str, Any], list[float] | None]:
     """Time ``workloads`` (models of ``specs``) with the table's settings (:func:`measure_with_table`), with
-    the table's reference ``rows`` re-timed in the same session (:mod:`nvit.export.drift`). Returns the
+    the table's reference ``rows`` re-timed in the same session (:mod:`nvit.validation.drift`). Returns the
     models' statistics, the context (with ``drift`` when rows were given) and each model's drift ratio at its
     work size (``None`` without rows)."""
     stats, context = measure_with_table(table.meta, [*workloads, *reference_workloads(table, rows)],

@@ -1,12 +1,12 @@
 """How far a comparison's figures can be trusted: noisy rows, measured orders that contradict the predicted
 one by more than the noise, and one verdict for the whole report.
 
-A row is *noisy* when its own measurement says so (:func:`nvit.export.compare.row_noise`): its passes never
+A row is *noisy* when its own measurement says so (:func:`nvit.validation.compare.row_noise`): its passes never
 agreed, or every sampling run of it waited for a CPU. Two models are in *conflict* when the table predicts
 one clearly faster (by more than both measurements' uncertainty) and it measured clearly slower. The
 report's verdict is the worst of the machine's (:mod:`nvit.profiler.conditions`), ``noisy`` when a row is
 noisy or the table's own rows re-timed beside the models drifted by more than 5% since profiling
-(:mod:`nvit.export.drift`), and ``unusable`` when an order conflict coincides with a machine that was not
+(:mod:`nvit.validation.drift`), and ``unusable`` when an order conflict coincides with a machine that was not
 quiet.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvit.errors import NvitError
-from nvit.export.drift import DRIFT_NOTICE, DriftCorrection
 from nvit.profiler.conditions import Conditions, Verdict
+from nvit.validation.drift import DRIFT_NOTICE, DriftCorrection
 
 
 class UntrustedMeasurement(NvitError):
