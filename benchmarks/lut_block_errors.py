@@ -74,8 +74,8 @@ def run(lut: Path, models: list[str], passes: int) -> dict[str, Any]:
         out["models"].append({"name": name, "arch": spec.to_dict(), "blocks": blocks, "predicted_ms": whole_pred,
                               "measured_ms": whole, "error_pct": 100 * (whole_pred - whole) / whole,
                               "measured_parts_sum_ms": parts_sum, "measured_whole_over_parts": whole / parts_sum,
-                              "calibration": table.meta.calibration and {k: table.meta.calibration[k]
-                                                                         for k in ("method", "scale", "offset_ms")}})
+                              "calibration": table.meta.calibration and {
+                                  k: getattr(table.meta.calibration, k) for k in ("method", "scale", "offset_ms")}})
     out["context"] = context
     return out
 

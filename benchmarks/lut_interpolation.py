@@ -237,14 +237,13 @@ def cost(table: LatencyTable) -> dict[str, Any]:
     per_kind = {k: float(rows.loc[rows["kind"] == k, "profile_seconds"].mean()) for k in table.counts()
                 if table.counts()[k]}
     full = preset_space("deit_small").counts()
-    cal = table.meta.calibration or {}
     estimate = sum(full[k] * per_kind.get(k, np.mean(list(per_kind.values()))) for k in full)
     return {"table_seconds_total": table.meta.profile_seconds_total,
             "seconds_per_config_mean": float(rows["profile_seconds"].mean()),
             "seconds_per_config_by_kind": per_kind,
             "deit_small_space_configs": full,
             "deit_small_table_estimate_s": float(estimate),
-            "calibration_models": len(cal.get("models", []))}
+            "calibration_models": 0 if table.meta.calibration is None else len(table.meta.calibration.models)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,9 +60,9 @@ def main() -> None:
 
     cal = learned.meta.calibration
     doc = {"kind": "nvit.benchmark.lut_learn_heldout", "version": 1, "learned_models": len(learned_from),
-           "learned": cal["learned"], "calibration_before": {k: table.meta.calibration[k] for k in
-                                                              ("method", "scale", "offset_ms", "per_block_ms")},
-           "calibration_after": {k: cal[k] for k in ("method", "scale", "offset_ms", "per_block_ms")},
+           "learned": cal.learned, "calibration_before": {k: getattr(table.meta.calibration, k) for k in
+                                                           ("method", "scale", "offset_ms", "per_block_ms")},
+           "calibration_after": {k: getattr(cal, k) for k in ("method", "scale", "offset_ms", "per_block_ms")},
            "held_out_variants": len(held), "before": figures("before_ms"), "after": figures("after_ms"),
            "variants": held}
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")

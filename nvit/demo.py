@@ -101,7 +101,7 @@ def profile_stage(config: DemoConfig, report: Reporter) -> Any:
                                                 check_models=config.check_models))
     how = "reused" if result.already_complete else "measured"
     check = result.table.meta.self_check
-    accuracy = f"; self-check {summary_line(check)}" if check else ""
+    accuracy = f"; self-check {summary_line(check.figures())}" if check is not None else ""
     report.note(f"latency table: {len(result.table)} configurations ({how}){accuracy}")
     return result.table
 

@@ -77,8 +77,8 @@ def test_a_fit_that_asks_for_too_much_is_bounded_and_every_prediction_stays_posi
     measured = [0.3 * c.raw_ms - 0.004 * c.blocks for c in comps]  # 70% below the parts, more for deep models
     record = fit_calibration([a.name for a in archs], measured, [c.raw_ms for c in comps], compositions=comps,
                              floors=floors)
-    assert record["bounded"] and record["verdict"] == "implausible"
-    assert any("less than 50% of its own time" in r for r in record["reasons"])
+    assert record.bounded and record.verdict == "implausible"
+    assert any("less than 50% of its own time" in r for r in record.reasons)
     p = LatencyPredictor(table.with_meta(calibration=record))
     assert p.calibration_refused is None and p.calibrated
     for spec in space_extremes(p):
@@ -101,8 +101,8 @@ def test_the_calibration_follows_depth_and_removed_sublayers_on_held_out_models(
     comps = [raw.composition(a, floors) for a in archs]
     record = fit_calibration([a.name for a in archs], [whole_ms(a) for a in archs], [c.raw_ms for c in comps],
                              compositions=comps, floors=floors)
-    assert record["method"] == "scale_offset_per_block" and record["verdict"] == "plausible"
-    assert record["per_block_ms"] == pytest.approx(-1.02 * 0 - per_part_ms, rel=1e-6)
+    assert record.method == "scale_offset_per_block" and record.verdict == "plausible"
+    assert record.per_block_ms == pytest.approx(-1.02 * 0 - per_part_ms, rel=1e-6)
     offset_only = fit_calibration([a.name for a in archs], [whole_ms(a) for a in archs], [c.raw_ms for c in comps],
                                   floors=floors)
     p = LatencyPredictor(table.with_meta(calibration=record))
@@ -148,5 +148,5 @@ def test_an_impossible_target_is_refused_up_front_with_the_smallest_reachable_la
 
 def test_an_uncalibrated_fit_record_round_trips_its_forms() -> None:
     record = fit_calibration(["a", "b", "c"], [2.1, 4.2, 8.4], [2.0, 4.0, 8.0])
-    assert record["method"] == "scale_offset" and set(record["forms"]) == {"offset", "scale_offset"}
-    assert record["verdict"] == "plausible" and np.isclose(record["loo_pct_mean_abs"], 0.0)
+    assert record.method == "scale_offset" and set(record.forms) == {"offset", "scale_offset"}
+    assert record.verdict == "plausible" and np.isclose(record.loo_pct_mean_abs, 0.0)

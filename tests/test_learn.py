@@ -60,15 +60,15 @@ def table(tmp_path_factory):
 
 def test_learning_from_measured_models_of_other_depths_fixes_what_the_calibration_missed(table, tmp_path) -> None:
     parent = LatencyTable.load(table)
-    assert {ArchSpec.from_dict(m["arch"]).depth for m in parent.meta.calibration["models"]} == {4}
+    assert {ArchSpec.from_dict(m.arch).depth for m in parent.meta.calibration.models} == {4}
     before = LatencyPredictor(parent)
     errors = [before.predict_ms(a) / truth(a) - 1 for a in MEASURED]
     assert max(abs(e) for e in errors) > 0.05  # the per-block cost hid in the offset: shallow models miss
     learned = learn(parent, [MeasuredModel(a.name, a, truth(a), "compare", "test") for a in MEASURED],
                     parent_sha256="ab" * 32)
     record = learned.meta.calibration
-    info = record["learned"]
-    assert record["method"].endswith("per_block") and record["per_block_ms"] == pytest.approx(PER_BLOCK_MS, rel=1e-3)
+    info = record.learned
+    assert record.method.endswith("per_block") and record.per_block_ms == pytest.approx(PER_BLOCK_MS, rel=1e-3)
     assert info["version"] == 2 and info["models"] == 6 and info["own_models"] == 3
     assert info["sources"] == {"compare": 6}
     held = info["held_out"]  # judged on models left out of the fit, one at a time
@@ -81,8 +81,8 @@ def test_learning_from_measured_models_of_other_depths_fixes_what_the_calibratio
     # a new version: the parent is untouched, and learning again keeps what was learned
     assert LatencyTable.load(table).meta.calibration == parent.meta.calibration
     again = learn(learned, [MeasuredModel("u", unseen, truth(unseen), "prune", "test")])
-    assert again.meta.calibration["learned"]["version"] == 3 and again.meta.calibration["learned"]["models"] == 7
-    assert sum(bool(m.get("learned")) for m in again.meta.calibration["models"]) == 7
+    assert again.meta.calibration.learned["version"] == 3 and again.meta.calibration.learned["models"] == 7
+    assert sum(m.learned for m in again.meta.calibration.models) == 7
     with pytest.raises(LutError, match="no measured models"):
         learn(parent, [])
 

@@ -55,7 +55,7 @@ def test_round_trip_keeps_rows_types_and_metadata(lut_path, tmp_path) -> None:
     assert meta.device_identity == fake_device().identity() and meta.device["cpu"]["model_name"] == "Test CPU 9000"
     assert meta.versions["fake"] == "1.0" and meta.settings["batch_size"] == 1
     assert meta.protocol["sentinel"] == "block/e64/h4/q16/v16/m256" and meta.sentinel
-    assert meta.calibration["method"] == "scale_offset" and meta.created_at
+    assert meta.calibration.method == "scale_offset" and meta.created_at
     assert meta.schema_version == LUT_SCHEMA_VERSION
     copy = tmp_path / "copy.parquet"
     table.save(copy)

@@ -219,7 +219,7 @@ def test_calibrate_measures_whole_models_and_recovers_the_line(table) -> None:
         calibrated = calibrate(bare, backend, archs)
         assert len(backend.calls) == 3  # the three whole models, nothing else
     cal = calibrated.meta.calibration
-    assert cal["method"] == "scale_offset" and len(cal["models"]) == 3 and cal["models"][0]["arch"]
+    assert cal.method == "scale_offset" and len(cal.models) == 3 and cal.models[0].arch
     p = LatencyPredictor(calibrated)
     assert p.scale == pytest.approx(fk.SCALE) and p.offset_ms() == pytest.approx(fk.OFFSET_MS)
     spec = random_specs(preset("vit_test"), 1, seed=7)[0]
@@ -230,8 +230,8 @@ def test_calibrate_measures_whole_models_and_recovers_the_line(table) -> None:
     y = np.array([fk.model_ms(a) for a in archs])
     x = np.array([raw.predict_ms(a) for a in archs])
     expected = np.sum((y - x) / y**2) / np.sum(1 / y**2)  # least squares on relative residuals
-    assert offset_only["method"] == "offset" and offset_only["scale"] == 1.0
-    assert offset_only["offset_ms"] == pytest.approx(expected)
+    assert offset_only.method == "offset" and offset_only.scale == 1.0
+    assert offset_only.offset_ms == pytest.approx(expected)
     with fk.FakeBackend(batch_size=2) as backend, pytest.raises(LutError, match="batch size 1, but 2"):
         calibrate(bare, backend, archs)
     with fk.FakeBackend(harness={"repeats": 1}) as backend, pytest.raises(LutError, match=r"settings differ .*harness"):
@@ -240,16 +240,16 @@ def test_calibrate_measures_whole_models_and_recovers_the_line(table) -> None:
 
 def test_fit_calibration_falls_back_to_an_offset_when_a_slope_is_not_identifiable(caplog) -> None:
     one = fit_calibration(["a"], [2.0], [1.5])
-    assert one["method"] == "offset" and one["offset_ms"] == pytest.approx(0.5)
+    assert one.method == "offset" and one.offset_ms == pytest.approx(0.5)
     narrow = fit_calibration(["a", "b"], [2.0, 2.3], [1.9, 2.0])  # predictions within 25%
     # the offset minimising the relative residuals: sum((y - x) / y²) / sum(1 / y²)
-    assert narrow["method"] == "offset"
-    assert narrow["offset_ms"] == pytest.approx((0.1 / 4 + 0.3 / 2.3**2) / (1 / 4 + 1 / 2.3**2))
+    assert narrow.method == "offset"
+    assert narrow.offset_ms == pytest.approx((0.1 / 4 + 0.3 / 2.3**2) / (1 / 4 + 1 / 2.3**2))
     wild = fit_calibration(["a", "b"], [1.0, 10.0], [1.0, 2.0])  # slope 9: not a calibration
-    assert wild["method"] == "offset" and "implausible" in caplog.text
+    assert wild.method == "offset" and "implausible" in caplog.text
     line = fit_calibration(["a", "b", "c"], [2.1, 4.2, 8.4], [2.0, 4.0, 8.0])
-    assert line["scale"] == pytest.approx(1.05) and line["offset_ms"] == pytest.approx(0.0, abs=1e-12)
-    assert line["residual_pct_max_abs"] == pytest.approx(0.0, abs=1e-9)
+    assert line.scale == pytest.approx(1.05) and line.offset_ms == pytest.approx(0.0, abs=1e-12)
+    assert line.residual_pct_max_abs == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(LutError, match="at least one"):
         fit_calibration([], [], [])
     with pytest.raises(LutError, match="finite and positive"):

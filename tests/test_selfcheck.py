@@ -83,8 +83,8 @@ def test_check_models_are_seeded_and_half_pruned_shapes() -> None:
 
 def test_the_table_stores_its_self_check_and_show_prints_it(checked_lut, capsys) -> None:
     check = LatencyTable.load(checked_lut).meta.self_check
-    assert check["n"] == 4 and check["seed"] == 500 and check["mape_pct"] < 1e-6  # the fake is exact
-    assert check["pruned_shapes"]["n"] == 2 and {"kendall_tau", "within_5pct", "bias_pct"} <= set(check)
+    assert check.n == 4 and check.seed == 500 and check.mape_pct < 1e-6  # the fake is exact
+    assert check.pruned_shapes["n"] == 2 and {"kendall_tau", "within_5pct", "bias_pct"} <= set(check.to_dict())
     code, out, _ = run_cli(["lut", "show", str(checked_lut)], capsys)
     assert code == 0
     assert "self-check on held-out whole models (seed 500" in out and "4 models: MAPE 0.00%" in out
@@ -109,12 +109,12 @@ def test_lut_check_measures_now_and_saves(checked_lut, tmp_path, fake_backends, 
     assert code == 0, err
     expected = (1 / SLOWER - 1) * 100  # predicted / measured - 1
     assert f"{expected:+.2f}%" in out and "3 models: MAPE 9.09%" in out and "0% within ±5%" in out
-    assert "stored: " in out and LatencyTable.load(aged).meta.self_check["mape_pct"] < 1e-6  # not saved
+    assert "stored: " in out and LatencyTable.load(aged).meta.self_check.mape_pct < 1e-6  # not saved
     code, out, err = run_cli(["lut", "check", str(aged), "--models", "2", "--passes", "1", "--save"], capsys)
     assert code == 0, err
     saved = LatencyTable.load(aged).meta.self_check
-    assert saved["n"] == 2 and saved["bias_pct"] == pytest.approx(expected) and saved["seed"] == 500
-    assert [m["name"] for m in saved["models"]] == ["check-pruned00", "check-random00"]
+    assert saved.n == 2 and saved.bias_pct == pytest.approx(expected) and saved.seed == 500
+    assert [m.name for m in saved.models] == ["check-pruned00", "check-random00"]
 
 
 def test_lut_check_refuses_another_device(checked_lut, tmp_path, fake_backends, capsys) -> None:
@@ -168,14 +168,14 @@ def test_cli_profile_arch_derives_the_grid(tmp_path, fake_backends, capsys) -> N
                                "--calibrate", "2", "--check", "2"], capsys)
     assert code == 0, err
     table = LatencyTable.load(out)
-    assert table.meta.space == derived_space(mine).to_dict() and table.meta.self_check["n"] == 2
+    assert table.meta.space == derived_space(mine).to_dict() and table.meta.self_check.n == 2
     assert "self-check on held-out whole models" in text
     code, _, err = run_cli(["profile", "--arch", str(arch), "--space", "vit_test", "--backend", "fake"], capsys)
     assert code == 1 and "not both" in err
 
 
 def test_check_record_is_json(checked_lut) -> None:
-    json.dumps(LatencyTable.load(checked_lut).meta.self_check, allow_nan=False)
+    json.dumps(LatencyTable.load(checked_lut).meta.self_check.to_dict(), allow_nan=False)
 
 
 def test_pruned_shapes_benchmark_measures_resumably_and_evaluates(checked_lut, tmp_path, fake_backends) -> None:

@@ -233,7 +233,7 @@ def test_tables_are_content_addressed_immutable_queryable_and_mergeable(service,
                                                               [other["sha256"], shard_shas[1]])]:
             assert [r["sha256"] for r in client.get("/v1/luts", params=query).json()] == expected, query
         meta = client.get(f"/v1/luts/{sha}/meta").json()["meta"]
-        assert meta["calibration"] == table.meta.calibration
+        assert meta["calibration"] == table.meta.calibration.to_dict()
         spec = preset("vit_test")
         predicted = client.post("/v1/predict", json={"lut": sha, "arch": spec.to_dict()}).json()
         local = LatencyPredictor(table)

@@ -128,8 +128,8 @@ def test_predictor_prices_removed_sublayers_as_measured(tables) -> None:
     assert np.isnan(deltas.mlp_ms[0]) and np.isnan(deltas.attn_ms[1])
     # calibration and the self-check include models that lack sub-layers and blocks
     meta = LatencyTable.load(tables["with"]).meta
-    assert any(m["name"].startswith(("cal-removed", "cal-shallow")) for m in meta.calibration["models"])
-    assert meta.self_check["removed_shapes"]["n"] >= 1 and meta.self_check["mape_pct"] < 1e-6
+    assert any(m.name.startswith(("cal-removed", "cal-shallow")) for m in meta.calibration.models)
+    assert meta.self_check.removed_shapes["n"] >= 1 and meta.self_check.mape_pct < 1e-6
 
 
 def test_a_table_without_one_half_blocks_says_why_it_cannot_price_removal(tables, capsys) -> None:

@@ -80,12 +80,12 @@ def test_a_sweep_measures_every_configuration_once_in_random_order(tmp_path) -> 
     assert [e.phase for e in events][:5] == whole and [e.phase for e in events][-5:] == whole
     assert events[-1].done == N_PARTS + ROUNDS * MODELS + RETIMES
     assert len(backend.calls) == N_PARTS + 7 + ROUNDS * MODELS + RETIMES
-    assert table.meta.calibration["method"] == "scale_offset"
+    assert table.meta.calibration.method == "scale_offset"
     # The fake is exactly what the predictor models, so the held-out check finds no error.
     check = table.meta.self_check
-    assert check["n"] == 2 and check["seed"] == OPTIONS.check_seed and check["mape_pct"] < 1e-6
-    assert [m["name"] for m in check["models"]] == ["check-pruned00", "check-random00"]
-    assert {m["name"] for m in check["models"]}.isdisjoint(m["name"] for m in table.meta.calibration["models"])
+    assert check.n == 2 and check.seed == OPTIONS.check_seed and check.mape_pct < 1e-6
+    assert [m.name for m in check.models] == ["check-pruned00", "check-random00"]
+    assert {m.name for m in check.models}.isdisjoint(m.name for m in table.meta.calibration.models)
     assert (tmp_path / "t.parquet").exists() and not journal_path(tmp_path / "t.parquet").exists()
 
 

@@ -14,6 +14,7 @@ from cli_run import run_cli
 from nvit.arch import preset
 from nvit.lut import load_table
 from nvit.lut.accuracy import trust_warnings
+from nvit.lut.records import SelfCheck
 from nvit.models import build_model
 from nvit.profiler.conditions import Verdict
 from nvit.validation.compare import VariantResult
@@ -51,7 +52,10 @@ def test_a_profiled_table_records_its_conditions_and_lut_show_prints_them(table_
 def test_trust_warnings_name_a_noisy_table_and_a_missed_self_check(table_path) -> None:
     meta = load_table(table_path).meta.replace(conditions={"verdict": "quiet", "reasons": []})
     assert trust_warnings(meta) == []
-    missed = {**(meta.self_check or {}), "n": 6, "mape_pct": 14.7, "within_10pct": 0.5}
+    some = meta.self_check or SelfCheck(seed=0, passes=1, measured_at="", n=1, mape_pct=0.0, median_abs_pct=0.0,
+                                        max_abs_pct=0.0, bias_pct=0.0, within_5pct=1.0, within_10pct=1.0,
+                                        kendall_tau=None)
+    missed = some.replace(n=6, mape_pct=14.7, within_10pct=0.5)
     warnings = trust_warnings(meta.replace(conditions=NOISY, self_check=missed))
     assert len(warnings) == 2
     assert "profiled on a noisy machine (other processes used 48% of the CPU)" in warnings[0]

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nvit.errors import LutError, NvitError
+from nvit.lut.records import SelfCheck
 
 lut_app = typer.Typer(help="Inspect, validate and merge latency lookup tables.", no_args_is_help=True)
 
@@ -112,8 +113,8 @@ def calibration_line(table: Any) -> str:
         predictor = None
     verdict, line = calibration_status(table.meta, predictor)
     cal = table.meta.calibration
-    if cal:
-        line += f" on {len(cal['models'])} whole models"
+    if cal is not None:
+        line += f" on {len(cal.models)} whole models"
     colour = {"plausible": "green", "none": "yellow", "implausible": "yellow"}.get(verdict, "red")
     return f"[{colour}]{line}[/]"
 
@@ -125,24 +126,25 @@ def conditions_line(conditions: dict[str, Any] | None) -> str:
     return conditions_markup(conditions, "profiling")
 
 
-def self_check_line(check: dict[str, Any] | None) -> str:
+def self_check_line(check: SelfCheck | None) -> str:
     """The table's own accuracy on held-out whole models, one line (rich markup)."""
-    if not check:
+    if check is None:
         return ("[yellow]no self-check[/]: this table was never tested on whole models it was not fitted to "
                 "(run 'nvit lut check')")
-    return f"self-check on held-out whole models (seed {check['seed']}, measured {check['measured_at']}): " + (
+    return f"self-check on held-out whole models (seed {check.seed}, measured {check.measured_at}): " + (
         check_figures(check))
 
 
-def check_figures(check: dict[str, Any]) -> str:
+def check_figures(check: SelfCheck) -> str:
+    """A self-check's figures, one line (rich markup): yellow when it missed."""
     from nvit.lut.accuracy import self_check_missed, summary_line
 
     colour = "yellow" if self_check_missed(check) else "green"
-    text = f"[{colour}]{summary_line(check)}[/]"
-    if check.get("pruned_shapes"):
-        text += f"; pruned shapes alone: {summary_line(check['pruned_shapes'])}"
-    if check.get("removed_shapes"):
-        text += f"; with removed sub-layers alone: {summary_line(check['removed_shapes'])}"
+    text = f"[{colour}]{summary_line(check.figures())}[/]"
+    if check.pruned_shapes:
+        text += f"; pruned shapes alone: {summary_line(check.pruned_shapes)}"
+    if check.removed_shapes:
+        text += f"; with removed sub-layers alone: {summary_line(check.removed_shapes)}"
     return text
 
 
@@ -224,7 +226,7 @@ def learn(
     learned = learn_table(table, measured, parent_sha256=file_sha256(lut))
     learned.save(out)
     console = Console()
-    console.print(f"wrote {out}: {len(measured)} measurements of {learned.meta.calibration['learned']['new_models']} "
+    console.print(f"wrote {out}: {len(measured)} measurements of {learned.meta.calibration.learned['new_models']} "
                   "models added to the calibration")
     console.print(calibration_line(learned))
     console.print(learned_line(learned.meta.calibration))
@@ -261,16 +263,16 @@ def check(
         with ConditionsMonitor(gpu_index=backend.cuda_index) as monitor:
             report = recheck(table, backend, count=models, seed=seed, passes=passes,
                              on_timing=lambda t: console.print(f"  {t.name}: {t.latency_ms:.4f} ms", highlight=False))
-        report["conditions"] = monitor.conditions().to_dict()
+        report = report.replace(conditions=monitor.conditions().to_dict())
     out = Table("model", "measured ms", "predicted ms", "error", title=f"{lut}: predicted vs measured now")
-    for m in report["models"]:
-        out.add_row(m["name"], f"{m['measured_ms']:.4f}", f"{m['predicted_ms']:.4f}", f"{m['error_pct']:+.2f}%")
+    for m in report.models:
+        out.add_row(m.name, f"{m.measured_ms:.4f}", f"{m.predicted_ms:.4f}", f"{m.error_pct:+.2f}%")
     console.print(out)
     console.print(f"now:    {check_figures(report)}")
     console.print(calibration_line(table))
-    console.print(conditions_line(report["conditions"]).replace("while profiling", "while checking"))
+    console.print(conditions_line(report.conditions).replace("while profiling", "while checking"))
     if before:
-        console.print(f"stored: {check_figures(before)} (measured {before['measured_at']})")
+        console.print(f"stored: {check_figures(before)} (measured {before.measured_at})")
     if save:
         table.with_meta(self_check=report).save(lut)
         console.print(f"stored as the self-check of {lut}")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from nvit.errors import LutError
+from nvit.lut.records import SelfCheck
 
 
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -50,8 +51,8 @@ SELF_CHECK_MAPE_PCT = 5.0
 SELF_CHECK_WITHIN_10 = 0.9
 
 
-def self_check_missed(check: dict[str, Any] | None) -> bool:
-    return bool(check) and (check["mape_pct"] > SELF_CHECK_MAPE_PCT or check["within_10pct"] < SELF_CHECK_WITHIN_10)
+def self_check_missed(check: SelfCheck | None) -> bool:
+    return check is not None and (check.mape_pct > SELF_CHECK_MAPE_PCT or check.within_10pct < SELF_CHECK_WITHIN_10)
 
 
 def calibration_status(meta: Any, predictor: Any = None) -> tuple[str, str]:
@@ -77,6 +78,6 @@ def trust_warnings(meta: Any, predictor: Any = None) -> list[str]:
                    "re-profile it on a quiet one, or run 'nvit lut check' to see how far it predicts now")
     if self_check_missed(meta.self_check):
         c = meta.self_check
-        out.append(f"the table's self-check missed: MAPE {c['mape_pct']:.1f}% on {c['n']} held-out models, "
-                   f"{c['within_10pct'] * 100:.0f}% within ±10%")
+        out.append(f"the table's self-check missed: MAPE {c.mape_pct:.1f}% on {c.n} held-out models, "
+                   f"{c.within_10pct * 100:.0f}% within ±10%")
     return out

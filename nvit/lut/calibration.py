@@ -42,6 +42,7 @@ import numpy as np
 
 from nvit.errors import LutError
 from nvit.lut.meta import utc_now
+from nvit.lut.records import Calibration, CalibrationModel
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _loo_pct(form: str, x: np.ndarray, d: np.ndarray, f: np.ndarray, y: np.ndarr
 
 def fit_calibration(names: Sequence[str], measured_ms: Sequence[float], predicted_raw_ms: Sequence[float],
                     *, fit_scale: bool = True, compositions: Sequence[Composition] | None = None,
-                    floors: Floors | None = None) -> dict[str, Any]:
+                    floors: Floors | None = None) -> Calibration:
     """Fit the calibration (module doc) on whole models: their measured latency and raw sum of parts;
     ``compositions`` (their per-part shares) enable the per-block forms, ``floors`` the bounds. Returns the
     calibration record a table stores."""
@@ -223,50 +224,46 @@ def fit_calibration(names: Sequence[str], measured_ms: Sequence[float], predicte
         if loo is not None and best_loo is not None and loo < best_loo * (1 - LOO_MARGIN) - LOO_MARGIN_PCT:
             best, best_loo = fit, loo
     residual_pct = (best.predict(x, d, f) - y) / y * 100.0
-    record: dict[str, Any] = {
-        "method": best.form,
-        "scale": best.scale,
-        "offset_ms": best.offset_ms,
-        "per_block_ms": best.per_block_ms,
-        "models": [{"name": n, "measured_ms": float(m), "predicted_raw_ms": float(p), "blocks": float(b)}
-                   for n, m, p, b in zip(names, y, x, d, strict=True)],
-        "residual_pct_max_abs": float(np.max(np.abs(residual_pct))),
-        "loo_pct_mean_abs": best_loo,
-        "forms": {fit.form: {"loo_pct_mean_abs": loo, "scale": fit.scale, "offset_ms": fit.offset_ms,
-                             "per_block_ms": fit.per_block_ms, "bounded": list(fit.active)} for fit, loo in candidates},
-        "floors": floors.to_dict() if floors else None,
-        "bounded": list(best.active),
-        "fitted_at": utc_now(),
-    }
+    record = Calibration(
+        method=best.form,
+        scale=best.scale,
+        offset_ms=best.offset_ms,
+        per_block_ms=best.per_block_ms,
+        models=tuple(CalibrationModel(n, float(m), float(p), float(b))
+                     for n, m, p, b in zip(names, y, x, d, strict=True)),
+        residual_pct_max_abs=float(np.max(np.abs(residual_pct))),
+        loo_pct_mean_abs=best_loo,
+        forms={fit.form: {"loo_pct_mean_abs": loo, "scale": fit.scale, "offset_ms": fit.offset_ms,
+                          "per_block_ms": fit.per_block_ms, "bounded": list(fit.active)} for fit, loo in candidates},
+        floors=floors.to_dict() if floors else None,
+        bounded=tuple(best.active),
+        fitted_at=utc_now(),
+    )
     verdict, reasons = judge_record(record)
-    record["verdict"], record["reasons"] = verdict, reasons
-    return record
+    return record.replace(verdict=verdict, reasons=tuple(reasons))
 
 
-def judge_record(record: dict[str, Any]) -> tuple[str, list[str]]:
-    """``plausible`` or ``implausible`` and why, for a fitted calibration record."""
+def judge_record(record: Calibration) -> tuple[str, list[str]]:
+    """``plausible`` or ``implausible`` and why, for a fitted calibration."""
     reasons = []
-    floors = record.get("floors") or {}
-    frac = floors.get("fraction", PART_FLOOR_FRACTION)
-    for bound in record.get("bounded") or []:
+    frac = (record.floors or {}).get("fraction", PART_FLOOR_FRACTION)
+    for bound in record.bounded:
         what = "block" if bound == "block" else "fixed part"
         reasons.append(f"the models asked each {what} to cost less than {100 * frac:.0f}% of its own time "
                        f"(bounded at {'per-block' if bound == 'block' else 'offset'} "
-                       f"{record['per_block_ms' if bound == 'block' else 'offset_ms']:+.4f} ms)")
-    if record.get("residual_pct_max_abs", 0.0) > PLAUSIBLE_RESIDUAL_PCT:
-        reasons.append(f"its models miss the fit by up to {record['residual_pct_max_abs']:.1f}%")
-    loo = record.get("loo_pct_mean_abs")
+                       f"{record.per_block_ms if bound == 'block' else record.offset_ms:+.4f} ms)")
+    if record.residual_pct_max_abs > PLAUSIBLE_RESIDUAL_PCT:
+        reasons.append(f"its models miss the fit by up to {record.residual_pct_max_abs:.1f}%")
+    loo = record.loo_pct_mean_abs
     if loo is not None and loo > PLAUSIBLE_RESIDUAL_PCT:
         reasons.append(f"each model predicted from the others misses by {loo:.1f}% on average")
     return ("implausible" if reasons else "plausible"), reasons
 
 
-def refusal(record: dict[str, Any], floors: Floors) -> str | None:
+def refusal(record: Calibration, floors: Floors) -> str | None:
     """Why a stored calibration cannot be used with a table whose space has ``floors`` (``None``: it can):
     it would price some part of the space below its floor, down to ≤ 0."""
-    scale = float(record.get("scale", 1.0))
-    offset = float(record.get("offset_ms", 0.0))
-    per_block = float(record.get("per_block_ms", 0.0))
+    scale, offset, per_block = float(record.scale), float(record.offset_ms), float(record.per_block_ms)
     if not (np.isfinite(scale) and np.isfinite(offset) and np.isfinite(per_block)) or scale <= 0:
         return f"its scale {scale:.4g} is not a positive number"
     tol = 1e-9
@@ -280,23 +277,22 @@ def refusal(record: dict[str, Any], floors: Floors) -> str | None:
     return None
 
 
-def status_line(record: dict[str, Any] | None, refused: str | None = None) -> tuple[str, str]:
+def status_line(record: Calibration | None, refused: str | None = None) -> tuple[str, str]:
     """The calibration's verdict (``plausible`` / ``implausible`` / ``refused`` / ``none``) and one line a
     user understands, with the advice when it is not plausible."""
     advice = ("re-profile the table on a quiet moment (nvit profile --no-resume), or see how it predicts now "
               "(nvit lut check)")
     if record is None:
         return "none", "uncalibrated: predictions are the plain sum of parts"
-    figures = (f"{record.get('method', '?')}: scale {record.get('scale', 1.0):.4f}, "
-               f"offset {record.get('offset_ms', 0.0):+.4f} ms, per block {record.get('per_block_ms', 0.0):+.4f} ms, "
-               f"max residual {record.get('residual_pct_max_abs', 0.0):.2f}%")
-    loo = record.get("loo_pct_mean_abs")
-    if loo is not None:
-        figures += f", leave-one-out {loo:.2f}%"
+    figures = (f"{record.method}: scale {record.scale:.4f}, offset {record.offset_ms:+.4f} ms, "
+               f"per block {record.per_block_ms:+.4f} ms, max residual {record.residual_pct_max_abs:.2f}%")
+    if record.loo_pct_mean_abs is not None:
+        figures += f", leave-one-out {record.loo_pct_mean_abs:.2f}%"
     if refused:
         return "refused", (f"calibration refused ({figures}): {refused}; predicting from the parts alone; "
                            f"{advice}")
-    verdict, reasons = (record["verdict"], record.get("reasons") or []) if "verdict" in record else judge_record(record)
+    verdict, reasons = ((record.verdict, list(record.reasons)) if record.verdict is not None
+                        else judge_record(record))
     if verdict == "plausible":
         return verdict, f"calibration plausible ({figures})"
     return verdict, f"calibration implausible ({figures}): {'; '.join(reasons)}; {advice}"

@@ -22,6 +22,7 @@ from run summaries and reports, and refusing those of another device, is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -33,10 +34,10 @@ import numpy as np
 from nvit.arch import ArchSpec
 from nvit.errors import LutError
 from nvit.lut.meta import utc_now
+from nvit.lut.records import Calibration
 
 log = logging.getLogger(__name__)
 
-LEARNED_KEY = "learned"
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class MeasuredModel:
             raise LutError(f"{self.origin}: {self.name} has no usable latency ({self.measured_ms!r})")
 
 
-def _fit(raw: Any, names: list[str], archs: list[ArchSpec], measured: list[float]) -> dict[str, Any]:
+def _fit(raw: Any, names: list[str], archs: list[ArchSpec], measured: list[float]) -> Calibration:
     """The calibration record fitted on these models, priced by ``raw`` (the table's uncalibrated predictor)."""
     from nvit.lut.calibration import fit_calibration
 
@@ -62,12 +63,10 @@ def _fit(raw: Any, names: list[str], archs: list[ArchSpec], measured: list[float
     compositions = [raw.composition(a, floors) for a in archs]
     record = fit_calibration(names, measured, [c.raw_ms for c in compositions], compositions=compositions,
                              floors=floors)
-    for item, arch in zip(record["models"], archs, strict=True):
-        item["arch"] = arch.to_dict()
-    return record
+    return record.with_archs([a.to_dict() for a in archs])
 
 
-def _predict(table: Any, calibration: dict[str, Any], arch: ArchSpec) -> float:
+def _predict(table: Any, calibration: Calibration, arch: ArchSpec) -> float:
     from nvit.lut.predictor import LatencyPredictor
 
     predictor = LatencyPredictor(table.with_meta(calibration=calibration))
@@ -79,7 +78,7 @@ def learn(table: Any, measured: Sequence[MeasuredModel], *, parent_sha256: str |
     """A new table whose calibration is refitted on its own calibration models plus ``measured`` (one row per
     architecture: the median of its measurements), with the held-out judgement in its record (module doc)."""
     parent = table.meta.calibration
-    if not parent or not all(m.get("arch") for m in parent.get("models", [])):
+    if parent is None or not all(m.arch for m in parent.models):
         raise LutError("the table's calibration does not list its models' architectures (an older table); "
                        "re-profile it to learn from measured models")
     if not measured:
@@ -88,8 +87,8 @@ def learn(table: Any, measured: Sequence[MeasuredModel], *, parent_sha256: str |
     for m in measured:
         by_arch.setdefault(json.dumps(m.arch.to_dict(), sort_keys=True), []).append(m)
     learned = [(group[0], float(np.median([m.measured_ms for m in group]))) for group in by_arch.values()]
-    own = [(m["name"], ArchSpec.from_dict(m["arch"]), float(m["measured_ms"])) for m in parent["models"]]
-    was_learned = [bool(m.get("learned")) for m in parent["models"]]  # an earlier version's learned rows stay
+    own = [(m.name, ArchSpec.from_dict(m.arch), float(m.measured_ms)) for m in parent.models if m.arch]
+    was_learned = [m.learned for m in parent.models]  # an earlier version's learned rows stay
     new = [(f"learned-{i}-{m.name}", m.arch, ms) for i, (m, ms) in enumerate(learned)]
     rows = own + new
 
@@ -106,9 +105,8 @@ def learn(table: Any, measured: Sequence[MeasuredModel], *, parent_sha256: str |
             held_out.append({"name": name, "measured_ms": ms, "before_ms": before.predict_ms(arch),
                              "after_ms": _predict(table, record, arch)})
     record = _fit(raw, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-    for item, flag in zip(record["models"], was_learned + [True] * len(new), strict=True):
-        if flag:
-            item["learned"] = True
+    record = record.replace(models=tuple(dataclasses.replace(m, learned=flag) for m, flag
+                                         in zip(record.models, was_learned + [True] * len(new), strict=True)))
 
     def mape(key: str) -> float | None:
         if not held_out:
@@ -123,11 +121,11 @@ def learn(table: Any, measured: Sequence[MeasuredModel], *, parent_sha256: str |
     sources: dict[str, int] = {}
     for m, _ in learned:
         sources[m.source] = sources.get(m.source, 0) + 1
-    previous = parent.get(LEARNED_KEY) or {}
-    record[LEARNED_KEY] = {
+    previous = parent.learned or {}
+    record = record.replace(learned={
         "version": int(previous.get("version", 1)) + 1,
         "parent_sha256": parent_sha256,
-        "parent_method": parent.get("method"),
+        "parent_method": parent.method,
         "models": len(new) + int(previous.get("models", 0)), "new_models": len(new),
         "own_models": len(own) - sum(was_learned), "sources": {
             k: sources.get(k, 0) + int((previous.get("sources") or {}).get(k, 0))
@@ -136,15 +134,15 @@ def learn(table: Any, measured: Sequence[MeasuredModel], *, parent_sha256: str |
         "held_out": {"n": len(held_out), "mape_pct_before": mape("before_ms"), "mape_pct_after": mape("after_ms"),
                      "bias_pct_before": bias("before_ms"), "bias_pct_after": bias("after_ms"), "models": held_out},
         "learned_at": utc_now(),
-    }
+    })
     log.info("learned from %d measured models: held-out MAPE %s -> %s", len(new), mape("before_ms"),
              mape("after_ms"))
     return table.with_meta(calibration=record)
 
 
-def learned_line(calibration: dict[str, Any] | None) -> str | None:
+def learned_line(calibration: Calibration | None) -> str | None:
     """One line on what the table learned from measured models (``None`` when it learned nothing)."""
-    info = (calibration or {}).get(LEARNED_KEY)
+    info = None if calibration is None else calibration.learned
     if not info:
         return None
     sources = ", ".join(f"{n} {k}" for k, n in sorted(info["sources"].items()))

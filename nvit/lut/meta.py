@@ -16,6 +16,7 @@ from typing import Any
 
 from nvit import __version__
 from nvit.errors import LutError
+from nvit.lut.records import Calibration, SelfCheck
 from nvit.vocab import DeviceKind, Precision, TimingMode
 
 LUT_SCHEMA_VERSION = 3  # 2: self_check added; 3: conditions (the machine's state while profiling, judged)
@@ -43,8 +44,8 @@ class LutMeta:
     settings: dict[str, Any] = field(default_factory=dict)
     protocol: dict[str, Any] = field(default_factory=dict)
     sentinel: list[dict[str, Any]] = field(default_factory=list)
-    calibration: dict[str, Any] | None = None
-    self_check: dict[str, Any] | None = None  # held-out whole models, predicted vs measured (nvit.profiler.selfcheck)
+    calibration: Calibration | None = None  # from a sum of parts to whole models (nvit.lut.calibration)
+    self_check: SelfCheck | None = None  # held-out whole models, predicted vs measured (nvit.profiler.selfcheck)
     conditions: dict[str, Any] | None = None  # verdict and figures (nvit.profiler.conditions.Conditions)
     profile_seconds_total: float = 0.0
     created_at: str = ""
@@ -64,6 +65,10 @@ class LutMeta:
                 raise LutError(f"LUT metadata: {key} must be a positive integer, got {value!r}")
         if not self.created_at:
             object.__setattr__(self, "created_at", utc_now())
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            object.__setattr__(self, "calibration", Calibration.from_dict(self.calibration))
+        if self.self_check is not None and not isinstance(self.self_check, SelfCheck):
+            object.__setattr__(self, "self_check", SelfCheck.from_dict(self.self_check))
 
     def identity(self) -> dict[str, Any]:
         """What two tables must share to be merged, or a table and a command to be used together."""
@@ -89,9 +94,11 @@ class LutMeta:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(self.replace(calibration=None, self_check=None))
         out["device_kind"] = self.device_kind.value
         out["precision"] = self.precision.value
+        out["calibration"] = None if self.calibration is None else self.calibration.to_dict()
+        out["self_check"] = None if self.self_check is None else self.self_check.to_dict()
         return out
 
     @classmethod

@@ -140,17 +140,17 @@ class LatencyPredictor(Predictor):
         self.scale, self._offset_ms, self.per_block_ms = 1.0, 0.0, 0.0
         self.floors = self._space_floors()
         cal = table.meta.calibration if calibrated else None
-        if cal and cal.get("floors"):  # fitted with the calibration models' own smallest parts below the grid's
-            self.floors = self.floors.lowered(cal["floors"]["block_ms"], cal["floors"]["fixed_ms"])
-        self.calibration_refused = refusal(cal, self.floors) if cal else None
+        if cal is not None and cal.floors:  # fitted with the calibration models' own smallest parts below the grid's
+            self.floors = self.floors.lowered(cal.floors["block_ms"], cal.floors["fixed_ms"])
+        self.calibration_refused = refusal(cal, self.floors) if cal is not None else None
         if self.calibration_refused:
             logger.info("the latency table's calibration is refused: %s; predicting from the parts alone",
                            self.calibration_refused)
             cal = None
-        if cal:
-            self.scale = float(cal["scale"])
-            self._offset_ms = float(cal["offset_ms"])
-            self.per_block_ms = float(cal.get("per_block_ms", 0.0))
+        if cal is not None:
+            self.scale = float(cal.scale)
+            self._offset_ms = float(cal.offset_ms)
+            self.per_block_ms = float(cal.per_block_ms)
         self.calibrated = cal is not None
 
     def _space_floors(self) -> Floors:

@@ -20,6 +20,7 @@ import numpy as np
 
 from nvit.arch import ArchSpec
 from nvit.errors import LutError
+from nvit.lut.records import CheckedModel, SelfCheck
 from nvit.profiler.sampling import mixed_archs
 from nvit.profiler.workloads import model_workload
 
@@ -88,7 +89,7 @@ def measure_archs(
 
 
 def check_report(predictor: Any, archs: Sequence[ArchSpec], measured_ms: Mapping[str, float], *,
-                 seed: int, passes: int, measured_at: str) -> dict[str, Any]:
+                 seed: int, passes: int, measured_at: str) -> SelfCheck:
     """The stored self-check: per-model predicted vs measured, and the figures of
     :func:`nvit.lut.accuracy.error_figures` over all models and over the pruned shapes alone."""
     from nvit.lut.accuracy import error_figures
@@ -97,19 +98,19 @@ def check_report(predictor: Any, archs: Sequence[ArchSpec], measured_ms: Mapping
     for a in archs:
         predicted = predictor.predict_ms(a)
         measured = measured_ms[a.name]
-        models.append({"name": a.name, "measured_ms": measured, "predicted_ms": predicted,
-                       "error_pct": (predicted - measured) / measured * 100.0, "arch": a.to_dict()})
-    figures = error_figures([m["measured_ms"] for m in models], [m["predicted_ms"] for m in models])
-    out = {"seed": seed, "passes": passes, "measured_at": measured_at, **figures, "models": models}
+        models.append(CheckedModel(a.name, measured, predicted, (predicted - measured) / measured * 100.0,
+                                   a.to_dict()))
+    figures = error_figures([m.measured_ms for m in models], [m.predicted_ms for m in models])
+    shapes: dict[str, Any] = {}
     for label, key in (("pruned", "pruned_shapes"), ("removed", "removed_shapes")):
-        some = [m for m in models if label in m["name"]]
+        some = [m for m in models if label in m.name]
         if some and len(some) < len(models):
-            out[key] = error_figures([m["measured_ms"] for m in some], [m["predicted_ms"] for m in some])
-    return out
+            shapes[key] = error_figures([m.measured_ms for m in some], [m.predicted_ms for m in some])
+    return SelfCheck(seed=seed, passes=passes, measured_at=measured_at, **figures, models=tuple(models), **shapes)
 
 
 def recheck(table: Any, backend: Any, *, count: int, seed: int, passes: int = 2,
-            on_timing: Callable[[ModelTiming], None] | None = None) -> dict[str, Any]:
+            on_timing: Callable[[ModelTiming], None] | None = None) -> SelfCheck:
     """Measure ``count`` held-out models now with ``backend`` (entered, configured as the table's) and
     report the table's accuracy on them (the same record as a profiled table's self-check)."""
     from nvit.lut.meta import utc_now
@@ -123,8 +124,7 @@ def recheck(table: Any, backend: Any, *, count: int, seed: int, passes: int = 2,
     start = time.perf_counter()
     measured = measure_archs(backend, archs, passes=passes, seed=seed, on_timing=on_timing)
     report = check_report(predictor, archs, measured, seed=seed, passes=passes, measured_at=utc_now())
-    report["seconds"] = time.perf_counter() - start
-    return report
+    return report.replace(seconds=time.perf_counter() - start)
 
 
 def calibrate(table: Any, backend: Any, archs: Sequence[ArchSpec], *, fit_scale: bool = True,
@@ -153,8 +153,7 @@ def calibrate(table: Any, backend: Any, archs: Sequence[ArchSpec], *, fit_scale:
     measured = [s.latency_ms_median for s in stats]
     calibration = fit_calibration(names, measured, [c.raw_ms for c in compositions], fit_scale=fit_scale,
                                   compositions=compositions, floors=floors)
-    for item, arch in zip(calibration["models"], archs, strict=True):
-        item["arch"] = arch.to_dict()
-    log.info("calibrated %s: scale %.4f, offset %.4f ms, per block %.4f ms (%s)", calibration["method"],
-             calibration["scale"], calibration["offset_ms"], calibration["per_block_ms"], calibration["verdict"])
+    calibration = calibration.with_archs([a.to_dict() for a in archs])
+    log.info("calibrated %s: scale %.4f, offset %.4f ms, per block %.4f ms (%s)", calibration.method,
+             calibration.scale, calibration.offset_ms, calibration.per_block_ms, calibration.verdict)
     return table.with_meta(calibration=calibration)

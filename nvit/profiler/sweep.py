@@ -339,9 +339,7 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
         calibration = fit_calibration([r["name"] for r in models], [_median(r) for r in models],
                                       [c.raw_ms for c in compositions], fit_scale=options.fit_scale,
                                       compositions=compositions, floors=floors)
-        for item, r in zip(calibration["models"], models, strict=True):
-            item["arch"] = r["arch"]
-        table = table.with_meta(calibration=calibration)
+        table = table.with_meta(calibration=calibration.with_archs([r["arch"] for r in models]))
     if check_runs:
         from nvit.profiler.selfcheck import check_report
 
@@ -349,10 +347,10 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
         report = check_report(LatencyPredictor(table), [ArchSpec.from_dict(r["arch"]) for r in checks],
                               {r["name"]: _median(r) for r in checks}, seed=options.check_seed,
                               passes=options.passes, measured_at=max(r["measured_at"] for r in checks))
-        for item, r in zip(report["models"], checks, strict=True):
-            item["arch"] = r["arch"]  # as journaled (JSON types), like the calibration's
-        report["seconds"] = float(sum(r["seconds"] for r in check_runs))
-        table = table.with_meta(self_check=report)
+        models_as_journaled = tuple(dataclasses.replace(m, arch=r["arch"])  # JSON types, like the calibration's
+                                    for m, r in zip(report.models, checks, strict=True))
+        table = table.with_meta(self_check=report.replace(models=models_as_journaled,
+                                                          seconds=float(sum(r["seconds"] for r in check_runs))))
     return table
 
 

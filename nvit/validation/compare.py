@@ -296,7 +296,8 @@ def measure_with_table(
         hit = sum(s.runs_hit for s in stats) / max(1, sum(s.n_repeats for s in stats))
         conditions = monitor.conditions(repeat_spread=spread, runs_hit=hit)
         context = {"lut_identity": meta.identity(), "backend": backend.settings(), "versions": backend.versions(),
-                   "calibration": meta.calibration, "conditions": conditions.to_dict()}
+                   "calibration": None if meta.calibration is None else meta.calibration.to_dict(),
+                   "conditions": conditions.to_dict()}
     return stats, context
 
 

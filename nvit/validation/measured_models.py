@@ -69,9 +69,10 @@ def measurements_from(path: str | Path, table: Any) -> list[MeasuredModel]:
 
 def self_check_measurements(table: Any) -> list[MeasuredModel]:
     """The table's stored self-check models (``nvit lut check --save`` refreshes them)."""
-    check = table.meta.self_check or {}
-    return [MeasuredModel(m["name"], ArchSpec.from_dict(m["arch"]), float(m["measured_ms"]), "self-check",
-                          "the table's self-check") for m in check.get("models", []) if m.get("arch")]
+    check = table.meta.self_check
+    models = () if check is None else check.models
+    return [MeasuredModel(m.name, ArchSpec.from_dict(m.arch), float(m.measured_ms), "self-check",
+                          "the table's self-check") for m in models if m.arch]
 
 
 def _check_identity(identity: Any, table: Any, where: Path) -> None:
