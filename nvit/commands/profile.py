@@ -14,7 +14,7 @@ from rich.table import Table
 from nvit.commands.lut import calibration_line, conditions_line, self_check_line
 from nvit.errors import NvitError
 
-# SweepOptions' defaults (literal so the CLI starts without numpy; tests/test_cli.py compares them)
+# SweepOptions' defaults (literal so the CLI starts without numpy; tests/commands/test_cli.py compares them)
 DEFAULT_CALIBRATION_MODELS = 8
 DEFAULT_CHECK_MODELS = 6
 

@@ -36,7 +36,7 @@ def _shared_torchlib_registry() -> Iterator[None]:
 
     ``torch.onnx.export`` rebuilds it from onnxscript's torchlib on every call (parsing the source of
     ~1,500 functions: about half of a small block's export time); the registry only depends on the opset,
-    and the exported graph is byte-for-byte the same (tests/test_export.py). Where the exporter's
+    and the exported graph is byte-for-byte the same (tests/export/test_export.py). Where the exporter's
     internals differ from what this expects, exports simply build their own registry.
     """
     try:

@@ -113,7 +113,7 @@ def test_block_interaction_follows_block_size() -> None:
 
 def test_multilinear_latency_is_reproduced_anywhere_even_beyond_the_grid(table) -> None:
     """The fake's halves are multilinear in the widths, so interpolation is exact, inside and outside (the
-    parts; whole specs far beyond the grid are refused by the guard, tests/test_grid_guard.py)."""
+    parts; whole specs far beyond the grid are refused by the guard, tests/lut/test_grid_guard.py)."""
     p = LatencyPredictor(table)
     base = preset("vit_test")
     for spec in random_specs(base, 10, seed=0):

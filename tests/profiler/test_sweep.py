@@ -23,7 +23,7 @@ from nvit.profiler.space import save_space
 from nvit.profiler.sweep import JOURNAL_KIND, Journal, Phase, SweepOptions, journal_path, run_sweep
 from nvit.vocab import PartConfig, PartKind
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # the shared helpers (lut_fakes)
 OPTIONS = SweepOptions(sentinel_every=5, calibration_models=3, check_models=2)
 N_PARTS = 16 + 6 + 4 + 2  # tiny_space: attn, mlp, block, fixed
 MODELS = 3 + 2  # calibration, then held-out check

@@ -35,7 +35,7 @@ def digits_batches(batch_size: int = 16) -> StepBatches:
 
 
 def config(*targets: Target, **changes) -> PruneConfig:
-    """Width-only pruning unless ``remove`` is given (tests/test_sublayer_pruning.py covers removal)."""
+    """Width-only pruning unless ``remove`` is given (tests/pruning/test_sublayer_pruning.py covers removal)."""
     kwargs = dict(targets=targets, interval=3, pace=0.06, saliency_window=2, min_embed_dim=MIN_EMBED,
                   lr=1e-3, batch_size=16, seed=0, remove=())
     kwargs.update(changes)

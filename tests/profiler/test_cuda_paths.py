@@ -1,6 +1,6 @@
 """The GPU timing paths on a CPU, through stand-ins for CUDA, pycuda and torch.cuda: the CUDA-event timer,
 which CUDA API is chosen, where buffers are allocated, and context clean-up (the real device runs in
-tests/test_gpu.py)."""
+tests/profiler/test_gpu.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The TensorRT backend against a stand-in ``tensorrt`` module and CUDA API: which device builds and runs,
 which stream launches, builder flags, parser errors, a corrupt timing cache, a failed deserialization and
-engine input dtypes. (The real TensorRT runs in tests/test_gpu.py, marked trt.)"""
+engine input dtypes. (The real TensorRT runs in tests/profiler/test_gpu.py, marked trt.)"""
 
 from __future__ import annotations
 

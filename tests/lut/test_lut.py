@@ -265,7 +265,7 @@ def test_cli_merge(lut_path, tmp_path, capsys) -> None:
 
 def test_cli_predict_per_block_and_total(lut_path, tmp_path, capsys) -> None:
     predictor = load_predictor(lut_path)
-    # non-preset widths between the grid points (far beyond it is refused: tests/test_grid_guard.py)
+    # non-preset widths between the grid points (far beyond it is refused: tests/lut/test_grid_guard.py)
     spec = preset("vit_test").with_blocks((BlockSpec(2, 8, 16, 120), BlockSpec(3, 16, 8, 72)))
     path = save_arch(spec, tmp_path / "arch.json")
     code, out, _ = run_cli(["predict", "--lut", str(lut_path), "--arch", str(path), "--json"], capsys)

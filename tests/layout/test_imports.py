@@ -131,3 +131,14 @@ def test_training_a_plain_model_needs_nothing_from_pruning():
     graph = import_graph()
     for module in ("nvit.commands.train", "nvit.training.fit", "nvit.training.distill"):
         assert not [m for m in graph[module] if m.startswith("nvit.pruning")], module
+
+
+def test_tests_are_grouped_like_the_package():
+    """Every test file sits in a folder named after the room it tests (a package of nvit), or in ``commands``
+    (the CLI, the demo, the scripts), ``benchmarks`` (the benchmark scripts' own pieces) or ``layout`` (this)."""
+    tests = Path(__file__).parents[1]
+    rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert not sorted(p.name for p in tests.glob("test_*.py"))
+    folders = {p.parent.relative_to(tests).as_posix() for p in tests.rglob("test_*.py")}
+    assert folders <= rooms | {"models", "commands", "benchmarks", "layout"}, folders - rooms
+    assert {"lut", "profiler", "pruning", "training", "service", "redesign", "validation", "export"} <= folders
