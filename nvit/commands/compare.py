@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nvit.commands.options import STRICT_MEASUREMENTS
+
 
 def variant_from_source(source: str, name: str | None = None) -> Any:
     """A :class:`~nvit.validation.compare.Variant` from a variant folder, checkpoint or preset name."""
@@ -55,8 +57,7 @@ def compare(
                                             help="Measure even if this device is not the table's."),
     remote: str | None = typer.Option(None, "--remote", help="Measure on an nvit service's device (an agent on "
                                       "the table's device) instead of this machine."),
-    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) instead of warning when the measurements "
-                                "were not quiet (a noisy row, a contradicted order, a busy machine)."),
+    strict: bool = STRICT_MEASUREMENTS,
 ) -> None:
     """Measure every variant (and the dense base) with the table's backend and settings, and report measured
     against predicted latency, error, speedup and whether each variant met its target."""

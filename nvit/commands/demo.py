@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from nvit.commands.options import STRICT_MEASUREMENTS
 from nvit.commands.trust_view import noise_cell, trust_markup
 
 
@@ -56,9 +57,7 @@ def demo(
                              "variants, ONNX, report, plots); rerunning resumes from it."),
     quick: bool = typer.Option(False, "--quick", help="Reduced budgets (a smaller table, fewer epochs) for tests."),
     seed: int = typer.Option(0, "--seed", help="Seed of training, pruning and the measurement order."),
-    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) instead of warning when the measurements "
-                                "were not quiet: a noisy row, a measured order contradicting the predicted one, or "
-                                "a busy machine."),
+    strict: bool = STRICT_MEASUREMENTS,
 ) -> None:
     """The whole promise of nvit on this CPU, without downloads: profile a latency table with ONNX Runtime,
     train a small ViT on the bundled digits, prune it to 70% and 50% of its predicted latency in one run,

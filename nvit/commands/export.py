@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from nvit.arch import resolve_arch
+from nvit.commands.options import BACKEND_OPTIONS, THREADS
 from nvit.vocab import DeviceKind, Precision
 
 
@@ -31,11 +32,8 @@ def export(
     backend: str = typer.Option(None, "--backend", help="Timing backend.",
                                  show_default="tensorrt with --trt, else onnxruntime"),
     gpu: bool = typer.Option(False, "--gpu", help="Time on the GPU (CUDA) instead of the CPU."),
-    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of CPU timing backends; give "
-                                       "the table's (nvit lut show) to time as it was profiled.",
-                                       show_default="every available core"),
-    backend_option: list[str] = typer.Option([], "--backend-option", help="Timing backend option KEY=VALUE "
-                                             "(repeatable), as in nvit profile."),
+    threads: int | None = THREADS,
+    backend_option: list[str] = BACKEND_OPTIONS,
     remote: str = typer.Option(None, "--remote", help="With --measure: upload the ONNX file to this nvit service "
                                "and time it on its device."),
     strict: bool = typer.Option(False, "--strict", help="With --measure: fail (exit 1) instead of warning when the "

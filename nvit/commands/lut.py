@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nvit.commands.options import REQUIRE_PRECISION
 from nvit.errors import LutError, NvitError
 from nvit.lut.records import SelfCheck
 
@@ -288,7 +289,7 @@ def predict(
                             "(http://HOST:PORT/v1/luts/<sha256>, or ?device=... for the newest match)."),
     arch: str = typer.Option(..., "--arch", help="An arch.json file or a preset name."),
     device: str | None = typer.Option(None, "--device", help="Require a table for this device kind or name."),
-    precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
+    precision: str | None = REQUIRE_PRECISION,
     batch_size: int | None = typer.Option(None, "--batch-size", help="Require a table of this batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
 ) -> None:

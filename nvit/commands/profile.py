@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nvit.commands.lut import calibration_line, conditions_line, self_check_line
+from nvit.commands.options import BACKEND_OPTIONS, THREADS
 from nvit.errors import NvitError
 
 # SweepOptions' defaults (literal so the CLI starts without numpy; tests/commands/test_cli.py compares them)
@@ -95,10 +96,8 @@ def profile(
                                "the fastest (2 on a CPU shared with other jobs)."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) when the machine was not quiet while "
                                 "profiling or the self-check missed (the table is still saved, its verdict in it)."),
-    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of CPU backends "
-                                       "(default: every available core)."),
-    backend_option: list[str] = typer.Option([], "--backend-option", help="Backend option KEY=VALUE (repeatable), "
-                                             "e.g. allow_spinning=false or harness='{\"time_cap_s\": 1}'."),
+    threads: int | None = THREADS,
+    backend_option: list[str] = BACKEND_OPTIONS,
     remote: str | None = typer.Option(None, "--remote", help="Profile on an nvit service's device instead: "
                                       "submit a job to this URL, follow it, download the table to --out if given."),
 ) -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nvit.commands.options import REQUIRE_PRECISION
 from nvit.commands.prune_progress import PruneProgress, epochs_warning, plan_line
 from nvit.commands.train import AUGMENT_HELP, DATA_HELP, augment_choice
 from nvit.errors import NvitError
@@ -113,7 +114,7 @@ def prune(
                                       "(default: auto; under torchrun each rank takes its local GPU)."),
     lut_device: str | None = typer.Option(None, "--lut-device", help="Require a table measured on this device "
                                           "kind (cpu | gpu)."),
-    precision: str | None = typer.Option(None, "--precision", help="Require a table of this precision."),
+    precision: str | None = REQUIRE_PRECISION,
     lut_batch_size: int | None = typer.Option(None, "--lut-batch-size", help="Require a table of this batch size."),
     num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes (default 0: augmentation "
                                     "then runs in this process, seeded by the step, so --resume is exact)."),

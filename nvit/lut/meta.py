@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,13 @@ class LutMeta:
             return cls(**{**data, "schema_version": LUT_SCHEMA_VERSION})
         except TypeError as exc:
             raise LutError(f"LUT metadata is incomplete: {exc}") from None
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two identities (or settings), compared as JSON values (a tuple read
+    back from a file is the list it was written as); sorted, empty when they agree."""
+    ja, jb = json.loads(json.dumps(dict(a))), json.loads(json.dumps(dict(b)))
+    return sorted(k for k in set(ja) | set(jb) if ja.get(k) != jb.get(k))
 
 
 def utc_now() -> str:

@@ -24,6 +24,7 @@ from nvit.lut.meta import (
     META_KEY,
     LutMeta,
     check_compatible,
+    differing_keys,
     utc_now,
 )
 from nvit.lut.rows import (
@@ -160,8 +161,8 @@ def merge_tables(tables: Sequence[LatencyTable]) -> LatencyTable:
         for what, a, b in (("identity", first.identity(), t.meta.identity()),
                            ("base architecture", first.base_arch, t.meta.base_arch),
                            ("backend settings", first.settings, t.meta.settings)):
-            if a != b:
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            diff = differing_keys(a, b)
+            if diff:
                 raise LutError(f"cannot merge table {i} into table 0: different {what} ({', '.join(diff)})")
         if t.meta.versions != first.versions:
             logger.warning("merging tables measured with different package versions: %s vs %s",

@@ -17,6 +17,7 @@ from typing import Any
 from nvit.arch import ArchSpec
 from nvit.errors import LutError
 from nvit.lut.learn import MeasuredModel
+from nvit.lut.meta import differing_keys
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _check_identity(identity: Any, table: Any, where: Path) -> None:
     mine = table.meta.identity()
     if identity is None:
         raise LutError(f"{where}: it does not say which table's device it was measured on")
-    if json.loads(json.dumps(identity)) != json.loads(json.dumps(mine)):
-        diff = sorted(k for k in set(mine) | set(identity) if identity.get(k) != mine.get(k))
+    diff = differing_keys(identity, mine)
+    if diff:
         raise LutError(f"{where} was measured with another table's device or settings ({', '.join(diff)}); "
                        "a table learns only from its own device")

@@ -121,7 +121,7 @@ def test_nvit_lut_learn_reads_compare_reports_and_writes_a_new_table(table, tmp_
 
 
 def test_a_pruning_run_that_measured_its_targets_is_a_source(table, tmp_path, monkeypatch) -> None:
-    from test_prune_loop import config, digits_batches
+    from prune_fakes import config, digits_batches
 
     from nvit.models import build_model
     from nvit.pruning.config import Target

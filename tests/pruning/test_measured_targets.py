@@ -7,7 +7,7 @@ import lut_fakes as fk
 import pandas as pd
 import pytest
 import torch
-from test_prune_loop import DENSE_MS, SPEC, config, digits_batches
+from prune_fakes import DENSE_MS, SPEC, config, digits_batches
 
 from nvit.arch import load_arch_file
 from nvit.errors import NvitError

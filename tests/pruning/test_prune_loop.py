@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 from cli_run import run_cli as cli
-from torch.utils.data import TensorDataset
+from prune_fakes import DENSE_MS, MIN_EMBED, SPEC, config, digits_batches
 
-from nvit.arch import ArchSpec, load_arch_file, preset
+from nvit.arch import ArchSpec, load_arch_file
 from nvit.errors import TargetError
 from nvit.lut.base import FlopsPredictor
 from nvit.models import build_model, load_variant
@@ -19,27 +19,6 @@ from nvit.pruning.config import ConfigError, PruneConfig, RankingMethod, Target,
 from nvit.pruning.loop import prune
 from nvit.pruning.runstate import ResumeError, read_run_summary
 from nvit.training.batches import StepBatches
-
-SPEC = preset("vit_test")
-DENSE_MS = 4.0
-MIN_EMBED = 32
-
-
-def digits_batches(batch_size: int = 16) -> StepBatches:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images[:512], dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    return StepBatches(TensorDataset(x, torch.tensor(d.target[:512])), batch_size=batch_size, seed=0)
-
-
-def config(*targets: Target, **changes) -> PruneConfig:
-    """Width-only pruning unless ``remove`` is given (tests/pruning/test_sublayer_pruning.py covers removal)."""
-    kwargs = dict(targets=targets, interval=3, pace=0.06, saliency_window=2, min_embed_dim=MIN_EMBED,
-                  lr=1e-3, batch_size=16, seed=0, remove=())
-    kwargs.update(changes)
-    return PruneConfig(**kwargs)
 
 
 def run(out, cfg: PruneConfig, **kwargs):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cli_run import run_cli
-from test_prune_loop import digits_batches
+from prune_fakes import digits_batches
 from test_saliency import backward, perturbed
 
 from nvit.arch import ArchSpec, BlockSpec, load_arch_file, preset, save_arch
