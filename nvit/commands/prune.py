@@ -170,7 +170,7 @@ def prune(
     from nvit.validation.targets import MeasureTargets, choose_measurer
 
     measurer, measuring = choose_measurer(_choice(MeasureTargets, measure_targets, "--measure-targets"),
-                                          getattr(loaded.predictor, "table", None), remote=_remote_of(lut))
+                                          getattr(loaded.predictor, "table", None), remote=_remote_of(lut, loaded))
     if target_latency and not loaded.has_time_unit:
         raise NvitError("--lut flops has no time unit; use --target-ratio, or give a latency table")
     config = PruneConfig(
@@ -259,16 +259,15 @@ def ranking_line(config: Any, predictor: Any) -> str:
     return f"ranking {config.ranking.value}{weight}; pruning {what}"
 
 
-def _remote_of(lut: str) -> Any:
-    """For a ``--lut`` URL (the table is in the local cache by now), what offers a measurer on the service's
-    agent of the table's device; ``None`` for a local file."""
+def _remote_of(lut: str, loaded: Any) -> Any:
+    """For a ``--lut`` URL, what offers a measurer on the service's agent of the table's device, for the table
+    already fetched into ``loaded`` (its sha256 names it on the service); ``None`` for a local file."""
     if not lut.startswith(("http://", "https://")):
         return None
-    from nvit.fileio import file_sha256
-    from nvit.service.client import resolve_lut, split_lut_url
+    from nvit.service.client import split_lut_url
     from nvit.service.remote_measure import remote_measurer
 
-    base_url, sha = split_lut_url(lut)[0], file_sha256(resolve_lut(lut))
+    base_url, sha = split_lut_url(lut)[0], loaded.provenance["sha256"]
     return lambda: remote_measurer(base_url, sha)
 
 

@@ -32,6 +32,14 @@ def run_job(client: ServiceClient, body: dict[str, Any], *, on_update: JobCallba
         raise
 
 
+def table_measure_job(sha256: str, archs: dict[str, Any], *, passes: int, same_device: bool = True
+                      ) -> dict[str, Any]:
+    """A ``measure`` job timing architectures (name → :class:`~nvit.arch.ArchSpec`) the way a stored table was
+    profiled, with predictions from it."""
+    return {"kind": "measure", "lut": sha256, "same_device": same_device, "passes": passes,
+            "models": [{"name": name, "arch": spec.to_dict()} for name, spec in archs.items()]}
+
+
 def stats_of(result: dict[str, Any]) -> dict[str, Any]:
     """Model name → :class:`~nvit.profiler.harness.TimingStats` from a measure job's result."""
     from nvit.profiler.harness import TimingStats
@@ -55,8 +63,7 @@ def compare_remote(client: ServiceClient, table: Any, table_path: str | os.PathL
     sha = file_sha256(table_path)
     if client.request("GET", f"/v1/luts/{sha}/meta", ok=(404,)).status_code == 404:
         upload_lut(client, table_path)
-    body = {"kind": "measure", "lut": sha, "same_device": same_device, "passes": passes,
-            "models": [{"name": v.name, "arch": v.spec.to_dict()} for v in models]}
+    body = table_measure_job(sha, {v.name: v.spec for v in models}, passes=passes, same_device=same_device)
     job = run_job(client, body, on_update=on_update)
     result = job["result"]
     stats = stats_of(result)
@@ -113,8 +120,7 @@ class RemoteMeasurer:
         from nvit.validation.compare import row_uncertainty
 
         started = time.perf_counter()
-        body = {"kind": "measure", "lut": self.sha256, "same_device": True, "passes": self.passes,
-                "models": [{"name": "pruned", "arch": spec.to_dict()}]}
+        body = table_measure_job(self.sha256, {"pruned": spec}, passes=self.passes)
         with ServiceClient(self.base_url, token=self.token) as client:
             job = run_job(client, body)
         stats = stats_of(client.expect(job.get("result"), {"models": list}, "a measure job's result"))["pruned"]
