@@ -3,7 +3,7 @@
 Four designs at one latency, the mean measured latency of §2's pruned-and-fine-tuned ``nvit`` variants at
 ``target_ratio`` (from ``results/prune_fashion.json``, re-measured here in the same session):
 - ``uniform``: §2's base shape (every share 1) at the embedding whose measured latency is nearest;
-- ``published``: NViT's rule read as shares (:func:`nvit.redesign.learned.published_shares`) on the same base;
+- ``published``: NViT's rule read as shares (:func:`nvit.redesign.published.published_shares`) on the same base;
 - ``learned``: the rule fitted on §2's ``nvit`` variants (every seed, every target unless ``rule_ratios``;
   ``nvit arch redistribute``'s library path), on the same base;
 - ``pruned``: §2's variants themselves (pruned from the trained base, then fine-tuned): the reference.
@@ -102,10 +102,10 @@ def rules(prune: dict[str, Any], s: Settings) -> tuple[Any, Any, dict[str, Any]]
         Shape,
         Shares,
         fit_shares,
-        published_shares,
         relative_positions,
         variant_shares,
     )
+    from nvit.redesign.published import published_shares
 
     base = ArchSpec.from_dict(prune["base"]["arch"])
     ref = Reference.of(base)

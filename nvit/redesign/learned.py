@@ -159,25 +159,6 @@ def fit_shares(family: Sequence[Shares], depth: int, bandwidth: float = DEFAULT_
     return Shares(name, tuple(float(p) for p in at), values, float(np.mean(embeds)) if embeds else None)
 
 
-#: The published rule read as shares: ReViT-T's widths (E = 176) over a DeiT of that embedding (64-channel
-#: heads, MLP 4E), so that it applies to any base through :func:`build_arch` like a learned rule.
-PUBLISHED_EMBED = 176
-DEIT_HEAD_DIM = 64
-DEIT_MLP_RATIO = 4
-
-
-def published_shares(depth: int = 12) -> Shares:
-    """NViT's rule (:mod:`nvit.redesign.published`, stretched to ``depth``) as shares against a DeiT at
-    ReViT-T's embedding."""
-    from nvit.redesign.published import revit_widths
-
-    e = PUBLISHED_EMBED
-    deit = Reference(e, {WidthKind.HEADS: e / DEIT_HEAD_DIM, WidthKind.QK: float(DEIT_HEAD_DIM),
-                         WidthKind.V: float(DEIT_HEAD_DIM), WidthKind.MLP: float(DEIT_MLP_RATIO * e)})
-    shares = variant_shares(Shape(e, revit_widths(e, depth), "published rule"), deit)
-    return Shares("published rule (NViT)", shares.positions, shares.values)
-
-
 #: Heads even, QK/V/MLP and the embedding multiples of 8.
 DEFAULT_ROUNDING = WidthSteps(heads=2)
 

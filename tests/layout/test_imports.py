@@ -95,14 +95,12 @@ def test_the_module_graph_has_no_cycle_of_any_length():
     assert _cycles(import_graph()) == []
 
 
-def test_the_published_rule_is_a_leaf_that_arch_stands_on():
-    """``nvit.arch`` builds its ``revit_*`` presets from the published rule; the rule imports nothing of nvit
-    but its errors, so the learned rule (which stands on ``nvit.arch``) closes no cycle through it."""
+def test_arch_stands_below_the_redesign():
+    """``nvit.arch`` holds every preset family (ReViT's per-block widths too); the redesign reads the published
+    rule from it and imports nothing that imports the redesign back."""
     graph = import_graph()
-    assert graph["nvit.redesign.published"] <= {"nvit.errors"}
-    assert graph["nvit.redesign"] == set()  # the package's __init__ imports nothing
-    assert "nvit.redesign.published" in graph["nvit.arch"]
-    assert "nvit.arch" in graph["nvit.redesign.learned"]
+    assert not [m for m in graph["nvit.arch"] if m.startswith("nvit.redesign")]
+    assert "nvit.arch" in graph["nvit.redesign.published"] and "nvit.arch" in graph["nvit.redesign.learned"]
 
 
 #: Package → the packages above it, which it must never import (lazily or not): arrows only point down.

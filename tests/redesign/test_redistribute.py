@@ -20,12 +20,12 @@ from nvit.redesign.learned import (
     build_arch,
     embed_candidates,
     fit_shares,
-    published_shares,
     relative_positions,
     scale_to_latency,
     smooth,
     variant_shares,
 )
+from nvit.redesign.published import published_shares
 
 BASE = preset("vit_test")  # e=64, 4 blocks of 4 heads x 16 (q, v), MLP 256
 REF = Reference.of(BASE)

@@ -7,10 +7,9 @@ import json
 import pytest
 from cli_run import run_cli
 
-from nvit.arch import load_arch_file, preset, revit_spec
+from nvit.arch import load_arch_file, pattern_index, preset, revit_spec, revit_widths
 from nvit.errors import SpecError
 from nvit.models import build_model
-from nvit.redesign.published import pattern_index, revit_widths
 
 
 def _column(spec, attr):
