@@ -16,6 +16,7 @@ from nvit.errors import SpecError
 from nvit.fileio import output_file
 from nvit.redesign.family import resolve_base
 from nvit.redesign.learned import DEFAULT_BANDWIDTH
+from nvit.swin import SwinSpec, swin_preset, swin_preset_names
 
 arch_app = typer.Typer(help="Inspect architecture specs: presets and arch.json files.", no_args_is_help=True)
 
@@ -41,12 +42,39 @@ def arch_table(spec: ArchSpec) -> Table:
     return table
 
 
+def swin_table(spec: SwinSpec) -> Table:
+    """A Swin's widths per block, with its stage's resolution, window and shift, params and GMACs."""
+    table = Table(title=f"{spec.name or 'custom swin'}: {spec.num_stages} stages, {spec.depth} blocks, "
+                        f"window {spec.window_size}")
+    for col in ("stage", "block", "embed", "tokens", "window/shift", "heads", "qk_dim", "v_dim", "mlp_dim",
+                "params (M)", "GMACs"):
+        table.add_column(col, justify="right")
+    for s, stage in enumerate(spec.stages):
+        for j, b in enumerate(stage.blocks):
+            attn = [str(b.heads), str(b.qk_dim), str(b.v_dim)] if b.has_attn else ["attn removed", "–", "–"]
+            table.add_row(str(s), str(j), str(stage.embed_dim), f"{spec.resolution(s)}²",
+                          f"{spec.window(s)}/{spec.shift(s, j)}", *attn, str(b.mlp_dim) if b.has_mlp else "mlp removed",
+                          f"{spec.block_params(s, b) / 1e6:.3f}", f"{spec.block_flops(s, b) / 2e9:.3f}")
+    table.caption = (f"total: {spec.num_params() / 1e6:.2f} M params, {spec.macs() / 1e9:.2f} GMACs "
+                     f"({spec.flops() / 1e9:.2f} GFLOPs)\nimage {spec.img_size}px/patch {spec.patch_size}; patch "
+                     "merging before every stage but the first")
+    return table
+
+
 @arch_app.command("show")
 def show(
     arch: str = typer.Argument(..., help="A preset name (see 'nvit arch list') or a path to an arch.json file."),
     as_json: bool = typer.Option(False, "--json", help="Print the spec and its costs as JSON."),
 ) -> None:
-    """Per-block widths, parameter count and FLOPs of an architecture."""
+    """Per-block widths, parameter count and FLOPs of an architecture (a ViT/DeiT/ReViT or a Swin)."""
+    if arch in swin_preset_names():
+        swin = swin_preset(arch)
+        if as_json:
+            summary = {"params": swin.num_params(), "flops": swin.flops(), "macs": swin.macs()}
+            typer.echo(json.dumps({"arch": swin.to_dict(), "summary": summary}, indent=2))
+        else:
+            Console().print(swin_table(swin))
+        return
     spec = resolve_arch(arch)
     dropped = _dropped_blocks(arch)
     if as_json:
@@ -81,6 +109,11 @@ def list_presets() -> None:
         table.add_row(name, str(s.embed_dim), str(s.depth), "-".join(map(str, (heads[0], heads[-1]) if len(heads) > 1
                                                                            else heads)),
                       f"{s.num_params() / 1e6:.2f}", f"{s.macs() / 1e9:.2f}")
+    for name in swin_preset_names():
+        w = swin_preset(name)
+        heads = [b.heads for st in w.stages for b in st.blocks]
+        table.add_row(name, "-".join(str(st.embed_dim) for st in w.stages), str(w.depth),
+                      f"{min(heads)}-{max(heads)}", f"{w.num_params() / 1e6:.2f}", f"{w.macs() / 1e9:.2f}")
     Console().print(table)
 
 

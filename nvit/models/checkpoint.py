@@ -66,7 +66,7 @@ def _canonical_key(key: str) -> str:
     return key
 
 
-def load_into(model: VisionTransformer, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
     """Copy ``state`` into ``model``; every key must match exactly once with the right shape."""
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
