@@ -402,22 +402,27 @@ def revit_spec(embed_dim: int, depth: int = PATTERN_DEPTH, *, name: str | None =
 
 
 # ---- files ----------------------------------------------------------------------------------------
-def save_arch(spec: ArchSpec, path: str | os.PathLike[str], provenance: Mapping[str, Any] | None = None) -> Path:
-    """Write ``arch.json`` atomically: schema version, the spec, derived costs and provenance."""
+def save_arch(spec: Any, path: str | os.PathLike[str], provenance: Mapping[str, Any] | None = None) -> Path:
+    """Write ``arch.json`` atomically: schema version, the spec (an :class:`ArchSpec` or another kind with
+    ``to_dict``, ``num_params`` and ``flops``, e.g. a Swin), derived costs and provenance."""
     path = Path(path)
+    summary = {"params": spec.num_params(), "flops": spec.flops()}
+    if isinstance(spec, ArchSpec):
+        summary["num_tokens"] = spec.num_tokens
     doc = {
         "schema_version": ARCH_SCHEMA_VERSION,
         "kind": ARCH_FILE_KIND,
         "arch": spec.to_dict(),
-        "summary": {"params": spec.num_params(), "flops": spec.flops(), "num_tokens": spec.num_tokens},
+        "summary": summary,
         "provenance": dict(provenance or {}),
     }
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
 
 
-def load_arch_file(path: str | os.PathLike[str]) -> tuple[ArchSpec, dict[str, Any]]:
-    """Read an ``arch.json`` (or a bare spec object); returns the spec and its provenance."""
+def read_arch_doc(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """The spec object of an ``arch.json`` (or of a bare spec file) and its provenance, checked as a file;
+    which kind of spec it is, is the caller's to parse (:func:`load_arch_file` for a ViT)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -432,7 +437,7 @@ def load_arch_file(path: str | os.PathLike[str]) -> tuple[ArchSpec, dict[str, An
     if not isinstance(doc, dict):
         raise SpecError(f"{path} must hold a JSON object")
     if "arch" not in doc:  # a bare spec, as a user may write by hand
-        return _from_dict_in(doc, path), {}
+        return doc, {}
     version = doc.get("schema_version")
     if version not in READABLE_ARCH_VERSIONS:
         raise SpecError(f"{path}: unsupported arch schema_version {version!r} (this nvit reads "
@@ -440,7 +445,13 @@ def load_arch_file(path: str | os.PathLike[str]) -> tuple[ArchSpec, dict[str, An
     unknown = sorted(set(doc) - {"schema_version", "kind", "arch", "summary", "provenance"})
     if unknown:
         raise SpecError(f"{path}: unknown top-level key(s): {', '.join(unknown)}")
-    return _from_dict_in(doc["arch"], path), dict(doc.get("provenance") or {})
+    return doc["arch"], dict(doc.get("provenance") or {})
+
+
+def load_arch_file(path: str | os.PathLike[str]) -> tuple[ArchSpec, dict[str, Any]]:
+    """Read an ``arch.json`` (or a bare spec object); returns the spec and its provenance."""
+    data, provenance = read_arch_doc(path)
+    return _from_dict_in(data, Path(path)), provenance
 
 
 def _from_dict_in(data: Any, path: Path) -> ArchSpec:

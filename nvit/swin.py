@@ -20,11 +20,13 @@ gather and the pooling excluded), checked against a traced count in the tests.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from nvit.arch import BlockSpec, block_params
+from nvit.arch import ArchSpec, BlockSpec, block_params, read_arch_doc, resolve_arch
 from nvit.errors import SpecError
 
 SWIN_KIND = "swin"
@@ -200,9 +202,12 @@ _PRESETS = {
     "swin_tiny": _SwinPreset(96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "swin_small": _SwinPreset(96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "swin_base": _SwinPreset(128, (2, 2, 18, 2), (4, 8, 16, 32)),
-    # Fashion-MNIST / digits scale: 32 px (28 padded), patch 2, window 4: resolutions 16, 8, 4
-    "swin_test": _SwinPreset(32, (2, 2, 2), (2, 4, 8), head_dim=16, extra={
-        "img_size": 32, "patch_size": 2, "in_chans": 1, "num_classes": 10, "window_size": 4}),
+    # digits (8 px, patch 1, window 4: 8² tokens in four shifting windows, then 4² in one)
+    "swin_test": _SwinPreset(32, (2, 2), (2, 4), head_dim=16, extra={
+        "img_size": 8, "patch_size": 1, "in_chans": 1, "num_classes": 10, "window_size": 4}),
+    # Fashion-MNIST (28 px, patch 2, window 7: 14² tokens in four shifting windows, then 7² in one)
+    "swin_fashion": _SwinPreset(32, (2, 2), (2, 4), head_dim=16, extra={
+        "img_size": 28, "patch_size": 2, "in_chans": 1, "num_classes": 10, "window_size": 7}),
 }
 
 
@@ -221,3 +226,29 @@ def swin_preset(name: str, **overrides: Any) -> SwinSpec:
         stages.append(SwinStage(e, (BlockSpec(heads=heads, qk_dim=p.head_dim, v_dim=p.head_dim,
                                               mlp_dim=e * p.mlp_ratio),) * depth))
     return SwinSpec(stages=tuple(stages), name=name, **{**p.extra, **overrides})
+
+
+# ---- one name or file, either kind ---------------------------------------------------------------------
+def spec_from_dict(data: Any) -> ArchSpec | SwinSpec:
+    """A spec object as stored in ``arch.json``: a Swin when its ``kind`` says so, else a ViT."""
+    if isinstance(data, Mapping) and data.get("kind") == SWIN_KIND:
+        return SwinSpec.from_dict(data)
+    return ArchSpec.from_dict(data)
+
+
+def load_any_arch_file(path: str | os.PathLike[str]) -> tuple[ArchSpec | SwinSpec, dict[str, Any]]:
+    """An ``arch.json`` of either kind, and its provenance."""
+    data, provenance = read_arch_doc(path)
+    try:
+        return spec_from_dict(data), provenance
+    except (SpecError, TypeError) as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+def resolve_any_arch(name_or_path: str) -> ArchSpec | SwinSpec:
+    """A preset name (ViT/DeiT/ReViT or Swin) or an ``arch.json`` of either kind."""
+    if name_or_path in _PRESETS:
+        return swin_preset(name_or_path)
+    if name_or_path.endswith(".json") or os.path.sep in name_or_path or Path(name_or_path).exists():
+        return load_any_arch_file(name_or_path)[0]
+    return resolve_arch(name_or_path)

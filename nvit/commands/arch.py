@@ -16,7 +16,7 @@ from nvit.errors import SpecError
 from nvit.fileio import output_file
 from nvit.redesign.family import resolve_base
 from nvit.redesign.learned import DEFAULT_BANDWIDTH
-from nvit.swin import SwinSpec, swin_preset, swin_preset_names
+from nvit.swin import SwinSpec, resolve_any_arch, swin_preset, swin_preset_names
 
 arch_app = typer.Typer(help="Inspect architecture specs: presets and arch.json files.", no_args_is_help=True)
 
@@ -67,8 +67,8 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print the spec and its costs as JSON."),
 ) -> None:
     """Per-block widths, parameter count and FLOPs of an architecture (a ViT/DeiT/ReViT or a Swin)."""
-    if arch in swin_preset_names():
-        swin = swin_preset(arch)
+    swin = resolve_any_arch(arch)
+    if isinstance(swin, SwinSpec):
         if as_json:
             summary = {"params": swin.num_params(), "flops": swin.flops(), "macs": swin.macs()}
             typer.echo(json.dumps({"arch": swin.to_dict(), "summary": summary}, indent=2))

@@ -142,7 +142,8 @@ _RESTART = typer.Option(False, "--restart", help="Ignore the checkpoint in --out
 
 
 def train(
-    arch: str = typer.Option("vit_test", "--arch", help="Preset name or arch.json of the model to train."),
+    arch: str = typer.Option("vit_test", "--arch", help="Preset name (a ViT, DeiT, ReViT or Swin: nvit arch list) "
+                             "or arch.json of the model to train."),
     data: str = _DATA,
     epochs: int = typer.Option(..., "--epochs", help="Training epochs."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model (arch.json + weights)."),
@@ -158,14 +159,15 @@ def train(
     device: str = _DEVICE,
     restart: bool = _RESTART,
 ) -> None:
-    """Train a ViT from scratch (e.g. the small base model on the bundled digits) and save it as a variant."""
-    from nvit.arch import resolve_arch
-    from nvit.models import build_model
+    """Train a ViT or a Swin from scratch (e.g. the small base model on the bundled digits) and save it as a
+    variant."""
+    from nvit.models.checkpoint import build_any
+    from nvit.swin import resolve_any_arch
     from nvit.training.distill import ClassificationLoss
 
-    spec = resolve_arch(arch)
+    spec = resolve_any_arch(arch)
     _check_out(out, restart)
-    _run(model=build_model(spec, seed=seed), data=data, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+    _run(model=build_any(spec, seed=seed), data=data, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
          min_lr=min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed,
          augment=augment_choice(augment, no_augment),
          workers=workers, device=device, restart=restart, loss_factory=lambda _teacher: ClassificationLoss(),

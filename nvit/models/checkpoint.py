@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -148,7 +149,7 @@ ARCH_FILE = "arch.json"
 
 
 def save_variant(
-    model: VisionTransformer, folder: str | os.PathLike[str], provenance: Mapping[str, object] | None = None
+    model: Any, folder: str | os.PathLike[str], provenance: Mapping[str, object] | None = None
 ) -> Path:
     """Save ``arch.json`` + ``model.safetensors`` (plain tensors, never a pickled module), atomically."""
     from safetensors.torch import save_file
@@ -157,7 +158,7 @@ def save_variant(
     from nvit.fileio import atomic_path
 
     folder = Path(folder)
-    gate_ids = {id(g) for g in model.gate_parameters()}
+    gate_ids = {id(g) for g in getattr(model, "gate_parameters", list)()}  # a Swin has no gates yet
     named = dict(model.named_parameters())
     tensors = {
         k: v.detach().contiguous().cpu()
@@ -170,18 +171,30 @@ def save_variant(
     return folder
 
 
-def load_variant(folder: str | os.PathLike[str]) -> VisionTransformer:
-    """Load a variant folder written by :func:`save_variant` (or any folder with arch.json + weights)."""
-    from nvit.arch import load_arch_file
+def build_any(spec: Any, *, seed: int | None = None) -> torch.nn.Module:
+    """A randomly initialised model of either kind: a :class:`VisionTransformer` for an
+    :class:`~nvit.arch.ArchSpec`, a :class:`~nvit.models.swin.SwinTransformer` for a
+    :class:`~nvit.swin.SwinSpec`."""
+    from nvit.models.swin import build_swin
+    from nvit.models.vit import build_model
+    from nvit.swin import SwinSpec
+
+    return build_swin(spec, seed=seed) if isinstance(spec, SwinSpec) else build_model(spec, seed=seed)
+
+
+def load_variant(folder: str | os.PathLike[str]) -> Any:
+    """Load a variant folder written by :func:`save_variant` (or any folder with arch.json + weights): a ViT,
+    or a Swin when its ``arch.json`` holds one."""
+    from nvit.swin import load_any_arch_file
 
     folder = Path(folder)
     if not (folder / ARCH_FILE).is_file():
         raise CheckpointError(f"{folder} is not an nvit variant (no {ARCH_FILE})")
-    spec, _ = load_arch_file(folder / ARCH_FILE)
+    spec, _ = load_any_arch_file(folder / ARCH_FILE)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{folder}: weights file {WEIGHTS_FILE} is missing")
-    model = VisionTransformer(spec)
+    model = build_any(spec)
     load_into(model, read_state_dict(weights), source=str(weights))
     return model.eval()
 
@@ -207,7 +220,7 @@ def load_model(source: str | os.PathLike[str], arch: ArchSpec | None = None, *, 
 
 def variant_provenance(source: str | os.PathLike[str]) -> dict[str, object]:
     """The provenance stored in a variant folder's arch.json (empty for anything else)."""
-    from nvit.arch import load_arch_file
+    from nvit.arch import read_arch_doc
 
     arch_file = Path(source) / ARCH_FILE
-    return load_arch_file(arch_file)[1] if arch_file.is_file() else {}
+    return read_arch_doc(arch_file)[1] if arch_file.is_file() else {}

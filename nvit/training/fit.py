@@ -44,7 +44,9 @@ __all__ = [
     "save_history", "train_epoch", "train_step",
 ]
 
-_NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed")
+#: Parameters never decayed (besides every bias and norm), by their last name: ViT's tokens and positions,
+#: Swin's relative-position bias tables.
+_NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed", "relative_position_bias_table")
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     for name, param in bare.named_parameters():
         if id(param) in gates or not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in _NO_DECAY_NAMES else decay).append(param)
+        (no_decay if param.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -141,20 +141,20 @@ def _as_original_layout(state: dict) -> dict:
             stage = int(key.split(".")[1])
             key = key.replace(f"layers.{stage}.downsample.", f"layers.{stage - 1}.downsample.", 1)
         out[key] = value
-    out["layers.0.blocks.1.attn_mask"] = torch.zeros(16, 16, 16)
+    out["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
     out["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
     return out
 
 
 def test_both_checkpoint_layouts_load_and_compute_the_same(tmp_path) -> None:
     model = build_swin(SMALL, seed=3).eval()
-    images = torch.randn(2, 1, 32, 32)
+    images = torch.randn(2, 1, SMALL.img_size, SMALL.img_size)
     state = model.state_dict()
     modern = {k.replace("head.", "head.fc.", 1) if k.startswith("head.") else k: v for k, v in state.items()}
     for name, sd in (("modern", modern), ("original", _as_original_layout(state))):
         path = tmp_path / f"{name}.pth"
         torch.save({"model": sd}, path)
-        loaded = load_swin_checkpoint(path, img_size=32, head_dim=16)
+        loaded = load_swin_checkpoint(path, img_size=SMALL.img_size, head_dim=16)
         assert loaded.spec.to_dict() == {**SMALL.to_dict(), "name": name}
         with torch.no_grad():
             assert torch.equal(loaded(images), model(images))
@@ -166,12 +166,12 @@ def test_a_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path) -> None:
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(CheckpointError, match=r"no place in the model: 'layers.1.blocks.0.attn.q_bias'"):
         load_swin_checkpoint(tmp_path / "extra.pth", SMALL)
-    wrong = {**state, "head.weight": torch.zeros(7, 128)}
+    wrong = {**state, "head.weight": torch.zeros(7, 64)}
     torch.save(wrong, tmp_path / "wrong.pth")
-    with pytest.raises(CheckpointError, match=r"'head.weight' has shape \(7, 128\), the model expects \(10, 128\)"):
+    with pytest.raises(CheckpointError, match=r"'head.weight' has shape \(7, 64\), the model expects \(10, 64\)"):
         load_swin_checkpoint(tmp_path / "wrong.pth", SMALL)
     with pytest.raises(CheckpointError, match="stage 0 block 0: qkv width 96 is not 3 x 2 heads x 64"):
-        infer_swin_arch(state, img_size=32, head_dim=64)
+        infer_swin_arch(state, img_size=SMALL.img_size, head_dim=64)
 
 
 def test_onnx_export_keeps_the_shift_and_its_mask(tmp_path) -> None:
