@@ -64,6 +64,7 @@ class SwinSpec:
     window_size: int = 7
     layer_norm_eps: float = 1e-5
     name: str = ""
+    qk_scale: float | None = None  # attention scale of every block; None: each block's qk_dim ** -0.5
     kind: str = field(default=SWIN_KIND, init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +109,13 @@ class SwinSpec:
     def shift(self, stage: int, block: int) -> int:
         """The cyclic shift of block ``block`` of ``stage`` (odd blocks, where the stage has several windows)."""
         return self.window_size // 2 if block % 2 and self.resolution(stage) > self.window_size else 0
+
+    def block_scale(self, block: BlockSpec) -> float:
+        """The attention scale of ``block``: ``qk_scale``, else ``qk_dim ** -0.5`` (a sliced model keeps its
+        parent's scale, as QK channels go)."""
+        if self.qk_scale is not None:
+            return self.qk_scale
+        return block.qk_dim**-0.5 if block.qk_dim else 1.0  # a block without attention has no scale to keep
 
     # ---- costs ---------------------------------------------------------------------------------------
     def block_params(self, stage: int, block: BlockSpec) -> int:

@@ -16,7 +16,7 @@ from nvit.errors import SpecError
 from nvit.models.vit import VisionTransformer
 
 
-def _as_index(values: Sequence[int], size: int, what: str, *, may_be_empty: bool = False) -> tuple[int, ...]:
+def as_index(values: Sequence[int], size: int, what: str, *, may_be_empty: bool = False) -> tuple[int, ...]:
     idx = tuple(sorted(int(v) for v in values))
     if not idx:
         if may_be_empty:
@@ -71,18 +71,18 @@ class KeepIndices:
             raise SpecError(f"keep indices describe {len(self.blocks)} blocks, the model has {spec.depth}")
         blocks = []
         for i, (k, b) in enumerate(zip(self.blocks, spec.blocks, strict=True)):
-            heads = _as_index(k.heads, b.heads, f"block {i} heads", may_be_empty=True)
+            heads = as_index(k.heads, b.heads, f"block {i} heads", may_be_empty=True)
             attn = bool(heads)
             keep = BlockKeep(
                 heads,
-                _as_index(k.qk, b.qk_dim, f"block {i} qk channels", may_be_empty=not attn) if attn else (),
-                _as_index(k.v, b.v_dim, f"block {i} v channels", may_be_empty=not attn) if attn else (),
-                _as_index(k.mlp, b.mlp_dim, f"block {i} mlp neurons", may_be_empty=True),
+                as_index(k.qk, b.qk_dim, f"block {i} qk channels", may_be_empty=not attn) if attn else (),
+                as_index(k.v, b.v_dim, f"block {i} v channels", may_be_empty=not attn) if attn else (),
+                as_index(k.mlp, b.mlp_dim, f"block {i} mlp neurons", may_be_empty=True),
             )
             blocks.append(keep)
         if not any(k.kept for k in blocks):
             raise SpecError("the keep indices remove every block")
-        return KeepIndices(emb=_as_index(self.emb, spec.embed_dim, "embedding channels"), blocks=tuple(blocks))
+        return KeepIndices(emb=as_index(self.emb, spec.embed_dim, "embedding channels"), blocks=tuple(blocks))
 
     def sliced_spec(self, spec: ArchSpec) -> ArchSpec:
         blocks = tuple(BlockSpec(len(k.heads), len(k.qk), len(k.v), len(k.mlp)) for k in self.blocks if k.kept)
@@ -143,7 +143,7 @@ def apply_keep_as_gates(model: VisionTransformer, keep: KeepIndices) -> None:
             set_gate(blk.mlp_gate, (0,) if k.mlp else ())
 
 
-def _qkv_rows(k: BlockKeep, b: BlockSpec) -> torch.Tensor:
+def qkv_rows(k: BlockKeep, b: BlockSpec) -> torch.Tensor:
     """Rows of the fused qkv weight kept for ``k``: Q and K rows (head-major), then V rows."""
     heads = torch.tensor(k.heads)
     q_rows = (heads[:, None] * b.qk_dim + torch.tensor(k.qk)[None, :]).flatten()
@@ -179,7 +179,7 @@ def slice_model(model: VisionTransformer, keep: KeepIndices | None = None) -> Vi
     for j, (i, k, b) in enumerate(kept_blocks):  # a dropped block's successors move up
         layers: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []  # (layer, weight rows, weight cols)
         if k.has_attn:
-            rows = _qkv_rows(k, b)
+            rows = qkv_rows(k, b)
             v_cols = (torch.tensor(k.heads)[:, None] * b.v_dim + torch.tensor(k.v)[None, :]).flatten()
             layers += [("norm1", e, None), ("attn.qkv", rows, e), ("attn.proj", e, v_cols)]
         if k.mlp:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nvit.arch import BlockSpec
+from nvit.models.vit import gated_branch, masked_layer_norm
 from nvit.swin import SwinSpec
 
 #: What the shift mask adds between tokens of different image regions (softmax weight ~e⁻¹⁰⁰, as the paper).
@@ -63,20 +64,22 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, emb_gate: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_layer_norm(self.proj(x).permute(0, 2, 3, 1), self.norm, emb_gate)  # (B, H, W, C)
 
 
 class WindowAttention(nn.Module):
-    def __init__(self, *, embed_dim: int, heads: int, qk_dim: int, v_dim: int, window: int) -> None:
+    def __init__(self, *, embed_dim: int, heads: int, qk_dim: int, v_dim: int, window: int, scale: float) -> None:
         super().__init__()
-        self.heads, self.qk_dim, self.v_dim, self.window = heads, qk_dim, v_dim, window
-        self.scale = qk_dim**-0.5
+        self.heads, self.qk_dim, self.v_dim, self.window, self.scale = heads, qk_dim, v_dim, window, scale
         self.split_sizes = (heads * qk_dim, heads * qk_dim, heads * v_dim)
         self.qkv = nn.Linear(embed_dim, sum(self.split_sizes))
         self.proj = nn.Linear(heads * v_dim, embed_dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.head_gate: nn.Parameter | None = None
+        self.qk_gate: nn.Parameter | None = None
+        self.v_gate: nn.Parameter | None = None
 
     def position_bias(self) -> torch.Tensor:
         """``(heads, W², W²)``."""
@@ -90,11 +93,17 @@ class WindowAttention(nn.Module):
         q = q.reshape(bw, n, self.heads, self.qk_dim).transpose(1, 2)
         k = k.reshape(bw, n, self.heads, self.qk_dim).transpose(1, 2)
         v = v.reshape(bw, n, self.heads, self.v_dim).transpose(1, 2)
+        if self.qk_gate is not None:
+            q = q * self.qk_gate
+        if self.v_gate is not None:
+            v = v * self.v_gate
         scores = (q * self.scale) @ k.transpose(-2, -1) + self.position_bias()  # (bw, heads, n, n)
         if mask is not None:
             windows = mask.shape[0]
             scores = (scores.view(-1, windows, self.heads, n, n) + mask[None, :, None]).view(bw, self.heads, n, n)
         out = scores.softmax(dim=-1) @ v  # (bw, heads, n, v_dim)
+        if self.head_gate is not None:
+            out = out * self.head_gate.view(1, -1, 1, 1)
         return self.proj(out.transpose(1, 2).reshape(bw, n, self.heads * self.v_dim))
 
 
@@ -104,25 +113,29 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(embed_dim, mlp_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(mlp_dim, embed_dim)
+        self.gate: nn.Parameter | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.act(self.fc1(x))
+        return self.fc2(hidden if self.gate is None else hidden * self.gate)
 
 
 class SwinBlock(nn.Module):
     """``x + attn(norm1(x))`` over (shifted) windows, then ``+ mlp(norm2(x))``; either sub-layer may be absent."""
 
     def __init__(self, *, embed_dim: int, spec: BlockSpec, resolution: int, window: int, shift: int,
-                 eps: float) -> None:
+                 scale: float, eps: float) -> None:
         super().__init__()
         self.spec, self.window, self.shift = spec, window, shift
         self.norm1 = nn.LayerNorm(embed_dim, eps=eps) if spec.has_attn else None
         self.attn = WindowAttention(embed_dim=embed_dim, heads=spec.heads, qk_dim=spec.qk_dim, v_dim=spec.v_dim,
-                                    window=window) if spec.has_attn else None
+                                    window=window, scale=scale) if spec.has_attn else None
         self.norm2 = nn.LayerNorm(embed_dim, eps=eps) if spec.has_mlp else None
         self.mlp = Mlp(embed_dim=embed_dim, mlp_dim=spec.mlp_dim) if spec.has_mlp else None
         mask = shift_mask(resolution, window, shift) if shift and spec.has_attn else None
         self.register_buffer("attn_mask", mask, persistent=False)
+        self.attn_gate: nn.Parameter | None = None
+        self.mlp_gate: nn.Parameter | None = None
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
@@ -131,11 +144,11 @@ class SwinBlock(nn.Module):
         out = from_windows(self.attn(to_windows(x, self.window), self.attn_mask), self.window, h, w)
         return torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2)) if self.shift else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, emb_gate: torch.Tensor | None = None) -> torch.Tensor:  # (B, H, W, C)
         if self.attn is not None:
-            x = x + self._attention(self.norm1(x))
+            x = x + gated_branch(self._attention(masked_layer_norm(x, self.norm1, emb_gate)), self.attn_gate, emb_gate)
         if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x))
+            x = x + gated_branch(self.mlp(masked_layer_norm(x, self.norm2, emb_gate)), self.mlp_gate, emb_gate)
         return x
 
 
@@ -148,10 +161,12 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * in_dim, eps=eps)
         self.reduction = nn.Linear(4 * in_dim, out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_gate: torch.Tensor | None = None,
+                out_gate: torch.Tensor | None = None) -> torch.Tensor:
         b, h, w, c = x.shape
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        return self.reduction(self.norm(x))
+        x = self.reduction(masked_layer_norm(x, self.norm, None if in_gate is None else in_gate.repeat(4)))
+        return x if out_gate is None else x * out_gate
 
 
 class SwinStageModule(nn.Module):
@@ -162,13 +177,15 @@ class SwinStageModule(nn.Module):
                            if index else None)
         self.blocks = nn.ModuleList(
             SwinBlock(embed_dim=stage.embed_dim, spec=b, resolution=spec.resolution(index), window=spec.window(index),
-                      shift=spec.shift(index, j), eps=eps) for j, b in enumerate(stage.blocks))
+                      shift=spec.shift(index, j), scale=spec.block_scale(b), eps=eps)
+            for j, b in enumerate(stage.blocks))
+        self.emb_gate: nn.Parameter | None = None  # the stage's embedding channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_gate: torch.Tensor | None = None) -> torch.Tensor:
         if self.downsample is not None:
-            x = self.downsample(x)
+            x = self.downsample(x, in_gate, self.emb_gate)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, self.emb_gate)
         return x
 
 
@@ -198,11 +215,58 @@ class SwinTransformer(nn.Module):
             elif isinstance(m, WindowAttention):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+    # ---- gates ---------------------------------------------------------------------------------
+    def enable_gates(self) -> None:
+        """All-ones gates for every prunable group: each stage's embedding channels, and per block its heads,
+        QK and V channels, MLP neurons and the two sub-layer branches (parameters, so they get gradients)."""
+        p = next(self.parameters())
+        ones = lambda n: nn.Parameter(torch.ones(n, device=p.device, dtype=p.dtype))  # noqa: E731
+        for layer, stage in zip(self.layers, self.spec.stages, strict=True):
+            layer.emb_gate = ones(stage.embed_dim)
+            for block in layer.blocks:
+                if block.attn is not None:
+                    a = block.attn
+                    a.head_gate, a.qk_gate, a.v_gate = ones(a.heads), ones(a.qk_dim), ones(a.v_dim)
+                    block.attn_gate = ones(1)
+                if block.mlp is not None:
+                    block.mlp.gate = ones(block.mlp.fc1.out_features)
+                    block.mlp_gate = ones(1)
+
+    def disable_gates(self) -> None:
         for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+            layer.emb_gate = None
+            for block in layer.blocks:
+                if block.attn is not None:
+                    block.attn.head_gate = block.attn.qk_gate = block.attn.v_gate = None
+                if block.mlp is not None:
+                    block.mlp.gate = None
+                block.attn_gate = block.mlp_gate = None
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gates in order: per stage its embedding gate, then per block ``head``, ``qk``, ``v``, ``mlp``, the
+        attention branch and the MLP branch gate (those that exist)."""
+        gates: list[nn.Parameter | None] = []
+        for layer in self.layers:
+            gates.append(layer.emb_gate)
+            for block in layer.blocks:
+                a, m = block.attn, block.mlp
+                gates += [a.head_gate, a.qk_gate, a.v_gate] if a is not None else []
+                gates += [m.gate] if m is not None else []
+                gates += [block.attn_gate, block.mlp_gate]
+        return [g for g in gates if g is not None]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        gate_ids = {id(g) for g in self.gate_parameters()}
+        return [p for p in self.parameters() if id(p) not in gate_ids]
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x, self.layers[0].emb_gate)
+        gate = None
+        for layer in self.layers:
+            x = layer(x, gate)
+            gate = layer.emb_gate
+        return masked_layer_norm(x, self.norm, gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x).mean(dim=(1, 2)))  # global average pool, then the head

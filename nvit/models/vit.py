@@ -43,6 +43,13 @@ def masked_layer_norm(
     return centred * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias * emb_gate
 
 
+def gated_branch(out: torch.Tensor, branch_gate: torch.Tensor | None, emb_gate: torch.Tensor | None) -> torch.Tensor:
+    """A residual branch's output times its branch gate and the live embedding channels (dead ones stay 0)."""
+    if branch_gate is not None:
+        out = out * branch_gate
+    return out if emb_gate is None else out * emb_gate
+
+
 class Attention(nn.Module):
     def __init__(self, *, embed_dim: int, heads: int, qk_dim: int, v_dim: int, scale: float) -> None:
         super().__init__()
@@ -106,17 +113,11 @@ class Block(nn.Module):
         self.attn_gate: nn.Parameter | None = None
         self.mlp_gate: nn.Parameter | None = None
 
-    @staticmethod
-    def _branch(out: torch.Tensor, branch_gate: torch.Tensor | None, emb_gate: torch.Tensor | None) -> torch.Tensor:
-        if branch_gate is not None:
-            out = out * branch_gate
-        return out if emb_gate is None else out * emb_gate
-
     def forward(self, x: torch.Tensor, emb_gate: torch.Tensor | None = None) -> torch.Tensor:
         if self.attn is not None:
-            x = x + self._branch(self.attn(masked_layer_norm(x, self.norm1, emb_gate)), self.attn_gate, emb_gate)
+            x = x + gated_branch(self.attn(masked_layer_norm(x, self.norm1, emb_gate)), self.attn_gate, emb_gate)
         if self.mlp is not None:
-            x = x + self._branch(self.mlp(masked_layer_norm(x, self.norm2, emb_gate)), self.mlp_gate, emb_gate)
+            x = x + gated_branch(self.mlp(masked_layer_norm(x, self.norm2, emb_gate)), self.mlp_gate, emb_gate)
         return x
 
 

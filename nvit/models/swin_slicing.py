@@ -1,0 +1,179 @@
+"""Physically remove a Swin's pruned units: the smaller dense Swin that keeps the given indices.
+
+The oracle, as for the ViT (:mod:`nvit.models.slicing`), is the gated model: a
+:class:`~nvit.models.swin.SwinTransformer` whose removed units have a gate of zero computes exactly what the
+sliced model computes. A stage's embedding channels are one group shared by the stage's blocks, the patch
+merging that feeds the stage (its output rows) and the one that leaves it (its input: the same channels in each
+of the four 2×2 positions), and the patch embedding (first stage) or the final norm and head (last stage).
+A removed head takes its column of the relative-position bias table with it. Blocks stay in place even when
+they keep nothing but one sub-layer: which blocks shift their windows depends on their position in the stage,
+so a block that keeps neither sub-layer is refused rather than dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nvit.arch import BlockSpec
+from nvit.errors import SpecError
+from nvit.models.slicing import BlockKeep, as_index, qkv_rows
+from nvit.models.swin import SwinTransformer
+from nvit.swin import SwinSpec, SwinStage
+
+
+@dataclass(frozen=True)
+class StageKeep:
+    """Kept embedding channels of one stage and the kept units of each of its blocks."""
+
+    emb: tuple[int, ...]
+    blocks: tuple[BlockKeep, ...]
+
+
+@dataclass(frozen=True)
+class SwinKeep:
+    stages: tuple[StageKeep, ...]
+
+    @classmethod
+    def full(cls, spec: SwinSpec) -> SwinKeep:
+        return cls(tuple(StageKeep(tuple(range(s.embed_dim)), tuple(
+            BlockKeep(tuple(range(b.heads)), tuple(range(b.qk_dim)), tuple(range(b.v_dim)), tuple(range(b.mlp_dim)))
+            for b in s.blocks)) for s in spec.stages))
+
+    def validated(self, spec: SwinSpec) -> SwinKeep:
+        if len(self.stages) != spec.num_stages:
+            raise SpecError(f"keep indices describe {len(self.stages)} stages, the model has {spec.num_stages}")
+        stages = []
+        for s, (keep, stage) in enumerate(zip(self.stages, spec.stages, strict=True)):
+            if len(keep.blocks) != stage.depth:
+                raise SpecError(f"stage {s}: keep indices describe {len(keep.blocks)} blocks, it has {stage.depth}")
+            blocks = []
+            for j, (k, b) in enumerate(zip(keep.blocks, stage.blocks, strict=True)):
+                where = f"stage {s} block {j}"
+                heads = as_index(k.heads, b.heads, f"{where} heads", may_be_empty=True)
+                attn = bool(heads)
+                k = BlockKeep(heads,
+                              as_index(k.qk, b.qk_dim, f"{where} qk channels") if attn else (),
+                              as_index(k.v, b.v_dim, f"{where} v channels") if attn else (),
+                              as_index(k.mlp, b.mlp_dim, f"{where} mlp neurons", may_be_empty=True))
+                if not k.kept:
+                    raise SpecError(f"{where} would keep neither sub-layer; a Swin block cannot be dropped (the "
+                                    "shifts of the blocks after it depend on its place)")
+                blocks.append(k)
+            stages.append(StageKeep(as_index(keep.emb, stage.embed_dim, f"stage {s} embedding channels"),
+                                    tuple(blocks)))
+        return SwinKeep(tuple(stages))
+
+    def sliced_spec(self, spec: SwinSpec) -> SwinSpec:
+        scales = {spec.block_scale(b) for st in spec.stages for b in st.blocks if b.has_attn}
+        qk_scale = spec.qk_scale
+        sliced_qk = any(k.has_attn and len(k.qk) != b.qk_dim for ks, st in zip(self.stages, spec.stages, strict=True)
+                        for k, b in zip(ks.blocks, st.blocks, strict=True))
+        if qk_scale is None and sliced_qk:
+            if len(scales) != 1:
+                raise SpecError("cannot slice QK channels of a Swin with per-block default scales; set qk_scale")
+            qk_scale = scales.pop()
+        stages = tuple(SwinStage(len(ks.emb), tuple(BlockSpec(len(k.heads), len(k.qk), len(k.v), len(k.mlp))
+                                                    for k in ks.blocks)) for ks in self.stages)
+        return SwinSpec(stages=stages, img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
+                        num_classes=spec.num_classes, window_size=spec.window_size,
+                        layer_norm_eps=spec.layer_norm_eps, name=spec.name, qk_scale=qk_scale)
+
+
+def keep_from_swin_gates(model: SwinTransformer) -> SwinKeep:
+    """Kept indices = units whose gate is non-zero (every unit where gates are disabled); a sub-layer whose
+    branch gate is zero keeps nothing."""
+    def nz(gate: torch.Tensor | None, size: int) -> tuple[int, ...]:
+        if gate is None:
+            return tuple(range(size))
+        return tuple(int(i) for i in torch.nonzero(gate.detach() != 0).flatten())
+
+    def off(branch_gate: torch.Tensor | None) -> bool:
+        return branch_gate is not None and bool((branch_gate.detach() == 0).all())
+
+    stages = []
+    for layer, stage in zip(model.layers, model.spec.stages, strict=True):
+        blocks = []
+        for blk, b in zip(layer.blocks, stage.blocks, strict=True):
+            if blk.attn is None or off(blk.attn_gate):
+                attn: tuple[tuple[int, ...], ...] = ((), (), ())
+            else:
+                attn = (nz(blk.attn.head_gate, b.heads), nz(blk.attn.qk_gate, b.qk_dim), nz(blk.attn.v_gate, b.v_dim))
+            mlp = () if blk.mlp is None or off(blk.mlp_gate) else nz(blk.mlp.gate, b.mlp_dim)
+            blocks.append(BlockKeep(*attn, mlp))
+        stages.append(StageKeep(nz(layer.emb_gate, stage.embed_dim), tuple(blocks)))
+    return SwinKeep(tuple(stages))
+
+
+def apply_swin_keep(model: SwinTransformer, keep: SwinKeep) -> None:
+    """Enable gates (if needed) and set them to 1 on kept units, 0 elsewhere."""
+    keep = keep.validated(model.spec)
+    if model.layers[0].emb_gate is None:
+        model.enable_gates()
+
+    def set_gate(gate: torch.Tensor, kept: tuple[int, ...]) -> None:
+        with torch.no_grad():
+            gate.zero_()
+            gate[list(kept)] = 1.0
+
+    for layer, ks in zip(model.layers, keep.stages, strict=True):
+        set_gate(layer.emb_gate, ks.emb)
+        for blk, k in zip(layer.blocks, ks.blocks, strict=True):
+            if blk.attn is not None:
+                set_gate(blk.attn.head_gate, k.heads)
+                set_gate(blk.attn.qk_gate, k.qk)
+                set_gate(blk.attn.v_gate, k.v)
+                set_gate(blk.attn_gate, (0,) if k.heads else ())
+            if blk.mlp is not None:
+                set_gate(blk.mlp.gate, k.mlp)
+                set_gate(blk.mlp_gate, (0,) if k.mlp else ())
+
+
+def slice_swin(model: SwinTransformer, keep: SwinKeep | None = None) -> SwinTransformer:
+    """A new dense Swin holding only the kept units (from the gates when ``keep`` is ``None``)."""
+    spec = model.spec
+    keep = (keep or keep_from_swin_gates(model)).validated(spec)
+    new = SwinTransformer(keep.sliced_spec(spec)).to(dtype=next(model.parameters()).dtype)
+    src = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+
+    def take(name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+        t = src[name].detach()
+        if rows is not None:
+            t = t.index_select(0, rows)
+        if cols is not None:
+            t = t.index_select(1, cols)
+        out[name] = t
+
+    embs = [torch.tensor(ks.emb) for ks in keep.stages]
+    for name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight",
+                 "patch_embed.norm.bias"):
+        take(name, rows=embs[0])
+    for s, (ks, stage) in enumerate(zip(keep.stages, spec.stages, strict=True)):
+        e = embs[s]
+        if s:
+            e_in, width_in = embs[s - 1], spec.stages[s - 1].embed_dim
+            merged = torch.cat([e_in + g * width_in for g in range(4)])  # the same channels at each 2×2 position
+            take(f"layers.{s}.downsample.norm.weight", rows=merged)
+            take(f"layers.{s}.downsample.norm.bias", rows=merged)
+            take(f"layers.{s}.downsample.reduction.weight", rows=e, cols=merged)
+        for j, (k, b) in enumerate(zip(ks.blocks, stage.blocks, strict=True)):
+            p = f"layers.{s}.blocks.{j}."
+            layers: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+            if k.has_attn:
+                v_cols = (torch.tensor(k.heads)[:, None] * b.v_dim + torch.tensor(k.v)[None, :]).flatten()
+                layers += [("norm1", e, None), ("attn.qkv", qkv_rows(k, b), e), ("attn.proj", e, v_cols)]
+                take(p + "attn.relative_position_bias_table", cols=torch.tensor(k.heads))
+            if k.mlp:
+                mlp = torch.tensor(k.mlp)
+                layers += [("norm2", e, None), ("mlp.fc1", mlp, e), ("mlp.fc2", e, mlp)]
+            for layer, rows, cols in layers:
+                take(p + layer + ".weight", rows=rows, cols=cols)
+                take(p + layer + ".bias", rows=rows)
+    take("norm.weight", rows=embs[-1])
+    take("norm.bias", rows=embs[-1])
+    take("head.weight", cols=embs[-1])
+    take("head.bias")
+    new.load_state_dict(out, strict=True)
+    return new.train(model.training)
