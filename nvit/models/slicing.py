@@ -96,27 +96,54 @@ class KeepIndices:
         return spec.with_blocks(blocks, embed_dim=len(self.emb), qk_scale=qk_scale)
 
 
+def kept_units(gate: torch.Tensor | None, size: int) -> tuple[int, ...]:
+    """The units whose gate is non-zero (all ``size`` where gates are disabled)."""
+    if gate is None:
+        return tuple(range(size))
+    return tuple(int(i) for i in torch.nonzero(gate.detach() != 0).flatten())
+
+
+def _branch_off(branch_gate: torch.Tensor | None) -> bool:
+    return branch_gate is not None and bool((branch_gate.detach() == 0).all())
+
+
+def block_keep_from_gates(block: torch.nn.Module, spec: BlockSpec) -> BlockKeep:
+    """A block's kept units from its gates; a sub-layer whose branch gate is zero keeps nothing."""
+    if block.attn is None or _branch_off(block.attn_gate):
+        attn: tuple[tuple[int, ...], ...] = ((), (), ())
+    else:
+        a = block.attn
+        attn = (kept_units(a.head_gate, spec.heads), kept_units(a.qk_gate, spec.qk_dim),
+                kept_units(a.v_gate, spec.v_dim))
+    mlp = () if block.mlp is None or _branch_off(block.mlp_gate) else kept_units(block.mlp.gate, spec.mlp_dim)
+    return BlockKeep(*attn, mlp)
+
+
+def set_gate(gate: torch.Tensor, kept: tuple[int, ...]) -> None:
+    """1 on the kept units, 0 elsewhere."""
+    with torch.no_grad():
+        gate.zero_()
+        gate[list(kept)] = 1.0
+
+
+def apply_block_keep(block: torch.nn.Module, keep: BlockKeep) -> None:
+    """A block's gates set to ``keep`` (a removed sub-layer's branch gate and all its unit gates 0)."""
+    if block.attn is not None:
+        set_gate(block.attn.head_gate, keep.heads)
+        set_gate(block.attn.qk_gate, keep.qk)
+        set_gate(block.attn.v_gate, keep.v)
+        set_gate(block.attn_gate, (0,) if keep.heads else ())
+    if block.mlp is not None:
+        set_gate(block.mlp.gate, keep.mlp)
+        set_gate(block.mlp_gate, (0,) if keep.mlp else ())
+
+
 def keep_from_gates(model: VisionTransformer) -> KeepIndices:
     """Kept indices = units whose gate is non-zero (all units where gates are disabled); a sub-layer whose
     branch gate is zero keeps nothing."""
-    def nz(gate: torch.Tensor | None, size: int) -> tuple[int, ...]:
-        if gate is None:
-            return tuple(range(size))
-        return tuple(int(i) for i in torch.nonzero(gate.detach() != 0).flatten())
-
-    def off(branch_gate: torch.Tensor | None) -> bool:
-        return branch_gate is not None and bool((branch_gate.detach() == 0).all())
-
     spec = model.spec
-    blocks = []
-    for blk, b in zip(model.blocks, spec.blocks, strict=True):
-        if blk.attn is None or off(blk.attn_gate):
-            attn: tuple[tuple[int, ...], ...] = ((), (), ())
-        else:
-            attn = (nz(blk.attn.head_gate, b.heads), nz(blk.attn.qk_gate, b.qk_dim), nz(blk.attn.v_gate, b.v_dim))
-        mlp = () if blk.mlp is None or off(blk.mlp_gate) else nz(blk.mlp.gate, b.mlp_dim)
-        blocks.append(BlockKeep(*attn, mlp))
-    return KeepIndices(emb=nz(model.emb_gate, spec.embed_dim), blocks=tuple(blocks))
+    blocks = tuple(block_keep_from_gates(blk, b) for blk, b in zip(model.blocks, spec.blocks, strict=True))
+    return KeepIndices(emb=kept_units(model.emb_gate, spec.embed_dim), blocks=blocks)
 
 
 def apply_keep_as_gates(model: VisionTransformer, keep: KeepIndices) -> None:
@@ -125,22 +152,9 @@ def apply_keep_as_gates(model: VisionTransformer, keep: KeepIndices) -> None:
     keep = keep.validated(model.spec)
     if model.emb_gate is None:
         model.enable_gates()
-
-    def set_gate(gate: torch.Tensor, kept: tuple[int, ...]) -> None:
-        with torch.no_grad():
-            gate.zero_()
-            gate[list(kept)] = 1.0
-
     set_gate(model.emb_gate, keep.emb)
     for blk, k in zip(model.blocks, keep.blocks, strict=True):
-        if blk.attn is not None:
-            set_gate(blk.attn.head_gate, k.heads)
-            set_gate(blk.attn.qk_gate, k.qk)
-            set_gate(blk.attn.v_gate, k.v)
-            set_gate(blk.attn_gate, (0,) if k.heads else ())
-        if blk.mlp is not None:
-            set_gate(blk.mlp.gate, k.mlp)
-            set_gate(blk.mlp_gate, (0,) if k.mlp else ())
+        apply_block_keep(blk, k)
 
 
 def qkv_rows(k: BlockKeep, b: BlockSpec) -> torch.Tensor:

@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from nvit.arch import BlockSpec
-from nvit.models.vit import gated_branch, masked_layer_norm
+from nvit.models.vit import (
+    GatedModel,
+    HeadAttention,
+    Mlp,
+    block_gates,
+    disable_block_gates,
+    enable_block_gates,
+    gated_branch,
+    masked_layer_norm,
+)
 from nvit.swin import SwinSpec
 
 #: What the shift mask adds between tokens of different image regions (softmax weight ~e⁻¹⁰⁰, as the paper).
@@ -68,18 +77,14 @@ class PatchEmbed(nn.Module):
         return masked_layer_norm(self.proj(x).permute(0, 2, 3, 1), self.norm, emb_gate)  # (B, H, W, C)
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(HeadAttention):
+    """Tokens attend within their window, with a relative-position bias per head (and the shift's mask)."""
+
     def __init__(self, *, embed_dim: int, heads: int, qk_dim: int, v_dim: int, window: int, scale: float) -> None:
-        super().__init__()
-        self.heads, self.qk_dim, self.v_dim, self.window, self.scale = heads, qk_dim, v_dim, window, scale
-        self.split_sizes = (heads * qk_dim, heads * qk_dim, heads * v_dim)
-        self.qkv = nn.Linear(embed_dim, sum(self.split_sizes))
-        self.proj = nn.Linear(heads * v_dim, embed_dim)
+        super().__init__(embed_dim=embed_dim, heads=heads, qk_dim=qk_dim, v_dim=v_dim, scale=scale)
+        self.window = window
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self.head_gate: nn.Parameter | None = None
-        self.qk_gate: nn.Parameter | None = None
-        self.v_gate: nn.Parameter | None = None
 
     def position_bias(self) -> torch.Tensor:
         """``(heads, W², W²)``."""
@@ -89,35 +94,12 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         bw, n, _ = x.shape  # (batch·windows, W², C)
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
-        q = q.reshape(bw, n, self.heads, self.qk_dim).transpose(1, 2)
-        k = k.reshape(bw, n, self.heads, self.qk_dim).transpose(1, 2)
-        v = v.reshape(bw, n, self.heads, self.v_dim).transpose(1, 2)
-        if self.qk_gate is not None:
-            q = q * self.qk_gate
-        if self.v_gate is not None:
-            v = v * self.v_gate
+        q, k, v = self.heads_of(x)
         scores = (q * self.scale) @ k.transpose(-2, -1) + self.position_bias()  # (bw, heads, n, n)
         if mask is not None:
             windows = mask.shape[0]
             scores = (scores.view(-1, windows, self.heads, n, n) + mask[None, :, None]).view(bw, self.heads, n, n)
-        out = scores.softmax(dim=-1) @ v  # (bw, heads, n, v_dim)
-        if self.head_gate is not None:
-            out = out * self.head_gate.view(1, -1, 1, 1)
-        return self.proj(out.transpose(1, 2).reshape(bw, n, self.heads * self.v_dim))
-
-
-class Mlp(nn.Module):
-    def __init__(self, *, embed_dim: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dim, mlp_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(mlp_dim, embed_dim)
-        self.gate: nn.Parameter | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.act(self.fc1(x))
-        return self.fc2(hidden if self.gate is None else hidden * self.gate)
+        return self.merge(scores.softmax(dim=-1) @ v)
 
 
 class SwinBlock(nn.Module):
@@ -189,7 +171,7 @@ class SwinStageModule(nn.Module):
         return x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(GatedModel):
     """Swin with per-block widths. ``forward`` returns logits."""
 
     def __init__(self, spec: SwinSpec) -> None:
@@ -224,40 +206,23 @@ class SwinTransformer(nn.Module):
         for layer, stage in zip(self.layers, self.spec.stages, strict=True):
             layer.emb_gate = ones(stage.embed_dim)
             for block in layer.blocks:
-                if block.attn is not None:
-                    a = block.attn
-                    a.head_gate, a.qk_gate, a.v_gate = ones(a.heads), ones(a.qk_dim), ones(a.v_dim)
-                    block.attn_gate = ones(1)
-                if block.mlp is not None:
-                    block.mlp.gate = ones(block.mlp.fc1.out_features)
-                    block.mlp_gate = ones(1)
+                enable_block_gates(block, ones)
 
     def disable_gates(self) -> None:
         for layer in self.layers:
             layer.emb_gate = None
             for block in layer.blocks:
-                if block.attn is not None:
-                    block.attn.head_gate = block.attn.qk_gate = block.attn.v_gate = None
-                if block.mlp is not None:
-                    block.mlp.gate = None
-                block.attn_gate = block.mlp_gate = None
+                disable_block_gates(block)
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """The gates in order: per stage its embedding gate, then per block ``head``, ``qk``, ``v``, ``mlp``, the
-        attention branch and the MLP branch gate (those that exist)."""
+        """The gates in order: per stage its embedding gate, then each block's
+        (:func:`~nvit.models.vit.block_gates`)."""
         gates: list[nn.Parameter | None] = []
         for layer in self.layers:
             gates.append(layer.emb_gate)
             for block in layer.blocks:
-                a, m = block.attn, block.mlp
-                gates += [a.head_gate, a.qk_gate, a.v_gate] if a is not None else []
-                gates += [m.gate] if m is not None else []
-                gates += [block.attn_gate, block.mlp_gate]
+                gates += block_gates(block)
         return [g for g in gates if g is not None]
-
-    def weight_parameters(self) -> list[nn.Parameter]:
-        gate_ids = {id(g) for g in self.gate_parameters()}
-        return [p for p in self.parameters() if id(p) not in gate_ids]
 
     # ---- forward -------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

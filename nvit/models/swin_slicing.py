@@ -18,7 +18,15 @@ import torch
 
 from nvit.arch import BlockSpec
 from nvit.errors import SpecError
-from nvit.models.slicing import BlockKeep, as_index, qkv_rows
+from nvit.models.slicing import (
+    BlockKeep,
+    apply_block_keep,
+    as_index,
+    block_keep_from_gates,
+    kept_units,
+    qkv_rows,
+    set_gate,
+)
 from nvit.models.swin import SwinTransformer
 from nvit.swin import SwinSpec, SwinStage
 
@@ -84,26 +92,10 @@ class SwinKeep:
 def keep_from_swin_gates(model: SwinTransformer) -> SwinKeep:
     """Kept indices = units whose gate is non-zero (every unit where gates are disabled); a sub-layer whose
     branch gate is zero keeps nothing."""
-    def nz(gate: torch.Tensor | None, size: int) -> tuple[int, ...]:
-        if gate is None:
-            return tuple(range(size))
-        return tuple(int(i) for i in torch.nonzero(gate.detach() != 0).flatten())
-
-    def off(branch_gate: torch.Tensor | None) -> bool:
-        return branch_gate is not None and bool((branch_gate.detach() == 0).all())
-
-    stages = []
-    for layer, stage in zip(model.layers, model.spec.stages, strict=True):
-        blocks = []
-        for blk, b in zip(layer.blocks, stage.blocks, strict=True):
-            if blk.attn is None or off(blk.attn_gate):
-                attn: tuple[tuple[int, ...], ...] = ((), (), ())
-            else:
-                attn = (nz(blk.attn.head_gate, b.heads), nz(blk.attn.qk_gate, b.qk_dim), nz(blk.attn.v_gate, b.v_dim))
-            mlp = () if blk.mlp is None or off(blk.mlp_gate) else nz(blk.mlp.gate, b.mlp_dim)
-            blocks.append(BlockKeep(*attn, mlp))
-        stages.append(StageKeep(nz(layer.emb_gate, stage.embed_dim), tuple(blocks)))
-    return SwinKeep(tuple(stages))
+    return SwinKeep(tuple(
+        StageKeep(kept_units(layer.emb_gate, stage.embed_dim),
+                  tuple(block_keep_from_gates(blk, b) for blk, b in zip(layer.blocks, stage.blocks, strict=True)))
+        for layer, stage in zip(model.layers, model.spec.stages, strict=True)))
 
 
 def apply_swin_keep(model: SwinTransformer, keep: SwinKeep) -> None:
@@ -111,23 +103,10 @@ def apply_swin_keep(model: SwinTransformer, keep: SwinKeep) -> None:
     keep = keep.validated(model.spec)
     if model.layers[0].emb_gate is None:
         model.enable_gates()
-
-    def set_gate(gate: torch.Tensor, kept: tuple[int, ...]) -> None:
-        with torch.no_grad():
-            gate.zero_()
-            gate[list(kept)] = 1.0
-
     for layer, ks in zip(model.layers, keep.stages, strict=True):
         set_gate(layer.emb_gate, ks.emb)
         for blk, k in zip(layer.blocks, ks.blocks, strict=True):
-            if blk.attn is not None:
-                set_gate(blk.attn.head_gate, k.heads)
-                set_gate(blk.attn.qk_gate, k.qk)
-                set_gate(blk.attn.v_gate, k.v)
-                set_gate(blk.attn_gate, (0,) if k.heads else ())
-            if blk.mlp is not None:
-                set_gate(blk.mlp.gate, k.mlp)
-                set_gate(blk.mlp_gate, (0,) if k.mlp else ())
+            apply_block_keep(blk, k)
 
 
 def slice_swin(model: SwinTransformer, keep: SwinKeep | None = None) -> SwinTransformer:

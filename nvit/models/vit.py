@@ -13,6 +13,8 @@ only), which is what lets :func:`nvit.models.slicing.slice_model` be checked aga
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,7 +52,10 @@ def gated_branch(out: torch.Tensor, branch_gate: torch.Tensor | None, emb_gate: 
     return out if emb_gate is None else out * emb_gate
 
 
-class Attention(nn.Module):
+class HeadAttention(nn.Module):
+    """What every attention here shares: a fused ``qkv`` with per-part widths, the output projection, and the
+    head, QK-channel and V-channel gates; subclasses say which tokens attend to which."""
+
     def __init__(self, *, embed_dim: int, heads: int, qk_dim: int, v_dim: int, scale: float) -> None:
         super().__init__()
         self.heads, self.qk_dim, self.v_dim, self.scale = heads, qk_dim, v_dim, scale
@@ -61,7 +66,8 @@ class Attention(nn.Module):
         self.qk_gate: nn.Parameter | None = None
         self.v_gate: nn.Parameter | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(b, n, C)`` → gated Q, K, V as ``(b, heads, n, width)``."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
         q = q.reshape(b, n, self.heads, self.qk_dim).transpose(1, 2)
@@ -71,10 +77,22 @@ class Attention(nn.Module):
             q = q * self.qk_gate
         if self.v_gate is not None:
             v = v * self.v_gate
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (b, heads, n, v_dim)
+        return q, k, v
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """``(b, heads, n, v_dim)`` → gated heads, concatenated and projected: ``(b, n, C)``."""
+        b, _, n, _ = out.shape
         if self.head_gate is not None:
             out = out * self.head_gate.view(1, -1, 1, 1)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))
+
+
+class Attention(HeadAttention):
+    """Every token attends to every token."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads_of(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, scale=self.scale))
 
 
 class Mlp(nn.Module):
@@ -121,7 +139,48 @@ class Block(nn.Module):
         return x
 
 
-class VisionTransformer(nn.Module):
+def enable_block_gates(block: nn.Module, ones: Any) -> None:
+    """All-ones unit gates (heads, QK, V, MLP neurons) and branch gates for a block's present sub-layers."""
+    if block.attn is not None:
+        a = block.attn
+        a.head_gate, a.qk_gate, a.v_gate = ones(a.heads), ones(a.qk_dim), ones(a.v_dim)
+        block.attn_gate = ones(1)
+    if block.mlp is not None:
+        block.mlp.gate = ones(block.mlp.fc1.out_features)
+        block.mlp_gate = ones(1)
+
+
+def disable_block_gates(block: nn.Module) -> None:
+    if block.attn is not None:
+        block.attn.head_gate = block.attn.qk_gate = block.attn.v_gate = None
+    if block.mlp is not None:
+        block.mlp.gate = None
+    block.attn_gate = block.mlp_gate = None
+
+
+def block_gates(block: nn.Module) -> list[nn.Parameter | None]:
+    """A block's gates in layout order: ``head``, ``qk``, ``v`` (with attention), ``mlp`` (with an MLP), then
+    the attention and the MLP branch gate."""
+    a, m = block.attn, block.mlp
+    gates = [a.head_gate, a.qk_gate, a.v_gate] if a is not None else []
+    gates += [m.gate] if m is not None else []
+    gates += [block.attn_gate] if a is not None else []
+    gates += [block.mlp_gate] if m is not None else []
+    return gates
+
+
+class GatedModel(nn.Module):
+    """A model with pruning gates: ``gate_parameters`` lists them (subclasses), the rest are its weights."""
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        gate_ids = {id(g) for g in self.gate_parameters()}
+        return [p for p in self.parameters() if id(p) not in gate_ids]
+
+
+class VisionTransformer(GatedModel):
     """ViT/DeiT with per-block widths. ``forward`` returns logits (averaged heads when distilled, in eval)."""
 
     def __init__(self, spec: ArchSpec) -> None:
@@ -164,38 +223,20 @@ class VisionTransformer(nn.Module):
         ones = lambda n: nn.Parameter(torch.ones(n, device=p.device, dtype=p.dtype))  # noqa: E731
         self.emb_gate = ones(self.spec.embed_dim)
         for block in self.blocks:
-            if block.attn is not None:
-                a = block.attn
-                a.head_gate, a.qk_gate, a.v_gate = ones(a.heads), ones(a.qk_dim), ones(a.v_dim)
-                block.attn_gate = ones(1)
-            if block.mlp is not None:
-                block.mlp.gate = ones(block.mlp.fc1.out_features)
-                block.mlp_gate = ones(1)
+            enable_block_gates(block, ones)
 
     def disable_gates(self) -> None:
         self.emb_gate = None
         for block in self.blocks:
-            if block.attn is not None:
-                block.attn.head_gate = block.attn.qk_gate = block.attn.v_gate = None
-            if block.mlp is not None:
-                block.mlp.gate = None
-            block.attn_gate = block.mlp_gate = None
+            disable_block_gates(block)
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gates in the pruning layout's order: ``emb``, then per block ``head``, ``qk``, ``v`` (with
         attention), ``mlp`` (with an MLP), the attention branch and the MLP branch gate."""
         gates = [self.emb_gate]
         for block in self.blocks:
-            a, m = block.attn, block.mlp
-            gates += [a.head_gate, a.qk_gate, a.v_gate] if a is not None else []
-            gates += [m.gate] if m is not None else []
-            gates += [block.attn_gate] if a is not None else []
-            gates += [block.mlp_gate] if m is not None else []
+            gates += block_gates(block)
         return [g for g in gates if g is not None]
-
-    def weight_parameters(self) -> list[nn.Parameter]:
-        gate_ids = {id(g) for g in self.gate_parameters()}
-        return [p for p in self.parameters() if id(p) not in gate_ids]
 
     # ---- forward -------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
