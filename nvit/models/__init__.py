@@ -1,4 +1,5 @@
-"""ViT models built from an ArchSpec, checkpoint loading, and slicing to a smaller dense model."""
+"""Models built from their specs (the ViT with gates, the Swin), checkpoint loading by state-dict keys, and
+slicing to a smaller dense model."""
 
 from nvit.models.checkpoint import (
     infer_arch,

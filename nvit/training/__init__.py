@@ -1,2 +1,3 @@
-"""Training a ViT: fitting with checkpoints and resume, distillation, data-parallel set-up and step batches
-(used by ``nvit train``, ``nvit finetune``, the pruning loop's recovery training, the demo and benchmarks)."""
+"""Training a model (ViT or Swin): fitting with checkpoints and resume, distillation, data-parallel set-up and
+step batches (used by ``nvit train``, ``nvit finetune``, the pruning loop's recovery training, the demo and
+benchmarks)."""
