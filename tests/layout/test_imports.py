@@ -140,3 +140,16 @@ def test_tests_are_grouped_like_the_package():
     folders = {p.parent.relative_to(tests).as_posix() for p in tests.rglob("test_*.py")}
     assert folders <= rooms | {"models", "commands", "benchmarks", "layout"}, folders - rooms
     assert {"lut", "profiler", "pruning", "training", "service", "redesign", "validation", "export"} <= folders
+
+
+def test_the_readme_layout_names_every_room():
+    """README's "How the code is laid out" names every module and package at nvit's top level, and no other."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    first_column = "\n".join(line.split("|")[1] for line in section.splitlines() if line.startswith("| `"))
+    named = {m.rstrip("/") for m in re.findall(r"`([a-z_]+(?:\.py|/))`", first_column)}
+    rooms = {p.name for p in PACKAGE.iterdir()
+             if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and not p.name.startswith("__"))}
+    assert named == rooms
