@@ -260,3 +260,14 @@ def resolve_any_arch(name_or_path: str) -> ArchSpec | SwinSpec:
     if name_or_path.endswith(".json") or os.path.sep in name_or_path or Path(name_or_path).exists():
         return load_any_arch_file(name_or_path)[0]
     return resolve_arch(name_or_path)
+
+
+#: What a Swin can go through today, for the commands that refuse it.
+SWIN_SUPPORT = ("nvit arch, train, finetune and export handle Swin; its pruning, latency tables and compare are "
+                "not built yet")
+
+
+def require_vit(spec: Any, command: str) -> None:
+    """Refuse a Swin in a command that handles ViTs only, in one line."""
+    if isinstance(spec, SwinSpec):
+        raise SpecError(f"{command} does not handle a Swin yet ({spec.name or 'a Swin'}): {SWIN_SUPPORT}")

@@ -15,9 +15,11 @@ from nvit.commands.options import STRICT_MEASUREMENTS
 def variant_from_source(source: str, name: str | None = None) -> Any:
     """A :class:`~nvit.validation.compare.Variant` from a variant folder, checkpoint or preset name."""
     from nvit.models import load_model, variant_provenance
+    from nvit.swin import require_vit
     from nvit.validation.compare import Variant
 
     model = load_model(source)
+    require_vit(model.spec, "nvit compare")
     prov = variant_provenance(source)
     target = prov.get("target") if isinstance(prov.get("target"), dict) else {}
     top1 = prov.get("top1")

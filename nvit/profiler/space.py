@@ -355,17 +355,21 @@ def arch_for_space(source: str) -> ArchSpec:
     """The architecture a space is derived for: a preset name, an ``arch.json`` (or bare spec) file, a
     variant folder (its ``arch.json``) or a checkpoint file (``.pth``/``.pt``/``.bin``/``.safetensors``,
     the architecture inferred from its tensors)."""
-    from nvit.arch import load_arch_file
+    from nvit.swin import load_any_arch_file, require_vit, swin_preset, swin_preset_names
 
     if source in preset_names():
         return preset(source)
+    if source in swin_preset_names():
+        require_vit(swin_preset(source), "a latency table")
     path = Path(source)
     if path.is_dir():
         if not (path / "arch.json").is_file():
             raise SpecError(f"{path} is a folder without arch.json (not an nvit variant)")
-        return load_arch_file(path / "arch.json")[0]
+        path = path / "arch.json"
     if path.suffix == ".json":
-        return load_arch_file(path)[0]
+        spec = load_any_arch_file(path)[0]
+        require_vit(spec, "a latency table")
+        return spec
     if path.is_file():
         from nvit.models.checkpoint import infer_arch, read_state_dict
 

@@ -38,6 +38,7 @@ def load_base(
 ) -> LoadedBase:
     """The model to prune: a timm/DeiT/nvit checkpoint file (``arch`` or inferred) or a variant folder."""
     from nvit.models import load_checkpoint, load_variant
+    from nvit.swin import require_vit
 
     if (checkpoint is None) == (variant is None):
         raise RecipeError("give exactly one of --checkpoint (a .pth/.safetensors file) or --variant (a folder)")
@@ -53,6 +54,7 @@ def load_base(
         spec = resolve_arch(arch) if arch is not None else None
         model = load_checkpoint(path, spec)
         prov = {"source": "checkpoint", "path": str(path), "sha256": file_sha256(path)}
+    require_vit(model.spec, "nvit prune")
     prov |= {"arch_name": model.spec.name, "params": model.spec.num_params(), "macs": model.spec.macs(),
              "arch": model.spec.to_dict()}  # the dense widths: what nvit arch redistribute measures shares by
     return LoadedBase(model, prov)

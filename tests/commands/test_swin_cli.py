@@ -37,3 +37,22 @@ def test_a_small_swin_trains_finetunes_and_exports_verified(tmp_path, capsys) ->
     report = json.loads((exported / "export.json").read_text())
     assert report["verify"]["passed"] and report["verify"]["provider"] == "CPUExecutionProvider"
     assert [c["batch_size"] for c in report["verify"]["checks"]] == [1, 3]  # the batch is dynamic
+
+
+def test_commands_that_do_not_handle_swin_yet_say_so_in_one_line(tmp_path, capsys) -> None:
+    from lut_fakes import tiny_table
+
+    from nvit.models import save_variant
+    from nvit.models.swin import build_swin
+
+    folder = save_variant(build_swin(swin_preset("swin_test"), seed=0), tmp_path / "swin")
+    for argv in (["prune", "--variant", str(folder), "--lut", "flops", "--target-ratio", "0.6", "--data", "digits",
+                  "--out", str(tmp_path / "pruned")],
+                 ["compare", str(folder), "--lut", str(tiny_table(tmp_path / "t.parquet"))],
+                 ["profile", "--arch", "swin_test", "--out", str(tmp_path / "lut.parquet")],
+                 ["profile", "--arch", str(folder), "--out", str(tmp_path / "lut.parquet")]):
+        code, _, err = run_cli(argv, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code != 0 and "does not handle a Swin yet (swin_test)" in err, argv
+        assert len(lines) <= 3 and "Traceback" not in err, argv  # one error (wrapped by the console)
+    assert not (tmp_path / "pruned").exists() and not (tmp_path / "lut.parquet").exists()
