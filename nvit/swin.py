@@ -19,9 +19,10 @@ gather and the pooling excluded), checked against a traced count in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,24 @@ class SwinSpec:
     def shift(self, stage: int, block: int) -> int:
         """The cyclic shift of block ``block`` of ``stage`` (odd blocks, where the stage has several windows)."""
         return self.window_size // 2 if block % 2 and self.resolution(stage) > self.window_size else 0
+
+    @property
+    def removed_sublayers(self) -> dict[str, int]:
+        """How many blocks lack their attention / their MLP."""
+        blocks = [b for s in self.stages for b in s.blocks]
+        return {"attn": sum(not b.has_attn for b in blocks), "mlp": sum(not b.has_mlp for b in blocks)}
+
+    def with_widths(self, embeds: Sequence[int], blocks: Sequence[Sequence[BlockSpec]]) -> SwinSpec:
+        """This Swin at other widths (an embedding and the blocks per stage), its attention scale kept as slicing
+        keeps it: ``qk_scale``, else the one default scale its blocks share (refused when they differ)."""
+        qk_scale = self.qk_scale
+        if qk_scale is None:
+            scales = {self.block_scale(b) for s in self.stages for b in s.blocks if b.has_attn}
+            if len(scales) > 1:
+                raise SpecError("the Swin's blocks have different default attention scales; set qk_scale to prune it")
+            qk_scale = scales.pop() if scales else None
+        stages = tuple(SwinStage(int(e), tuple(bs)) for e, bs in zip(embeds, blocks, strict=True))
+        return dataclasses.replace(self, stages=stages, qk_scale=qk_scale)
 
     def block_scale(self, block: BlockSpec) -> float:
         """The attention scale of ``block``: ``qk_scale``, else ``qk_dim ** -0.5`` (a sliced model keeps its
@@ -263,8 +282,8 @@ def resolve_any_arch(name_or_path: str) -> ArchSpec | SwinSpec:
 
 
 #: What a Swin can go through today, for the commands that refuse it.
-SWIN_SUPPORT = ("nvit arch, train, finetune and export handle Swin; its pruning, latency tables and compare are "
-                "not built yet")
+SWIN_SUPPORT = ("nvit arch, train, prune --lut flops (widths), finetune and export handle Swin; its latency tables, "
+                "compare and sub-layer removal are not built yet")
 
 
 def require_vit(spec: Any, command: str) -> None:

@@ -91,12 +91,12 @@ def _dropped_blocks(arch: str) -> list[int]:
     """The base's blocks a pruned variant dropped, from its arch.json provenance (empty for anything else)."""
     from pathlib import Path
 
-    from nvit.arch import load_arch_file
+    from nvit.arch import read_arch_doc
 
     path = Path(arch) / "arch.json" if Path(arch).is_dir() else Path(arch)
     if path.suffix != ".json" or not path.is_file():
         return []
-    return [int(i) for i in load_arch_file(path)[1].get("dropped_blocks", [])]
+    return [int(i) for i in read_arch_doc(path)[1].get("dropped_blocks", [])]
 
 
 @arch_app.command("list")

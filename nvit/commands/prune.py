@@ -32,13 +32,14 @@ def variants_table(result: Any, accuracies: dict[str, float], unit: str) -> Tabl
                 "step", "embed", "heads", "qk", "v", "mlp", "params M", "val top-1"):
         table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
     for v in result.variants:
-        blocks = v.arch.blocks
+        stages = getattr(v.arch, "stages", None)  # a Swin: every stage's blocks, and its widths per stage
+        blocks = [b for s in stages for b in s.blocks] if stages else v.arch.blocks
+        embed = "/".join(str(s.embed_dim) for s in stages) if stages else str(v.arch.embed_dim)
         acc = accuracies.get(v.label)
         extra = (("" if v.measured_ms is None else f"{v.measured_ms:.4g}",
                   {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[v.target_met_measured]) if measured else ())
         table.add_row(
-            v.label, f"{v.target_ms:.4g}", f"{v.predicted_latency_ms:.4g}", *extra, str(v.step),
-            str(v.arch.embed_dim),
+            v.label, f"{v.target_ms:.4g}", f"{v.predicted_latency_ms:.4g}", *extra, str(v.step), embed,
             "/".join(str(b.heads) for b in blocks), "/".join(str(b.qk_dim) for b in blocks),
             "/".join(str(b.v_dim) for b in blocks), "/".join(str(b.mlp_dim) for b in blocks),
             f"{v.arch.num_params() / 1e6:.3f}", "" if acc is None else f"{100 * acc:.1f}%",

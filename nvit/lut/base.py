@@ -8,6 +8,7 @@ implementation; subclasses may override it with something faster but must return
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -118,3 +119,27 @@ class FlopsPredictor(Predictor):
         stem = 2 * r.num_patches * embed_dim * r.in_chans * r.patch_size**2
         head = 2 * embed_dim * r.num_classes * (2 if r.distilled else 1)
         return (stem + head) * self.ms_per_flop
+
+
+class SwinFlopsPredictor:
+    """Baseline for a Swin: latency proportional to its FLOPs (:meth:`nvit.swin.SwinSpec.flops`), scaled so that
+    ``reference`` takes ``reference_ms``. Whole-model predictions only: pruning prices each group by finite
+    differences of them (:func:`nvit.pruning.regularizer.gate_latency_deltas_ms`)."""
+
+    removal_unavailable: str | None = "removing whole sub-layers of a Swin is not built yet"
+
+    def __init__(self, reference: Any, reference_ms: float) -> None:
+        self.reference = reference
+        self.ms_per_flop = reference_ms / reference.flops()
+
+    def predict_ms(self, spec: Any) -> float:
+        return spec.flops() * self.ms_per_flop
+
+
+def flops_predictor(reference: Any, reference_ms: float) -> Any:
+    """The FLOPs-proportional stand-in for the reference's family (a ViT or a Swin)."""
+    from nvit.swin import SwinSpec
+
+    if isinstance(reference, SwinSpec):
+        return SwinFlopsPredictor(reference, reference_ms)
+    return FlopsPredictor(reference, reference_ms=reference_ms)

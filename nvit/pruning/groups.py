@@ -33,9 +33,12 @@ import numpy as np
 import torch
 
 from nvit.arch import ArchSpec, BlockSpec, WidthSteps
-from nvit.errors import NvitError
+from nvit.errors import NvitError, SpecError
 from nvit.models.slicing import BlockKeep, KeepIndices, apply_keep_as_gates
+from nvit.models.swin import SwinTransformer
+from nvit.models.swin_slicing import StageKeep, SwinKeep, apply_swin_keep
 from nvit.models.vit import VisionTransformer
+from nvit.swin import SwinSpec
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +106,13 @@ class Gate:
     block: int  # NO_BLOCK for EMB
     width: int
     offset: int
+    stage: int | None = None  # a Swin's EMB gate: its stage (a ViT's one EMB gate has none)
 
     @property
     def name(self) -> str:
-        return self.kind.value if self.kind is GroupKind.EMB else f"block {self.block} {self.kind.value}"
+        if self.kind is GroupKind.EMB:
+            return self.kind.value if self.stage is None else f"stage {self.stage} {self.kind.value}"
+        return f"block {self.block} {self.kind.value}"
 
 
 class GroupLayout:
@@ -114,9 +120,13 @@ class GroupLayout:
 
     ``removable`` holds the sub-layer kinds (:data:`SUBLAYER_KINDS`) that pruning may remove whole; the
     others' layer gates stay at their one unit.
+
+    A Swin (:class:`~nvit.swin.SwinSpec`) has one EMB gate per stage, each followed by its stage's blocks (the
+    order of :meth:`~nvit.models.swin.SwinTransformer.gate_parameters`); blocks are numbered across stages.
+    Its whole sub-layers are not removable yet.
     """
 
-    def __init__(self, spec: ArchSpec, *, group_size: int, minimums: Minimums = Minimums(),
+    def __init__(self, spec: ArchSpec | SwinSpec, *, group_size: int, minimums: Minimums = Minimums(),
                  removable: frozenset[GroupKind] | set[GroupKind] = frozenset()) -> None:
         if not isinstance(group_size, int) or group_size < 1:
             raise PruneError(f"group_size must be a positive integer, got {group_size!r}")
@@ -125,8 +135,15 @@ class GroupLayout:
             raise PruneError(f"only whole sub-layers can be removable, not {sorted(k.value for k in unknown)}")
         self.spec, self.group_size, self.minimums = spec, group_size, minimums
         self.removable = frozenset(removable)
-        widths = [("embed_dim", spec.embed_dim)]
-        for i, b in enumerate(spec.blocks):
+        self.is_swin = isinstance(spec, SwinSpec)
+        if self.is_swin and self.removable:
+            raise PruneError("removing whole sub-layers of a Swin is not built yet; prune its widths (--remove none)")
+        #: (stage, its embedding width, its blocks); a ViT is one stage of every block
+        stages = ([(s, st.embed_dim, st.blocks) for s, st in enumerate(spec.stages)] if self.is_swin
+                  else [(None, spec.embed_dim, spec.blocks)])
+        all_blocks = [b for _, _, blocks in stages for b in blocks]
+        widths = [("embed_dim" if s is None else f"stage {s} embed_dim", e) for s, e, _ in stages]
+        for i, b in enumerate(all_blocks):
             widths += [(f"block {i} {name}", getattr(b, name)) for name in ("qk_dim", "v_dim", "mlp_dim")]
         for what, width in widths:
             if width % group_size:
@@ -134,23 +151,32 @@ class GroupLayout:
         gates: list[Gate] = []
         mins: list[int] = []
 
-        def add(kind: GroupKind, block: int, width: int) -> None:
+        def add(kind: GroupKind, block: int, width: int, stage: int | None = None) -> None:
             minimum = int(kind not in self.removable) if kind in SUBLAYER_KINDS else minimums.of(kind, group_size)
             if minimum > width:
-                where = "the model's" if kind is GroupKind.EMB else f"block {block}'s"
+                where = (("the model's" if stage is None else f"stage {stage}'s") if kind is GroupKind.EMB
+                         else f"block {block}'s")
                 field = GROUP_WIDTH_FIELD[kind]
                 raise PruneError(f"minimum {field} {minimum} exceeds {where} {field} {width}")
-            gates.append(Gate(kind, block, width, sum(g.width for g in gates)))
+            gates.append(Gate(kind, block, width, sum(g.width for g in gates), stage))
             mins.append(minimum)
 
-        add(GroupKind.EMB, NO_BLOCK, spec.embed_dim)
-        for i, b in enumerate(spec.blocks):
-            kinds = [k for k in BLOCK_KINDS if (b.has_mlp if k is GroupKind.MLP else b.has_attn)]
-            kinds += [k for k, present in zip(SUBLAYER_KINDS, (b.has_attn, b.has_mlp), strict=True) if present]
-            for kind in kinds:
-                add(kind, i, 1 if kind in SUBLAYER_KINDS else getattr(b, GROUP_WIDTH_FIELD[kind]))
+        i = 0
+        for s, e, blocks in stages:
+            add(GroupKind.EMB, NO_BLOCK, e, s)
+            for b in blocks:
+                kinds = [k for k in BLOCK_KINDS if (b.has_mlp if k is GroupKind.MLP else b.has_attn)]
+                kinds += [k for k, present in zip(SUBLAYER_KINDS, (b.has_attn, b.has_mlp), strict=True) if present]
+                for kind in kinds:
+                    add(kind, i, 1 if kind in SUBLAYER_KINDS else getattr(b, GROUP_WIDTH_FIELD[kind]))
+                i += 1
+        self.stage_sizes = tuple(len(blocks) for _, _, blocks in stages)
         self.gates: tuple[Gate, ...] = tuple(gates)
-        self.gate_index: dict[tuple[GroupKind, int], int] = {(g.kind, g.block): j for j, g in enumerate(gates)}
+        #: (kind, block) → gate; (EMB, NO_BLOCK) is the first stage's EMB gate (a ViT's only one)
+        self.gate_index: dict[tuple[GroupKind, int], int] = {}
+        for j, g in enumerate(gates):
+            self.gate_index.setdefault((g.kind, g.block), j)
+        self.emb_gates: tuple[int, ...] = tuple(j for j, g in enumerate(gates) if g.kind is GroupKind.EMB)
         self.gate_sizes: tuple[int, ...] = tuple(g.width for g in gates)
         self.gate_kind = np.array([KIND_CODES[g.kind] for g in gates], dtype=np.int64)
         self.gate_block = np.array([g.block for g in gates], dtype=np.int64)
@@ -162,7 +188,7 @@ class GroupLayout:
                                     else -1 for g in gates], dtype=np.int64)
         self.unit_gate = np.repeat(np.arange(len(gates)), self.gate_sizes)
         self.unit_kind = self.gate_kind[self.unit_gate]
-        _with_widths(spec, spec.embed_dim, spec.blocks)  # fails early if the attention scale cannot be fixed
+        self.spec_at(np.array(self.gate_sizes))  # fails early if the attention scale cannot be fixed
 
     @property
     def num_units(self) -> int:
@@ -188,7 +214,7 @@ class GroupLayout:
         gate = self.gates[int(self.unit_gate[unit])]
         return f"{gate.name} {unit - gate.offset}"
 
-    def check_model(self, model: VisionTransformer) -> list[torch.nn.Parameter]:
+    def check_model(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """The model's gates, checked against this layout (gates must be enabled)."""
         gates = model.gate_parameters()
         sizes = tuple(int(g.numel()) for g in gates)
@@ -210,9 +236,19 @@ class GroupLayout:
             out.append(BlockSpec(*widths, width(GroupKind.MLP) if mlp else 0) if attn or mlp else None)
         return out
 
-    def spec_at(self, gate_widths: Sequence[int] | np.ndarray) -> ArchSpec:
+    def spec_at(self, gate_widths: Sequence[int] | np.ndarray) -> ArchSpec | SwinSpec:
         """The architecture with gate ``g`` at width ``gate_widths[g]`` (gates in this layout's order): a removed
         sub-layer has width 0, a block without either is dropped."""
+        if self.is_swin:
+            blocks = self.block_specs(gate_widths)
+            per_stage, start = [], 0
+            for size in self.stage_sizes:
+                per_stage.append(tuple(blocks[start:start + size]))
+                start += size
+            try:
+                return self.spec.with_widths([int(gate_widths[j]) for j in self.emb_gates], per_stage)
+            except SpecError as exc:
+                raise PruneError(str(exc)) from None
         blocks = tuple(b for b in self.block_specs(gate_widths) if b is not None)
         if not blocks:
             raise PruneError("the widths remove every block")
@@ -338,26 +374,38 @@ class PruneState:
         self.alive[units] = False
         self.widths[int(self.layout.unit_gate[units[0]])] -= units.size
 
-    def spec(self) -> ArchSpec:
+    def spec(self) -> ArchSpec | SwinSpec:
         """The architecture at the current widths (what the latency predictor is asked about)."""
         return self.layout.spec_at(self.widths)
 
-    def keep_indices(self) -> KeepIndices:
-        """Kept units of every gate, for :func:`nvit.models.slice_model` (nothing of a removed sub-layer)."""
+    def keep_indices(self) -> KeepIndices | SwinKeep:
+        """Kept units of every gate, for :func:`nvit.models.slice_model` (nothing of a removed sub-layer), or a
+        :class:`~nvit.models.swin_slicing.SwinKeep` for a Swin."""
         lay = self.layout
         live = self.live_gates() & (self.widths > 0)
-        kept = {(g.kind, g.block): tuple(int(u) for u in np.flatnonzero(self.alive[g.offset:g.offset + g.width]))
-                if live[j] else () for j, g in enumerate(lay.gates)}
+        by_gate = [tuple(int(u) for u in np.flatnonzero(self.alive[g.offset:g.offset + g.width])) if live[j] else ()
+                   for j, g in enumerate(lay.gates)]
+        kept = {(g.kind, g.block): by_gate[j] for j, g in enumerate(lay.gates) if g.kind is not GroupKind.EMB}
         blocks = tuple(BlockKeep(*(kept.get((k, i), ()) for k in BLOCK_KINDS)) for i in range(lay.spec.depth))
-        return KeepIndices(emb=kept[(GroupKind.EMB, NO_BLOCK)], blocks=blocks)
+        if lay.is_swin:
+            stages, start = [], 0
+            for s, size in enumerate(lay.stage_sizes):
+                stages.append(StageKeep(by_gate[lay.emb_gates[s]], blocks[start:start + size]))
+                start += size
+            return SwinKeep(tuple(stages))
+        return KeepIndices(emb=by_gate[lay.emb_gates[0]], blocks=blocks)
 
     def block_specs(self) -> list[BlockSpec | None]:
         """Per block of the base architecture, its current widths (``None``: dropped)."""
         return self.layout.block_specs(self.widths)
 
-    def apply(self, model: VisionTransformer) -> None:
+    def apply(self, model: VisionTransformer | SwinTransformer) -> None:
         """Set the model's gates: 1 on alive units, 0 on pruned ones (gates enabled if needed)."""
-        apply_keep_as_gates(model, self.keep_indices())
+        keep = self.keep_indices()
+        if isinstance(keep, SwinKeep):
+            apply_swin_keep(model, keep)
+        else:
+            apply_keep_as_gates(model, keep)
         self.layout.check_model(model)
 
     def removed_by_kind(self) -> dict[str, int]:

@@ -108,7 +108,7 @@ class _Run:
         self.dense_ms = predictor.predict_ms(layout.spec)
         self.min_ms = predictor.predict_ms(layout.minimal_spec())
         model.to(self.device)
-        if model.emb_gate is None:
+        if not model.gate_parameters():
             model.enable_gates()
         self.remover = GroupRemover(layout, config, predictor, self.dense_ms)
         self.remover.state.apply(model)
@@ -224,6 +224,8 @@ class _Run:
             "pruned_units": state.num_pruned, "pruned_now": pruned_now, "eta": eta,
             "prune_wall_ms": prune_ms, "saved": saved or "",
             **widths_row(state.block_specs(), int(state.widths[0])),
+            **({f"s{s}_embed_dim": int(state.widths[j]) for s, j in enumerate(self.layout.emb_gates)}
+               if self.layout.is_swin else {}),
             **{f"removed_{kind}": n for kind, n in state.removed_by_kind().items()},
         })
         return StepReport(self.step, loss, accuracy, latency_ms, next_ms, groups, pruned_now, progress, saved)

@@ -14,7 +14,7 @@ from typing import Any
 from nvit.arch import ArchSpec, resolve_arch
 from nvit.errors import NvitError
 from nvit.fileio import file_sha256
-from nvit.lut.base import FlopsPredictor, Predictor
+from nvit.lut.base import Predictor, flops_predictor
 from nvit.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ def load_base(
 ) -> LoadedBase:
     """The model to prune: a timm/DeiT/nvit checkpoint file (``arch`` or inferred) or a variant folder."""
     from nvit.models import load_checkpoint, load_variant
-    from nvit.swin import require_vit
 
     if (checkpoint is None) == (variant is None):
         raise RecipeError("give exactly one of --checkpoint (a .pth/.safetensors file) or --variant (a folder)")
@@ -54,7 +53,6 @@ def load_base(
         spec = resolve_arch(arch) if arch is not None else None
         model = load_checkpoint(path, spec)
         prov = {"source": "checkpoint", "path": str(path), "sha256": file_sha256(path)}
-    require_vit(model.spec, "nvit prune")
     prov |= {"arch_name": model.spec.name, "params": model.spec.num_params(), "macs": model.spec.macs(),
              "arch": model.spec.to_dict()}  # the dense widths: what nvit arch redistribute measures shares by
     return LoadedBase(model, prov)
@@ -75,8 +73,11 @@ def load_latency_predictor(
     if lut == FLOPS_LUT:
         if any(v is not None for v in (device, precision, batch_size)):
             raise RecipeError("--lut flops has no device, precision or batch size to check")
-        return LoadedPredictor(FlopsPredictor(spec, reference_ms=1.0), {"kind": "flops"}, has_time_unit=False)
+        return LoadedPredictor(flops_predictor(spec, 1.0), {"kind": "flops"}, has_time_unit=False)
     from nvit.lut import load_predictor
+    from nvit.swin import require_vit
+
+    require_vit(spec, "a latency table (nvit prune --lut TABLE)")
 
     path = Path(lut)
     predictor = load_predictor(path, device=device, precision=precision, batch_size=batch_size)
@@ -91,8 +92,9 @@ def load_latency_predictor(
 
 def record_top1(folder: str | os.PathLike[str], accuracy: float, *, split: str, stage: str) -> None:
     """Add the measured top-1 to a variant's ``arch.json`` provenance (rewritten atomically)."""
-    from nvit.arch import load_arch_file, save_arch
+    from nvit.arch import save_arch
+    from nvit.swin import load_any_arch_file
 
     path = Path(folder) / "arch.json"
-    spec, prov = load_arch_file(path)
+    spec, prov = load_any_arch_file(path)
     save_arch(spec, path, {**prov, "top1": accuracy, "top1_split": split, "top1_stage": stage})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,10 @@ def gate_latency_deltas_ms(layout: GroupLayout, predictor: Predictor, widths: np
     :attr:`~nvit.pruning.groups.PruneState.widths`), one entry per gate: for a width gate one group's
     saving, for a layer gate the whole sub-layer's (:meth:`~nvit.lut.base.Predictor.sublayer_deltas_ms`:
     the measured one-half block, or the whole block when it is the last sub-layer); NaN for the gates of a
-    removed sub-layer or dropped block."""
+    removed sub-layer or dropped block. A Swin's are finite differences of whole-model predictions, one per
+    gate (:func:`finite_difference_deltas_ms`)."""
+    if layout.is_swin:
+        return finite_difference_deltas_ms(layout, predictor, widths)
     blocks = layout.block_specs(widths)
     alive = [i for i, b in enumerate(blocks) if b is not None]
     spec = layout.spec_at(widths)
@@ -65,6 +69,21 @@ def gate_latency_deltas_ms(layout: GroupLayout, predictor: Predictor, widths: np
     out[is_emb] = float(d.emb_ms)
     blk = ~is_emb
     out[blk] = per_block[layout.gate_block[blk], layout.gate_kind[blk] - 1]
+    return out
+
+
+def finite_difference_deltas_ms(layout: GroupLayout, predictor: Any, widths: np.ndarray) -> np.ndarray:
+    """ΔLat of removing one group of each width gate: the whole model's prediction at ``widths`` minus its
+    prediction with that gate one group narrower (any architecture the predictor prices whole); NaN for a gate
+    that cannot lose a group and for the layer gates."""
+    base = predictor.predict_ms(layout.spec_at(widths))
+    out = np.full(len(layout.gates), np.nan)
+    for j, gate in enumerate(layout.gates):
+        narrower = np.array(widths, dtype=np.int64)
+        narrower[j] -= layout.gate_group[j]
+        if gate.kind in SUBLAYER_KINDS or narrower[j] <= 0:
+            continue
+        out[j] = base - predictor.predict_ms(layout.spec_at(narrower))
     return out
 
 

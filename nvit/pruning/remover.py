@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nvit.lut.base import FlopsPredictor, Predictor
+from nvit.lut.base import Predictor, flops_predictor
 from nvit.pruning.config import PruneConfig, RankingMethod
 from nvit.pruning.groups import GroupLayout, PruneError, PruneState
 from nvit.pruning.knapsack import knapsack_order
@@ -35,7 +35,7 @@ class GroupRemover:
         self.scores = ScoreAverage(layout, config.saliency_ema)
         self.tradeoff = LatencyTradeoff(config.latency_weight) if config.uses_latency_term else None
         # the FLOPs ranking prices groups by FLOPs in the units of the table's dense prediction
-        self.rank_predictor = (FlopsPredictor(layout.spec, reference_ms=dense_ms)
+        self.rank_predictor = (flops_predictor(layout.spec, dense_ms)
                                if config.ranking is RankingMethod.FLOPS else predictor)
         self.groups_removed = 0
         self.latency_ms = dense_ms

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvit.arch import ArchSpec
+from nvit.swin import SwinSpec, spec_from_dict
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class SavedVariant:
     target_ms: float
     predicted_latency_ms: float
     step: int
-    arch: ArchSpec
+    arch: ArchSpec | SwinSpec
     measured_ms: float | None = None  # drift-corrected, when the run measured its targets
     target_met_measured: bool | None = None
 
@@ -56,5 +57,5 @@ def variant_dict(v: SavedVariant) -> dict[str, Any]:
 def variant_from_dict(d: Mapping[str, Any]) -> SavedVariant:
     measured = d.get("measured_ms")
     return SavedVariant(d["label"], d["path"], float(d["target_ms"]), float(d["predicted_latency_ms"]),
-                        int(d["step"]), ArchSpec.from_dict(d["arch"]), None if measured is None else float(measured),
+                        int(d["step"]), spec_from_dict(d["arch"]), None if measured is None else float(measured),
                         d.get("target_met_measured"))

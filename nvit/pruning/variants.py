@@ -12,6 +12,8 @@ from typing import Any
 
 from nvit import __version__
 from nvit.models import save_variant, slice_model
+from nvit.models.swin import SwinTransformer
+from nvit.models.swin_slicing import slice_swin
 from nvit.models.vit import VisionTransformer
 from nvit.pruning.config import PruneConfig
 from nvit.pruning.groups import GroupLayout, PruneError
@@ -39,7 +41,8 @@ class VariantWriter:
         for t in pending:
             if remover.latency_ms > self.measured.goal_ms(t.latency_ms, self.min_ms):
                 break
-            sliced, measurement = slice_model(model).eval(), None
+            sliced = (slice_swin(model) if isinstance(model, SwinTransformer) else slice_model(model)).eval()
+            measurement = None
             if self.measured.active:
                 decision = self.measured.measure(t.label, t.latency_ms, remover.latency_ms, self.min_ms, step,
                                                  remover.state.spec(), sliced)

@@ -32,6 +32,7 @@ from nvit.redesign.learned import (
     scale_to_latency,
     variant_shares,
 )
+from nvit.swin import load_any_arch_file, require_vit
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def _run_variants(path: Path) -> list[dict[str, Any]]:
 
 def _load_one(path: Path, name: str) -> LoadedVariant:
     folder_or_file = path / ARCH_FILE if path.is_dir() else path
-    spec, prov = load_arch_file(folder_or_file)
+    spec, prov = load_any_arch_file(folder_or_file)
+    require_vit(spec, "nvit arch redistribute")
     return LoadedVariant(name, str(folder_or_file), spec, prov)
 
 

@@ -1,0 +1,78 @@
+"""A Swin prunes like a ViT, its widths only for now: one EMB group per stage, groups priced by finite
+differences of a whole-model predictor (the FLOPs stand-in), variants sliced exactly and saved as Swins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from prune_fakes import config, digits_batches
+
+from nvit.lut.base import SwinFlopsPredictor, flops_predictor
+from nvit.models import load_variant
+from nvit.models.swin import SwinTransformer, build_swin
+from nvit.models.swin_slicing import slice_swin
+from nvit.pruning.config import Target
+from nvit.pruning.groups import GroupKind, GroupLayout, PruneError, PruneState
+from nvit.pruning.loop import prune
+from nvit.pruning.regularizer import gate_latency_deltas_ms
+from nvit.swin import SwinSpec, swin_preset
+
+SPEC = swin_preset("swin_test")
+
+
+def test_the_layout_has_one_embedding_gate_per_stage_in_the_models_order() -> None:
+    layout = GroupLayout(SPEC, group_size=8)
+    model = build_swin(SPEC, seed=0)
+    model.enable_gates()
+    assert [g.numel() for g in layout.check_model(model)] == list(layout.gate_sizes)
+    assert [layout.gates[j].name for j in layout.emb_gates] == ["stage 0 emb", "stage 1 emb"]
+    full = layout.spec_at(np.array(layout.gate_sizes))
+    assert full.stages == SPEC.stages and full.qk_scale == 16**-0.5  # the scale kept as QK channels go
+    with pytest.raises(PruneError, match="sub-layers of a Swin is not built yet"):
+        GroupLayout(SPEC, group_size=8, removable={GroupKind.MLP_LAYER})
+
+
+def test_a_groups_price_is_the_whole_models_saving() -> None:
+    layout = GroupLayout(SPEC, group_size=8)
+    predictor = SwinFlopsPredictor(SPEC, reference_ms=1.0)
+    widths = PruneState(layout).widths
+    deltas = gate_latency_deltas_ms(layout, predictor, widths)
+    stage1 = layout.emb_gates[1]
+    narrower = widths.copy()
+    narrower[stage1] -= 8
+    smaller = layout.spec_at(narrower)
+    assert isinstance(smaller, SwinSpec) and smaller.stages[1].embed_dim == 56
+    assert deltas[stage1] == pytest.approx(1.0 - smaller.flops() / SPEC.flops())
+    layer_gates = [j for j, g in enumerate(layout.gates) if g.kind in (GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER)]
+    assert np.isnan(deltas[layer_gates]).all() and np.isfinite(np.delete(deltas, layer_gates)).all()
+
+
+def test_a_swin_prunes_to_its_targets_and_saves_sliced_swins(tmp_path) -> None:
+    model = build_swin(SPEC, seed=0)
+    predictor = flops_predictor(SPEC, 4.0)
+    cfg = config(Target.ratio(0.7), Target.ratio(0.5), min_embed_dim=8)
+    result = prune(model, config=cfg, predictor=predictor, data=digits_batches(cfg.batch_size), out_dir=tmp_path,
+                   provenance={"base": "swin_test seed 0"})
+    assert [v.label for v in result.variants] == ["ratio_0.7", "ratio_0.5"]
+    for v in result.variants:
+        assert v.predicted_latency_ms <= v.target_ms + 1e-12
+        assert v.predicted_latency_ms == pytest.approx(predictor.predict_ms(v.arch))
+        saved = load_variant(v.path)
+        assert isinstance(saved, SwinTransformer) and saved.spec == v.arch
+        with torch.no_grad():
+            assert torch.isfinite(saved(torch.randn(2, 1, 8, 8))).all()
+    smallest = result.variants[-1].arch
+    assert smallest.num_params() < SPEC.num_params() and smallest.stages[0].blocks != SPEC.stages[0].blocks
+    log = pd.read_parquet(result.log_path)
+    assert {"s0_embed_dim", "s1_embed_dim"} <= set(log.columns)
+    assert log["s1_embed_dim"].iloc[-1] == smallest.stages[1].embed_dim
+    # the gated model and the variant sliced from it compute the same
+    images = torch.randn(3, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images), slice_swin(model)(images), atol=1e-5)
+    again = prune(build_swin(SPEC, seed=0), config=cfg, predictor=predictor, data=digits_batches(cfg.batch_size),
+                  out_dir=tmp_path, resume=True)  # a finished run resumes to the same variants
+    assert [v.arch for v in again.variants] == [v.arch for v in result.variants]
