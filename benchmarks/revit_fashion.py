@@ -93,26 +93,27 @@ def reference_rows(prune: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["seed"])
 
 
+def family_shares(prune: dict[str, Any], s: Settings) -> list[Any]:
+    """§2's ``nvit`` variants the learned rule is fitted on, as width shares against the base."""
+    from nvit.arch import ArchSpec
+    from nvit.redesign.learned import Reference, Shape, variant_shares
+
+    ref = Reference.of(ArchSpec.from_dict(prune["base"]["arch"]))
+    method = nvit_method(prune)
+    return [variant_shares(Shape.of(ArchSpec.from_dict(r["arch"]), f"{method}/s{r['seed']}/{r['target_ratio']:g}"),
+                           ref) for r in prune["rows"] if r["method"] == method
+            and (not s.rule_ratios or any(abs(r["target_ratio"] - x) < 1e-9 for x in s.rule_ratios))]
+
+
 def rules(prune: dict[str, Any], s: Settings) -> tuple[Any, Any, dict[str, Any]]:
     """The base, its dense reference and the three rules (as shares over the base's depth)."""
     from nvit.arch import ArchSpec
-    from nvit.redesign.learned import (
-        KINDS,
-        Reference,
-        Shape,
-        Shares,
-        fit_shares,
-        relative_positions,
-        variant_shares,
-    )
+    from nvit.redesign.learned import KINDS, Reference, Shares, fit_shares, relative_positions
     from nvit.redesign.published import published_shares
 
     base = ArchSpec.from_dict(prune["base"]["arch"])
     ref = Reference.of(base)
-    method = nvit_method(prune)
-    family = [variant_shares(Shape.of(ArchSpec.from_dict(r["arch"]), f"{method}/s{r['seed']}/{r['target_ratio']:g}"),
-                             ref) for r in prune["rows"] if r["method"] == method
-              and (not s.rule_ratios or any(abs(r["target_ratio"] - x) < 1e-9 for x in s.rule_ratios))]
+    family = family_shares(prune, s)
     uniform = Shares("uniform", tuple(relative_positions(base.depth).tolist()), {k: (1.0,) * base.depth for k in KINDS})
     return base, ref, {"uniform": uniform, "published": published_shares(base.depth),
                        "learned": fit_shares(family, base.depth, s.bandwidth)}
@@ -288,8 +289,11 @@ def report_stage(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
            "cpu_seconds_training": sum(r["cpu_seconds"] for r in runs.values()),
            "measure_seconds": scale["seconds"] + measure_stage(args, s)["seconds"]}
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
+    from nvit.plots import plot_shares
+
+    figure = plot_shares(family_shares(prune, s), by_name["learned"], args.out.with_name(args.out.stem + "_shares.png"))
     print(markdown(doc))
-    log(f"wrote {args.out}")
+    log(f"wrote {args.out} and {figure}")
     return doc
 
 

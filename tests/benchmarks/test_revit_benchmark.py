@@ -46,6 +46,7 @@ def test_quick_run_trains_scales_measures_and_reports(tmp_path, monkeypatch, cap
     # the learned rule is the mean of the variants' shares, smoothed; published has the rule's edge heads
     assert doc["shares"]["learned"]["heads"][0] < 1.0 and doc["shares"]["published"]["heads"][0] > 3
     assert "| learned |" in capsys.readouterr().out
+    assert (tmp_path / "revit_shares.png").stat().st_size > 10_000  # the family's shares and the learned rule
     # everything is cached: a rerun neither trains nor measures
     monkeypatch.setattr(rf, "train_one", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(rf, "measure", lambda *a, **k: pytest.fail("remeasured"))
