@@ -264,10 +264,12 @@ def block_params(embed_dim: int, block: BlockSpec) -> int:
     return attn + mlp
 
 
-def block_flops(embed_dim: int, block: BlockSpec, num_tokens: int) -> int:
-    """FLOPs of one block for one image of ``num_tokens`` tokens (DESIGN.md §2)."""
+def block_flops(embed_dim: int, block: BlockSpec, num_tokens: int, *, attended: int | None = None) -> int:
+    """FLOPs of one block for one image of ``num_tokens`` tokens (DESIGN.md §2), each attending to ``attended``
+    tokens (all of them by default; a Swin's window)."""
     n, e, h, q, v, m = num_tokens, embed_dim, block.heads, block.qk_dim, block.v_dim, block.mlp_dim
-    return 2 * n * e * h * (2 * q + v) + 2 * n * n * h * (q + v) + 2 * n * h * v * e + 4 * n * e * m
+    a = n if attended is None else attended
+    return 2 * n * e * h * (2 * q + v) + 2 * n * a * h * (q + v) + 2 * n * h * v * e + 4 * n * e * m
 
 
 # ---- presets --------------------------------------------------------------------------------------

@@ -20,14 +20,13 @@ gather and the pooling excluded), checked against a traced count in the tests.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nvit.arch import ArchSpec, BlockSpec, block_params, read_arch_doc, resolve_arch
+from nvit.arch import ArchSpec, BlockSpec, block_flops, block_params, read_arch_doc, resolve_arch
 from nvit.errors import SpecError
 
 SWIN_KIND = "swin"
@@ -120,14 +119,19 @@ class SwinSpec:
     def with_widths(self, embeds: Sequence[int], blocks: Sequence[Sequence[BlockSpec]]) -> SwinSpec:
         """This Swin at other widths (an embedding and the blocks per stage), its attention scale kept as slicing
         keeps it: ``qk_scale``, else the one default scale its blocks share (refused when they differ)."""
-        qk_scale = self.qk_scale
-        if qk_scale is None:
-            scales = {self.block_scale(b) for s in self.stages for b in s.blocks if b.has_attn}
-            if len(scales) > 1:
-                raise SpecError("the Swin's blocks have different default attention scales; set qk_scale to prune it")
-            qk_scale = scales.pop() if scales else None
         stages = tuple(SwinStage(int(e), tuple(bs)) for e, bs in zip(embeds, blocks, strict=True))
-        return dataclasses.replace(self, stages=stages, qk_scale=qk_scale)
+        return dataclasses.replace(self, stages=stages, qk_scale=self.shared_scale())
+
+    def shared_scale(self) -> float | None:
+        """The attention scale a narrower copy must keep to compute what this Swin computes: ``qk_scale``, else
+        the one default scale its blocks share (``None`` without attention; refused when they differ)."""
+        if self.qk_scale is not None:
+            return self.qk_scale
+        scales = {self.block_scale(b) for s in self.stages for b in s.blocks if b.has_attn}
+        if len(scales) > 1:
+            raise SpecError("the Swin's blocks have different default attention scales; set qk_scale to slice or "
+                            "prune their QK channels")
+        return scales.pop() if scales else None
 
     def block_scale(self, block: BlockSpec) -> float:
         """The attention scale of ``block``: ``qk_scale``, else ``qk_dim ** -0.5`` (a sliced model keeps its
@@ -158,13 +162,10 @@ class SwinSpec:
         return total + 2 * last + last * self.num_classes + self.num_classes
 
     def block_flops(self, stage: int, block: BlockSpec) -> int:
-        """FLOPs of one block for one image (2 per multiply-add)."""
-        n, e = self.num_tokens(stage), self.stages[stage].embed_dim
-        area = self.window(stage) ** 2
-        h, q, v, m = block.heads, block.qk_dim, block.v_dim, block.mlp_dim
-        attn = 2 * n * e * h * (2 * q + v) + 2 * n * area * h * (q + v) + 2 * n * h * v * e if block.has_attn else 0
-        mlp = 4 * n * e * m if block.has_mlp else 0
-        return attn + mlp
+        """FLOPs of one block for one image (2 per multiply-add): a ViT block's whose tokens attend within their
+        window."""
+        return block_flops(self.stages[stage].embed_dim, block, self.num_tokens(stage),
+                           attended=self.window(stage) ** 2)
 
     def flops(self) -> int:
         """Matmul/conv FLOPs for one image (2 per multiply-add)."""
@@ -201,16 +202,6 @@ class SwinSpec:
             return cls(**{k: v for k, v in data.items() if k != "kind"})
         except TypeError as exc:
             raise SpecError(f"Swin spec: {exc}") from None
-
-    def describe(self) -> str:
-        """A one-line human summary: name, stages, params, GMACs."""
-        depths = "-".join(str(s.depth) for s in self.stages)
-        widths = "-".join(str(s.embed_dim) for s in self.stages)
-        return (f"{self.name or 'custom swin'}: depths {depths}, widths {widths}, window {self.window_size}: "
-                f"{self.num_params() / 1e6:.2f} M params, {self.macs() / 1e9:.2f} GMACs")
-
-    def json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # ---- presets ------------------------------------------------------------------------------------------

@@ -17,3 +17,20 @@ def private_onnx_store(tmp_path_factory):
         os.environ.pop("NVIT_CACHE_DIR", None)
     else:
         os.environ["NVIT_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def prune_cli_inputs(tmp_path_factory):
+    """What ``nvit prune`` needs from the command line: a latency table of vit_test from the fake backend of known
+    latency (``lut.parquet``) and an untrained vit_test checkpoint (``base.pth``)."""
+    import lut_fakes as fk
+    import torch
+
+    from nvit.arch import preset
+    from nvit.models import build_model
+
+    folder = tmp_path_factory.mktemp("prune_cli")
+    fk.tiny_table(folder / "lut.parquet")
+    torch.save(build_model(preset("vit_test"), seed=0).state_dict(), folder / "base.pth")
+    return folder
+

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nvit import __version__
-from nvit.arch import ArchSpec, block_params, preset, preset_names, resolve_arch, save_arch
+from nvit.arch import ArchSpec, block_params, preset, preset_names, save_arch
 from nvit.errors import SpecError
 from nvit.fileio import output_file
 from nvit.redesign.family import resolve_base
@@ -67,24 +67,23 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print the spec and its costs as JSON."),
 ) -> None:
     """Per-block widths, parameter count and FLOPs of an architecture (a ViT/DeiT/ReViT or a Swin)."""
-    swin = resolve_any_arch(arch)
-    if isinstance(swin, SwinSpec):
-        if as_json:
-            summary = {"params": swin.num_params(), "flops": swin.flops(), "macs": swin.macs()}
-            typer.echo(json.dumps({"arch": swin.to_dict(), "summary": summary}, indent=2))
-        else:
-            Console().print(swin_table(swin))
-        return
-    spec = resolve_arch(arch)
-    dropped = _dropped_blocks(arch)
+    spec = resolve_any_arch(arch)
     if as_json:
-        summary = {"params": spec.num_params(), "flops": spec.flops(), "macs": spec.macs()}
-        typer.echo(json.dumps({"arch": spec.to_dict(), "summary": summary}, indent=2))
+        _echo_json(spec)
+        return
+    if isinstance(spec, SwinSpec):
+        Console().print(swin_table(spec))
         return
     table = arch_table(spec)
+    dropped = _dropped_blocks(arch)
     if dropped:
         table.caption += f"; blocks dropped (the base's numbering): {', '.join(map(str, dropped))}"
     Console().print(table)
+
+
+def _echo_json(spec: ArchSpec | SwinSpec) -> None:
+    summary = {"params": spec.num_params(), "flops": spec.flops(), "macs": spec.macs()}
+    typer.echo(json.dumps({"arch": spec.to_dict(), "summary": summary}, indent=2))
 
 
 def _dropped_blocks(arch: str) -> list[int]:
@@ -121,8 +120,7 @@ def _print_or_save(spec: ArchSpec, out: Path | None, as_json: bool, provenance: 
     if out is not None:
         save_arch(spec, output_file(out), provenance)
     if as_json:
-        summary = {"params": spec.num_params(), "flops": spec.flops(), "macs": spec.macs()}
-        typer.echo(json.dumps({"arch": spec.to_dict(), "summary": summary}, indent=2))
+        _echo_json(spec)
         return
     Console().print(arch_table(spec))
     if out is not None:

@@ -12,6 +12,7 @@ so a block that keeps neither sub-layer is refused rather than dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -74,19 +75,12 @@ class SwinKeep:
         return SwinKeep(tuple(stages))
 
     def sliced_spec(self, spec: SwinSpec) -> SwinSpec:
-        scales = {spec.block_scale(b) for st in spec.stages for b in st.blocks if b.has_attn}
-        qk_scale = spec.qk_scale
         sliced_qk = any(k.has_attn and len(k.qk) != b.qk_dim for ks, st in zip(self.stages, spec.stages, strict=True)
                         for k, b in zip(ks.blocks, st.blocks, strict=True))
-        if qk_scale is None and sliced_qk:
-            if len(scales) != 1:
-                raise SpecError("cannot slice QK channels of a Swin with per-block default scales; set qk_scale")
-            qk_scale = scales.pop()
         stages = tuple(SwinStage(len(ks.emb), tuple(BlockSpec(len(k.heads), len(k.qk), len(k.v), len(k.mlp))
                                                     for k in ks.blocks)) for ks in self.stages)
-        return SwinSpec(stages=stages, img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
-                        num_classes=spec.num_classes, window_size=spec.window_size,
-                        layer_norm_eps=spec.layer_norm_eps, name=spec.name, qk_scale=qk_scale)
+        return dataclasses.replace(spec, stages=stages,
+                                   qk_scale=spec.shared_scale() if sliced_qk else spec.qk_scale)
 
 
 def keep_from_swin_gates(model: SwinTransformer) -> SwinKeep:

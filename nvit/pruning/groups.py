@@ -25,9 +25,11 @@ the sum of its units' scores (the diagonal of the Fisher form, as in NViT).
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -236,17 +238,18 @@ class GroupLayout:
             out.append(BlockSpec(*widths, width(GroupKind.MLP) if mlp else 0) if attn or mlp else None)
         return out
 
+    def per_stage(self, blocks: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Per-block values (numbered across stages) grouped by stage."""
+        bounds = np.cumsum((0, *self.stage_sizes))
+        return [tuple(blocks[int(a):int(b)]) for a, b in itertools.pairwise(bounds)]
+
     def spec_at(self, gate_widths: Sequence[int] | np.ndarray) -> ArchSpec | SwinSpec:
         """The architecture with gate ``g`` at width ``gate_widths[g]`` (gates in this layout's order): a removed
         sub-layer has width 0, a block without either is dropped."""
         if self.is_swin:
-            blocks = self.block_specs(gate_widths)
-            per_stage, start = [], 0
-            for size in self.stage_sizes:
-                per_stage.append(tuple(blocks[start:start + size]))
-                start += size
             try:
-                return self.spec.with_widths([int(gate_widths[j]) for j in self.emb_gates], per_stage)
+                return self.spec.with_widths([int(gate_widths[j]) for j in self.emb_gates],
+                                             self.per_stage(self.block_specs(gate_widths)))
             except SpecError as exc:
                 raise PruneError(str(exc)) from None
         blocks = tuple(b for b in self.block_specs(gate_widths) if b is not None)
@@ -388,11 +391,8 @@ class PruneState:
         kept = {(g.kind, g.block): by_gate[j] for j, g in enumerate(lay.gates) if g.kind is not GroupKind.EMB}
         blocks = tuple(BlockKeep(*(kept.get((k, i), ()) for k in BLOCK_KINDS)) for i in range(lay.spec.depth))
         if lay.is_swin:
-            stages, start = [], 0
-            for s, size in enumerate(lay.stage_sizes):
-                stages.append(StageKeep(by_gate[lay.emb_gates[s]], blocks[start:start + size]))
-                start += size
-            return SwinKeep(tuple(stages))
+            return SwinKeep(tuple(StageKeep(by_gate[j], stage_blocks)
+                                  for j, stage_blocks in zip(lay.emb_gates, lay.per_stage(blocks), strict=True)))
         return KeepIndices(emb=by_gate[lay.emb_gates[0]], blocks=blocks)
 
     def block_specs(self) -> list[BlockSpec | None]:

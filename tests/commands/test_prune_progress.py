@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
-import torch
 from cli_run import run_cli as cli
 
 from nvit.arch import preset
 from nvit.commands.prune_progress import epochs_warning, eta_line, plan_line
-from nvit.models import build_model
 from nvit.pruning.runstate import read_run_summary
 from nvit.pruning.schedule import PruneSchedule, steps_per_epoch
 
@@ -32,21 +29,11 @@ def test_plan_line_and_warning_for_the_default_pace_on_a_small_folder() -> None:
                                         "steps here (an estimate: the bar's total and ETA follow the run)")
 
 
-@pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory):
-    import lut_fakes as fk
-
-    folder = tmp_path_factory.mktemp("prune_progress")
-    fk.tiny_table(folder / "lut.parquet")
-    torch.save(build_model(SPEC, seed=0).state_dict(), folder / "base.pth")
-    return folder
-
-
-def test_prune_prints_its_plan_warns_of_many_epochs_and_its_bar_ends_at_the_total(cli_inputs, tmp_path,
+def test_prune_prints_its_plan_warns_of_many_epochs_and_its_bar_ends_at_the_total(prune_cli_inputs, tmp_path,
                                                                                   capsys) -> None:
     out = tmp_path / "run"
-    code, _, err = cli(["prune", "--checkpoint", str(cli_inputs / "base.pth"), "--arch", "vit_test", "--lut",
-                        str(cli_inputs / "lut.parquet"), "--data", "digits", "--interval", "4", "--pace", "0.05",
+    code, _, err = cli(["prune", "--checkpoint", str(prune_cli_inputs / "base.pth"), "--arch", "vit_test", "--lut",
+                        str(prune_cli_inputs / "lut.parquet"), "--data", "digits", "--interval", "4", "--pace", "0.05",
                         "--min-embed-dim", "32", "--batch-size", "512", "--target-ratio", "0.7", "--no-eval",
                         "--out", str(out)], capsys)
     assert code == 0, err

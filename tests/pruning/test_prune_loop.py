@@ -170,21 +170,10 @@ def test_config_is_strict_and_round_trips() -> None:
 
 
 # ---- the command line ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory):
-    """A latency table of vit_test from the fake backend of known latency, and an (untrained) checkpoint."""
-    import lut_fakes as fk
-
-    folder = tmp_path_factory.mktemp("prune_cli")
-    fk.tiny_table(folder / "lut.parquet")
-    torch.save(build_model(SPEC, seed=0).state_dict(), folder / "base.pth")
-    return folder
-
-
-def test_cli_prunes_to_latency_and_ratio_targets(cli_inputs, tmp_path, capsys) -> None:
+def test_cli_prunes_to_latency_and_ratio_targets(prune_cli_inputs, tmp_path, capsys) -> None:
     from nvit.lut import load_predictor
 
-    lut, base = cli_inputs / "lut.parquet", cli_inputs / "base.pth"
+    lut, base = prune_cli_inputs / "lut.parquet", prune_cli_inputs / "base.pth"
     predictor = load_predictor(lut)
     dense_ms = predictor.predict_ms(SPEC)
     target_ms = round(0.7 * dense_ms, 4)  # the table's grid stops at 0.61 of dense (heads 2, MLP 64)
