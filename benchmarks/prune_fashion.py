@@ -305,7 +305,7 @@ def _worker_init() -> None:
 def measure_stage(args: argparse.Namespace, s: Settings) -> None:
     """Every fine-tuned variant and the base, measured in one interleaved session (two passes)."""
     from nvit.fileio import atomic_write_text
-    from nvit.lut.table import LatencyTable
+    from nvit.lut import load_table
     from nvit.models import load_variant
     from nvit.validation.compare import Variant, compare_with_table
 
@@ -315,7 +315,7 @@ def measure_stage(args: argparse.Namespace, s: Settings) -> None:
     base = load_variant(args.base).eval()
     log(f"measuring {len(variants)} variants and the base in one session")
     started = time.perf_counter()
-    report = compare_with_table(LatencyTable.load(args.lut), Variant("base", base.spec, base), variants, passes=2)
+    report = compare_with_table(load_table(args.lut), Variant("base", base.spec, base), variants, passes=2)
     doc = {"seconds": time.perf_counter() - started, "context": report.context,
            "models": {r.name: {"measured_ms": r.measured_ms, "predicted_ms": r.predicted_ms,
                                "p10_ms": r.measured_ms_p10, "p90_ms": r.measured_ms_p90} for r in report.results}}

@@ -87,8 +87,13 @@ class FakeBackend(Backend):
         self.calls: list[str] = []
 
     def latency_of(self, workload: Workload) -> float:
+        from swin_fakes import workload_ms
+
+        swin = workload_ms(workload.module)
         config = getattr(workload.module, "nvit_config", None)
-        base = config_ms(config) if config is not None else model_ms(workload.module.spec)
+        if swin is None:
+            swin = config_ms(config) if config is not None else model_ms(workload.module.spec)
+        base = swin
         return base * (1.0 + self.drift_per_call * len(self.calls))
 
     def _measure_impl(self, workload: Workload) -> TimingStats:

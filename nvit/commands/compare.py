@@ -15,11 +15,9 @@ from nvit.commands.options import STRICT_MEASUREMENTS
 def variant_from_source(source: str, name: str | None = None) -> Any:
     """A :class:`~nvit.validation.compare.Variant` from a variant folder, checkpoint or preset name."""
     from nvit.models import load_model, variant_provenance
-    from nvit.swin import require_vit
     from nvit.validation.compare import Variant
 
     model = load_model(source)
-    require_vit(model.spec, "nvit compare")
     prov = variant_provenance(source)
     target = prov.get("target") if isinstance(prov.get("target"), dict) else {}
     top1 = prov.get("top1")
@@ -63,29 +61,31 @@ def compare(
 ) -> None:
     """Measure every variant (and the dense base) with the table's backend and settings, and report measured
     against predicted latency, error, speedup and whether each variant met its target."""
-    from nvit.arch import ArchSpec
     from nvit.commands.service_access import following, local_lut, measuring_here
     from nvit.commands.trust_view import trust_markup
+    from nvit.errors import NvitError
     from nvit.fileio import output_folder
-    from nvit.lut.table import LatencyTable
-    from nvit.models import build_model
+    from nvit.lut import load_table, predictor_for
+    from nvit.models.checkpoint import build_any
     from nvit.plots import save_compare
+    from nvit.swin import spec_from_dict
     from nvit.validation.compare import Variant, compare_with_table
 
     console = Console(width=max(Console().width, 120))  # the report is wide; logs and pipes get 120 columns
     output_folder(out)
     lut = local_lut(lut)
-    table = LatencyTable.load(lut)
+    table = load_table(lut)
+    if remote is not None and getattr(table, "stages", None):
+        raise NvitError("--remote compares with a ViT table; a Swin table is compared on this machine")
     if base is None:
-        spec = ArchSpec.from_dict(table.meta.base_arch)
-        base_variant = Variant(spec.name or "base", spec, build_model(spec, seed=0).eval())
+        spec = spec_from_dict(table.meta.base_arch)
+        base_variant = Variant(spec.name or "base", spec, build_any(spec, seed=0).eval())
     else:
         base_variant = variant_from_source(base, name=f"{Path(base).name} (base)")
     loaded = [variant_from_source(v) for v in variants]
     from nvit.lut.accuracy import trust_warnings
-    from nvit.lut.predictor import LatencyPredictor
 
-    for warning in trust_warnings(table.meta, LatencyPredictor(table)):
+    for warning in trust_warnings(table.meta, predictor_for(table)):
         console.print(f"[yellow]warning:[/] {warning}")
     if remote is not None:
         from nvit.service.client import ServiceClient

@@ -105,11 +105,11 @@ def measured_blocks_line(predictor: Any) -> str:
 
 def calibration_line(table: Any) -> str:
     """The table's calibration, its verdict and the numbers behind it, one line (rich markup)."""
+    from nvit.lut import predictor_for
     from nvit.lut.accuracy import calibration_status
-    from nvit.lut.predictor import LatencyPredictor
 
     try:
-        predictor = LatencyPredictor(table)
+        predictor = predictor_for(table)
     except NvitError:  # an invalid table: its problems are printed elsewhere
         predictor = None
     verdict, line = calibration_status(table.meta, predictor)

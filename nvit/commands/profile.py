@@ -36,27 +36,33 @@ def parse_backend_options(items: list[str], threads: int | None) -> dict[str, An
     return options
 
 
-def default_out(space_name: str, device_slug: str, precision: str, batch_size: int) -> Path:
+def default_out(space_name: str, device_slug: str, precision: str, batch_size: int, *,
+                suffix: str = ".parquet") -> Path:
+    """``lut-<space>-<device>-<precision>-b<batch>.parquet`` (a Swin table is a ``.swinlut`` folder)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(space_name).stem)
-    return Path(f"lut-{safe}-{device_slug}-{precision}-b{batch_size}.parquet")
+    return Path(f"lut-{safe}-{device_slug}-{precision}-b{batch_size}{suffix}")
 
 
 def summary_table(result: Any) -> Table:
     table = result.table
-    rows = table.rows
+    stages = getattr(table, "stages", None)  # a Swin table: one table per stage
     out = Table(title=f"{result.path} ({len(table)} rows)")
     for col in ("part", "rows", "min ms", "median ms", "max ms", "mean CoV"):
         out.add_column(col, justify="right" if col != "part" else "left")
-    for kind, count in table.counts().items():
-        part = rows[rows["kind"] == kind]
-        if count:
-            lat = part["latency_ms_median"]
-            out.add_row(kind, str(count), f"{lat.min():.4f}", f"{lat.median():.4f}", f"{lat.max():.4f}",
-                        f"{part['cov'].mean():.3f}")
+    for i, part_table in enumerate(stages or (table,)):
+        rows = part_table.rows
+        for kind, count in part_table.counts().items():
+            part = rows[rows["kind"] == kind]
+            if count:
+                lat = part["latency_ms_median"]
+                out.add_row(f"stage {i} {kind}" if stages else kind, str(count), f"{lat.min():.4f}",
+                            f"{lat.median():.4f}", f"{lat.max():.4f}", f"{part['cov'].mean():.3f}")
     meta = table.meta
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
+    tokens = ("/".join(str(t.meta.num_tokens) for t in stages) + " tokens per stage" if stages
+              else f"{meta.num_tokens} tokens")
     lines = [f"device {meta.device_name()} · {meta.backend} · {meta.precision.value} · batch {meta.batch_size} · "
-             f"{meta.num_tokens} tokens",
+             f"{tokens}",
              f"sentinel re-timed {len(meta.sentinel)}x, max drift {drift * 100:.1f}%"]
     lines.append(calibration_line(table))
     lines.append(conditions_line(meta.conditions))
@@ -76,9 +82,10 @@ def profile(
     space: str | None = typer.Option(None, "--space", help="A space preset (vit_test, deit_tiny, deit_small, "
                                      "deit_base, and their _distilled variants) or a JSON space file "
                                      "(default: deit_small)."),
-    arch: str | None = typer.Option(None, "--arch", help="Derive the space from any ViT instead: an arch.json, "
-                                    "a preset name, a variant folder or a checkpoint file (every width from "
-                                    "--group-size up to the model's own)."),
+    arch: str | None = typer.Option(None, "--arch", help="Derive the space from any ViT or Swin instead: an "
+                                    "arch.json, a preset name (swin_tiny...), a variant folder or a ViT checkpoint "
+                                    "file (every width from --group-size up to the model's own; a Swin gets one "
+                                    "grid per stage and a .swinlut table folder)."),
     group_size: int = typer.Option(8, "--group-size", help="With --arch: the pruning group size, the grid's "
                                    "smallest width and its alignment."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: the space's, 1)."),
@@ -103,8 +110,9 @@ def profile(
 ) -> None:
     """Benchmark ViT blocks of many widths on a device and write a latency lookup table."""
     from nvit.fileio import output_file
+    from nvit.lut.swin_table import is_swin_table
 
-    if out is not None:
+    if out is not None and not is_swin_table(out):  # a Swin table's folder is rewritten whole, atomically
         output_file(out)
     if remote is not None:
         from nvit.commands.service_access import profile_remotely
@@ -123,14 +131,18 @@ def profile(
     from nvit.profiler.device import backend_fingerprint
     from nvit.profiler.space import arch_for_space, derived_space, resolve_space
     from nvit.profiler.sweep import SweepOptions, run_sweep
+    from nvit.profiler.swin_space import SwinSearchSpace, derived_swin_space
+    from nvit.profiler.swin_sweep import run_swin_sweep
+    from nvit.swin import SwinSpec
     from nvit.vocab import DeviceKind
 
     device_kind = DeviceKind.CUDA if gpu else DeviceKind.CPU
     if arch is not None:
         if space is not None:
             raise NvitError("give --space or --arch, not both")
-        the_space = derived_space(arch_for_space(arch), group_size=group_size, batch_size=batch_size or 1,
-                                  precision=precision or "fp32")
+        source = arch_for_space(arch)
+        derive = derived_swin_space if isinstance(source, SwinSpec) else derived_space
+        the_space = derive(source, group_size=group_size, batch_size=batch_size or 1, precision=precision or "fp32")
         space = the_space.name
     else:
         space = space or "deit_small"
@@ -143,7 +155,9 @@ def profile(
     console = Console()
     with measuring_here(device_kind, console, f"profile --space {space}", be.cuda_index), be:
         device = backend_fingerprint(be)  # its GPU index; clocks read under load
-        path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size)
+        is_swin = isinstance(the_space, SwinSearchSpace)
+        path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size,
+                                  suffix=".swinlut" if is_swin else ".parquet")
         counts = the_space.counts()
         console.print(f"profiling [bold]{the_space.name or space}[/] with {be.name} on {device.slug()}: "
                       + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
@@ -161,8 +175,8 @@ def profile(
                         console.print(f"resuming: {p.resumed} configurations already measured")
                 bar.update(task, completed=p.done, description=f"{p.phase.value:<11} {p.name:<28}")
 
-            result = run_sweep(the_space, be, path, options=options, resume=resume, progress=on_progress,
-                               device=device)
+            sweep = run_swin_sweep if is_swin else run_sweep
+            result = sweep(the_space, be, path, options=options, resume=resume, progress=on_progress, device=device)
     if result.already_complete:
         console.print(f"{path} is already complete (use --no-resume to profile again)")
     console.print(summary_table(result))

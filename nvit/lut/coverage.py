@@ -185,8 +185,7 @@ class MeasuredGrid:
                        & set(fixed["embed_dim"].tolist())) or attn["embed_dim"].tolist()
         values = {"embed_dim": embed, "heads": attn["heads"].tolist(), "qk_dim": attn["qk_dim"].tolist(),
                   "v_dim": attn["v_dim"].tolist(), "mlp_dim": mlp["mlp_dim"].tolist()}
-        base = ArchSpec.from_dict(table.meta.base_arch) if table.meta.base_arch else None
-        return cls.from_values(values, base)
+        return cls.from_values(values, _table_base(table.meta))
 
     def axis(self, name: str) -> AxisGrid:
         for a in self.axes:
@@ -221,6 +220,18 @@ class MeasuredGrid:
             raise LutError(f"{what} lies far outside the latency table's measured grid ({far}); the table "
                            "cannot predict it: profile a table whose space covers these widths")
         return report
+
+
+def _table_base(meta: Any) -> Any:
+    """What a table's grid is judged against: its base ViT, or the stage a Swin table's stage measured (a
+    :class:`~nvit.swin.SwinStage`: its width and blocks)."""
+    if not meta.base_arch:
+        return None
+    if meta.base_arch.get("kind") == "swin":
+        from nvit.swin import SwinSpec
+
+        return SwinSpec.from_dict(meta.base_arch).stages[int(meta.space.get("stage", 0))]
+    return ArchSpec.from_dict(meta.base_arch)
 
 
 def _spec_widths(spec: ArchSpec) -> dict[str, np.ndarray]:

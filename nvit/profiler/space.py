@@ -17,6 +17,7 @@ and a precision. It expands into separable sub-tables (DESIGN.md §4):
   alone than inside a block) and the predictor prices a block the table measured by its own row;
 - ``fixed``: patch embedding + tokens + final norm + head(s), once per ``e``.
 
+The expansion into configurations is shared with a Swin's per-stage grids (:mod:`nvit.profiler.grid_configs`).
 Presets are derived from the architecture presets (recipes in :mod:`nvit.profiler.space_recipes`); custom spaces
 are JSON files with strict keys. Row configurations live in :mod:`nvit.vocab`, architectures
 drawn from a space in :mod:`nvit.profiler.sampling`; their names are re-exported here.
@@ -27,16 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nvit.arch import ArchSpec, preset, preset_names
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
+from nvit.profiler.grid_configs import DEFAULT_HALF_BLOCKS_PER_EMBED, GRID_AXES, GridConfigs
 from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
 from nvit.profiler.space_recipes import (
     GENERIC_BLOCKS_PER_EMBED,
@@ -48,7 +48,7 @@ from nvit.profiler.space_recipes import (
     head_span,
     low_dense_span,
 )
-from nvit.vocab import PartConfig, PartKind, Precision, positive_int
+from nvit.vocab import PartConfig, Precision, positive_int
 
 __all__ = [
     "CALIBRATION_LOW_FRACTION", "GRID_AXES", "SPACE_FILE_KIND", "SPACE_SCHEMA_VERSION",
@@ -60,20 +60,11 @@ __all__ = [
 
 SPACE_SCHEMA_VERSION = 4  # 4: narrow blocks; 3: one-half blocks (half_blocks_per_embed); 2: smallest corner
 READABLE_SPACE_VERSIONS = (1, 2, 3, 4)
-#: Narrow blocks: full blocks at the smallest ``NARROW_MLP_WIDTHS`` MLP widths, MLP-only blocks at the smallest
-#: ``NARROW_MLP_ONLY_WIDTHS`` (every head count, smallest Q/K and V widths, for full and attention-only ones).
-NARROW_MLP_WIDTHS = 2
-NARROW_MLP_ONLY_WIDTHS = 3
-#: ... at the smallest ``NARROW_HEADS`` head counts (a wide model's head grid is long; pruning ends at its start).
-NARROW_HEADS = 4
-#: One-half blocks per embedding width and sub-layer in a new space (spaces older than version 3 have none).
-DEFAULT_HALF_BLOCKS_PER_EMBED = 2
 SPACE_FILE_KIND = "nvit.space"
-GRID_AXES = ("embed_dims", "heads", "qk_dims", "v_dims", "mlp_dims")
 
 
 @dataclass(frozen=True)
-class SearchSpace:
+class SearchSpace(GridConfigs):
     """Grids over block widths for one base architecture, batch size and precision."""
 
     base: ArchSpec
@@ -91,21 +82,7 @@ class SearchSpace:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for axis in GRID_AXES:
-            values = getattr(self, axis)
-            if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
-                raise SpecError(f"space {axis} must be a non-empty list of positive integers")
-            if not all(positive_int(v) for v in values):
-                raise SpecError(f"space {axis} must hold positive integers, got {list(values)}")
-            if list(values) != sorted(set(values)):
-                raise SpecError(f"space {axis} must be strictly increasing, got {list(values)}")
-            object.__setattr__(self, axis, tuple(int(v) for v in values))
-        for key in ("blocks_per_embed", "half_blocks_per_embed", "sample_seed"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SpecError(f"space {key} must be a non-negative integer, got {value!r}")
-        if not isinstance(self.narrow_blocks, bool):
-            raise SpecError(f"space narrow_blocks must be true or false, got {self.narrow_blocks!r}")
+        self.check_grids()
         if not positive_int(self.batch_size):
             raise SpecError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         try:
@@ -114,113 +91,9 @@ class SearchSpace:
             known = ", ".join(p.value for p in Precision)
             raise SpecError(f"unknown precision {self.precision!r}; known: {known}") from None
 
-    # ---- expansion -----------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
         return self.base.num_tokens
-
-    def attn_configs(self) -> list[PartConfig]:
-        return [PartConfig(PartKind.ATTN, e, heads=h, qk_dim=q, v_dim=v)
-                for e in self.embed_dims for h in self.heads for q in self.qk_dims for v in self.v_dims]
-
-    def mlp_configs(self) -> list[PartConfig]:
-        return [PartConfig(PartKind.MLP, e, mlp_dim=m) for e in self.embed_dims for m in self.mlp_dims]
-
-    def fixed_configs(self) -> list[PartConfig]:
-        return [PartConfig(PartKind.FIXED, e) for e in self.embed_dims]
-
-    def largest_block(self, embed_dim: int) -> PartConfig:
-        return PartConfig(PartKind.BLOCK, embed_dim, heads=self.heads[-1], qk_dim=self.qk_dims[-1],
-                          v_dim=self.v_dims[-1], mlp_dim=self.mlp_dims[-1])
-
-    def smallest_block(self, embed_dim: int) -> PartConfig:
-        return PartConfig(PartKind.BLOCK, embed_dim, heads=self.heads[0], qk_dim=self.qk_dims[0],
-                          v_dim=self.v_dims[0], mlp_dim=self.mlp_dims[0])
-
-    def block_configs(self) -> list[PartConfig]:
-        """Per ``e``: the largest and the smallest block (the two ends of the interaction's fit), then distinct
-        random grid blocks (seeded), ``blocks_per_embed`` in all."""
-        rng = np.random.default_rng(self.sample_seed)
-        grid_size = len(self.heads) * len(self.qk_dims) * len(self.v_dims) * len(self.mlp_dims)
-        out: list[PartConfig] = []
-        for e in self.embed_dims:
-            corners = list(dict.fromkeys([self.largest_block(e), self.smallest_block(e)]))
-            chosen = corners[:self.blocks_per_embed]
-            while len(chosen) < min(self.blocks_per_embed, grid_size):
-                c = PartConfig(PartKind.BLOCK, e, heads=int(rng.choice(self.heads)),
-                               qk_dim=int(rng.choice(self.qk_dims)), v_dim=int(rng.choice(self.v_dims)),
-                               mlp_dim=int(rng.choice(self.mlp_dims)))
-                if c not in chosen:
-                    chosen.append(c)
-            out += chosen
-        return out
-
-    def one_half_block_configs(self) -> list[PartConfig]:
-        """Per ``e`` and sub-layer, ``half_blocks_per_embed`` blocks that kept only that sub-layer: the
-        smallest and the largest of its grid first, then distinct random grid points (seeded)."""
-        rng = np.random.default_rng([self.sample_seed, 3])
-        out: list[PartConfig] = []
-        n = self.half_blocks_per_embed
-        for e in self.embed_dims:
-            attn = [PartConfig(PartKind.ATTN_BLOCK, e, heads=h, qk_dim=q, v_dim=v)
-                    for h, q, v in ((self.heads[0], self.qk_dims[0], self.v_dims[0]),
-                                    (self.heads[-1], self.qk_dims[-1], self.v_dims[-1]))]
-            mlp = [PartConfig(PartKind.MLP_BLOCK, e, mlp_dim=m) for m in (self.mlp_dims[0], self.mlp_dims[-1])]
-            for corners, grid_size, draw in (
-                (attn, len(self.heads) * len(self.qk_dims) * len(self.v_dims),
-                 lambda e=e: PartConfig(PartKind.ATTN_BLOCK, e, heads=int(rng.choice(self.heads)),
-                                        qk_dim=int(rng.choice(self.qk_dims)), v_dim=int(rng.choice(self.v_dims)))),
-                (mlp, len(self.mlp_dims), lambda e=e: PartConfig(PartKind.MLP_BLOCK, e,
-                                                                 mlp_dim=int(rng.choice(self.mlp_dims)))),
-            ):
-                chosen = list(dict.fromkeys(corners))[:n]
-                while len(chosen) < min(n, grid_size):
-                    c = draw()
-                    if c not in chosen:
-                        chosen.append(c)
-                out += chosen
-        return out
-
-    def narrow_block_configs(self) -> list[PartConfig]:
-        """Per ``e``, the narrow shapes a pruning run reaches (none unless ``narrow_blocks``): each of the smallest
-        head counts at the smallest Q/K and V widths as a full block with each of the smallest MLP widths and as an
-        attention-only block (one-half blocks only where the space measures them), and MLP-only blocks at the
-        smallest MLP widths. Configurations the other samples already hold are left out."""
-        if not self.narrow_blocks:
-            return []
-        taken = set(self.block_configs()) | set(self.one_half_block_configs())
-        out: list[PartConfig] = []
-        q, v, heads = self.qk_dims[0], self.v_dims[0], self.heads[:NARROW_HEADS]
-        for e in self.embed_dims:
-            chosen = [PartConfig(PartKind.BLOCK, e, heads=h, qk_dim=q, v_dim=v, mlp_dim=m)
-                      for m in self.mlp_dims[:NARROW_MLP_WIDTHS] for h in heads]
-            if self.has_one_half_blocks:
-                chosen += [PartConfig(PartKind.ATTN_BLOCK, e, heads=h, qk_dim=q, v_dim=v) for h in heads]
-                chosen += [PartConfig(PartKind.MLP_BLOCK, e, mlp_dim=m)
-                           for m in self.mlp_dims[:NARROW_MLP_ONLY_WIDTHS]]
-            out += [c for c in chosen if c not in taken]
-        return out
-
-    @property
-    def has_one_half_blocks(self) -> bool:
-        """Whether tables of this space can price removing a whole sub-layer."""
-        return self.half_blocks_per_embed > 0
-
-    def configs(self) -> list[PartConfig]:
-        """Every configuration of the space, in a canonical order (the sweep shuffles it)."""
-        return (self.attn_configs() + self.mlp_configs() + self.block_configs() + self.fixed_configs()
-                + self.one_half_block_configs() + self.narrow_block_configs())
-
-    def counts(self) -> dict[str, int]:
-        narrow = self.narrow_block_configs()
-        halves = self.one_half_block_configs() + narrow
-        return {
-            PartKind.ATTN.value: len(self.attn_configs()), PartKind.MLP.value: len(self.mlp_configs()),
-            PartKind.BLOCK.value: len(self.block_configs()) + sum(c.kind is PartKind.BLOCK for c in narrow),
-            PartKind.FIXED.value: len(self.fixed_configs()),
-            PartKind.ATTN_BLOCK.value: sum(c.kind is PartKind.ATTN_BLOCK for c in halves),
-            PartKind.MLP_BLOCK.value: sum(c.kind is PartKind.MLP_BLOCK for c in halves),
-        }
 
     def sentinel(self) -> PartConfig:
         """The configuration re-timed during a sweep to record drift: the largest block at the largest ``e``."""
@@ -351,25 +224,24 @@ def derived_space(base: ArchSpec, *, group_size: int = 8, batch_size: int = 1,
                        precision=Precision(precision), name=name or f"{base.name or 'custom'}-derived")
 
 
-def arch_for_space(source: str) -> ArchSpec:
-    """The architecture a space is derived for: a preset name, an ``arch.json`` (or bare spec) file, a
-    variant folder (its ``arch.json``) or a checkpoint file (``.pth``/``.pt``/``.bin``/``.safetensors``,
-    the architecture inferred from its tensors)."""
-    from nvit.swin import load_any_arch_file, require_vit, swin_preset, swin_preset_names
+def arch_for_space(source: str) -> Any:
+    """The architecture a space is derived for: a preset name (a ViT's or a Swin's), an ``arch.json`` (or bare
+    spec) file, a variant folder (its ``arch.json``) or a ViT checkpoint file (``.pth``/``.pt``/``.bin``/
+    ``.safetensors``, the architecture inferred from its tensors). A Swin gets a Swin space
+    (:func:`nvit.profiler.swin_space.derived_swin_space`)."""
+    from nvit.swin import load_any_arch_file, swin_preset, swin_preset_names
 
     if source in preset_names():
         return preset(source)
     if source in swin_preset_names():
-        require_vit(swin_preset(source), "a latency table")
+        return swin_preset(source)
     path = Path(source)
     if path.is_dir():
         if not (path / "arch.json").is_file():
             raise SpecError(f"{path} is a folder without arch.json (not an nvit variant)")
         path = path / "arch.json"
     if path.suffix == ".json":
-        spec = load_any_arch_file(path)[0]
-        require_vit(spec, "a latency table")
-        return spec
+        return load_any_arch_file(path)[0]
     if path.is_file():
         from nvit.models.checkpoint import infer_arch, read_state_dict
 

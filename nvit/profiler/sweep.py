@@ -99,7 +99,7 @@ class SweepResult:
     seconds: float
     already_complete: bool = False
 
-def _median(record: Mapping[str, Any]) -> float:
+def run_median(record: Mapping[str, Any]) -> float:
     return float(record["stats"]["latency_ms_median"])
 
 
@@ -142,7 +142,7 @@ class _Sweep:
         from nvit.profiler.selfcheck import measure_archs
 
         by_name = {a.name: a for a in archs}
-        done = {(r["name"], r["pass"]): _median(r) for r in self.journal.of_type(record_type)
+        done = {(r["name"], r["pass"]): run_median(r) for r in self.journal.of_type(record_type)
                 if r["name"] in by_name}
 
         def on_timing(t: Any) -> None:
@@ -197,7 +197,7 @@ def run_sweep(
     jpath = journal_path(out)
     if resume and out.exists() and not jpath.exists():
         table = LatencyTable.load(out)
-        if table.meta.protocol.get("journal_header_fingerprint") != _header_fingerprint(header):
+        if table.meta.protocol.get("journal_header_fingerprint") != header_fingerprint(header):
             raise LutError(f"{out} already exists and was profiled with other settings; choose another --out "
                            "or use --no-resume to overwrite it")
         return SweepResult(out, table, measured=0, resumed=len(table), seconds=0.0, already_complete=True)
@@ -248,7 +248,7 @@ def _run(space: SearchSpace, backend: Backend, journal: Journal, options: SweepO
         sweep.models([arch], record_type, phase, rounds + slot // len(whole))
 
     parts_done = len(done)
-    todo = [(p, configs[i]) for p in range(options.passes) for i in _order(options.seed, p, len(configs))
+    todo = [(p, configs[i]) for p in range(options.passes) for i in pass_order(options.seed, p, len(configs))
             if (configs[i].key, p) not in done]
     drift = journal.of_type("sentinel")[-1]["drift"] if journal.of_type("sentinel") else 0.0
     since_sentinel = options.sentinel_every  # (re)starting: time the sentinel first
@@ -282,12 +282,12 @@ def model_rounds(options: SweepOptions) -> int:
     return options.passes + 1
 
 
-def _order(seed: int, pass_index: int, n: int) -> np.ndarray:
+def pass_order(seed: int, pass_index: int, n: int) -> np.ndarray:
     """The measurement order of one pass (a new shuffle per pass)."""
     return np.random.default_rng(seed if pass_index == 0 else [seed, pass_index]).permutation(n)
 
 
-def _header_fingerprint(header: Mapping[str, Any]) -> str:
+def header_fingerprint(header: Mapping[str, Any]) -> str:
     import hashlib
 
     canonical = json.dumps({k: v for k, v in header.items() if k != "created_at"}, sort_keys=True)
@@ -307,13 +307,13 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
         by_key.setdefault(PartConfig(**r["config"]).key, []).append(r)
     records = []
     for passes in by_key.values():  # the fastest pass; time spent is summed over passes
-        r = min(passes, key=_median)
+        r = min(passes, key=run_median)
         records.append({**r["config"], **r["stats"], "sentinel_drift": r["sentinel_drift"], "sweep_index": r["index"],
                         "profile_seconds": sum(x["seconds"] for x in passes), "measured_at": r["measured_at"]})
     sentinel = [{"after": r["after"], "latency_ms": r["latency_ms"], "drift": r["drift"],
                  "measured_at": r["measured_at"]} for r in journal.of_type("sentinel")]
     model_runs, check_runs = journal.of_type("model"), journal.of_type("check")
-    models = _fastest(model_runs)
+    models = fastest_runs(model_runs)
     meta = LutMeta(
         backend=backend.name, device_kind=backend.device, precision=space.precision,
         batch_size=space.batch_size, num_tokens=space.num_tokens, base_arch=space.base.to_dict(),
@@ -322,7 +322,7 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
         protocol={"order": "random", "seed": options.seed, "passes": options.passes,
                   "sentinel_every": options.sentinel_every,
                   "sentinel": space.sentinel().key, "space_fingerprint": space.fingerprint(),
-                  "journal_header_fingerprint": _header_fingerprint(header),
+                  "journal_header_fingerprint": header_fingerprint(header),
                   "calibration_models": options.calibration_models, "calibration_seed": options.calibration_seed,
                   "check_models": options.check_models, "check_seed": options.check_seed},
         sentinel=sentinel,
@@ -336,16 +336,16 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
         archs = [ArchSpec.from_dict(r["arch"]) for r in models]
         floors = raw.floors_for(archs)
         compositions = [raw.composition(a, floors) for a in archs]
-        calibration = fit_calibration([r["name"] for r in models], [_median(r) for r in models],
+        calibration = fit_calibration([r["name"] for r in models], [run_median(r) for r in models],
                                       [c.raw_ms for c in compositions], fit_scale=options.fit_scale,
                                       compositions=compositions, floors=floors)
         table = table.with_meta(calibration=calibration.with_archs([r["arch"] for r in models]))
     if check_runs:
         from nvit.profiler.selfcheck import check_report
 
-        checks = _fastest(check_runs)
+        checks = fastest_runs(check_runs)
         report = check_report(LatencyPredictor(table), [ArchSpec.from_dict(r["arch"]) for r in checks],
-                              {r["name"]: _median(r) for r in checks}, seed=options.check_seed,
+                              {r["name"]: run_median(r) for r in checks}, seed=options.check_seed,
                               passes=options.passes, measured_at=max(r["measured_at"] for r in checks))
         models_as_journaled = tuple(dataclasses.replace(m, arch=r["arch"])  # JSON types, like the calibration's
                                     for m, r in zip(report.models, checks, strict=True))
@@ -354,10 +354,10 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
     return table
 
 
-def _fastest(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fastest_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per model name, its run with the lowest median (first-seen order)."""
     fastest: dict[str, dict[str, Any]] = {}
     for r in runs:
-        if r["name"] not in fastest or _median(r) < _median(fastest[r["name"]]):
+        if r["name"] not in fastest or run_median(r) < run_median(fastest[r["name"]]):
             fastest[r["name"]] = r
     return list(fastest.values())

@@ -109,7 +109,14 @@ def part_workload(config: PartConfig, base: ArchSpec, batch_size: int) -> Worklo
 
 
 def model_workload(spec: ArchSpec, batch_size: int, *, name: str | None = None) -> Workload:
-    """A whole model (for calibration and end-to-end checks); the module carries ``spec`` as usual."""
+    """A whole model (for calibration and end-to-end checks); the module carries ``spec`` as usual. A Swin is
+    built by :func:`~nvit.profiler.swin_workloads.swin_model_workload`."""
+    from nvit.swin import SwinSpec
+
+    if isinstance(spec, SwinSpec):
+        from nvit.profiler.swin_workloads import swin_model_workload
+
+        return swin_model_workload(spec, batch_size, name=name)
     torch, vit, _, _ = _modules()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(WEIGHT_SEED)

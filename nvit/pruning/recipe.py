@@ -75,17 +75,19 @@ def load_latency_predictor(
             raise RecipeError("--lut flops has no device, precision or batch size to check")
         return LoadedPredictor(flops_predictor(spec, 1.0), {"kind": "flops"}, has_time_unit=False)
     from nvit.lut import load_predictor
-    from nvit.swin import require_vit
-
-    require_vit(spec, "a latency table (nvit prune --lut TABLE)")
+    from nvit.lut.swin_table import is_swin_table, table_sha256
+    from nvit.swin import SwinSpec
 
     path = Path(lut)
+    if isinstance(spec, SwinSpec) and not is_swin_table(path):
+        raise RecipeError(f"{path} is a ViT latency table; a Swin needs a Swin table (nvit profile --arch "
+                          f"{spec.name or 'ARCH'}: a .swinlut folder)")
     predictor = load_predictor(path, device=device, precision=precision, batch_size=batch_size)
     check = getattr(predictor, "check_spec", None)
     if check is not None:
         check(spec)
     meta = predictor.meta
-    prov = {"kind": "lut", "path": str(path), "sha256": file_sha256(path), "identity": meta.identity(),
+    prov = {"kind": "lut", "path": str(path), "sha256": table_sha256(path), "identity": meta.identity(),
             "device_name": meta.device_name(), "created_at": meta.created_at, "calibrated": predictor.calibrated}
     return LoadedPredictor(predictor, prov, has_time_unit=True)
 

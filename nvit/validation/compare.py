@@ -172,8 +172,8 @@ def compare_variants(
         ratio = float((drift_ratios or {}).get(v.name, 1.0))
         results.append(VariantResult(
             name=v.name, path=v.path, params=v.spec.num_params(), macs=v.spec.macs(),
-            embed_dim=v.spec.embed_dim, heads=tuple(b.heads for b in v.spec.blocks),
-            mlp_dims=tuple(b.mlp_dim for b in v.spec.blocks), predicted_ms=pred, measured_ms=measured,
+            embed_dim=_embed_dim(v.spec), heads=tuple(b.heads for b in _blocks(v.spec)),
+            mlp_dims=tuple(b.mlp_dim for b in _blocks(v.spec)), predicted_ms=pred, measured_ms=measured,
             measured_ms_p10=stats.latency_ms_p10, measured_ms_p90=stats.latency_ms_p90,
             error_pct=100.0 * (pred - measured) / measured,
             speedup_measured=base_stats.latency_ms_median / measured, speedup_predicted=base_pred / pred,
@@ -301,6 +301,16 @@ def measure_with_table(
     return stats, context
 
 
+def _embed_dim(spec: Any) -> int:
+    """A ViT's embedding width; a Swin's first stage's (the patch embedding's)."""
+    return spec.stages[0].embed_dim if hasattr(spec, "stages") else spec.embed_dim
+
+
+def _blocks(spec: Any) -> tuple[Any, ...]:
+    """Every block, a Swin's stage by stage."""
+    return tuple(b for s in spec.stages for b in s.blocks) if hasattr(spec, "stages") else spec.blocks
+
+
 def compare_with_table(
     table: Any,
     base: Variant,
@@ -315,17 +325,27 @@ def compare_with_table(
     with the table's predictions. ``references`` of the table's own full blocks are re-timed in the same
     session (:mod:`nvit.validation.drift`): how far the machine drifted since profiling, per work size, and each
     row's drift-corrected error."""
-    from nvit.lut.predictor import LatencyPredictor
+    from nvit.errors import LutError
+    from nvit.lut import predictor_for
     from nvit.profiler.base import Workload
     from nvit.profiler.workloads import image_shape
+    from nvit.swin import SwinSpec
 
     meta = table.meta
     models = (base, *variants)
+    predictor = predictor_for(table)
+    swin_table = bool(getattr(table, "stages", None))
+    if swin_table:  # its predictor checks each model is a Swin it can price; no reference rows (yet)
+        references = 0
     for v in models:
-        if v.spec.num_tokens != meta.num_tokens:
+        if swin_table:
+            predictor.check_spec(v.spec)
+        elif isinstance(v.spec, SwinSpec):
+            raise LutError(f"{v.name} is a Swin and the latency table a ViT table; profile a Swin table "
+                           "(nvit profile --arch ...) to compare it")
+        elif v.spec.num_tokens != meta.num_tokens:
             raise_tokens(v, meta.num_tokens)
     workloads = [Workload(v.name, v.module, image_shape(v.spec, meta.batch_size)) for v in models]
-    predictor = LatencyPredictor(table)
     stats, context, ratios = measure_beside_references(table, workloads, [v.spec for v in models], predictor,
                                                        rows=reference_rows(table, references),
                                                        same_device=same_device, passes=passes, progress=progress)

@@ -85,8 +85,10 @@ def reference_rows(table: Any, count: int = DEFAULT_REFERENCES) -> list[dict[str
     from nvit.lut.table import LATENCY_COLUMN
     from nvit.vocab import PartKind
 
+    if count <= 0:
+        return []
     blocks = table.of_kind(PartKind.BLOCK).sort_values(LATENCY_COLUMN)
-    if blocks.empty or count <= 0:
+    if blocks.empty:
         return []
     picks = sorted({round(i * (len(blocks) - 1) / max(1, count - 1)) for i in range(count)})
     return [blocks.iloc[i].to_dict() for i in picks]
@@ -99,6 +101,8 @@ def reference_workloads(table: Any, rows: Sequence[dict[str, Any]]) -> list[Any]
     from nvit.arch import ArchSpec
     from nvit.profiler.workloads import part_workload
 
+    if not rows:
+        return []
     base = ArchSpec.from_dict(table.meta.base_arch)
     out = []
     for row in rows:

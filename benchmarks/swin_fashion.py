@@ -1,0 +1,182 @@
+"""Benchmark: a small Swin on Fashion-MNIST through nvit (table checked on held-out shapes, then §2's protocol).
+
+``swin_fashion`` (28 px, patch 2, window 7: 14² tokens in four shifting windows, then 7² in one; widths 32 and 64)
+is trained, profiled into a CPU Swin table (ONNX Runtime, one thread) whose self-check reports the error on
+held-out Swins (MAPE and bias, pruned shapes apart), then pruned with §2's protocol at a smaller scale: nvit's
+default ranking (``knapsack``), saliency alone and uniform width (every gate scaled by one factor, its most
+salient units kept), to three target ratios of the dense predicted latency, 2 seeds; every variant fine-tuned
+with KD from the dense model so each (method, target) gets the same training steps after the base; all measured
+in one interleaved session and compared at equal *measured* latency (:mod:`prune_stats`). A last stage states
+the analytic sizes of ``swin_tiny/small/base``.
+
+Stages (each cached in --work, resumable; ``profile`` and ``measure`` time things — run them alone):
+    python benchmarks/swin_fashion.py base    --work W     # W/base: nvit train --arch swin_fashion
+    python benchmarks/swin_fashion.py profile --work W     # W/lut.swinlut: nvit profile --arch W/base
+    python benchmarks/swin_fashion.py run     --work W
+    python benchmarks/swin_fashion.py measure --work W
+    python benchmarks/swin_fashion.py report  --work W --out results/swin_fashion.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import prune_fashion as pf
+
+SETTINGS = pf.Settings(targets=(0.8, 0.6, 0.45), seeds=(0, 1), lambdas=(), interval=10, pace=0.05, total_steps=400)
+METHODS = ("knapsack", "saliency", "uniform")
+BASE_EPOCHS = 12
+SALIENCY_BATCHES = 8
+
+
+def log(msg: str) -> None:
+    print(f"[swin_fashion {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def nvit(*argv: str) -> None:
+    cmd = [sys.executable, "-m", "nvit", *argv]
+    log(" ".join(cmd[2:]))
+    subprocess.run(cmd, check=True)
+
+
+def base_stage(args: argparse.Namespace) -> None:
+    if (args.work / "base" / "arch.json").is_file():
+        log("base already trained")
+        return
+    nvit("train", "--arch", "swin_fashion", "--data", "fashion-mnist", "--epochs", str(args.epochs), "--out",
+         str(args.work / "base"))
+
+
+def profile_stage(args: argparse.Namespace) -> None:
+    nvit("profile", "--arch", str(args.work / "base"), "--backend", "onnxruntime", "--threads", "1",
+         "--calibrate", "8", "--check", "10", "--out", str(args.work / "lut.swinlut"))
+
+
+def salient_scores(ctx: pf.Context, layout: Any, seed: int) -> np.ndarray:
+    """Per unit, the mean squared ``Σ w ∂L/∂w`` over a few batches at the dense model (what stays in uniform)."""
+    from nvit.models import load_variant
+    from nvit.pruning.saliency import gate_unit_sums
+    from nvit.training.batches import StepBatches
+
+    model = load_variant(ctx.base_dir)
+    model.enable_gates()
+    model.train()
+    batches, loss = iter(StepBatches(ctx.train, batch_size=ctx.s.batch_size, seed=seed)), ctx.loss()
+    total = np.zeros(layout.num_units)
+    for _ in range(SALIENCY_BATCHES):
+        images, labels = next(batches)
+        model.zero_grad(set_to_none=True)
+        loss(images, model(images), labels).total.backward()
+        total += gate_unit_sums(model, layout).numpy() ** 2
+    return total
+
+
+def uniform_variants(ctx: pf.Context, seed: int, folder: Path) -> tuple[list[tuple[float, Any, int]], list]:
+    import prune_methods as pm
+
+    from nvit.models import load_variant, slice_model
+    from nvit.pruning.limits import pruning_layout
+
+    layout = pruning_layout(ctx.base.spec, pf.prune_config(ctx.s, "saliency", seed), ctx.predictor)
+    scores = salient_scores(ctx, layout, seed)
+    dense_ms = ctx.predictor.predict_ms(ctx.base.spec)
+    out = []
+    for ratio in ctx.s.targets:
+        state = pm.uniform_to_target(layout, scores, ctx.predictor, ratio * dense_ms)
+        model = load_variant(ctx.base_dir)
+        state.apply(model)
+        out.append((ratio, slice_model(model), 0))
+    return out, []
+
+
+def run_stage(args: argparse.Namespace) -> None:
+    pf.pruned_variants = _with_swin_uniform(pf.pruned_variants)
+    for method in METHODS:
+        for seed in args.settings.seeds:
+            pf.run_one(str(args.work / "base"), str(args.work / "lut.swinlut"), args.settings, str(args.work),
+                       method, seed)
+
+
+def _with_swin_uniform(original: Any) -> Any:
+    def pruned_variants(ctx: pf.Context, method: str, seed: int, folder: Path) -> Any:
+        return uniform_variants(ctx, seed, folder) if method == "uniform" else original(ctx, method, seed, folder)
+    return pruned_variants
+
+
+def measure_stage(args: argparse.Namespace) -> None:
+    ns = argparse.Namespace(work=args.work, base=args.work / "base", lut=args.work / "lut.swinlut")
+    pf.measure_stage(ns, args.settings)
+
+
+def sizes() -> dict[str, Any]:
+    """The published Swins' analytic sizes (no table: profiling them on this CPU is out of this budget)."""
+    from nvit.swin import swin_preset
+
+    return {n: {"params_M": swin_preset(n).num_params() / 1e6, "gmacs": swin_preset(n).macs() / 1e9}
+            for n in ("swin_tiny", "swin_small", "swin_base")}
+
+
+def report_stage(args: argparse.Namespace) -> None:
+    import prune_stats as st
+
+    from nvit import __version__
+    from nvit.fileio import atomic_write_text
+    from nvit.lut import load_table
+
+    s, work = args.settings, args.work
+    runs = pf.load_rows(work)
+    measured = json.loads((work / "measured.json").read_text())["models"]
+    comparison = {}
+    for stage in ("after", "before"):
+        curves = {m: {seed: st.curve([(measured[f"{m}/s{seed}/{r['target_ratio']:g}"]["measured_ms"],
+                                       r[f"test_{stage}"]) for r in runs[(m, seed)]["rows"]])
+                      for seed in s.seeds if (m, seed) in runs} for m in METHODS}
+        comparison[stage] = st.compare_methods({k: v for k, v in curves.items() if v}, "saliency")
+    rows = [dict(r, measured_ms=measured[f"{m}/s{seed}/{r['target_ratio']:g}"]["measured_ms"])
+            for (m, seed), doc in runs.items() for r in doc["rows"]]
+    table = load_table(work / "lut.swinlut")
+    check = table.meta.self_check
+    ns = argparse.Namespace(work=work, base=work / "base", lut=work / "lut.swinlut")
+    base = pf.load_base_eval(ns, s)
+    doc = {"kind": "nvit.benchmark.swin_fashion", "version": 1, "nvit_version": __version__,
+           "host": platform.node(), "settings": asdict(s), "methods": list(METHODS), "split": "test",
+           "base": {**base, "measured_ms": measured["base"]["measured_ms"]},
+           "table": {"rows": len(table), "profile_seconds": table.meta.profile_seconds_total,
+                     "conditions": table.meta.conditions, "calibration": table.meta.calibration.to_dict(),
+                     "self_check": check.to_dict() if check else None},
+           "comparison": comparison, "rows": rows,
+           "cpu_seconds": {f"{m}/s{seed}": doc["cpu_seconds"] for (m, seed), doc in runs.items()},
+           "measure_seconds": json.loads((work / "measured.json").read_text())["seconds"], "sizes": sizes()}
+    atomic_write_text(args.out, json.dumps(doc, indent=1, default=float) + "\n")
+    print(st.markdown({**doc, "chosen_lambda": None, "lambda_sweep_val": {}}))
+    log(f"wrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("base", "profile", "run", "measure", "report"))
+    parser.add_argument("--work", type=Path, default=Path("bench-swin-fashion"))
+    parser.add_argument("--out", type=Path, default=Path("results/swin_fashion.json"))
+    parser.add_argument("--epochs", type=int, default=BASE_EPOCHS)
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    args.settings = pf.apply_overrides(replace(SETTINGS), args.overrides)
+    args.work.mkdir(parents=True, exist_ok=True)
+    {"base": base_stage, "profile": profile_stage, "run": run_stage, "measure": measure_stage,
+     "report": report_stage}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
