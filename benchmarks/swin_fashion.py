@@ -55,8 +55,8 @@ def base_stage(args: argparse.Namespace) -> None:
     if (args.work / "base" / "arch.json").is_file():
         log("base already trained")
         return
-    nvit("train", "--arch", "swin_fashion", "--data", "fashion-mnist", "--epochs", str(args.epochs), "--out",
-         str(args.work / "base"))
+    nvit("train", "--arch", "swin_fashion", "--data", "fashion-mnist", "--epochs", str(args.epochs), "--batch-size",
+         "128", "--lr", "1e-3", "--warmup-epochs", "1", "--out", str(args.work / "base"))
 
 
 def profile_stage(args: argparse.Namespace) -> None:

@@ -273,8 +273,8 @@ def resolve_any_arch(name_or_path: str) -> ArchSpec | SwinSpec:
 
 
 #: What a Swin can go through today, for the commands that refuse it.
-SWIN_SUPPORT = ("nvit arch, train, profile (a .swinlut table), prune (widths), finetune, export and compare handle "
-                "Swin; sub-layer removal and parameter redistribution are not built for it yet")
+SWIN_SUPPORT = ("nvit arch, train, profile (a .swinlut table), prune, finetune, export and compare handle Swin; "
+                "parameter redistribution is not built for it yet")
 
 
 def require_vit(spec: Any, command: str) -> None:

@@ -126,7 +126,7 @@ class SwinFlopsPredictor:
     ``reference`` takes ``reference_ms``. Whole-model predictions only: pruning prices each group by finite
     differences of them (:func:`nvit.pruning.regularizer.gate_latency_deltas_ms`)."""
 
-    removal_unavailable: str | None = "removing whole sub-layers of a Swin is not built yet"
+    removal_unavailable: str | None = None  # FLOPs price a block without a sub-layer as they price any block
 
     def __init__(self, reference: Any, reference_ms: float) -> None:
         self.reference = reference

@@ -42,7 +42,6 @@ SWIN_LUT_KIND = "nvit.swin_lut"
 SWIN_LUT_SCHEMA_VERSION = 1
 MANIFEST = "swin_table.json"
 #: Swin fields the skeleton was measured with; a Swin that differs cannot be predicted by the table.
-SWIN_REMOVAL_UNAVAILABLE = "removing whole sub-layers of a Swin is not built yet"
 SWIN_FIXED_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "window_size", "num_stages")
 
 
@@ -156,8 +155,9 @@ class SwinLatencyPredictor:
         self.dense_skeleton_ms = float(np.mean(self._dense_fixed))
         smallest_fixed = min(float(np.min(np.maximum(p._fixed.values, 0.0))) for p in self.stages)
         self.floors = Floors(block_ms=min(p.floors.block_ms for p in self.stages), fixed_ms=smallest_fixed)
-        #: The stages' tables price blocks without a sub-layer, but pruning does not remove a Swin's yet.
-        self.removal_unavailable = SWIN_REMOVAL_UNAVAILABLE
+        #: A Swin block without a sub-layer is priced by its stage's one-half blocks, where every stage has them.
+        removal = [p.removal_unavailable for p in self.stages if p.removal_unavailable]
+        self.removal_unavailable = removal[0] if removal else None
         self.scale, self._offset_ms, self.per_block_ms = 1.0, 0.0, 0.0
         cal = table.meta.calibration if calibrated else None
         if cal is not None and cal.floors:

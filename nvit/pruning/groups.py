@@ -124,8 +124,9 @@ class GroupLayout:
     others' layer gates stay at their one unit.
 
     A Swin (:class:`~nvit.swin.SwinSpec`) has one EMB gate per stage, each followed by its stage's blocks (the
-    order of :meth:`~nvit.models.swin.SwinTransformer.gate_parameters`); blocks are numbered across stages.
-    Its whole sub-layers are not removable yet.
+    order of :meth:`~nvit.models.swin.SwinTransformer.gate_parameters`); blocks are numbered across stages. A
+    Swin block may lose one of its sub-layers but never both: a dropped block would move the blocks after it
+    to the other parity of window shifts (:meth:`PruneState.removable_groups`).
     """
 
     def __init__(self, spec: ArchSpec | SwinSpec, *, group_size: int, minimums: Minimums = Minimums(),
@@ -138,8 +139,6 @@ class GroupLayout:
         self.spec, self.group_size, self.minimums = spec, group_size, minimums
         self.removable = frozenset(removable)
         self.is_swin = isinstance(spec, SwinSpec)
-        if self.is_swin and self.removable:
-            raise PruneError("removing whole sub-layers of a Swin is not built yet; prune its widths (--remove none)")
         #: (stage, its embedding width, its blocks); a ViT is one stage of every block
         stages = ([(s, st.embed_dim, st.blocks) for s, st in enumerate(spec.stages)] if self.is_swin
                   else [(None, spec.embed_dim, spec.blocks)])
@@ -188,6 +187,10 @@ class GroupLayout:
         #: per gate, the layer gate that switches it off with its sub-layer (-1: none, EMB and layer gates)
         self.gate_layer = np.array([self.gate_index.get((LAYER_OF[g.kind], g.block), -1) if g.kind in LAYER_OF
                                     else -1 for g in gates], dtype=np.int64)
+        #: per gate, the block's other layer gate (-1: none, or not a layer gate)
+        other = {GroupKind.ATTN_LAYER: GroupKind.MLP_LAYER, GroupKind.MLP_LAYER: GroupKind.ATTN_LAYER}
+        self.gate_sibling = np.array([self.gate_index.get((other[g.kind], g.block), -1) if g.kind in other else -1
+                                      for g in gates], dtype=np.int64)
         self.unit_gate = np.repeat(np.arange(len(gates)), self.gate_sizes)
         self.unit_kind = self.gate_kind[self.unit_gate]
         self.spec_at(np.array(self.gate_sizes))  # fails early if the attention scale cannot be fixed
@@ -258,12 +261,18 @@ class GroupLayout:
         return _with_widths(self.spec, int(gate_widths[0]), blocks)
 
     def minimal_widths(self) -> np.ndarray:
-        """Every gate at its minimum, except that the first block with attention keeps it."""
+        """Every gate at its minimum, except that the first block with attention keeps it, and a Swin block
+        keeps one sub-layer (its MLP, where both could go)."""
         widths = self.gate_min.copy()
         if GroupKind.ATTN_LAYER in self.removable:
             attn = self.gates_of(GroupKind.ATTN_LAYER)
             if attn.size:
                 widths[attn[0]] = 1
+        if self.is_swin:
+            for j in self.gates_of(GroupKind.MLP_LAYER):
+                sibling = self.gate_sibling[j]
+                if widths[j] == 0 and (sibling < 0 or widths[sibling] == 0):
+                    widths[j] = 1
         return widths
 
     def minimal_spec(self) -> ArchSpec:
@@ -325,13 +334,17 @@ class PruneState:
 
     def removable_groups(self) -> np.ndarray:
         """Per gate, how many more groups may be removed before it reaches its minimum (none for the gates of a
-        removed sub-layer, and none for the last attention left)."""
+        removed sub-layer, none for the last attention left, and none for a Swin block's last sub-layer)."""
         lay = self.layout
         count = np.maximum(0, (self.widths - lay.gate_min) // lay.gate_group)
         count[~self.live_gates()] = 0
         attn = lay.gates_of(GroupKind.ATTN_LAYER)
         if attn.size and int(self.widths[attn].sum()) <= 1:
             count[attn] = 0
+        if lay.is_swin:  # a Swin block keeps its last sub-layer
+            sibling = lay.gate_sibling
+            sibling_gone = np.where(sibling >= 0, self.widths[np.maximum(sibling, 0)] == 0, True)
+            count[np.isin(lay.gate_kind, [KIND_CODES[k] for k in SUBLAYER_KINDS]) & sibling_gone] = 0
         return count
 
     def candidates(self, unit_scores: np.ndarray) -> Candidates:

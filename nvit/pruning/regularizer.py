@@ -73,15 +73,20 @@ def gate_latency_deltas_ms(layout: GroupLayout, predictor: Predictor, widths: np
 
 
 def finite_difference_deltas_ms(layout: GroupLayout, predictor: Any, widths: np.ndarray) -> np.ndarray:
-    """ΔLat of removing one group of each width gate: the whole model's prediction at ``widths`` minus its
-    prediction with that gate one group narrower (any architecture the predictor prices whole); NaN for a gate
-    that cannot lose a group and for the layer gates."""
+    """ΔLat of removing one group of each gate: the whole model's prediction at ``widths`` minus its prediction
+    with that gate one group narrower (any architecture the predictor prices whole); for a removable layer gate
+    whose block keeps its other sub-layer, the saving of removing the sub-layer. NaN for a gate that cannot
+    lose a group, for the layer gates that stay and for those of a block's last sub-layer."""
     base = predictor.predict_ms(layout.spec_at(widths))
     out = np.full(len(layout.gates), np.nan)
     for j, gate in enumerate(layout.gates):
         narrower = np.array(widths, dtype=np.int64)
         narrower[j] -= layout.gate_group[j]
-        if gate.kind in SUBLAYER_KINDS or narrower[j] <= 0:
+        if gate.kind in SUBLAYER_KINDS:
+            sibling = layout.gate_sibling[j]
+            if gate.kind not in layout.removable or widths[j] == 0 or sibling < 0 or widths[sibling] == 0:
+                continue
+        elif narrower[j] <= 0:
             continue
         out[j] = base - predictor.predict_ms(layout.spec_at(narrower))
     return out

@@ -14,7 +14,7 @@ from nvit.models import load_variant
 from nvit.models.swin import SwinTransformer, build_swin
 from nvit.models.swin_slicing import slice_swin
 from nvit.pruning.config import Target
-from nvit.pruning.groups import GroupKind, GroupLayout, PruneError, PruneState
+from nvit.pruning.groups import GroupKind, GroupLayout, PruneState
 from nvit.pruning.loop import prune
 from nvit.pruning.regularizer import gate_latency_deltas_ms
 from nvit.swin import SwinSpec, swin_preset
@@ -30,8 +30,22 @@ def test_the_layout_has_one_embedding_gate_per_stage_in_the_models_order() -> No
     assert [layout.gates[j].name for j in layout.emb_gates] == ["stage 0 emb", "stage 1 emb"]
     full = layout.spec_at(np.array(layout.gate_sizes))
     assert full.stages == SPEC.stages and full.qk_scale == 16**-0.5  # the scale kept as QK channels go
-    with pytest.raises(PruneError, match="sub-layers of a Swin is not built yet"):
-        GroupLayout(SPEC, group_size=8, removable={GroupKind.MLP_LAYER})
+
+
+def test_a_swin_block_may_lose_one_sub_layer_but_never_both() -> None:
+    layout = GroupLayout(SPEC, group_size=8, removable={GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER})
+    smallest = layout.minimal_spec()  # every block keeps one sub-layer; the first keeps its attention
+    blocks = [b for s in smallest.stages for b in s.blocks]
+    assert len(blocks) == SPEC.depth and all(b.has_attn or b.has_mlp for b in blocks)
+    assert blocks[0].has_attn and sum(b.has_attn for b in blocks) == 1
+    state = PruneState(layout)
+    attn0, mlp0 = (layout.gate_index[(k, 0)] for k in (GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER))
+    assert state.removable_groups()[[attn0, mlp0]].tolist() == [1, 1]
+    state.remove(layout.units_of(attn0))
+    assert state.removable_groups()[mlp0] == 0  # the block's last sub-layer stays
+    assert not state.can_remove(layout.units_of(mlp0))
+    spec = state.spec()
+    assert not spec.stages[0].blocks[0].has_attn and spec.stages[0].blocks[0].mlp_dim == 128
 
 
 def test_a_groups_price_is_the_whole_models_saving() -> None:
@@ -47,6 +61,40 @@ def test_a_groups_price_is_the_whole_models_saving() -> None:
     assert deltas[stage1] == pytest.approx(1.0 - smaller.flops() / SPEC.flops())
     layer_gates = [j for j, g in enumerate(layout.gates) if g.kind in (GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER)]
     assert np.isnan(deltas[layer_gates]).all() and np.isfinite(np.delete(deltas, layer_gates)).all()
+
+
+def test_a_swin_table_prices_and_pruning_removes_sub_layers(tmp_path) -> None:
+    from swin_fakes import swin_table
+
+    from nvit.lut import load_predictor
+
+    predictor = load_predictor(swin_table(tmp_path / "t.swinlut", calibration_models=3, check_models=0))
+    assert predictor.removal_unavailable is None
+    layout = GroupLayout(SPEC, group_size=8, removable={GroupKind.ATTN_LAYER, GroupKind.MLP_LAYER})
+    widths = PruneState(layout).widths
+    deltas = gate_latency_deltas_ms(layout, predictor, widths)
+    mlp3 = layout.gate_index[(GroupKind.MLP_LAYER, 3)]
+    without = widths.copy()
+    without[mlp3] = 0
+    assert deltas[mlp3] == pytest.approx(predictor.predict_ms(SPEC) - predictor.predict_ms(layout.spec_at(without)))
+    assert deltas[mlp3] > 0
+    model = build_swin(SPEC, seed=0)
+    dense_ms = predictor.predict_ms(SPEC)
+    # below what widths alone reach on this table (0.66 of dense): sub-layers must go (the default allows both)
+    cfg = config(Target.ratio(0.62), min_embed_dim=8, remove=None)
+    result = prune(model, config=cfg, predictor=predictor, data=digits_batches(cfg.batch_size),
+                   out_dir=tmp_path / "run")
+    [variant] = result.variants
+    blocks = [b for s in variant.arch.stages for b in s.blocks]
+    assert len(blocks) == SPEC.depth and all(b.has_attn or b.has_mlp for b in blocks)
+    assert variant.arch.removed_sublayers["attn"] + variant.arch.removed_sublayers["mlp"] >= 1
+    assert variant.predicted_latency_ms <= 0.62 * dense_ms * 1.0001
+    saved = load_variant(variant.path)
+    assert saved.spec == variant.arch
+    images = torch.randn(3, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():  # the gated model (removed branches gated off) and the sliced variant agree
+        assert torch.allclose(model(images), saved(images), atol=1e-5)
 
 
 def test_a_swin_prunes_to_its_targets_and_saves_sliced_swins(tmp_path) -> None:
