@@ -73,7 +73,7 @@ def salient_scores(ctx: pf.Context, layout: Any, seed: int) -> np.ndarray:
     model = load_variant(ctx.base_dir)
     model.enable_gates()
     model.train()
-    batches, loss = iter(StepBatches(ctx.train, batch_size=ctx.s.batch_size, seed=seed)), ctx.loss()
+    batches, loss = StepBatches(ctx.train, batch_size=ctx.s.batch_size, seed=seed).batches(0), ctx.loss()
     total = np.zeros(layout.num_units)
     for _ in range(SALIENCY_BATCHES):
         images, labels = next(batches)
@@ -86,7 +86,8 @@ def salient_scores(ctx: pf.Context, layout: Any, seed: int) -> np.ndarray:
 def uniform_variants(ctx: pf.Context, seed: int, folder: Path) -> tuple[list[tuple[float, Any, int]], list]:
     import prune_methods as pm
 
-    from nvit.models import load_variant, slice_model
+    from nvit.models import load_variant
+    from nvit.models.checkpoint import slice_any
     from nvit.pruning.limits import pruning_layout
 
     layout = pruning_layout(ctx.base.spec, pf.prune_config(ctx.s, "saliency", seed), ctx.predictor)
@@ -97,7 +98,7 @@ def uniform_variants(ctx: pf.Context, seed: int, folder: Path) -> tuple[list[tup
         state = pm.uniform_to_target(layout, scores, ctx.predictor, ratio * dense_ms)
         model = load_variant(ctx.base_dir)
         state.apply(model)
-        out.append((ratio, slice_model(model), 0))
+        out.append((ratio, slice_any(model), 0))
     return out, []
 
 
@@ -121,11 +122,23 @@ def measure_stage(args: argparse.Namespace) -> None:
 
 
 def sizes() -> dict[str, Any]:
-    """The published Swins' analytic sizes (no table: profiling them on this CPU is out of this budget)."""
+    """The published Swins' analytic sizes, and their params once every width is scaled by one factor until the
+    FLOPs proxy reaches half the dense model's (a stand-in: a CPU table of a 224-px Swin is out of this budget)."""
+    import prune_methods as pm
+
+    from nvit.lut.base import SwinFlopsPredictor
+    from nvit.pruning.groups import GroupLayout
     from nvit.swin import swin_preset
 
-    return {n: {"params_M": swin_preset(n).num_params() / 1e6, "gmacs": swin_preset(n).macs() / 1e9}
-            for n in ("swin_tiny", "swin_small", "swin_base")}
+    out = {}
+    for name in ("swin_tiny", "swin_small", "swin_base"):
+        spec = swin_preset(name)
+        layout = GroupLayout(spec, group_size=8)
+        half = pm.uniform_to_target(layout, np.zeros(layout.num_units), SwinFlopsPredictor(spec, 1.0), 0.5).spec()
+        out[name] = {"params_M": spec.num_params() / 1e6, "gmacs": spec.macs() / 1e9,
+                     "uniform_half_flops": {"params_M": half.num_params() / 1e6, "gmacs": half.macs() / 1e9,
+                                            "embed_dims": [st.embed_dim for st in half.stages]}}
+    return out
 
 
 def report_stage(args: argparse.Namespace) -> None:
@@ -160,8 +173,24 @@ def report_stage(args: argparse.Namespace) -> None:
            "cpu_seconds": {f"{m}/s{seed}": doc["cpu_seconds"] for (m, seed), doc in runs.items()},
            "measure_seconds": json.loads((work / "measured.json").read_text())["seconds"], "sizes": sizes()}
     atomic_write_text(args.out, json.dumps(doc, indent=1, default=float) + "\n")
-    print(st.markdown({**doc, "chosen_lambda": None, "lambda_sweep_val": {}}))
+    print(st.markdown(doc))
+    print(variants_markdown(rows))
     log(f"wrote {args.out}")
+
+
+def variants_markdown(rows: list[dict[str, Any]]) -> str:
+    """Every variant: measured latency, params, per-stage widths and its test top-1 (per seed, not averaged)."""
+    from nvit.swin import SwinSpec
+
+    lines = ["| method | seed | target | measured ms | params k | stage widths | MLP widths | test top-1 before → "
+             "after |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], -r["target_ratio"], r["seed"])):
+        spec = SwinSpec.from_dict(r["arch"])
+        mlp = " / ".join(",".join(str(b.mlp_dim) for b in st.blocks) for st in spec.stages)
+        lines.append(f"| {r['method']} | {r['seed']} | {r['target_ratio']:g} | {r['measured_ms']:.4f} | "
+                     f"{r['params'] / 1e3:.1f} | {'/'.join(str(st.embed_dim) for st in spec.stages)} | {mlp} | "
+                     f"{100 * r['test_before']:.1f} → {100 * r['test_after']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

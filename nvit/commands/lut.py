@@ -23,21 +23,11 @@ def _axis(values: list[int]) -> str:
     return ",".join(str(v) for v in values) if len(values) <= 8 else f"{values[0]}..{values[-1]} ({len(values)})"
 
 
-@lut_app.command("show")
-def show(lut: Path = _LUT_ARG) -> None:
-    """Summary of a table: identity, grids, latency ranges, drift and calibration."""
-    from nvit.lut.table import LatencyTable, grid_axes
+def _show_parts(console: Console, table: Any) -> None:
+    """One ViT-format table's rows per kind, grids and ranges, and its block model's fits."""
+    from nvit.lut.table import grid_axes
     from nvit.vocab import KIND_FIELDS, PartKind
 
-    table = LatencyTable.load(lut)
-    meta = table.meta
-    console = Console()
-    base = meta.base_arch.get("name") or "custom"
-    console.print(f"[bold]{lut}[/]: {len(table)} rows · {meta.backend} on {meta.device_name()} · "
-                  f"{meta.precision.value} · batch {meta.batch_size} · {meta.num_tokens} tokens · base {base} · "
-                  f"timing {meta.timing_mode()}")
-    console.print(f"created {meta.created_at} by nvit {meta.nvit_version}; versions: "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())))
     grid = Table("part", "rows", "grid", "min ms", "median ms", "max ms", "mean CoV")
     for kind in PartKind:
         part = table.of_kind(kind)
@@ -63,6 +53,29 @@ def show(lut: Path = _LUT_ARG) -> None:
         if raw.removal_unavailable:
             console.print(f"[yellow]sub-layer removal unavailable:[/] {raw.removal_unavailable}")
         console.print(measured_blocks_line(raw))
+
+
+@lut_app.command("show")
+def show(lut: Path = _LUT_ARG) -> None:
+    """Summary of a table: identity, grids, latency ranges, drift and calibration (a Swin table's per stage)."""
+    from nvit.lut import load_table
+
+    table = load_table(lut)
+    meta = table.meta
+    stages = getattr(table, "stages", None)
+    console = Console()
+    base = meta.base_arch.get("name") or "custom"
+    tokens = ("/".join(str(t.meta.num_tokens) for t in stages) + " tokens per stage" if stages
+              else f"{meta.num_tokens} tokens")
+    console.print(f"[bold]{lut}[/]: {len(table)} rows · {meta.backend} on {meta.device_name()} · "
+                  f"{meta.precision.value} · batch {meta.batch_size} · {tokens} · base {base} · "
+                  f"timing {meta.timing_mode()}")
+    console.print(f"created {meta.created_at} by nvit {meta.nvit_version}; versions: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())))
+    for i, part_table in enumerate(stages or (table,)):
+        if stages:
+            console.print(f"[bold]stage {i}[/] ({part_table.meta.num_tokens} tokens)")
+        _show_parts(console, part_table)
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
     console.print(f"sentinel {meta.protocol.get('sentinel', '?')}: re-timed {len(meta.sentinel)}x, "
                   f"max drift {drift * 100:.1f}%; profiling time {meta.profile_seconds_total:.0f} s")
@@ -157,18 +170,20 @@ def validate(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Require this batch size."),
 ) -> None:
     """Check a table: readable, typed, complete grids, sane latencies, and (optionally) the conditions."""
-    from nvit.lut.predictor import LatencyPredictor
+    from nvit.lut import predictor_for
+    from nvit.lut.swin_table import SwinLatencyTable, is_swin_table
     from nvit.lut.table import LatencyTable, check_compatible
 
-    table = LatencyTable.load(lut, validate=False)
+    table = SwinLatencyTable.load(lut) if is_swin_table(lut) else LatencyTable.load(lut, validate=False)
     console = Console()
-    problems = table.problems()
+    parts = getattr(table, "stages", None) or (table,)
+    problems = [f"stage {i}: {p}" if len(parts) > 1 else p for i, t in enumerate(parts) for p in t.problems()]
     for p in problems:
         console.print(f"[yellow]problem:[/] {p}")
     if problems:
         raise LutError(f"{lut}: {len(problems)} problem(s), first: {problems[0]}")
     check_compatible(table.meta, device=device, precision=precision, batch_size=batch_size, source=str(lut))
-    LatencyPredictor(table)  # the predictor can be built
+    predictor_for(table)  # the predictor can be built
     counts = ", ".join(f"{n} {k}" for k, n in table.counts().items())
     console.print(f"[green]valid[/]: {lut} ({counts})")
 

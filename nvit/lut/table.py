@@ -115,6 +115,9 @@ class LatencyTable:
         path = Path(path)
         if not path.exists():
             raise LutError(f"latency table not found: {path}")
+        if (path / "swin_table.json").is_file():
+            raise LutError(f"{path} is a Swin latency table (a .swinlut folder): nvit prune, compare and lut "
+                           "show/validate read it; this command reads a ViT table's Parquet file")
         try:
             arrow = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:

@@ -182,6 +182,16 @@ def build_any(spec: Any, *, seed: int | None = None) -> torch.nn.Module:
     return build_swin(spec, seed=seed) if isinstance(spec, SwinSpec) else build_model(spec, seed=seed)
 
 
+def slice_any(model: torch.nn.Module) -> torch.nn.Module:
+    """A new dense model of either kind holding only the units its gates keep
+    (:func:`~nvit.models.slicing.slice_model`, :func:`~nvit.models.swin_slicing.slice_swin`)."""
+    from nvit.models.slicing import slice_model
+    from nvit.models.swin import SwinTransformer
+    from nvit.models.swin_slicing import slice_swin
+
+    return slice_swin(model) if isinstance(model, SwinTransformer) else slice_model(model)
+
+
 def load_variant(folder: str | os.PathLike[str]) -> Any:
     """Load a variant folder written by :func:`save_variant` (or any folder with arch.json + weights): a ViT,
     or a Swin when its ``arch.json`` holds one."""

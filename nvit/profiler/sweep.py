@@ -157,7 +157,7 @@ class _Sweep:
                       on_timing=on_timing)
 
 
-def sweep_header(space: SearchSpace, backend: Backend, device_identity: Mapping[str, Any],
+def sweep_header(space: Any, backend: Backend, device_identity: Mapping[str, Any],
                  options: SweepOptions) -> dict[str, Any]:
     return {
         "kind": JOURNAL_KIND, "schema_version": JOURNAL_SCHEMA_VERSION, "space": space.to_dict(),
@@ -172,7 +172,7 @@ def run_sweep(
     backend: Backend,
     out: str | os.PathLike[str],
     *,
-    options: SweepOptions = SweepOptions(),
+    options: SweepOptions | None = None,
     resume: bool = True,
     progress: Callable[[SweepProgress], None] | None = None,
     device: Any = None,
@@ -185,6 +185,16 @@ def run_sweep(
     """
     from nvit.lut.table import LatencyTable
 
+    return sweep_into(space, backend, out, run_parts=_run, build=build_table, load=LatencyTable.load,
+                      options=options or SweepOptions(), resume=resume, progress=progress, device=device)
+
+
+def sweep_into(space: Any, backend: Backend, out: str | os.PathLike[str], *, run_parts: Callable[..., Any],
+               build: Callable[..., Any], load: Callable[[Path], Any], options: SweepOptions, resume: bool,
+               progress: Callable[[SweepProgress], None] | None, device: Any) -> SweepResult:
+    """The protocol around a sweep, for a ViT's space or a Swin's (:mod:`nvit.profiler.swin_sweep`): check the
+    backend against the space, return a complete table of the same identity (``load`` reads it), else open the
+    journal, ``run_parts`` under the conditions monitor, ``build`` the table and save it, remove the journal."""
     out = Path(out)
     if space.batch_size != backend.batch_size or space.precision != backend.precision:
         raise LutError(f"the space is for batch {space.batch_size} {space.precision.value}, the backend for "
@@ -196,20 +206,19 @@ def run_sweep(
     header = sweep_header(space, backend, device.identity(), options)
     jpath = journal_path(out)
     if resume and out.exists() and not jpath.exists():
-        table = LatencyTable.load(out)
+        table = load(out)
         if table.meta.protocol.get("journal_header_fingerprint") != header_fingerprint(header):
             raise LutError(f"{out} already exists and was profiled with other settings; choose another --out "
                            "or use --no-resume to overwrite it")
         return SweepResult(out, table, measured=0, resumed=len(table), seconds=0.0, already_complete=True)
-
     start = time.perf_counter()
     journal = Journal.open(jpath, header, fresh=not resume)
     try:
         with ConditionsMonitor(gpu_index=getattr(backend, "cuda_index", None)) as monitor:
-            sweep = _run(space, backend, journal, options, progress)
+            sweep = run_parts(space, backend, journal, options, progress)
         if sweep.measured:  # this session's machine, for the table's verdict
             journal.append({"type": "conditions", **monitor.conditions().to_dict(), "measured_at": utc_now()})
-        table = build_table(space, backend, device, journal, options, header)
+        table = build(space, backend, device, journal, options, header)
         table.save(out)
         journal.close(remove=True)
     finally:
@@ -294,29 +303,31 @@ def header_fingerprint(header: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Journal, options: SweepOptions,
-                header: Mapping[str, Any]) -> Any:
-    """The table (with calibration) from a complete journal."""
-    from nvit import __version__
-    from nvit.lut.predictor import LatencyPredictor, fit_calibration
-    from nvit.lut.table import LatencyTable, LutMeta, rows_from_records
-
-    parts = journal.of_type("part")
+def fastest_part_records(parts: list[dict[str, Any]], key: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """Per configuration (``key`` of its journaled config), its fastest pass as a row record (its config,
+    statistics, drift, place in the sweep), the time spent summed over its passes."""
     by_key: dict[str, list[dict[str, Any]]] = {}
     for r in parts:
-        by_key.setdefault(PartConfig(**r["config"]).key, []).append(r)
+        by_key.setdefault(key(r["config"]), []).append(r)
     records = []
-    for passes in by_key.values():  # the fastest pass; time spent is summed over passes
+    for passes in by_key.values():
         r = min(passes, key=run_median)
         records.append({**r["config"], **r["stats"], "sentinel_drift": r["sentinel_drift"], "sweep_index": r["index"],
                         "profile_seconds": sum(x["seconds"] for x in passes), "measured_at": r["measured_at"]})
-    sentinel = [{"after": r["after"], "latency_ms": r["latency_ms"], "drift": r["drift"],
-                 "measured_at": r["measured_at"]} for r in journal.of_type("sentinel")]
-    model_runs, check_runs = journal.of_type("model"), journal.of_type("check")
-    models = fastest_runs(model_runs)
-    meta = LutMeta(
+    return records
+
+
+def sweep_meta(space: Any, backend: Backend, device: Any, journal: Journal, options: SweepOptions,
+               header: Mapping[str, Any], *, num_tokens: int) -> Any:
+    """The :class:`~nvit.lut.meta.LutMeta` of a table profiled from ``journal`` (a ViT's or a Swin's)."""
+    from nvit import __version__
+    from nvit.lut.table import LutMeta
+
+    parts = journal.of_type("part")
+    whole = journal.of_type("model") + journal.of_type("check")
+    return LutMeta(
         backend=backend.name, device_kind=backend.device, precision=space.precision,
-        batch_size=space.batch_size, num_tokens=space.num_tokens, base_arch=space.base.to_dict(),
+        batch_size=space.batch_size, num_tokens=num_tokens, base_arch=space.base.to_dict(),
         device_identity=device.identity(), device=device.to_dict(), space=space.to_dict(),
         versions={**device.versions, **backend.versions()}, settings=backend.settings(),
         protocol={"order": "random", "seed": options.seed, "passes": options.passes,
@@ -325,15 +336,38 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
                   "journal_header_fingerprint": header_fingerprint(header),
                   "calibration_models": options.calibration_models, "calibration_seed": options.calibration_seed,
                   "check_models": options.check_models, "check_seed": options.check_seed},
-        sentinel=sentinel,
+        sentinel=[{"after": r["after"], "latency_ms": r["latency_ms"], "drift": r["drift"],
+                   "measured_at": r["measured_at"]} for r in journal.of_type("sentinel")],
         conditions=sweep_conditions(journal.of_type("conditions"), journal.of_type("sentinel"), parts).to_dict(),
-        profile_seconds_total=float(sum(r["seconds"] for r in parts + model_runs + check_runs)),
+        profile_seconds_total=float(sum(r["seconds"] for r in parts + whole)),
         nvit_version=__version__,
     )
+
+
+def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Journal, options: SweepOptions,
+                header: Mapping[str, Any]) -> Any:
+    """The table (with calibration) from a complete journal."""
+    from nvit.lut.predictor import LatencyPredictor
+    from nvit.lut.table import LatencyTable, rows_from_records
+
+    records = fastest_part_records(journal.of_type("part"), lambda c: PartConfig(**c).key)
+    meta = sweep_meta(space, backend, device, journal, options, header, num_tokens=space.num_tokens)
     table = LatencyTable(rows_from_records(records), meta).validate()
+    return fitted_table(table, journal, options, predictor=LatencyPredictor, arch=ArchSpec.from_dict)
+
+
+def fitted_table(table: Any, journal: Journal, options: SweepOptions, *, predictor: Callable[..., Any],
+                 arch: Callable[[Any], Any]) -> Any:
+    """``table`` with its calibration fitted on the journal's whole models (each at its fastest run) and its
+    self-check on the held-out ones; ``predictor`` builds the table's predictor (``calibrated=False`` for the
+    fit) and ``arch`` reads a journaled architecture (a ViT's or a Swin's)."""
+    from nvit.lut.calibration import fit_calibration
+    from nvit.profiler.selfcheck import check_report
+
+    models, check_runs = fastest_runs(journal.of_type("model")), journal.of_type("check")
     if models:
-        raw = LatencyPredictor(table, calibrated=False)
-        archs = [ArchSpec.from_dict(r["arch"]) for r in models]
+        raw = predictor(table, calibrated=False)
+        archs = [arch(r["arch"]) for r in models]
         floors = raw.floors_for(archs)
         compositions = [raw.composition(a, floors) for a in archs]
         calibration = fit_calibration([r["name"] for r in models], [run_median(r) for r in models],
@@ -341,10 +375,8 @@ def build_table(space: SearchSpace, backend: Backend, device: Any, journal: Jour
                                       compositions=compositions, floors=floors)
         table = table.with_meta(calibration=calibration.with_archs([r["arch"] for r in models]))
     if check_runs:
-        from nvit.profiler.selfcheck import check_report
-
         checks = fastest_runs(check_runs)
-        report = check_report(LatencyPredictor(table), [ArchSpec.from_dict(r["arch"]) for r in checks],
+        report = check_report(predictor(table), [arch(r["arch"]) for r in checks],
                               {r["name"]: run_median(r) for r in checks}, seed=options.check_seed,
                               passes=options.passes, measured_at=max(r["measured_at"] for r in checks))
         models_as_journaled = tuple(dataclasses.replace(m, arch=r["arch"])  # JSON types, like the calibration's

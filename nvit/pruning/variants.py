@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from nvit import __version__
-from nvit.models import save_variant, slice_model
-from nvit.models.swin import SwinTransformer
-from nvit.models.swin_slicing import slice_swin
+from nvit.models import save_variant
+from nvit.models.checkpoint import slice_any
 from nvit.models.vit import VisionTransformer
 from nvit.pruning.config import PruneConfig
 from nvit.pruning.groups import GroupLayout, PruneError
@@ -41,7 +40,7 @@ class VariantWriter:
         for t in pending:
             if remover.latency_ms > self.measured.goal_ms(t.latency_ms, self.min_ms):
                 break
-            sliced = (slice_swin(model) if isinstance(model, SwinTransformer) else slice_model(model)).eval()
+            sliced = slice_any(model).eval()
             measurement = None
             if self.measured.active:
                 decision = self.measured.measure(t.label, t.latency_ms, remover.latency_ms, self.min_ms, step,

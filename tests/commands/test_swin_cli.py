@@ -65,6 +65,12 @@ def test_a_swin_table_profiles_prices_pruning_and_compares(tmp_path, capsys, mon
     assert code == 0, err
     assert (table / "swin_table.json").is_file() and (table / "stage1.parquet").is_file()
     assert "stage 1 attn" in out and "64/16 tokens per stage" in out
+    code, out, err = run_cli(["lut", "show", str(table)], capsys)
+    assert code == 0 and "stage 1 (16 tokens)" in out and "64/16 tokens per stage" in out, err
+    code, out, err = run_cli(["lut", "validate", str(table)], capsys)
+    assert code == 0 and "valid" in out, err
+    code, _, err = run_cli(["lut", "merge", str(table), str(table), "--out", str(tmp_path / "m.parquet")], capsys)
+    assert code != 0 and "is a Swin latency table" in err and "Traceback" not in err
     predictor = load_predictor(table)
     dense = swin_preset("swin_test")
     assert abs(predictor.predict_ms(dense) / swin_ms(dense) - 1) < 0.02
