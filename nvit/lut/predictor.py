@@ -237,6 +237,11 @@ class LatencyPredictor(Predictor):
                 out = np.where(present, fit(e, half) if fit is not None else np.nan, out)
         return out
 
+    @property
+    def smallest_fixed_ms(self) -> float:
+        """The smallest measured fixed part (raw, floored at 0)."""
+        return float(np.min(np.maximum(self._fixed.values, 0.0)))
+
     def fixed_ms(self, e: Any) -> np.ndarray:
         """The scaled fixed part; below the smallest measured one it also takes its share of a negative
         offset back (``offset · (r_fixed − 1)``), so fixed part plus offset stay positive."""

@@ -153,7 +153,7 @@ class SwinLatencyPredictor:
         self._dense_fixed = [float(p.fixed_ms(s.embed_dim)) for p, s in zip(self.stages, self.base.stages,
                                                                              strict=True)]
         self.dense_skeleton_ms = float(np.mean(self._dense_fixed))
-        smallest_fixed = min(float(np.min(np.maximum(p._fixed.values, 0.0))) for p in self.stages)
+        smallest_fixed = min(p.smallest_fixed_ms for p in self.stages)
         self.floors = Floors(block_ms=min(p.floors.block_ms for p in self.stages), fixed_ms=smallest_fixed)
         #: A Swin block without a sub-layer is priced by its stage's one-half blocks, where every stage has them.
         removal = [p.removal_unavailable for p in self.stages if p.removal_unavailable]

@@ -181,15 +181,22 @@ def _drawn(rng: np.random.Generator, values: Sequence[int], low: float, high: fl
 
 
 def random_swin(space: SwinSearchSpace, rng: np.random.Generator, *, low: float = 0.3, high: float = 1.0,
-                name: str = "") -> SwinSpec:
+                removed: float = 0.0, name: str = "") -> SwinSpec:
     """A non-uniform Swin of the space: every stage's width and every block's widths drawn from the stage's
-    grids between ``low`` and ``high`` of their largest, independently."""
+    grids between ``low`` and ``high`` of their largest, independently; with ``removed``, each block loses its
+    attention or its MLP (never both) with that probability, as pruning leaves blocks."""
     embeds, blocks = [], []
     for grid, stage in zip(space.stages, space.base.stages, strict=True):
         embeds.append(_drawn(rng, grid.embed_dims, low, high))
         draw = lambda values: _drawn(rng, values, low, high)  # noqa: E731
-        blocks.append([BlockSpec(heads=draw(grid.heads), qk_dim=draw(grid.qk_dims), v_dim=draw(grid.v_dims),
-                                 mlp_dim=draw(grid.mlp_dims)) for _ in stage.blocks])
+        stage_blocks = []
+        for _ in stage.blocks:
+            b = BlockSpec(heads=draw(grid.heads), qk_dim=draw(grid.qk_dims), v_dim=draw(grid.v_dims),
+                          mlp_dim=draw(grid.mlp_dims))
+            if removed and rng.random() < removed:
+                b = b.without_attn() if rng.random() < 0.5 else b.without_mlp()
+            stage_blocks.append(b)
+        blocks.append(stage_blocks)
     return _named(space.base, embeds, blocks, name)
 
 
@@ -212,23 +219,36 @@ def _named(base: SwinSpec, embeds: Sequence[int], blocks: Sequence[Sequence[Bloc
     return dataclasses.replace(base, stages=stages, name=name or base.name)
 
 
+#: Where the space prices removed sub-layers, the share of blocks a "removed" calibration or check Swin loses one in.
+REMOVED_SHARE = 0.4
+
+
 def swin_calibration_archs(space: SwinSearchSpace, count: int, *, seed: int = 1) -> list[SwinSpec]:
-    """The dense base, a small uniform Swin, then random ones (seeded): ``count`` in all."""
+    """The dense base, a small uniform Swin, then random ones (seeded), every third of those with removed
+    sub-layers where the space prices them: ``count`` in all."""
     out = [_named(space.base, [s.embed_dim for s in space.base.stages], [s.blocks for s in space.base.stages],
                   "cal-dense"),
            uniform_swin(space, SWIN_CALIBRATION_LOW_FRACTION, name="cal-uniform-low")][:count]
     rng = np.random.default_rng(seed)
     while len(out) < count:
-        out.append(random_swin(space, rng, name=f"cal-random-{len(out)}"))
+        removed = space.has_one_half_blocks and len(out) % 3 == 1
+        out.append(random_swin(space, rng, removed=REMOVED_SHARE if removed else 0.0,
+                               name=f"cal-{'removed' if removed else 'random'}-{len(out)}"))
     return out
 
 
 def swin_check_archs(space: SwinSearchSpace, count: int, *, seed: int = 500) -> list[SwinSpec]:
-    """``count`` held-out Swins: random ones, alternately wide (0.5–1 of the grid) and narrow (0.2–0.6), the
-    shapes pruning reaches."""
+    """``count`` held-out Swins in turn: wide random ones (0.5–1 of the grid), narrow ones (0.2–0.6: the shapes
+    pruning reaches) and, where the space prices them, narrow ones with removed sub-layers."""
     rng = np.random.default_rng(seed)
-    return [random_swin(space, rng, low=0.5, high=1.0, name=f"check-random-{i}") if i % 2 == 0
-            else random_swin(space, rng, low=0.2, high=0.6, name=f"check-pruned-{i}") for i in range(count)]
+    kinds = ("random", "pruned", "removed") if space.has_one_half_blocks else ("random", "pruned")
+    out = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        low, high = (0.5, 1.0) if kind == "random" else (0.2, 0.6)
+        out.append(random_swin(space, rng, low=low, high=high, removed=REMOVED_SHARE if kind == "removed" else 0.0,
+                               name=f"check-{kind}-{i}"))
+    return out
 
 
 __all__ = ["GRID_AXES", "SWIN_SPACE_KIND", "StagePart", "SwinSearchSpace", "SwinStageGrid", "derived_swin_space",

@@ -36,7 +36,7 @@ def _gemm(api: TorchCuda, n_out: int):
     return lambda: torch.mm(x, w.t(), out=out)
 
 
-def run_median(values: list[float]) -> float:
+def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
@@ -51,7 +51,7 @@ def test_cuda_event_time_matches_the_wall_clock_and_scales_with_the_work():
             t0 = time.perf_counter()
             events.append(timer())  # K replays between two events, then waits for the end event
             walls.append((time.perf_counter() - t0) * 1e3 / timer.iters_per_sample)
-        event_ms, wall_ms = run_median(events), run_median(walls)
+        event_ms, wall_ms = _median(events), _median(walls)
         assert 0.85 <= event_ms / wall_ms <= 1.15, (n_out, event_ms, wall_ms, timer.iters_per_sample)
         per_iter_ms[n_out] = event_ms
     assert 1.7 <= per_iter_ms[8192] / per_iter_ms[4096] <= 2.3, per_iter_ms  # twice the FLOPs
