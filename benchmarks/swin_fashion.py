@@ -60,7 +60,7 @@ def base_stage(args: argparse.Namespace) -> None:
 
 
 def profile_stage(args: argparse.Namespace) -> None:
-    nvit("profile", "--arch", str(args.work / "base"), "--backend", "onnxruntime", "--threads", "1",
+    nvit("profile", "--arch", str(args.work / "base"), "--backend", "onnxruntime", "--threads", "1", "--passes", "2",
          "--calibrate", "8", "--check", "10", "--out", str(args.work / "lut.swinlut"))
 
 

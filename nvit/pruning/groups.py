@@ -24,6 +24,7 @@ the sum of its units' scores (the diagonal of the Fisher form, as in NViT).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import logging
@@ -250,11 +251,15 @@ class GroupLayout:
         """The architecture with gate ``g`` at width ``gate_widths[g]`` (gates in this layout's order): a removed
         sub-layer has width 0, a block without either is dropped."""
         if self.is_swin:
+            blocks = self.block_specs(gate_widths)
             try:
-                return self.spec.with_widths([int(gate_widths[j]) for j in self.emb_gates],
-                                             self.per_stage(self.block_specs(gate_widths)))
+                spec = self.spec.with_widths([int(gate_widths[j]) for j in self.emb_gates], self.per_stage(blocks))
             except SpecError as exc:
                 raise PruneError(str(exc)) from None
+            base = [b for st in self.spec.stages for b in st.blocks]
+            if not any(b.has_attn and b.qk_dim != a.qk_dim for b, a in zip(blocks, base, strict=True)):
+                spec = dataclasses.replace(spec, qk_scale=self.spec.qk_scale)  # as slicing keeps it
+            return spec
         blocks = tuple(b for b in self.block_specs(gate_widths) if b is not None)
         if not blocks:
             raise PruneError("the widths remove every block")

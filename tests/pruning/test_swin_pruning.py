@@ -29,7 +29,21 @@ def test_the_layout_has_one_embedding_gate_per_stage_in_the_models_order() -> No
     assert [g.numel() for g in layout.check_model(model)] == list(layout.gate_sizes)
     assert [layout.gates[j].name for j in layout.emb_gates] == ["stage 0 emb", "stage 1 emb"]
     full = layout.spec_at(np.array(layout.gate_sizes))
-    assert full.stages == SPEC.stages and full.qk_scale == 16**-0.5  # the scale kept as QK channels go
+    assert full == SPEC  # the scale stays implicit until QK channels go (the next test)
+
+
+def test_the_mask_and_the_sliced_swin_agree_before_any_qk_channel_goes() -> None:
+    from nvit.models.checkpoint import slice_any
+
+    layout = GroupLayout(SPEC, group_size=8)
+    state = PruneState(layout)
+    state.remove(layout.units_of(layout.gate_index[(GroupKind.MLP, 1)])[:8])
+    model = build_swin(SPEC, seed=0)
+    state.apply(model)
+    assert slice_any(model).spec == state.spec() and state.spec().qk_scale is None  # the scale stays implicit
+    state.remove(layout.units_of(layout.gate_index[(GroupKind.QK, 0)])[:8])
+    state.apply(model)
+    assert slice_any(model).spec == state.spec() and state.spec().qk_scale == 16**-0.5  # now it is fixed
 
 
 def test_a_swin_block_may_lose_one_sub_layer_but_never_both() -> None:
