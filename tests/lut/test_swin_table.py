@@ -91,3 +91,30 @@ def test_a_swin_table_refuses_edits_vits_and_other_geometries(tmp_path) -> None:
     stage.write_bytes(stage.read_bytes() + b"\0")
     with pytest.raises(LutError, match=r"does not match swin_table\.json"):
         load_table(path)
+
+
+def test_onnx_runtime_profiles_a_tiny_swin_space(tmp_path) -> None:
+    """The real path: every Swin part (window attention with its bias, MLP, blocks, one-half blocks, the skeleton
+    with no blocks) and whole Swins exported to ONNX and timed by ONNX Runtime on the CPU."""
+    from nvit.profiler.base import get_backend
+    from nvit.profiler.harness import HarnessConfig
+    from nvit.profiler.swin_space import SwinStageGrid
+    from nvit.vocab import DeviceKind, Precision
+
+    base = swin_preset("swin_test")
+    grids = tuple(SwinStageGrid(embed_dims=(16, s.embed_dim), heads=(s.blocks[0].heads,), qk_dims=(16,),
+                                v_dims=(16,), mlp_dims=(32, s.blocks[0].mlp_dim), blocks_per_embed=1,
+                                half_blocks_per_embed=1, narrow_blocks=False) for s in base.stages)
+    space = SwinSearchSpace(base=base, stages=grids, name="tiny-swin")
+    fast = HarnessConfig(warmup_s=0.0, rewarm_s=0.0, min_samples=3, max_samples=5, time_cap_s=0.05, repeats=1)
+    with get_backend("onnxruntime")(device=DeviceKind.CPU, precision=Precision.FP32, batch_size=1, harness=fast,
+                                    intra_op_threads=1) as backend:
+        result = run_swin_sweep(space, backend, tmp_path / "t.swinlut", device=fake_device(),
+                                options=SweepOptions(calibration_models=2, check_models=2, sentinel_every=10))
+    table = result.table
+    assert [t.meta.num_tokens for t in table.stages] == [64, 16] and len(table) == len(space.configs())
+    assert all((t.rows["latency_ms_median"] > 0).all() for t in table.stages)
+    assert table.meta.backend == "onnxruntime" and table.meta.self_check.n == 2
+    predictor = load_predictor(tmp_path / "t.swinlut")
+    for spec in (base, uniform_swin(space, 0.5)):  # timings are this machine's: only their sanity is tested here
+        assert 0 < predictor.predict_ms(spec) < 10 * table.meta.calibration.models[0].measured_ms
