@@ -17,6 +17,7 @@ pruning group size up to the stage's widest block.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ from nvit.arch import BlockSpec
 from nvit.errors import SpecError
 from nvit.profiler.grid_configs import DEFAULT_HALF_BLOCKS_PER_EMBED, GRID_AXES, GridConfigs
 from nvit.profiler.space_recipes import GENERIC_BLOCKS_PER_EMBED, derive_axes
-from nvit.swin import SwinSpec
+from nvit.swin import SwinSpec, SwinStage
 from nvit.vocab import PartConfig, PartKind, Precision, positive_int
 
 SWIN_SPACE_KIND = "nvit.swin_space"
@@ -213,9 +214,7 @@ def uniform_swin(space: SwinSearchSpace, fraction: float, *, align: int = 8, nam
 
 
 def _named(base: SwinSpec, embeds: Sequence[int], blocks: Sequence[Sequence[BlockSpec]], name: str) -> SwinSpec:
-    import dataclasses
-
-    stages = tuple(type(s)(int(e), tuple(bs)) for s, e, bs in zip(base.stages, embeds, blocks, strict=True))
+    stages = tuple(SwinStage(int(e), tuple(bs)) for e, bs in zip(embeds, blocks, strict=True))
     return dataclasses.replace(base, stages=stages, name=name or base.name)
 
 
