@@ -111,10 +111,14 @@ class SwinSpec:
         return self.window_size // 2 if block % 2 and self.resolution(stage) > self.window_size else 0
 
     @property
+    def blocks(self) -> tuple[BlockSpec, ...]:
+        """Every block, stage by stage (numbered across stages, as pruning numbers them)."""
+        return tuple(b for s in self.stages for b in s.blocks)
+
+    @property
     def removed_sublayers(self) -> dict[str, int]:
         """How many blocks lack their attention / their MLP."""
-        blocks = [b for s in self.stages for b in s.blocks]
-        return {"attn": sum(not b.has_attn for b in blocks), "mlp": sum(not b.has_mlp for b in blocks)}
+        return {"attn": sum(not b.has_attn for b in self.blocks), "mlp": sum(not b.has_mlp for b in self.blocks)}
 
     def with_widths(self, embeds: Sequence[int], blocks: Sequence[Sequence[BlockSpec]]) -> SwinSpec:
         """This Swin at other widths (an embedding and the blocks per stage), its attention scale kept as slicing
@@ -127,7 +131,7 @@ class SwinSpec:
         the one default scale its blocks share (``None`` without attention; refused when they differ)."""
         if self.qk_scale is not None:
             return self.qk_scale
-        scales = {self.block_scale(b) for s in self.stages for b in s.blocks if b.has_attn}
+        scales = {self.block_scale(b) for b in self.blocks if b.has_attn}
         if len(scales) > 1:
             raise SpecError("the Swin's blocks have different default attention scales; set qk_scale to slice or "
                             "prune their QK channels")

@@ -110,7 +110,7 @@ def list_presets() -> None:
                       f"{s.num_params() / 1e6:.2f}", f"{s.macs() / 1e9:.2f}")
     for name in swin_preset_names():
         w = swin_preset(name)
-        heads = [b.heads for st in w.stages for b in st.blocks]
+        heads = [b.heads for b in w.blocks]
         table.add_row(name, "-".join(str(st.embed_dim) for st in w.stages), str(w.depth),
                       f"{min(heads)}-{max(heads)}", f"{w.num_params() / 1e6:.2f}", f"{w.macs() / 1e9:.2f}")
     Console().print(table)

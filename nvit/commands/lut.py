@@ -23,6 +23,14 @@ def _axis(values: list[int]) -> str:
     return ",".join(str(v) for v in values) if len(values) <= 8 else f"{values[0]}..{values[-1]} ({len(values)})"
 
 
+def tokens_text(table: Any) -> str:
+    """``197 tokens``, or a Swin table's ``196/49 tokens per stage``."""
+    stages = getattr(table, "stages", None)
+    if stages:
+        return "/".join(str(t.meta.num_tokens) for t in stages) + " tokens per stage"
+    return f"{table.meta.num_tokens} tokens"
+
+
 def _show_parts(console: Console, table: Any) -> None:
     """One ViT-format table's rows per kind, grids and ranges, and its block model's fits."""
     from nvit.lut.table import grid_axes
@@ -65,8 +73,7 @@ def show(lut: Path = _LUT_ARG) -> None:
     stages = getattr(table, "stages", None)
     console = Console()
     base = meta.base_arch.get("name") or "custom"
-    tokens = ("/".join(str(t.meta.num_tokens) for t in stages) + " tokens per stage" if stages
-              else f"{meta.num_tokens} tokens")
+    tokens = tokens_text(table)
     console.print(f"[bold]{lut}[/]: {len(table)} rows · {meta.backend} on {meta.device_name()} · "
                   f"{meta.precision.value} · batch {meta.batch_size} · {tokens} · base {base} · "
                   f"timing {meta.timing_mode()}")

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nvit.commands.lut import calibration_line, conditions_line, self_check_line
+from nvit.commands.lut import calibration_line, conditions_line, self_check_line, tokens_text
 from nvit.commands.options import BACKEND_OPTIONS, THREADS
 from nvit.errors import NvitError
 
@@ -59,10 +59,8 @@ def summary_table(result: Any) -> Table:
                             f"{lat.median():.4f}", f"{lat.max():.4f}", f"{part['cov'].mean():.3f}")
     meta = table.meta
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
-    tokens = ("/".join(str(t.meta.num_tokens) for t in stages) + " tokens per stage" if stages
-              else f"{meta.num_tokens} tokens")
     lines = [f"device {meta.device_name()} · {meta.backend} · {meta.precision.value} · batch {meta.batch_size} · "
-             f"{tokens}",
+             f"{tokens_text(table)}",
              f"sentinel re-timed {len(meta.sentinel)}x, max drift {drift * 100:.1f}%"]
     lines.append(calibration_line(table))
     lines.append(conditions_line(meta.conditions))

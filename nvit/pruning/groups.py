@@ -143,9 +143,8 @@ class GroupLayout:
         #: (stage, its embedding width, its blocks); a ViT is one stage of every block
         stages = ([(s, st.embed_dim, st.blocks) for s, st in enumerate(spec.stages)] if self.is_swin
                   else [(None, spec.embed_dim, spec.blocks)])
-        all_blocks = [b for _, _, blocks in stages for b in blocks]
         widths = [("embed_dim" if s is None else f"stage {s} embed_dim", e) for s, e, _ in stages]
-        for i, b in enumerate(all_blocks):
+        for i, b in enumerate(spec.blocks):
             widths += [(f"block {i} {name}", getattr(b, name)) for name in ("qk_dim", "v_dim", "mlp_dim")]
         for what, width in widths:
             if width % group_size:
@@ -256,8 +255,7 @@ class GroupLayout:
                 spec = self.spec.with_widths([int(gate_widths[j]) for j in self.emb_gates], self.per_stage(blocks))
             except SpecError as exc:
                 raise PruneError(str(exc)) from None
-            base = [b for st in self.spec.stages for b in st.blocks]
-            if not any(b.has_attn and b.qk_dim != a.qk_dim for b, a in zip(blocks, base, strict=True)):
+            if not any(b.has_attn and b.qk_dim != a.qk_dim for b, a in zip(blocks, self.spec.blocks, strict=True)):
                 spec = dataclasses.replace(spec, qk_scale=self.spec.qk_scale)  # as slicing keeps it
             return spec
         blocks = tuple(b for b in self.block_specs(gate_widths) if b is not None)

@@ -172,8 +172,8 @@ def compare_variants(
         ratio = float((drift_ratios or {}).get(v.name, 1.0))
         results.append(VariantResult(
             name=v.name, path=v.path, params=v.spec.num_params(), macs=v.spec.macs(),
-            embed_dim=_embed_dim(v.spec), heads=tuple(b.heads for b in _blocks(v.spec)),
-            mlp_dims=tuple(b.mlp_dim for b in _blocks(v.spec)), predicted_ms=pred, measured_ms=measured,
+            embed_dim=_embed_dim(v.spec), heads=tuple(b.heads for b in v.spec.blocks),
+            mlp_dims=tuple(b.mlp_dim for b in v.spec.blocks), predicted_ms=pred, measured_ms=measured,
             measured_ms_p10=stats.latency_ms_p10, measured_ms_p90=stats.latency_ms_p90,
             error_pct=100.0 * (pred - measured) / measured,
             speedup_measured=base_stats.latency_ms_median / measured, speedup_predicted=base_pred / pred,
@@ -304,11 +304,6 @@ def measure_with_table(
 def _embed_dim(spec: Any) -> int:
     """A ViT's embedding width; a Swin's first stage's (the patch embedding's)."""
     return spec.stages[0].embed_dim if hasattr(spec, "stages") else spec.embed_dim
-
-
-def _blocks(spec: Any) -> tuple[Any, ...]:
-    """Every block, a Swin's stage by stage."""
-    return tuple(b for s in spec.stages for b in s.blocks) if hasattr(spec, "stages") else spec.blocks
 
 
 def compare_with_table(
