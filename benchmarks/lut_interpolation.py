@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from nvit import __version__
-from nvit.arch import ArchSpec, preset
+from nvit.arch import ArchSpec
 from nvit.errors import NvitError
 from nvit.fileio import atomic_write_text
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable, check_compatible, utc_now
+from nvit.presets import preset
 from nvit.profiler.base import get_backend
 from nvit.profiler.space import SearchSpace, preset_space, resolve_space
 from nvit.profiler.sweep import SweepOptions, run_sweep

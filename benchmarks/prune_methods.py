@@ -22,7 +22,8 @@ import torch
 
 from nvit.lut.base import Predictor
 from nvit.models.vit import VisionTransformer
-from nvit.pruning.groups import GroupKind, GroupLayout, PruneState
+from nvit.pruning.groups import GroupKind, GroupLayout
+from nvit.pruning.state import PruneState
 from nvit.training.batches import StepBatches
 from nvit.training.fit import lr_factor, parameter_groups, train_step
 

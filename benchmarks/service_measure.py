@@ -31,9 +31,9 @@ from typing import Any
 
 import httpx
 
-from nvit.arch import preset
 from nvit.errors import NvitError
 from nvit.fileio import atomic_write_text
+from nvit.presets import preset
 from nvit.profiler.base import get_backend
 from nvit.profiler.device import fingerprint
 from nvit.profiler.workloads import model_workload

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nvit.arch import preset
 from nvit.fileio import atomic_write_text
 from nvit.models import load_variant, save_variant, variant_provenance
 from nvit.models.vit import VisionTransformer, build_model
+from nvit.presets import preset
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nvit.arch import ArchSpec, BlockSpec, block_flops, block_params, read_arch_doc, resolve_arch
+from nvit.arch import ArchSpec, BlockSpec, block_flops, block_params, read_arch_doc
 from nvit.errors import SpecError
+from nvit.presets import resolve_arch
 
 SWIN_KIND = "swin"
 

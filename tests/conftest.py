@@ -26,8 +26,8 @@ def prune_cli_inputs(tmp_path_factory):
     import lut_fakes as fk
     import torch
 
-    from nvit.arch import preset
     from nvit.models import build_model
+    from nvit.presets import preset
 
     folder = tmp_path_factory.mktemp("prune_cli")
     fk.tiny_table(folder / "lut.parquet")

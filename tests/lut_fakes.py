@@ -129,7 +129,7 @@ def tiny_space(**changes: Any) -> SearchSpace:
     """A small space on ``vit_test`` (17 tokens): 2 x 2 x 2 x 2 attention, 2 x 3 MLP; no one-half blocks unless
     ``half_blocks_per_embed`` is given (a width-only table, as tables were before sub-layer removal), no narrow
     blocks unless ``narrow_blocks=True``."""
-    from nvit.arch import preset
+    from nvit.presets import preset
 
     kwargs: dict[str, Any] = dict(base=preset("vit_test"), embed_dims=(32, 64), heads=(2, 4), qk_dims=(8, 16),
                                   v_dims=(8, 16), mlp_dims=(64, 128, 256), blocks_per_embed=2,

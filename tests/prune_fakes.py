@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from nvit.arch import preset
+from nvit.presets import preset
 from nvit.pruning.config import PruneConfig, Target
 from nvit.training.batches import StepBatches
 

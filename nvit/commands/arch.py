@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from nvit import __version__
-from nvit.arch import ArchSpec, block_params, preset, preset_names, save_arch
+from nvit.arch import ArchSpec, block_params, save_arch
 from nvit.errors import SpecError
 from nvit.fileio import output_file
+from nvit.presets import preset, preset_names
 from nvit.redesign.family import resolve_base
 from nvit.redesign.learned import DEFAULT_BANDWIDTH
 from nvit.swin import SwinSpec, resolve_any_arch, swin_preset, swin_preset_names
@@ -136,7 +137,7 @@ def revit(
     as_json: bool = typer.Option(False, "--json", help="Print the spec and its costs as JSON."),
 ) -> None:
     """NViT's published redistribution rule (ReViT) at embedding E: widths per block, params and MACs."""
-    from nvit.arch import revit_spec
+    from nvit.presets import revit_spec
 
     if depth < 1:
         raise SpecError(f"--depth must be at least 1, got {depth}")

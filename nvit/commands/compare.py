@@ -75,7 +75,7 @@ def compare(
     output_folder(out)
     lut = local_lut(lut)
     table = load_table(lut)
-    if remote is not None and getattr(table, "stages", None):
+    if remote is not None and table.is_swin:
         raise NvitError("--remote compares with a ViT table; a Swin table is compared on this machine")
     if base is None:
         spec = spec_from_dict(table.meta.base_arch)

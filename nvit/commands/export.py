@@ -9,8 +9,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from nvit.arch import resolve_arch
 from nvit.commands.options import BACKEND_OPTIONS, THREADS
+from nvit.presets import resolve_arch
 from nvit.vocab import DeviceKind, Precision
 
 

@@ -25,9 +25,8 @@ def _axis(values: list[int]) -> str:
 
 def tokens_text(table: Any) -> str:
     """``197 tokens``, or a Swin table's ``196/49 tokens per stage``."""
-    stages = getattr(table, "stages", None)
-    if stages:
-        return "/".join(str(t.meta.num_tokens) for t in stages) + " tokens per stage"
+    if table.is_swin:
+        return "/".join(str(t.meta.num_tokens) for t in table.stage_tables) + " tokens per stage"
     return f"{table.meta.num_tokens} tokens"
 
 
@@ -70,7 +69,6 @@ def show(lut: Path = _LUT_ARG) -> None:
 
     table = load_table(lut)
     meta = table.meta
-    stages = getattr(table, "stages", None)
     console = Console()
     base = meta.base_arch.get("name") or "custom"
     tokens = tokens_text(table)
@@ -79,8 +77,8 @@ def show(lut: Path = _LUT_ARG) -> None:
                   f"timing {meta.timing_mode()}")
     console.print(f"created {meta.created_at} by nvit {meta.nvit_version}; versions: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())))
-    for i, part_table in enumerate(stages or (table,)):
-        if stages:
+    for i, part_table in enumerate(table.stage_tables):
+        if table.is_swin:
             console.print(f"[bold]stage {i}[/] ({part_table.meta.num_tokens} tokens)")
         _show_parts(console, part_table)
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)
@@ -183,7 +181,7 @@ def validate(
 
     table = SwinLatencyTable.load(lut) if is_swin_table(lut) else LatencyTable.load(lut, validate=False)
     console = Console()
-    parts = getattr(table, "stages", None) or (table,)
+    parts = table.stage_tables
     problems = [f"stage {i}: {p}" if len(parts) > 1 else p for i, t in enumerate(parts) for p in t.problems()]
     for p in problems:
         console.print(f"[yellow]problem:[/] {p}")
@@ -316,9 +314,9 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
 ) -> None:
     """Predicted latency of an architecture, per block and in total."""
-    from nvit.arch import resolve_arch
     from nvit.commands.service_access import local_lut
     from nvit.lut import load_predictor
+    from nvit.presets import resolve_arch
 
     spec = resolve_arch(arch)
     predictor = load_predictor(local_lut(lut), device=device, precision=precision, batch_size=batch_size)

@@ -45,17 +45,16 @@ def default_out(space_name: str, device_slug: str, precision: str, batch_size: i
 
 def summary_table(result: Any) -> Table:
     table = result.table
-    stages = getattr(table, "stages", None)  # a Swin table: one table per stage
     out = Table(title=f"{result.path} ({len(table)} rows)")
     for col in ("part", "rows", "min ms", "median ms", "max ms", "mean CoV"):
         out.add_column(col, justify="right" if col != "part" else "left")
-    for i, part_table in enumerate(stages or (table,)):
+    for i, part_table in enumerate(table.stage_tables):  # a Swin table: one table per stage
         rows = part_table.rows
         for kind, count in part_table.counts().items():
             part = rows[rows["kind"] == kind]
             if count:
                 lat = part["latency_ms_median"]
-                out.add_row(f"stage {i} {kind}" if stages else kind, str(count), f"{lat.min():.4f}",
+                out.add_row(f"stage {i} {kind}" if table.is_swin else kind, str(count), f"{lat.min():.4f}",
                             f"{lat.median():.4f}", f"{lat.max():.4f}", f"{part['cov'].mean():.3f}")
     meta = table.meta
     drift = max((abs(s["drift"]) for s in meta.sentinel), default=0.0)

@@ -25,6 +25,8 @@ def _choice(enum_type: Any, value: str, option: str) -> Any:
 
 
 def variants_table(result: Any, accuracies: dict[str, float], unit: str) -> Table:
+    from nvit.swin import SwinSpec
+
     table = Table(title=f"pruned variants (dense {result.dense_latency_ms:.4g} {unit}, "
                         f"smallest reachable {result.min_latency_ms:.4g} {unit})")
     measured = result.measured_targets is not None
@@ -32,9 +34,9 @@ def variants_table(result: Any, accuracies: dict[str, float], unit: str) -> Tabl
                 "step", "embed", "heads", "qk", "v", "mlp", "params M", "val top-1"):
         table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
     for v in result.variants:
-        stages = getattr(v.arch, "stages", None)  # a Swin: every stage's blocks, and its widths per stage
-        blocks = [b for s in stages for b in s.blocks] if stages else v.arch.blocks
-        embed = "/".join(str(s.embed_dim) for s in stages) if stages else str(v.arch.embed_dim)
+        blocks = v.arch.blocks  # a Swin: every stage's blocks
+        embed = ("/".join(str(s.embed_dim) for s in v.arch.stages) if isinstance(v.arch, SwinSpec)
+                 else str(v.arch.embed_dim))
         acc = accuracies.get(v.label)
         extra = (("" if v.measured_ms is None else f"{v.measured_ms:.4g}",
                   {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[v.target_met_measured]) if measured else ())

@@ -277,6 +277,34 @@ def refusal(record: Calibration, floors: Floors) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Applied:
+    """A stored calibration as a predictor uses it: its terms (1, 0, 0 when there is none or it is refused),
+    the floors they are bounded by, whether a stored calibration is in use and why it was refused, if it was."""
+
+    floors: Floors
+    scale: float = 1.0
+    offset_ms: float = 0.0
+    per_block_ms: float = 0.0
+    calibrated: bool = False
+    refused: str | None = None
+
+
+def apply_stored(record: Calibration | None, floors: Floors) -> Applied:
+    """Load ``record`` against a table's space ``floors``: lowered to the record's own fitted floors (its
+    calibration models may lie below the grid), refused when it would price a part below its floor."""
+    if record is None:
+        return Applied(floors=floors)
+    if record.floors:
+        floors = floors.lowered(record.floors["block_ms"], record.floors["fixed_ms"])
+    refused = refusal(record, floors)
+    if refused:
+        logger.info("the latency table's calibration is refused: %s; predicting from the parts alone", refused)
+        return Applied(floors=floors, refused=refused)
+    return Applied(scale=float(record.scale), offset_ms=float(record.offset_ms),
+                   per_block_ms=float(record.per_block_ms), floors=floors, calibrated=True)
+
+
 def status_line(record: Calibration | None, refused: str | None = None) -> tuple[str, str]:
     """The calibration's verdict (``plausible`` / ``implausible`` / ``refused`` / ``none``) and one line a
     user understands, with the advice when it is not plausible."""

@@ -44,8 +44,8 @@ from nvit.lut.calibration import (  # noqa: F401  (fit_calibration, MIN_SCALE_SP
     SCALE_BOUNDS,
     Composition,
     Floors,
+    apply_stored,
     fit_calibration,
-    refusal,
 )
 from nvit.lut.coverage import GridReport, GridStatus, MeasuredGrid
 from nvit.lut.interaction import BlockInteraction
@@ -137,21 +137,9 @@ class LatencyPredictor(Predictor):
         self.grid = MeasuredGrid.from_table(table)
         self.warn_outside = True  # log extrapolation (a caller that reports the grid itself turns it off)
         self._warned: set[tuple[str, bool, bool]] = set()
-        self.scale, self._offset_ms, self.per_block_ms = 1.0, 0.0, 0.0
-        self.floors = self._space_floors()
-        cal = table.meta.calibration if calibrated else None
-        if cal is not None and cal.floors:  # fitted with the calibration models' own smallest parts below the grid's
-            self.floors = self.floors.lowered(cal.floors["block_ms"], cal.floors["fixed_ms"])
-        self.calibration_refused = refusal(cal, self.floors) if cal is not None else None
-        if self.calibration_refused:
-            logger.info("the latency table's calibration is refused: %s; predicting from the parts alone",
-                           self.calibration_refused)
-            cal = None
-        if cal is not None:
-            self.scale = float(cal.scale)
-            self._offset_ms = float(cal.offset_ms)
-            self.per_block_ms = float(cal.per_block_ms)
-        self.calibrated = cal is not None
+        applied = apply_stored(table.meta.calibration if calibrated else None, self._space_floors())
+        self.floors, self.calibration_refused, self.calibrated = applied.floors, applied.refused, applied.calibrated
+        self.scale, self._offset_ms, self.per_block_ms = applied.scale, applied.offset_ms, applied.per_block_ms
 
     def _space_floors(self) -> Floors:
         """The smallest raw block (full or one-half) and fixed part of the table's space. The parts are

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from nvit.errors import LutError
-from nvit.lut.calibration import Composition, Floors, refusal
+from nvit.lut.calibration import Composition, Floors, apply_stored
 from nvit.lut.coverage import GridStatus
 from nvit.lut.meta import LutMeta
 from nvit.lut.predictor import LatencyPredictor
@@ -66,6 +66,8 @@ def table_sha256(path: str | os.PathLike[str]) -> str:
 class SwinLatencyTable:
     """Per-stage tables and the shared metadata (module doc)."""
 
+    is_swin = True
+
     def __init__(self, stages: tuple[LatencyTable, ...], meta: LutMeta) -> None:
         from nvit.swin import SwinSpec
 
@@ -75,6 +77,10 @@ class SwinLatencyTable:
         if len(self.stages) != self.base.num_stages:
             raise LutError(f"a Swin table needs one table per stage: {self.base.num_stages} stages, "
                            f"{len(self.stages)} tables")
+
+    @property
+    def stage_tables(self) -> tuple[LatencyTable, ...]:
+        return self.stages
 
     def __len__(self) -> int:
         return sum(len(t) for t in self.stages)
@@ -158,17 +164,9 @@ class SwinLatencyPredictor:
         #: A Swin block without a sub-layer is priced by its stage's one-half blocks, where every stage has them.
         removal = [p.removal_unavailable for p in self.stages if p.removal_unavailable]
         self.removal_unavailable = removal[0] if removal else None
-        self.scale, self._offset_ms, self.per_block_ms = 1.0, 0.0, 0.0
-        cal = table.meta.calibration if calibrated else None
-        if cal is not None and cal.floors:
-            self.floors = self.floors.lowered(cal.floors["block_ms"], cal.floors["fixed_ms"])
-        self.calibration_refused = refusal(cal, self.floors) if cal is not None else None
-        if self.calibration_refused:
-            cal = None
-        if cal is not None:
-            self.scale, self._offset_ms = float(cal.scale), float(cal.offset_ms)
-            self.per_block_ms = float(cal.per_block_ms)
-        self.calibrated = cal is not None
+        applied = apply_stored(table.meta.calibration if calibrated else None, self.floors)
+        self.floors, self.calibration_refused, self.calibrated = applied.floors, applied.refused, applied.calibrated
+        self.scale, self._offset_ms, self.per_block_ms = applied.scale, applied.offset_ms, applied.per_block_ms
 
     # ---- raw parts -----------------------------------------------------------------------------
     def raw_stage_blocks_ms(self, spec: Any) -> list[np.ndarray]:

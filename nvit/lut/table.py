@@ -53,9 +53,17 @@ logger = logging.getLogger(__name__)
 class LatencyTable:
     """A LUT in memory: typed rows and metadata. Rows are kept sorted by configuration."""
 
+    #: A Swin table (:class:`~nvit.lut.swin_table.SwinLatencyTable`) says True.
+    is_swin = False
+
     def __init__(self, rows: pd.DataFrame, meta: LutMeta) -> None:
         self.rows = normalise_rows(rows)
         self.meta = meta
+
+    @property
+    def stage_tables(self) -> tuple[LatencyTable, ...]:
+        """The tables of rows this table holds: itself (a Swin table has one per stage)."""
+        return (self,)
 
     # ---- queries -------------------------------------------------------------------------------
     def of_kind(self, kind: PartKind | str) -> pd.DataFrame:

@@ -214,8 +214,8 @@ def load_model(source: str | os.PathLike[str], arch: ArchSpec | None = None, *, 
 
     A preset name gives randomly initialised weights (seeded): enough for latency, not for accuracy.
     """
-    from nvit.arch import preset, preset_names
     from nvit.models.vit import build_model
+    from nvit.presets import preset, preset_names
 
     text = str(source)
     path = Path(text)

@@ -33,9 +33,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from nvit.arch import ArchSpec, preset, preset_names
+from nvit.arch import ArchSpec
 from nvit.errors import SpecError
 from nvit.fileio import atomic_write_text
+from nvit.presets import preset, preset_names
 from nvit.profiler.grid_configs import DEFAULT_HALF_BLOCKS_PER_EMBED, GRID_AXES, GridConfigs
 from nvit.profiler.sampling import CALIBRATION_LOW_FRACTION, calibration_archs, random_arch, uniform_arch
 from nvit.profiler.space_recipes import (

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nvit.pruning.groups import Candidates
+from nvit.pruning.state import Candidates
 
 DEFAULT_BINS = 256
 

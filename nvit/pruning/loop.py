@@ -3,7 +3,7 @@
 Per training step: forward, user-supplied loss (CE, or CE + KD from the dense teacher), backward; in the
 last ``saliency_window`` steps of each interval the gate gradients feed the saliency window; then the
 optimizer steps (gates are never trained). At each pruning step the window's unit scores update their
-moving average, groups are formed anew from them (:meth:`~nvit.pruning.groups.PruneState.candidates`),
+moving average, groups are formed anew from them (:meth:`~nvit.pruning.state.PruneState.candidates`),
 ranked (``I − η·ΔLat`` with η fixed at the first step, saliency alone, ``I − η·ΔFLOPs``, or the
 latency-budgeted knapsack) and masked (gate 0) one at a time with the predicted latency recomputed after
 each, until the step has removed ``pace`` of the starting latency — or the next target is crossed, so that
@@ -30,11 +30,12 @@ from nvit.lut.base import Predictor
 from nvit.models.vit import VisionTransformer
 from nvit.pruning import runstate
 from nvit.pruning.config import PruneConfig
-from nvit.pruning.groups import GroupLayout, widths_row
+from nvit.pruning.groups import GroupLayout
 from nvit.pruning.limits import pruning_layout
 from nvit.pruning.measured import MeasuredTargets, TargetMeasurer
 from nvit.pruning.remover import GroupRemover
 from nvit.pruning.results import PruneResult, SavedVariant, StepReport, variant_dict, variant_from_dict
+from nvit.pruning.state import widths_row
 from nvit.pruning.targets import ResolvedTarget, resolve_targets
 from nvit.pruning.variants import VariantWriter
 from nvit.training.batches import BatchSource

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvit.arch import ArchSpec, resolve_arch
+from nvit.arch import ArchSpec
 from nvit.errors import NvitError
 from nvit.fileio import file_sha256
 from nvit.lut.base import Predictor, flops_predictor
 from nvit.models.vit import VisionTransformer
+from nvit.presets import resolve_arch
 
 log = logging.getLogger(__name__)
 

@@ -33,18 +33,18 @@ from nvit.pruning.groups import (
     BLOCK_KINDS,
     KIND_CODES,
     SUBLAYER_KINDS,
-    Candidates,
     GroupKind,
     GroupLayout,
     PruneError,
 )
+from nvit.pruning.state import Candidates
 
 log = logging.getLogger(__name__)
 
 
 def gate_latency_deltas_ms(layout: GroupLayout, predictor: Predictor, widths: np.ndarray) -> np.ndarray:
     """ΔLat (ms) of removing one group of each gate at the gate widths ``widths`` (a
-    :attr:`~nvit.pruning.groups.PruneState.widths`), one entry per gate: for a width gate one group's
+    :attr:`~nvit.pruning.state.PruneState.widths`), one entry per gate: for a width gate one group's
     saving, for a layer gate the whole sub-layer's (:meth:`~nvit.lut.base.Predictor.sublayer_deltas_ms`:
     the measured one-half block, or the whole block when it is the last sub-layer); NaN for the gates of a
     removed sub-layer or dropped block. A Swin's are finite differences of whole-model predictions, one per

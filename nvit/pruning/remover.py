@@ -17,10 +17,11 @@ import torch
 
 from nvit.lut.base import Predictor, flops_predictor
 from nvit.pruning.config import PruneConfig, RankingMethod
-from nvit.pruning.groups import GroupLayout, PruneError, PruneState
+from nvit.pruning.groups import GroupLayout, PruneError
 from nvit.pruning.knapsack import knapsack_order
 from nvit.pruning.regularizer import LatencyTradeoff, checked_deltas, gate_latency_deltas_ms, rank
 from nvit.pruning.saliency import SaliencyAccumulator, ScoreAverage, normalise
+from nvit.pruning.state import PruneState
 
 log = logging.getLogger(__name__)
 

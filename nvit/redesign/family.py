@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from nvit import __version__
-from nvit.arch import ArchSpec, WidthSteps, load_arch_file, preset, preset_names, resolve_arch
+from nvit.arch import ArchSpec, WidthSteps, load_arch_file
 from nvit.errors import SpecError
+from nvit.presets import preset, preset_names, resolve_arch
 from nvit.redesign.learned import (
     DEFAULT_BANDWIDTH,
     DEFAULT_ROUNDING,

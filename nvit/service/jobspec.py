@@ -164,7 +164,8 @@ def profile_job(req: ProfileRequest, *, max_attempts: int) -> NewJob:
 
 
 def arch_spec(value: dict[str, Any] | str, name: str) -> ArchSpec:
-    from nvit.arch import ArchSpec, preset, preset_names
+    from nvit.arch import ArchSpec
+    from nvit.presets import preset, preset_names
 
     if isinstance(value, str):
         if value not in preset_names():

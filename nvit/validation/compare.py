@@ -329,7 +329,7 @@ def compare_with_table(
     meta = table.meta
     models = (base, *variants)
     predictor = predictor_for(table)
-    swin_table = bool(getattr(table, "stages", None))
+    swin_table = table.is_swin
     if swin_table:  # its predictor checks each model is a Swin it can price; no reference rows (yet)
         references = 0
     for v in models:

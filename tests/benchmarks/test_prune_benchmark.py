@@ -8,10 +8,11 @@ import prune_stats as st
 import pytest
 import torch
 
-from nvit.arch import preset
 from nvit.lut.base import FlopsPredictor
 from nvit.models import build_model
-from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneState
+from nvit.presets import preset
+from nvit.pruning.groups import GroupKind, GroupLayout, Minimums
+from nvit.pruning.state import PruneState
 
 SPEC = preset("vit_test")
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import revit_fashion as rf
 
-from nvit.arch import BlockSpec, preset
+from nvit.arch import BlockSpec
+from nvit.presets import preset
 
 
 def _prune_results(path) -> None:

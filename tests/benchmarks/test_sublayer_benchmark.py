@@ -10,8 +10,9 @@ from dataclasses import replace
 import lut_fakes as fk
 import prune_sublayers as ps
 
-from nvit.arch import ArchSpec, preset
+from nvit.arch import ArchSpec
 from nvit.models import build_model, save_variant
+from nvit.presets import preset
 
 
 def test_quick_run_measures_and_reports(tmp_path, monkeypatch) -> None:

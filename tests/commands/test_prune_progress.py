@@ -6,8 +6,8 @@ import re
 
 from cli_run import run_cli as cli
 
-from nvit.arch import preset
 from nvit.commands.prune_progress import epochs_warning, eta_line, plan_line
+from nvit.presets import preset
 from nvit.pruning.runstate import read_run_summary
 from nvit.pruning.schedule import PruneSchedule, steps_per_epoch
 

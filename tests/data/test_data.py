@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from nvit.arch import preset
 from nvit.data import (
     DataError,
     ShardedSampler,
@@ -30,6 +29,7 @@ from nvit.data.transforms import (
     shift,
     shorter_side_size,
 )
+from nvit.presets import preset
 
 VIT_TEST = preset("vit_test")
 

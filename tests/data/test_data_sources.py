@@ -11,11 +11,12 @@ import torch
 from cli_run import run_cli
 from PIL import Image
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.data import DataError, build_dataset, build_loader
 from nvit.data.fashion_mnist import DEBIAN_PACKAGE, DEFAULT_ROOT, load_arrays, read_idx, root_of
 from nvit.data.imagefolder import imagefolder_dataset
 from nvit.data.transforms import Augment, ShiftTransform, TrainTransform, resolve_augment, shift_px_for
+from nvit.presets import preset
 
 FMNIST = ArchSpec(embed_dim=16, blocks=(BlockSpec(1, 8, 8, 16),), img_size=28, patch_size=7, in_chans=1,
                   num_classes=10, name="tiny28")

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from fake_gpu import DataType, Device, install_fake_tensorrt
 
-from nvit.arch import preset
 from nvit.errors import ExportError
 from nvit.export import engine as engine_module
 from nvit.export.verify import Tolerance, compare_logits
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.vocab import Precision
 
 SHAPE = (8, 1, 8, 8)

@@ -9,13 +9,14 @@ import onnx
 import pytest
 import torch
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import BackendError
 from nvit.export.verify import Tolerance, verify_onnx
 from nvit.lut.base import FlopsPredictor
 from nvit.models import BlockKeep, KeepIndices, apply_keep_as_gates, build_model, slice_model
 from nvit.models.onnx import export_onnx
 from nvit.plots import save_compare
+from nvit.presets import preset
 from nvit.profiler.harness import TimingStats
 from nvit.validation.compare import Variant, compare_variants
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from cli_run import run_cli
 
-from nvit.arch import preset, save_arch
+from nvit.arch import save_arch
 from nvit.errors import ExportError
 from nvit.export.engine import read_engine_meta
 from nvit.models import build_model, save_variant
+from nvit.presets import preset
 
 
 @pytest.fixture()

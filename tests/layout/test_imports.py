@@ -95,12 +95,15 @@ def test_the_module_graph_has_no_cycle_of_any_length():
     assert _cycles(import_graph()) == []
 
 
-def test_arch_stands_below_the_redesign():
-    """``nvit.arch`` holds every preset family (ReViT's per-block widths too); the redesign reads the published
-    rule from it and imports nothing that imports the redesign back."""
+def test_arch_and_presets_stand_below_the_redesign():
+    """``nvit.arch`` holds the spec and ``nvit.presets`` every preset family (ReViT's per-block widths too); the
+    redesign reads the published rule from the presets and neither imports anything that imports the redesign
+    back."""
     graph = import_graph()
-    assert not [m for m in graph["nvit.arch"] if m.startswith("nvit.redesign")]
-    assert "nvit.arch" in graph["nvit.redesign.published"] and "nvit.arch" in graph["nvit.redesign.learned"]
+    for module in ("nvit.arch", "nvit.presets"):
+        assert not [m for m in graph[module] if m.startswith("nvit.redesign")]
+    assert "nvit.presets" in graph["nvit.redesign.published"] and "nvit.arch" in graph["nvit.redesign.learned"]
+    assert "nvit.presets" not in graph["nvit.arch"]  # the spec knows no names
 
 
 #: Package → the packages above it, which it must never import (lazily or not): arrows only point down.

@@ -14,11 +14,12 @@ import pytest
 import torch
 from cli_run import run_cli
 
-from nvit.arch import ArchSpec, BlockSpec, preset, save_arch
+from nvit.arch import ArchSpec, BlockSpec, save_arch
 from nvit.lut.calibration import PART_FLOOR_FRACTION, fit_calibration
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.profiler.sampling import calibration_archs
 from nvit.profiler.selfcheck import check_archs
 

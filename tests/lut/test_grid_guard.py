@@ -11,10 +11,11 @@ import lut_fakes as fk
 import pytest
 from cli_run import run_cli
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import LutError
 from nvit.lut.coverage import GridStatus, MeasuredGrid
 from nvit.lut.predictor import LatencyPredictor
+from nvit.presets import preset
 from nvit.profiler.sweep import SweepOptions, run_sweep
 
 # vit_test is e=64, 4 heads, q=v=16, m=256; this grid stops one MLP step (64) below the base's 256.

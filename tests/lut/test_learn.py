@@ -11,11 +11,12 @@ import lut_fakes as fk
 import pytest
 from cli_run import run_cli
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import LutError
 from nvit.lut.learn import MeasuredModel, learn
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable
+from nvit.presets import preset
 from nvit.validation.measured_models import measurements_from
 
 PER_BLOCK_MS = 0.006  # what each block of a whole model costs beyond its parts on this device

@@ -11,10 +11,11 @@ import pytest
 from cli_run import run_cli
 from lut_fakes import FakeBackend, fake_device, tiny_space
 
-from nvit.arch import BlockSpec, preset, save_arch
+from nvit.arch import BlockSpec, save_arch
 from nvit.errors import LutError
 from nvit.lut import load_predictor, load_table
 from nvit.lut.table import COLUMNS, LUT_SCHEMA_VERSION, META_KEY, LatencyTable, LutMeta, check_compatible, merge_tables
+from nvit.presets import preset
 from nvit.profiler.sweep import SweepOptions, run_sweep
 from nvit.vocab import DeviceKind, Precision
 

@@ -10,11 +10,12 @@ import lut_fakes as fk
 import numpy as np
 import pytest
 
-from nvit.arch import BlockSpec, WidthSteps, preset
+from nvit.arch import BlockSpec, WidthSteps
 from nvit.errors import LutError
 from nvit.lut.base import Predictor
 from nvit.lut.predictor import GridInterpolator, LatencyPredictor, fit_calibration
 from nvit.lut.table import LatencyTable, LutMeta, rows_from_records
+from nvit.presets import preset
 from nvit.profiler.selfcheck import calibrate
 from nvit.profiler.space import SearchSpace, calibration_archs, random_arch
 from nvit.profiler.sweep import SweepOptions, run_sweep

@@ -11,10 +11,10 @@ import pytest
 from lut_fakes import FakeBackend, Killed, fake_device, tiny_table
 from swin_fakes import swin_ms, swin_space, swin_table
 
-from nvit.arch import preset
 from nvit.errors import LutError, SpecError
 from nvit.lut import load_predictor, load_table
 from nvit.lut.swin_table import SwinLatencyPredictor, SwinLatencyTable
+from nvit.presets import preset
 from nvit.profiler.sweep import SweepOptions
 from nvit.profiler.swin_space import SwinSearchSpace, random_swin, swin_check_archs, uniform_swin
 from nvit.profiler.swin_sweep import run_swin_sweep

@@ -9,18 +9,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nvit.arch import (
-    ARCH_SCHEMA_VERSION,
-    ArchSpec,
-    BlockSpec,
-    load_arch_file,
-    preset,
-    preset_names,
-    resolve_arch,
-    save_arch,
-)
+from nvit.arch import ARCH_SCHEMA_VERSION, ArchSpec, BlockSpec, load_arch_file, save_arch
 from nvit.errors import SpecError
 from nvit.models import build_model
+from nvit.presets import preset, preset_names, resolve_arch
 
 
 def random_spec(seed: int, *, distilled: bool = False) -> ArchSpec:

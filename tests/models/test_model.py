@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.errors import CheckpointError
 from nvit.models import build_model, infer_arch, load_checkpoint, load_variant, read_state_dict, save_variant
+from nvit.presets import preset
 
 
 def timm_state_dict(spec, seed: int) -> dict[str, torch.Tensor]:

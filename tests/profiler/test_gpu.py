@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from nvit.arch import preset
 from nvit.errors import BackendError
+from nvit.presets import preset
 from nvit.profiler.backends.cuda_timer import CudaTimer, TorchCuda
 from nvit.profiler.base import get_backend
 from nvit.profiler.harness import HarnessConfig

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from nvit.arch import preset
+from nvit.presets import preset
 from nvit.profiler.backends.common import OnnxCache
 from nvit.profiler.onnx_store import OnnxStore, content_key, default_store
 from nvit.profiler.workloads import build_part_module, part_workload

@@ -12,9 +12,10 @@ import pytest
 import torch
 from cli_run import run_cli
 
-from nvit.arch import ArchSpec, BlockSpec, preset, save_arch
+from nvit.arch import ArchSpec, BlockSpec, save_arch
 from nvit.lut.accuracy import error_figures
 from nvit.lut.table import LatencyTable
+from nvit.presets import preset
 from nvit.profiler.device import fingerprint
 from nvit.profiler.sampling import pruned_arch
 from nvit.profiler.selfcheck import check_archs

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from nvit.arch import BlockSpec, block_params, preset
+from nvit.arch import BlockSpec, block_params
 from nvit.errors import SpecError
 from nvit.models.vit import Block
+from nvit.presets import preset
 from nvit.profiler.space import (
     SearchSpace,
     aligned_span,

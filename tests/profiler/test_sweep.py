@@ -343,8 +343,8 @@ def _has_cuda() -> bool:
 @pytest.mark.parametrize("name", ["torch", pytest.param("tensorrt", marks=[
     pytest.mark.trt, pytest.mark.skipif(not _has("tensorrt"), reason="needs TensorRT")])])
 def test_gpu_sweep_writes_a_valid_calibrated_table(tmp_path, name: str) -> None:
-    from nvit.arch import preset
     from nvit.lut.predictor import LatencyPredictor
+    from nvit.presets import preset
     from nvit.profiler.base import get_backend
     from nvit.profiler.harness import HarnessConfig
     from nvit.vocab import DeviceKind, Precision

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.models import build_model, keep_from_gates, slice_model
-from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneError, PruneState
+from nvit.presets import preset
+from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneError
+from nvit.pruning.state import PruneState
 
 
 def layout(group_size: int = 8, min_embed: int = 16) -> GroupLayout:

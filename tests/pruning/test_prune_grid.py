@@ -9,11 +9,12 @@ import pytest
 import torch
 from cli_run import run_cli
 
-from nvit.arch import BlockSpec, preset
+from nvit.arch import BlockSpec
 from nvit.errors import LutError
 from nvit.lut.base import FlopsPredictor
 from nvit.lut.predictor import LatencyPredictor
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.pruning.config import PruneConfig, Target
 from nvit.pruning.limits import measured_grid, pruning_layout
 

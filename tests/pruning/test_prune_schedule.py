@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from nvit.arch import preset
 from nvit.errors import NvitError, TargetError
 from nvit.lut.base import FlopsPredictor
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.progress import StepClock, format_duration
 from nvit.pruning.config import PruneConfig, Target
 from nvit.pruning.loop import prune

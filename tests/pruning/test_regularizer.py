@@ -7,11 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
-from nvit.arch import preset
 from nvit.lut.base import FlopsPredictor
-from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneError, PruneState
+from nvit.presets import preset
+from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneError
 from nvit.pruning.knapsack import knapsack_order
 from nvit.pruning.regularizer import LatencyTradeoff, gate_latency_deltas_ms, rank, unit_free_eta
+from nvit.pruning.state import PruneState
 
 SPEC = preset("vit_test")
 

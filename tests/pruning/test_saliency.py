@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import nvit.models.vit as vit
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.models import build_model
-from nvit.pruning.groups import KIND_CODES, GroupKind, GroupLayout, Minimums, PruneState
+from nvit.presets import preset
+from nvit.pruning.groups import KIND_CODES, GroupKind, GroupLayout, Minimums
 from nvit.pruning.saliency import (
     SaliencyAccumulator,
     SaliencyError,
@@ -21,6 +22,7 @@ from nvit.pruning.saliency import (
     normalise,
     parameter_unit_sums,
 )
+from nvit.pruning.state import PruneState
 
 SMALL_DISTILLED = ArchSpec(embed_dim=32, blocks=(BlockSpec(3, 8, 16, 48), BlockSpec(2, 16, 8, 32)), img_size=8,
                            patch_size=4, in_chans=2, num_classes=5, distilled=True, qk_scale=0.3)

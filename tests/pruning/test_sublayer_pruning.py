@@ -12,18 +12,20 @@ from cli_run import run_cli
 from prune_fakes import digits_batches
 from test_saliency import backward, perturbed
 
-from nvit.arch import ArchSpec, BlockSpec, load_arch_file, preset, save_arch
+from nvit.arch import ArchSpec, BlockSpec, load_arch_file, save_arch
 from nvit.errors import LutError
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable
 from nvit.models import build_model, load_variant, slice_model
 from nvit.models.checkpoint import infer_arch
+from nvit.presets import preset
 from nvit.pruning.config import PruneConfig, RankingMethod, Sublayer, Target, parse_remove
-from nvit.pruning.groups import GroupKind, GroupLayout, Minimums, PruneState
+from nvit.pruning.groups import GroupKind, GroupLayout, Minimums
 from nvit.pruning.limits import pruning_layout
 from nvit.pruning.loop import prune
 from nvit.pruning.regularizer import gate_latency_deltas_ms
 from nvit.pruning.saliency import gate_unit_sums, parameter_unit_sums
+from nvit.pruning.state import PruneState
 
 SPEC = preset("vit_test")
 REMOVED = ArchSpec(embed_dim=32, blocks=(BlockSpec(2, 8, 16, 0), BlockSpec(0, 0, 0, 48), BlockSpec(3, 16, 8, 32)),

@@ -14,9 +14,10 @@ from nvit.models import load_variant
 from nvit.models.swin import SwinTransformer, build_swin
 from nvit.models.swin_slicing import slice_swin
 from nvit.pruning.config import Target
-from nvit.pruning.groups import GroupKind, GroupLayout, PruneState
+from nvit.pruning.groups import GroupKind, GroupLayout
 from nvit.pruning.loop import prune
 from nvit.pruning.regularizer import gate_latency_deltas_ms
+from nvit.pruning.state import PruneState
 from nvit.swin import SwinSpec, swin_preset
 
 SPEC = swin_preset("swin_test")

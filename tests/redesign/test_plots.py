@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from unittest import mock
 
-from nvit.arch import preset
 from nvit.plots import plot_per_block, plot_shares, plot_widths
+from nvit.presets import preset
 from nvit.redesign.learned import Reference, Shape, fit_shares, variant_shares
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -28,8 +28,9 @@ def test_both_figures_are_drawn_by_the_shared_per_block_drawing(tmp_path) -> Non
 
 
 def test_a_dropped_block_keeps_its_place_in_the_widths_plot() -> None:
-    from nvit.arch import BlockSpec, preset
+    from nvit.arch import BlockSpec
     from nvit.plots import _absolute
+    from nvit.presets import preset
 
     variant = preset("vit_test").with_blocks((BlockSpec(4, 16, 16, 64), BlockSpec(0, 0, 0, 32), BlockSpec(2, 8, 8, 0)))
     heads, mlp = _absolute(variant, ("heads", "mlp_dim"), dropped=(1,))

@@ -8,8 +8,9 @@ import lut_fakes as fk
 import numpy as np
 import pytest
 
-from nvit.arch import ArchSpec, BlockSpec, WidthSteps, preset, round_to_step
+from nvit.arch import ArchSpec, BlockSpec, WidthSteps, round_to_step
 from nvit.errors import LutError, SpecError, TargetError
+from nvit.presets import preset
 from nvit.redesign.learned import (
     DEFAULT_ROUNDING,
     KINDS,

@@ -9,8 +9,9 @@ import pytest
 import torch
 from cli_run import run_cli
 
-from nvit.arch import load_arch_file, preset, save_arch
+from nvit.arch import load_arch_file, save_arch
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.redesign.family import load_family, resolve_base
 
 SPEC = preset("vit_test")

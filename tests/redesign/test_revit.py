@@ -7,9 +7,10 @@ import json
 import pytest
 from cli_run import run_cli
 
-from nvit.arch import load_arch_file, pattern_index, preset, revit_spec, revit_widths
+from nvit.arch import load_arch_file
 from nvit.errors import SpecError
 from nvit.models import build_model
+from nvit.presets import pattern_index, preset, revit_spec, revit_widths
 
 
 def _column(spec, attr):

@@ -14,10 +14,11 @@ import service_env as se
 import torch
 from cli_run import run_cli
 
-from nvit.arch import load_arch_file, preset
+from nvit.arch import load_arch_file
 from nvit.lut.table import LatencyTable
 from nvit.models import build_model
 from nvit.models.checkpoint import save_variant
+from nvit.presets import preset
 from nvit.profiler.space import SearchSpace
 from nvit.service.auth import Scope, create_token
 from nvit.service.client import file_sha256

@@ -16,9 +16,9 @@ import torch
 from cli_run import run_cli
 from onnx import TensorProto, helper
 
-from nvit.arch import preset
 from nvit.lut.predictor import LatencyPredictor
 from nvit.lut.table import LatencyTable
+from nvit.presets import preset
 from nvit.profiler.sweep import SweepOptions, run_sweep
 from nvit.service.auth import Scope, create_token
 from nvit.service.store import Store

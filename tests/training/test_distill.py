@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nvit.arch import preset
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.training.distill import (
     ClassificationLoss,
     DistillationLoss,

@@ -11,9 +11,9 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Subset
 
-from nvit.arch import preset
 from nvit.data import build_dataset, build_loader
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.training.distill import ClassificationLoss
 from nvit.training.distributed import (
     DistributedError,

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from nvit.arch import load_arch_file, preset
+from nvit.arch import load_arch_file
+from nvit.presets import preset
 
 SPEC = preset("vit_test")
 WORLD = 2

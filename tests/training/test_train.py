@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from nvit.arch import preset
 from nvit.data import DigitsDataset, build_dataset, build_loader
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.training.checkpoint import TrainError, load_checkpoint
 from nvit.training.distill import ClassificationLoss, DistillationLoss, DistillConfig
 from nvit.training.fit import TrainConfig, build_optimizer, evaluate, fit, lr_factor, parameter_groups, train_step

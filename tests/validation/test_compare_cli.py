@@ -8,8 +8,9 @@ import lut_fakes as fk
 import pytest
 from cli_run import run_cli
 
-from nvit.arch import ArchSpec, BlockSpec, preset
+from nvit.arch import ArchSpec, BlockSpec
 from nvit.models import build_model, save_variant
+from nvit.presets import preset
 from nvit.profiler.sweep import SweepOptions, run_sweep
 
 

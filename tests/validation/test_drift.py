@@ -8,9 +8,9 @@ import math
 import lut_fakes as fk
 import pytest
 
-from nvit.arch import preset
 from nvit.lut.predictor import LatencyPredictor
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.profiler.sampling import uniform_arch
 from nvit.validation.compare import Variant, compare_with_table
 from nvit.validation.drift import DriftCorrection, Reference, reference_rows

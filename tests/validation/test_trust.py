@@ -11,11 +11,11 @@ import pytest
 import torch
 from cli_run import run_cli
 
-from nvit.arch import preset
 from nvit.lut import load_table
 from nvit.lut.accuracy import trust_warnings
 from nvit.lut.records import SelfCheck
 from nvit.models import build_model
+from nvit.presets import preset
 from nvit.profiler.conditions import Verdict
 from nvit.validation.compare import VariantResult
 from nvit.validation.trust import UntrustedMeasurement, judge_report, order_conflicts
