@@ -77,8 +77,8 @@ def profile(
     backend: str | None = typer.Option(None, "--backend", help="tensorrt | onnxruntime | torch "
                                        "(default: tensorrt with --gpu, else onnxruntime on the CPU)."),
     space: str | None = typer.Option(None, "--space", help="A space preset (vit_test, deit_tiny, deit_small, "
-                                     "deit_base, and their _distilled variants) or a JSON space file "
-                                     "(default: deit_small)."),
+                                     "deit_base, and their _distilled variants) or a JSON space file, a ViT's or "
+                                     "a Swin's (default: deit_small)."),
     arch: str | None = typer.Option(None, "--arch", help="Derive the space from any ViT or Swin instead: an "
                                     "arch.json, a preset name (swin_tiny...), a variant folder or a ViT checkpoint "
                                     "file (every width from --group-size up to the model's own; a Swin gets one "
@@ -102,6 +102,9 @@ def profile(
                                 "profiling or the self-check missed (the table is still saved, its verdict in it)."),
     threads: int | None = THREADS,
     backend_option: list[str] = BACKEND_OPTIONS,
+    write_space: Path | None = typer.Option(None, "--write-space", help="Write the space (given or derived from "
+                                            "--arch) to this JSON file and stop without profiling: edit its grids "
+                                            "(fewer widths: a faster, coarser table) and pass it back with --space."),
     remote: str | None = typer.Option(None, "--remote", help="Profile on an nvit service's device instead: "
                                       "submit a job to this URL, follow it, download the table to --out if given."),
 ) -> None:
@@ -111,11 +114,13 @@ def profile(
 
     if out is not None and not is_swin_table(out):  # a Swin table's folder is rewritten whole, atomically
         output_file(out)
+    if remote is not None and write_space is not None:
+        raise NvitError("give --write-space or --remote, not both")
     if remote is not None:
         from nvit.commands.service_access import profile_remotely
 
         if arch is not None:
-            raise NvitError("--remote profiles a --space; derive one from --arch locally first")
+            raise NvitError("--remote profiles a --space; write one from --arch first (--write-space FILE)")
         body = {"kind": "profile", "space": space or "deit_small", "device": "cuda" if gpu else "cpu",
                 "backend": backend, "precision": precision, "batch_size": batch_size, "seed": seed,
                 "sentinel_every": sentinel_every, "calibrate": calibrate, "check": check, "passes": passes,
@@ -144,6 +149,15 @@ def profile(
     else:
         space = space or "deit_small"
         the_space = resolve_space(space, batch_size=batch_size, precision=precision)
+    if write_space is not None:
+        from nvit.profiler.space import save_space
+
+        output_file(write_space)
+        save_space(the_space, write_space)
+        counts = the_space.counts()
+        Console().print(f"wrote the space {the_space.name or space} to {write_space}: "
+                        + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + "; profile it with --space")
+        return
     options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate, passes=passes,
                            check_models=check)
     backend_cls = get_backend(backend or default_backend(device_kind))

@@ -49,6 +49,7 @@ from nvit.profiler.space_recipes import (
     head_span,
     low_dense_span,
 )
+from nvit.profiler.swin_space import SWIN_SPACE_KIND, SwinSearchSpace
 from nvit.vocab import PartConfig, Precision, positive_int
 
 __all__ = [
@@ -157,13 +158,14 @@ class SearchSpace(GridConfigs):
             raise SpecError(f"invalid search space: {exc}") from None
 
 
-def save_space(space: SearchSpace, path: str | os.PathLike[str]) -> Path:
+def save_space(space: SearchSpace | SwinSearchSpace, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     atomic_write_text(path, json.dumps(space.to_dict(), indent=2) + "\n")
     return path
 
 
-def load_space(path: str | os.PathLike[str]) -> SearchSpace:
+def load_space(path: str | os.PathLike[str]) -> SearchSpace | SwinSearchSpace:
+    """A space file: a ViT's (:class:`SearchSpace`) or, by its ``kind``, a Swin's (one grid per stage)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -174,6 +176,8 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
     except OSError as exc:
         raise SpecError(f"cannot read search space file {path}: {exc.strerror}") from None
     try:
+        if isinstance(data, Mapping) and data.get("kind") == SWIN_SPACE_KIND:
+            return SwinSearchSpace.from_dict(data)
         return SearchSpace.from_dict(data)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
@@ -252,8 +256,9 @@ def arch_for_space(source: str) -> Any:
 
 
 def resolve_space(name_or_path: str, *, batch_size: int | None = None,
-                  precision: Precision | str | None = None) -> SearchSpace:
-    """A preset name or a JSON file; ``batch_size``/``precision`` override the space's own when given."""
+                  precision: Precision | str | None = None) -> SearchSpace | SwinSearchSpace:
+    """A preset name or a JSON file (a ViT's space or a Swin's); ``batch_size``/``precision`` override the space's
+    own when given."""
     if name_or_path in space_preset_names():
         space = preset_space(name_or_path)
     elif name_or_path.endswith(".json") or os.path.sep in name_or_path or Path(name_or_path).exists():
@@ -265,8 +270,7 @@ def resolve_space(name_or_path: str, *, batch_size: int | None = None,
     return with_overrides(space, batch_size=batch_size, precision=precision)
 
 
-def with_overrides(space: SearchSpace, *, batch_size: int | None = None,
-                   precision: Precision | str | None = None) -> SearchSpace:
+def with_overrides(space: Any, *, batch_size: int | None = None, precision: Precision | str | None = None) -> Any:
     """``space`` with ``batch_size``/``precision`` replaced where given."""
     changes: dict[str, Any] = {}
     if batch_size is not None:

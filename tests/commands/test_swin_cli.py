@@ -117,3 +117,50 @@ def test_a_vit_table_refuses_a_swin_in_one_line(tmp_path, capsys) -> None:
         assert code != 0 and says in err.replace("\n", " "), argv
         assert len(lines) <= 3 and "Traceback" not in err, argv  # one error (wrapped by the console)
     assert not (tmp_path / "pruned").exists()
+
+
+def test_a_written_space_is_edited_and_profiled_coarser(tmp_path, capsys, monkeypatch) -> None:
+    """profile --arch swin_test --write-space writes the derived per-stage grids and profiles nothing; a copy with
+    fewer MLP widths in stage 0 profiles (fake device) to a table with exactly those rows fewer, and still prices the
+    dense Swin; a ViT's space is written and read back the same."""
+    from lut_fakes import register_fake
+    from swin_fakes import swin_ms
+
+    from nvit.lut import load_predictor, load_table
+    from nvit.presets import preset
+    from nvit.profiler.space import derived_space, load_space
+    from nvit.profiler.swin_space import SwinSearchSpace, derived_swin_space
+
+    register_fake(monkeypatch)
+    written = tmp_path / "space.json"
+    code, out, err = run_cli(["profile", "--arch", "swin_test", "--write-space", str(written)], capsys)
+    assert code == 0, err
+    assert "wrote the space" in out and not list(tmp_path.glob("*.swinlut"))
+    derived = derived_swin_space(swin_preset("swin_test"))
+    assert load_space(written) == derived
+    doc = json.loads(written.read_text())
+    mlp = doc["stages"][0]["mlp_dims"]
+    assert len(mlp) >= 3
+    doc["stages"][0]["mlp_dims"] = [mlp[0], mlp[-1]]  # the narrowest and the dense width
+    coarse = tmp_path / "coarse.json"
+    coarse.write_text(json.dumps(doc))
+    space = load_space(coarse)
+    assert isinstance(space, SwinSearchSpace) and space.stages[1] == derived.stages[1]
+    fewer = derived.counts()["mlp"] - space.counts()["mlp"]
+    assert fewer > 0
+    table = tmp_path / "coarse.swinlut"
+    code, out, err = run_cli(["profile", "--space", str(coarse), "--backend", "fake", "--calibrate", "4", "--check",
+                              "2", "--out", str(table)], capsys)
+    assert code == 0, err
+    assert load_table(table).counts()["mlp"] == space.counts()["mlp"]
+    dense = swin_preset("swin_test")
+    assert abs(load_predictor(table).predict_ms(dense) / swin_ms(dense) - 1) < 0.03
+
+    vit = tmp_path / "vit.json"
+    code, out, err = run_cli(["profile", "--arch", "vit_test", "--write-space", str(vit), "--batch-size", "2"],
+                             capsys)
+    assert code == 0, err
+    assert load_space(vit) == derived_space(preset("vit_test"), batch_size=2)
+    code, _, err = run_cli(["profile", "--arch", "swin_test", "--write-space", str(vit), "--remote",
+                            "http://127.0.0.1:9"], capsys)
+    assert code != 0 and "not both" in err and "Traceback" not in err
