@@ -151,9 +151,18 @@ def report_stage(args: argparse.Namespace) -> None:
     s, work = args.settings, args.work
     runs = pf.load_rows(work)
     sessions = measured_sessions(work)
-    measured = {name: {**first, "measured_ms": min(sess[name]["measured_ms"] for sess in sessions),
+    judged = judged_sessions(work, runs)
+    files = [j["file"] for j in judged]
+    if args.session and args.session not in files:
+        raise SystemExit(f"no measuring session {args.session!r} in {work} (sessions: {', '.join(files)})")
+    chosen = files.index(args.session) if args.session else None  # one session, its models measured together
+
+    def pick(times: list[float]) -> float:
+        return min(times) if chosen is None else times[chosen]  # else each model at its fastest session
+
+    measured = {name: {**first, "measured_ms": pick([sess[name]["measured_ms"] for sess in sessions]),
                        "sessions_ms": [sess[name]["measured_ms"] for sess in sessions]}
-                for name, first in sessions[0].items()}  # each model at its fastest session
+                for name, first in sessions[0].items()}
     comparison, comparison_predicted = {}, {}
     for stage in ("after", "before"):
         for out, key in ((comparison, "measured_ms"), (comparison_predicted, "predicted_ms")):
@@ -174,7 +183,8 @@ def report_stage(args: argparse.Namespace) -> None:
                      "conditions": table.meta.conditions, "calibration": table.meta.calibration.to_dict(),
                      "self_check": check.to_dict() if check else None},
            "comparison": comparison, "comparison_at_predicted_latency": comparison_predicted, "rows": rows,
-           "measured_sessions": len(sessions), "measured": measured,
+           "measured_sessions": len(sessions), "sessions": judged, "session_used": args.session or "fastest of each",
+           "measured": measured,
            "cpu_seconds": {f"{m}/s{seed}": doc["cpu_seconds"] for (m, seed), doc in runs.items()},
            "measure_seconds": [json.loads(p.read_text())["seconds"] for p in measured_files(work)], "sizes": sizes()}
     atomic_write_text(args.out, json.dumps(doc, indent=1, default=float) + "\n")
@@ -195,6 +205,31 @@ def measured_sessions(work: Path) -> list[dict[str, Any]]:
     """Each session's models (measured and predicted ms); a model keeps its fastest session in the report, the
     rule the profiler follows for whole models (a busy spell only ever adds time)."""
     return [json.loads(p.read_text())["models"] for p in measured_files(work)]
+
+
+def judged_sessions(work: Path, runs: dict[Any, Any]) -> list[dict[str, Any]]:
+    """Each session as the measurements themselves judge it: the machine's verdict while it ran, and every group of
+    variants with one architecture (seeds that landed on the same widths) whose timings in it differ by more than
+    5% (:func:`nvit.validation.trust.twin_disagreements`)."""
+    from types import SimpleNamespace
+
+    from nvit.validation.trust import twin_disagreements
+
+    archs = {f"{m}/s{seed}/{r['target_ratio']:g}": r["arch"] for (m, seed), doc in runs.items() for r in doc["rows"]}
+    out = []
+    for path in measured_files(work):
+        doc = json.loads(path.read_text())
+        rows = [SimpleNamespace(name=name, arch=archs[name], measured_ms=m["measured_ms"], uncertainty_pct=0.0)
+                for name, m in doc["models"].items() if name in archs]
+        twins = twin_disagreements(rows)
+        out.append({"file": path.name, "machine": (doc["context"].get("conditions") or {}).get("verdict"),
+                    "twins": twins, "twin_groups": _twin_groups(rows)})
+    return out
+
+
+def _twin_groups(rows: list[Any]) -> int:
+    keys = [json.dumps({k: v for k, v in r.arch.items() if k != "name"}, sort_keys=True) for r in rows]
+    return sum(1 for k in set(keys) if keys.count(k) > 1)
 
 
 def variants_markdown(rows: list[dict[str, Any]]) -> str:
@@ -219,6 +254,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench-swin-fashion"))
     parser.add_argument("--out", type=Path, default=Path("results/swin_fashion.json"))
     parser.add_argument("--epochs", type=int, default=BASE_EPOCHS)
+    parser.add_argument("--session", help="report: one measuring session's file (measured.json, measured_*.json) "
+                        "instead of each model's fastest session")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     args.settings = pf.apply_overrides(replace(SETTINGS), args.overrides)

@@ -77,12 +77,12 @@ def test_prune_says_at_start_that_its_table_is_noisy(table_path, tmp_path, capsy
 
 
 def _row(name: str, predicted_ms: float, measured_ms: float, *, uncertainty_pct: float = 1.0,
-         noise: tuple[str, ...] = ()) -> VariantResult:
+         noise: tuple[str, ...] = (), arch: dict | None = None) -> VariantResult:
     return VariantResult(name=name, path=None, params=1, macs=1, embed_dim=64, heads=(1,), mlp_dims=(8,),
                          predicted_ms=predicted_ms, measured_ms=measured_ms, measured_ms_p10=measured_ms,
                          measured_ms_p90=measured_ms, error_pct=0.0, speedup_measured=1.0, speedup_predicted=1.0,
                          target_ms=None, target_met_predicted=None, target_met_measured=None, top1=None,
-                         noise=noise, uncertainty_pct=uncertainty_pct)
+                         noise=noise, uncertainty_pct=uncertainty_pct, arch=arch)
 
 def test_a_measured_order_that_contradicts_the_prediction_beyond_the_noise_is_called_out() -> None:
     big, small = _row("big", 2.0, 2.0), _row("small", 1.0, 2.6)
@@ -111,6 +111,28 @@ def test_the_verdict_is_the_worst_of_the_machine_the_rows_and_the_orders() -> No
     conflict = [rows[0], _row("v", 1.0, 2.6)]
     assert judge_report(_Report(conflict, quiet)).verdict is Verdict.NOISY
     assert judge_report(_Report(conflict, NOISY)).verdict is Verdict.UNUSABLE
+
+
+def test_one_architecture_measured_apart_in_one_session_makes_it_noisy() -> None:
+    """Two seeds that landed on the same widths measured 27% apart (as §7's Swins did on a quiet-looking
+    machine): noisy, the pair named; within 5% (or their uncertainty) they agree; other architectures never
+    pair, and the name is not part of the architecture."""
+    quiet = {"verdict": "quiet", "reasons": []}
+    small = preset("vit_test").to_dict()
+    other = {**small, "embed_dim": 32}
+    base = _row("base", 2.0, 2.0, arch={**small, "embed_dim": 48, "name": "base"})
+    apart = [base, _row("a/s0", 1.0, 0.484, arch={**small, "name": "a"}),
+             _row("a/s1", 1.0, 0.614, arch={**small, "name": "b"})]
+    trust = judge_report(_Report(apart, quiet))
+    assert trust.verdict is Verdict.NOISY
+    assert trust.twins == ("a/s0 and a/s1, one architecture, measured 0.484 and 0.614 ms (27% apart)",)
+    assert "27% apart" in trust.line() and trust.to_dict()["twins"] == list(trust.twins)
+    close = [base, apart[1], _row("a/s1", 1.0, 0.50, arch=small)]
+    assert judge_report(_Report(close, quiet)).verdict is Verdict.QUIET
+    uncertain = [base, apart[1], _row("a/s1", 1.0, 0.614, arch=small, uncertainty_pct=30.0)]
+    assert judge_report(_Report(uncertain, quiet)).twins == ()
+    different = [base, apart[1], _row("c", 1.0, 0.614, arch=other)]
+    assert judge_report(_Report(different, quiet)).verdict is Verdict.QUIET
 
 
 class _Unsettled(fk.FakeBackend):
