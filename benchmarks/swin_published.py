@@ -12,6 +12,8 @@ profiled with ONNX Runtime on this machine's CPU (its calibration and held-out s
 * every dense and halved model measured in one session (``measure``), so the table's predictions of these
   large models, and the speedups, are checked against the clock.
 
+``measure`` writes ``measured.json``; keep an earlier session as ``measured_<name>.json`` and the report lists it.
+
 Stages (each cached in --work, resumable; ``profile`` and ``measure`` time things: run them alone, under the lock):
     python benchmarks/swin_published.py space   --work W
     python benchmarks/swin_published.py profile --work W   # W/<family>.swinlut (nvit profile --space)
@@ -123,7 +125,8 @@ def measure_stage(args: argparse.Namespace) -> None:
         log(f"{family}: measuring {len(variants)} models in one session")
         started = time.perf_counter()
         report = compare_with_table(table, variants[0], variants[1:], passes=2)
-        out[family] = {"seconds": time.perf_counter() - started, "context": report.context,
+        context = {k: report.context.get(k) for k in ("conditions", "backend", "versions")}
+        out[family] = {"seconds": time.perf_counter() - started, "context": context,
                        "models": {r.name: {"measured_ms": r.measured_ms, "predicted_ms": r.predicted_ms,
                                            "p10_ms": r.measured_ms_p10, "p90_ms": r.measured_ms_p90}
                                   for r in report.results}}
@@ -185,7 +188,13 @@ def report_stage(args: argparse.Namespace) -> None:
             log(f"{name}: dense {row['dense']['params_M']:.1f} M params, {dense_ms:.1f} ms predicted; at "
                 f"{TARGET_FRACTION:g} of it {row['latency_half']['params_M']:.1f} M; FLOPs-half predicted at "
                 f"{row['flops_half']['predicted_fraction']:.2f} of dense")
-    doc["measured"] = {k: {"seconds": v["seconds"], "context": v["context"]} for k, v in measured.items()}
+    doc["measured"] = {k: {"seconds": v["seconds"], "conditions": (v["context"].get("conditions") or {})}
+                       for k, v in measured.items()}
+    doc["earlier_sessions"] = [  # kept as measured_<name>.json before measuring again: every model's timing
+        {"file": path.name, **{family: {"conditions": (v["context"].get("conditions") or {}).get("verdict"),
+                                        "models_ms": {n: m["measured_ms"] for n, m in v["models"].items()}}
+                               for family, v in json.loads(path.read_text()).items()}}
+        for path in sorted(args.work.glob("measured_*.json"))]
     atomic_write_text(args.out, json.dumps(doc, indent=1, default=str) + "\n")
     log(f"wrote {args.out}")
 
