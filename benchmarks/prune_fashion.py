@@ -319,6 +319,9 @@ def measure_stage(args: argparse.Namespace, s: Settings) -> None:
     doc = {"seconds": time.perf_counter() - started, "context": report.context,
            "models": {r.name: {"measured_ms": r.measured_ms, "predicted_ms": r.predicted_ms,
                                "p10_ms": r.measured_ms_p10, "p90_ms": r.measured_ms_p90} for r in report.results}}
+    from sessions import keep_earlier_session
+
+    keep_earlier_session(args.work / "measured.json")
     atomic_write_text(args.work / "measured.json", json.dumps(doc, indent=1) + "\n")
     log(f"measured in {doc['seconds']:.0f} s")
 

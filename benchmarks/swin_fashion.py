@@ -196,7 +196,8 @@ def report_stage(args: argparse.Namespace) -> None:
 
 
 def measured_files(work: Path) -> list[Path]:
-    """Every measuring session's file: ``measured.json`` and the earlier ones kept as ``measured_*.json``."""
+    """Every measuring session's file: ``measured.json`` and the earlier ones ``measure`` kept as ``measured_*.json``
+    (:mod:`sessions`)."""
     return sorted(work.glob("measured_*.json")) + ([work / "measured.json"] if (work / "measured.json").is_file()
                                                     else [])
 

@@ -12,7 +12,8 @@ profiled with ONNX Runtime on this machine's CPU (its calibration and held-out s
 * every dense and halved model measured in one session (``measure``), so the table's predictions of these
   large models, and the speedups, are checked against the clock.
 
-``measure`` writes ``measured.json``; keep an earlier session as ``measured_<name>.json`` and the report lists it.
+``measure`` writes ``measured.json`` and keeps the previous session as ``measured_<UTC>.json``; the report lists
+every earlier one.
 
 Stages (each cached in --work, resumable; ``profile`` and ``measure`` time things: run them alone, under the lock):
     python benchmarks/swin_published.py space   --work W
@@ -131,6 +132,9 @@ def measure_stage(args: argparse.Namespace) -> None:
                                            "p10_ms": r.measured_ms_p10, "p90_ms": r.measured_ms_p90}
                                   for r in report.results}}
         log(f"{family}: measured in {out[family]['seconds']:.0f} s")
+    from sessions import keep_earlier_session
+
+    keep_earlier_session(args.work / "measured.json")
     atomic_write_text(args.work / "measured.json", json.dumps(out, indent=1) + "\n")
 
 

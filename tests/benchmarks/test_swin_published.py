@@ -55,3 +55,21 @@ def test_report_joins_table_halvings_and_measurements(tmp_path, monkeypatch) -> 
     assert abs(row["latency_half"]["measured_fraction"] - swin_ms(specs["latency_half"]) / swin_ms(specs["dense"])) \
         < 1e-9
     assert abs(row["dense"]["error_pct"]) < 3.0
+
+
+def test_a_new_measuring_session_keeps_the_earlier_one(tmp_path) -> None:
+    import os
+
+    from sessions import keep_earlier_session
+
+    path = tmp_path / "measured.json"
+    assert keep_earlier_session(path) is None
+    path.write_text('{"session": 1}')
+    os.utime(path, (0, 0))  # 1970-01-01T00:00:00Z
+    kept = keep_earlier_session(path)
+    assert kept == tmp_path / "measured_19700101T000000Z.json" and not path.exists()
+    assert json.loads(kept.read_text()) == {"session": 1}
+    path.write_text('{"session": 2}')
+    os.utime(path, (0, 0))  # the same second: a second name, nothing overwritten
+    assert keep_earlier_session(path) == tmp_path / "measured_19700101T000000Z-1.json"
+    assert json.loads(kept.read_text()) == {"session": 1}
