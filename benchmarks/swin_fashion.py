@@ -214,7 +214,7 @@ def judged_sessions(work: Path, runs: dict[Any, Any]) -> list[dict[str, Any]]:
     5% (:func:`nvit.validation.trust.twin_disagreements`)."""
     from types import SimpleNamespace
 
-    from nvit.validation.trust import twin_disagreements
+    from nvit.validation.trust import architecture_key, twin_disagreements
 
     archs = {f"{m}/s{seed}/{r['target_ratio']:g}": r["arch"] for (m, seed), doc in runs.items() for r in doc["rows"]}
     out = []
@@ -224,13 +224,12 @@ def judged_sessions(work: Path, runs: dict[Any, Any]) -> list[dict[str, Any]]:
                 for name, m in doc["models"].items() if name in archs]
         twins = twin_disagreements(rows)
         out.append({"file": path.name, "machine": (doc["context"].get("conditions") or {}).get("verdict"),
-                    "twins": twins, "twin_groups": _twin_groups(rows)})
+                    "twins": twins, "twin_groups": _groups_of_twins([architecture_key(r) for r in rows])})
     return out
 
 
-def _twin_groups(rows: list[Any]) -> int:
-    keys = [json.dumps({k: v for k, v in r.arch.items() if k != "name"}, sort_keys=True) for r in rows]
-    return sum(1 for k in set(keys) if keys.count(k) > 1)
+def _groups_of_twins(keys: list[str | None]) -> int:
+    return sum(1 for k in set(keys) if k is not None and keys.count(k) > 1)
 
 
 def variants_markdown(rows: list[dict[str, Any]]) -> str:

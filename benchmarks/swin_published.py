@@ -139,8 +139,8 @@ def measure_stage(args: argparse.Namespace) -> None:
 
 
 def _stage_shares(predictor: Any, spec: Any) -> list[float]:
-    stages = predictor.stage_latencies_ms(spec)
-    return [float(s / predictor.predict_ms(spec)) for s in stages]
+    whole_ms = predictor.predict_ms(spec)
+    return [float(s / whole_ms) for s in predictor.stage_latencies_ms(spec)]
 
 
 def report_stage(args: argparse.Namespace) -> None:
@@ -176,10 +176,10 @@ def report_stage(args: argparse.Namespace) -> None:
             dense_ms = predictor.predict_ms(specs["dense"])
             row: dict[str, Any] = {"table": family, "stage_shares_dense": _stage_shares(predictor, specs["dense"])}
             for kind, spec in specs.items():
+                predicted_ms = predictor.predict_ms(spec)
                 entry = {"params_M": spec.num_params() / 1e6, "gmacs": spec.macs() / 1e9,
-                         "embed_dims": [st.embed_dim for st in spec.stages],
-                         "predicted_ms": predictor.predict_ms(spec),
-                         "predicted_fraction": predictor.predict_ms(spec) / dense_ms}
+                         "embed_dims": [st.embed_dim for st in spec.stages], "predicted_ms": predicted_ms,
+                         "predicted_fraction": predicted_ms / dense_ms}
                 if spec.name in times:
                     entry.update(times[spec.name])
                     entry["error_pct"] = 100 * (entry["predicted_ms"] / entry["measured_ms"] - 1)

@@ -43,6 +43,11 @@ def default_out(space_name: str, device_slug: str, precision: str, batch_size: i
     return Path(f"lut-{safe}-{device_slug}-{precision}-b{batch_size}{suffix}")
 
 
+def counts_text(space: Any) -> str:
+    """``200 attn, 56 mlp, ...``: a space's configurations per part kind."""
+    return ", ".join(f"{n} {k}" for k, n in space.counts().items() if n)
+
+
 def summary_table(result: Any) -> Table:
     table = result.table
     out = Table(title=f"{result.path} ({len(table)} rows)")
@@ -154,9 +159,8 @@ def profile(
 
         output_file(write_space)
         save_space(the_space, write_space)
-        counts = the_space.counts()
-        Console().print(f"wrote the space {the_space.name or space} to {write_space}: "
-                        + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + "; profile it with --space")
+        Console().print(f"wrote the space {the_space.name or space} to {write_space}: {counts_text(the_space)}; "
+                        "profile it with --space")
         return
     options = SweepOptions(seed=seed, sentinel_every=sentinel_every, calibration_models=calibrate, passes=passes,
                            check_models=check)
@@ -169,10 +173,8 @@ def profile(
         is_swin = isinstance(the_space, SwinSearchSpace)
         path = out or default_out(space, device.slug(), the_space.precision.value, the_space.batch_size,
                                   suffix=".swinlut" if is_swin else ".parquet")
-        counts = the_space.counts()
         console.print(f"profiling [bold]{the_space.name or space}[/] with {be.name} on {device.slug()}: "
-                      + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-                      + f", {calibrate} calibration + {check} check models"
+                      + counts_text(the_space) + f", {calibrate} calibration + {check} check models"
                       + (f", {passes} passes" if passes > 1 else "") + f" → {path}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("ETA"), TimeRemainingColumn())

@@ -329,11 +329,8 @@ def compare_with_table(
     meta = table.meta
     models = (base, *variants)
     predictor = predictor_for(table)
-    swin_table = table.is_swin
-    if swin_table:  # its predictor checks each model is a Swin it can price; no reference rows (yet)
-        references = 0
     for v in models:
-        if swin_table:
+        if table.is_swin:  # its predictor checks each model is a Swin it can price
             predictor.check_spec(v.spec)
         elif isinstance(v.spec, SwinSpec):
             raise LutError(f"{v.name} is a Swin and the latency table a ViT table; profile a Swin table "

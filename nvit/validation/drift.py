@@ -81,11 +81,12 @@ class DriftCorrection:
 
 
 def reference_rows(table: Any, count: int = DEFAULT_REFERENCES) -> list[dict[str, Any]]:
-    """``count`` full-block rows of ``table`` spread over its latency range (narrowest, …, widest)."""
+    """``count`` full-block rows of ``table`` spread over its latency range (narrowest, …, widest); none of a Swin
+    table (its rows are not re-timed beside a model yet)."""
     from nvit.lut.table import LATENCY_COLUMN
     from nvit.vocab import PartKind
 
-    if count <= 0:
+    if count <= 0 or table.is_swin:
         return []
     blocks = table.of_kind(PartKind.BLOCK).sort_values(LATENCY_COLUMN)
     if blocks.empty:

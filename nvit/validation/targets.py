@@ -32,8 +32,6 @@ class TableMeasurer:
 
         self.table = table
         self.passes = passes
-        if table.is_swin:  # a Swin table's rows are not re-timed beside a model (yet)
-            references = 0
         self.rows = reference_rows(table, DEFAULT_REFERENCES if references is None else references)
         self.predictor = predictor_for(table)
 

@@ -82,7 +82,8 @@ def order_conflicts(results: Sequence[Any]) -> list[str]:
     return out
 
 
-def _architecture(result: Any) -> str | None:
+def architecture_key(result: Any) -> str | None:
+    """What makes two results one architecture: their ``arch`` without its name (``None``: no arch)."""
     arch = getattr(result, "arch", None)
     if not arch:
         return None
@@ -94,7 +95,7 @@ def twin_disagreements(results: Sequence[Any]) -> list[str]:
     fastest and the slowest of each such group."""
     groups: dict[str, list[Any]] = {}
     for r in results:
-        key = _architecture(r)
+        key = architecture_key(r)
         if key is not None:
             groups.setdefault(key, []).append(r)
     out = []
